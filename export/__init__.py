@@ -1,0 +1,1 @@
+"""fewstep.export: turns a diffusers folder or single-file checkpoint into a model package."""

@@ -1,0 +1,1 @@
+"""fewstep.kernels: Triton kernels with torch references (needs torch + triton)."""
