@@ -1,0 +1,47 @@
+"""The backend protocol: run a package's named graphs, nothing else.
+
+The pipeline and samplers never branch on which backend runs; a backend takes
+and returns arrays of its own kind (numpy for onnxruntime) keyed by the
+optimum input/output names.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+BACKENDS = ("onnxruntime",)
+
+
+class BackendError(RuntimeError):
+    """A graph failed to run; the message names the graph and the input shapes."""
+
+
+class Backend(Protocol):
+    name: str
+
+    def run(self, graph: str, **inputs: Any) -> dict[str, Any]:
+        """Run one graph (`text_encoder`, `unet`, `vae_decoder`, …) and return its outputs."""
+        ...
+
+    def has_graph(self, graph: str) -> bool: ...
+
+
+def describe_inputs(inputs: dict[str, Any]) -> str:
+    return ", ".join(
+        f"{k}{list(getattr(v, 'shape', ()))}:{getattr(v, 'dtype', type(v).__name__)}"
+        for k, v in inputs.items()
+    )
+
+
+def missing_extra_error(module: str, extra: str) -> ImportError:
+    return ImportError(
+        f"the {module!r} package is needed for this backend: pip install 'fewstep[{extra}]'"
+    )
+
+
+def create_backend(name: str, package_dir: Any, **options: Any) -> Backend:
+    if name == "onnxruntime":
+        from fewstep.backends.ort import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(package_dir, **options)
+    raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")

@@ -1,0 +1,103 @@
+"""onnxruntime backend: runs the package's ONNX graphs (CPU, or CUDA/TensorRT providers).
+
+Sessions are created once per graph at load (the VAE encoder lazily, since only
+img2img needs it) and are safe to call from several threads: InferenceSession.run
+holds no per-call state. Float inputs are cast to the dtype each graph declares,
+so fp16 packages take the same float32 arrays as fp32 ones.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewstep.backends.base import BackendError, describe_inputs, missing_extra_error
+from fewstep.package import GRAPH_NAMES, REQUIRED_GRAPHS, PackageError
+
+_ORT_TYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(double)": np.float64,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+}
+
+
+class OnnxRuntimeBackend:
+    name = "onnxruntime"
+
+    def __init__(
+        self,
+        package_dir: str | Path,
+        providers: list[Any] | None = None,
+        intra_op_num_threads: int | None = None,
+    ):
+        try:
+            import onnxruntime as ort
+        except ImportError as e:
+            raise missing_extra_error("onnxruntime", "onnx") from e
+        self._ort = ort
+        self.root = Path(package_dir)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self._options = ort.SessionOptions()
+        if intra_op_num_threads:
+            self._options.intra_op_num_threads = intra_op_num_threads
+        self._sessions: dict[str, Any] = {}
+        self._input_types: dict[str, dict[str, Any]] = {}
+        self._lock = threading.Lock()
+        for graph in REQUIRED_GRAPHS:
+            self._load(graph)
+
+    def _load(self, graph: str) -> Any:
+        path = self.root / graph / "model.onnx"
+        if not path.is_file():
+            raise PackageError(f"missing package file: {path}")
+        try:
+            session = self._ort.InferenceSession(
+                str(path), sess_options=self._options, providers=self.providers
+            )
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise PackageError(f"corrupt package file {path}: {e}") from e
+        self._input_types[graph] = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
+        self._sessions[graph] = session
+        return session
+
+    def has_graph(self, graph: str) -> bool:
+        return graph in self._sessions or (self.root / graph / "model.onnx").is_file()
+
+    def input_names(self, graph: str) -> list[str]:
+        self._session(graph)
+        return list(self._input_types[graph])
+
+    def _session(self, graph: str) -> Any:
+        session = self._sessions.get(graph)
+        if session is None:
+            if graph not in GRAPH_NAMES:
+                raise ValueError(f"graph must be one of {GRAPH_NAMES}, got {graph!r}")
+            with self._lock:
+                session = self._sessions.get(graph) or self._load(graph)
+        return session
+
+    def run(self, graph: str, **inputs: Any) -> dict[str, np.ndarray]:
+        session = self._session(graph)
+        types = self._input_types[graph]
+        feed = {}
+        for name, value in inputs.items():
+            if name not in types:
+                raise BackendError(f"{graph} has no input {name!r}; it takes {list(types)}")
+            array = np.asarray(value)
+            wanted = types[name]
+            feed[name] = array.astype(wanted, copy=False) if wanted is not None else array
+        try:
+            outputs = session.run(None, feed)
+        except Exception as e:
+            raise BackendError(f"{graph} failed on inputs {describe_inputs(feed)}: {e}") from e
+        names = [o.name for o in session.get_outputs()]
+        # fp16 graphs hand back float32 so the sampler math runs in one precision.
+        return {
+            n: o.astype(np.float32) if o.dtype == np.float16 else o
+            for n, o in zip(names, outputs, strict=True)
+        }

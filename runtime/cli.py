@@ -1,0 +1,179 @@
+"""The `fewstep` command: export, generate, info, demo, bench.
+
+Flags mirror the Python API's argument names in kebab-case. `fewstep export`
+hands over to fewstep.export (the `export` extra), imported only when used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+
+from fewstep.samplers import SAMPLERS
+
+
+def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--negative-prompt", default=None)
+    p.add_argument("--num-inference-steps", type=int, default=None)
+    p.add_argument("--guidance-scale", type=float, default=None)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num-images-per-prompt", type=int, default=1)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--eta", type=float, default=0.0)
+    p.add_argument("--guidance-rescale", type=float, default=0.0)
+    p.add_argument("--scheduler", choices=SAMPLERS, default=None)
+    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--output", "-o", default="image.png", help="PNG path (index added for >1)")
+
+
+def _output_paths(output: str, count: int) -> list[Path]:
+    path = Path(output)
+    if count == 1:
+        return [path]
+    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
+
+
+def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> list[Path]:
+    from fewstep.package import read_manifest
+    from fewstep.pipeline import Pipeline
+    from fewstep.pngmeta import a1111_parameters, save_png
+
+    pipe = Pipeline.from_pretrained(model, backend=args.backend)
+    result = pipe(
+        prompt,
+        negative_prompt=args.negative_prompt,
+        num_inference_steps=args.num_inference_steps,
+        guidance_scale=args.guidance_scale,
+        height=args.height,
+        width=args.width,
+        num_images_per_prompt=args.num_images_per_prompt,
+        seed=args.seed,
+        eta=args.eta,
+        guidance_rescale=args.guidance_rescale,
+        progress=True,
+    )
+    manifest = read_manifest(model) or {}
+    unet_hash = manifest.get("files", {}).get("unet/model.onnx")
+    params = a1111_parameters(
+        prompt, args.negative_prompt or "", result.settings, Path(model).resolve().name, unet_hash
+    )
+    paths = _output_paths(args.output, len(result.images))
+    for image, path in zip(result.images, paths, strict=True):
+        save_png(image, path, params)
+    total = result.timings_ms["total"]
+    print(f"wrote {', '.join(map(str, paths))} ({total:.0f} ms, seed {result.seed})")
+    return paths
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    generate_to_files(Path(args.model), args.prompt, args)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    try:
+        from fewstep.export import export_package
+    except ImportError as e:
+        raise SystemExit(
+            f"fewstep export needs the export extra: pip install 'fewstep[export]' ({e})"
+        )
+    export_package(args.src, args.out, dtype=args.dtype, opset=args.opset, config=args.config)
+    print(f"wrote model package {args.out}")
+    return 0
+
+
+def cmd_info(args: argparse.Namespace) -> int:
+    from fewstep.package import read_model_info, verify_package
+
+    manifest = verify_package(args.package) or {}
+    info = read_model_info(args.package)
+    summary = {
+        "family": info.family,
+        "prediction_type": info.prediction_type,
+        "scheduler": info.scheduler_class,
+        "default_size": f"{info.default_width}x{info.default_height}",
+        "default_num_inference_steps": info.default_num_inference_steps,
+        "default_guidance_scale": info.default_guidance_scale,
+        "guidance_embedding_dim": info.guidance_embedding_dim,
+        "precision": manifest.get("precision", "unknown (no fewstep.json)"),
+        "graphs": manifest.get("graphs", {}),
+        "versions": manifest.get("versions", {}),
+        "loras": manifest.get("loras", []),
+    }
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    """Build a tiny random-weight model, export it, and generate from it.
+
+    The weights are random, so the image is noise: this shows the whole path
+    (diffusers folder → model package → onnxruntime pipeline) working end to end.
+    """
+    from fewstep.export import export_package
+    from fewstep.testing import make_tiny_model
+
+    work = Path(args.workdir)
+    source, package = work / f"tiny-{args.family}", work / f"tiny-{args.family}-onnx"
+    t0 = time.perf_counter()
+    if not source.exists():
+        make_tiny_model(source, family=args.family, seed=0)
+    if not package.exists():
+        export_package(source, package)
+    print(f"model package ready in {time.perf_counter() - t0:.1f} s: {package}")
+    print("note: the demo model has random weights, so its images are noise")
+    generate_to_files(package, args.prompt, args)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fewstep", description=__doc__.splitlines()[0])
+    parser.add_argument("-v", "--verbose", action="store_true")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("generate", help="text to image with a model package")
+    p.add_argument("prompt")
+    p.add_argument("--model", required=True, help="model package folder")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("export", help="diffusers folder or .safetensors → model package")
+    p.add_argument("src")
+    p.add_argument("out")
+    p.add_argument("--dtype", default="fp32", help="fp32 | fp16")
+    p.add_argument("--opset", type=int, default=18)
+    p.add_argument("--config", default=None, help="diffusers folder with configs (single files)")
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("info", help="check a model package and print what it holds")
+    p.add_argument("package")
+    p.set_defaults(func=cmd_info)
+
+    p = sub.add_parser("demo", help="tiny random model: build, export, generate")
+    p.add_argument("prompt", nargs="?", default="a red circle on a blue background")
+    p.add_argument("--family", default="sd1")
+    p.add_argument("--workdir", default="fewstep-demo")
+    _add_generation_args(p)
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s"
+    )
+    try:
+        return int(args.func(args))
+    except (ValueError, FileNotFoundError) as e:
+        print(f"fewstep {args.command}: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

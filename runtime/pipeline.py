@@ -1,0 +1,282 @@
+"""Text-to-image pipeline: prompt → tokens → text encoder → sampler loop → VAE decode.
+
+Follows diffusers' `StableDiffusionPipeline.__call__` and
+`LatentConsistencyModelPipeline.__call__` (src/diffusers/pipelines/…) step for
+step, so that the same weights, initial latents and noise give the same images.
+Deviations: PNDM configs run DDIM (see fewstep.samplers); the safety checker is
+not part of the package; a non-finite image is an error, never an output.
+
+A `Pipeline` holds only immutable model state (configs, tokenizer, backend
+sessions); everything that belongs to one call lives in that call, so one
+pipeline can serve several threads.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import secrets
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from fewstep.backends.base import Backend, create_backend
+from fewstep.package import ModelInfo, read_model_info, verify_package
+from fewstep.samplers import SAMPLERS, create_sampler
+from fewstep.samplers.lcm import guidance_scale_embedding
+from fewstep.tokenizer import CLIPTokenizer
+
+logger = logging.getLogger(__name__)
+
+OUTPUT_TYPES = ("pil", "np")
+MAX_IMAGES_PER_PROMPT = 64
+
+
+class NoiseSource(Protocol):
+    """What draws initial latents and per-step noise: numpy's Generator fits."""
+
+    def standard_normal(self, size: tuple[int, ...], dtype: Any = ...) -> np.ndarray: ...
+
+
+@dataclasses.dataclass
+class PipelineOutput:
+    images: Any  # list of PIL images, or float32 array [B, H, W, 3] in 0..1
+    seed: int | None  # the seed the noise came from (None when a generator was passed)
+    timings_ms: dict[str, Any]  # text_encoder, unet (one per step), vae_decoder, total
+    settings: dict[str, Any]  # the resolved arguments, for metadata and logs
+
+
+def _check_positive_multiple(name: str, value: int, multiple: int) -> None:
+    if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
+        raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
+
+
+def rescale_noise_cfg(noise_cfg: np.ndarray, noise_cond: np.ndarray, rescale: float) -> np.ndarray:
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules…", sec. 3.4)."""
+    axes = tuple(range(1, noise_cond.ndim))
+    std_cond = noise_cond.std(axis=axes, keepdims=True, ddof=1)
+    std_cfg = noise_cfg.std(axis=axes, keepdims=True, ddof=1)
+    rescaled = noise_cfg * (std_cond / std_cfg)
+    return rescale * rescaled + (1.0 - rescale) * noise_cfg
+
+
+def latents_to_images(decoded: np.ndarray) -> np.ndarray:
+    """VAE output [B, 3, H, W] in -1..1 → float32 [B, H, W, 3] in 0..1."""
+    return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
+
+
+def numpy_to_pil(images: np.ndarray) -> list[Any]:
+    from PIL import Image
+
+    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+
+
+class Pipeline:
+    def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, backend: Backend, path: Path):
+        self.info = info
+        self.tokenizer = tokenizer
+        self.backend = backend
+        self.path = path
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        package: str | Path,
+        backend: str = "onnxruntime",
+        providers: list[Any] | None = None,
+        check_hashes: bool = True,
+        **backend_options: Any,
+    ) -> Pipeline:
+        """Load a model package (fewstep's or optimum's) onto a backend.
+
+        `check_hashes` verifies every file against fewstep.json before loading.
+        """
+        root = Path(package)
+        verify_package(root, check_hashes=check_hashes)
+        info = read_model_info(root)
+        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
+        if providers is not None:
+            backend_options["providers"] = providers
+        return cls(info, tokenizer, create_backend(backend, root, **backend_options), root)
+
+    # -- stages ---------------------------------------------------------------------------
+
+    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
+        """Prompts → text encoder hidden states [len(prompts), 77, C]."""
+        ids = self.tokenizer(prompts)
+        return self.backend.run("text_encoder", input_ids=ids)["last_hidden_state"]
+
+    def unet(self, sample: np.ndarray, timestep: float, cond: dict[str, np.ndarray]) -> np.ndarray:
+        out = self.backend.run(
+            "unet", sample=sample, timestep=np.array(timestep, dtype=np.float32), **cond
+        )
+        return out["out_sample"]
+
+    def decode(self, latents: np.ndarray) -> np.ndarray:
+        """Latents [B, C, h, w] → images float32 [B, H, W, 3] in 0..1."""
+        scaled = (latents / self.info.vae_scaling_factor).astype(np.float32)
+        decoded = self.backend.run("vae_decoder", latent_sample=scaled)["sample"]
+        if not np.isfinite(decoded).all():
+            raise FloatingPointError(
+                "vae_decoder produced non-finite values (an fp16 VAE overflows on some "
+                "models; export the VAE in fp32)"
+            )
+        return latents_to_images(decoded)
+
+    # -- the call -------------------------------------------------------------------------
+
+    def __call__(
+        self,
+        prompt: str | Sequence[str],
+        negative_prompt: str | Sequence[str] | None = None,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+        height: int | None = None,
+        width: int | None = None,
+        num_images_per_prompt: int = 1,
+        seed: int | None = None,
+        generator: NoiseSource | None = None,
+        latents: np.ndarray | None = None,
+        eta: float = 0.0,
+        guidance_rescale: float = 0.0,
+        output_type: str = "pil",
+        scheduler: str | None = None,
+        progress: bool = False,
+    ) -> PipelineOutput:
+        info = self.info
+        t_start = time.perf_counter()
+        # 1. Check every argument before any graph runs.
+        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
+        if not prompts or not all(isinstance(p, str) for p in prompts):
+            raise ValueError(
+                f"prompt must be a string or a non-empty list of strings, got {prompt!r}"
+            )
+        if negative_prompt is None:
+            negatives = [""] * len(prompts)
+        elif isinstance(negative_prompt, str):
+            negatives = [negative_prompt] * len(prompts)
+        else:
+            negatives = list(negative_prompt)
+            if len(negatives) != len(prompts):
+                raise ValueError(
+                    f"negative_prompt must have one entry per prompt ({len(prompts)}), "
+                    f"got {len(negatives)}"
+                )
+        steps = (
+            info.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        )
+        if not isinstance(steps, (int, np.integer)) or steps < 1:
+            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
+        guidance = info.default_guidance_scale if guidance_scale is None else guidance_scale
+        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
+            raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
+        height = info.default_height if height is None else height
+        width = info.default_width if width is None else width
+        multiple = max(8, info.vae_scale_factor)
+        _check_positive_multiple("height", height, multiple)
+        _check_positive_multiple("width", width, multiple)
+        if (
+            not isinstance(num_images_per_prompt, (int, np.integer))
+            or not 1 <= num_images_per_prompt <= MAX_IMAGES_PER_PROMPT
+        ):
+            raise ValueError(
+                f"num_images_per_prompt must be between 1 and {MAX_IMAGES_PER_PROMPT}, "
+                f"got {num_images_per_prompt!r}"
+            )
+        if not math.isfinite(eta) or eta < 0:
+            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
+            raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale!r}")
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        if scheduler is not None and scheduler not in SAMPLERS:
+            raise ValueError(f"scheduler must be one of {SAMPLERS}, got {scheduler!r}")
+        if seed is not None and generator is not None:
+            raise ValueError("pass either seed or generator, not both")
+        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
+            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+
+        sampler = create_sampler(scheduler or info.scheduler_class, info.scheduler_config)
+        sampler.set_timesteps(steps)  # raises ValueError when steps exceed what it allows
+        batch = len(prompts) * num_images_per_prompt
+        latent_shape = (
+            batch,
+            info.latent_channels,
+            height // info.vae_scale_factor,
+            width // info.vae_scale_factor,
+        )
+        if latents is not None:
+            latents = np.asarray(latents, dtype=np.float32)
+            if latents.shape != latent_shape:
+                raise ValueError(
+                    f"latents must have shape {latent_shape} for this batch and size, "
+                    f"got {latents.shape}"
+                )
+        use_embedded_guidance = info.guidance_embedding_dim is not None
+        do_cfg = guidance > 1.0 and not use_embedded_guidance
+        if seed is None and generator is None:
+            seed = secrets.randbits(63)
+        rng = generator if generator is not None else np.random.default_rng(seed)
+
+        # 2. Text conditioning: [uncond; cond] stacked into one batch of 2B when guiding.
+        t0 = time.perf_counter()
+        texts = negatives + prompts if do_cfg else prompts
+        embeds = np.repeat(self.encode_prompt(texts), num_images_per_prompt, axis=0)
+        cond: dict[str, np.ndarray] = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
+        if use_embedded_guidance:
+            w = np.full((batch,), guidance - 1.0, dtype=np.float32)
+            cond["timestep_cond"] = guidance_scale_embedding(w, info.guidance_embedding_dim)
+        timings: dict[str, Any] = {"text_encoder": (time.perf_counter() - t0) * 1e3, "unet": []}
+
+        # 3. Initial latents, scaled to the sampler's starting noise level.
+        if latents is None:
+            latents = rng.standard_normal(latent_shape, dtype=np.float32)
+        latents = (latents * np.float32(sampler.init_noise_sigma)).astype(np.float32)
+
+        # 4. Denoising loop.
+        steps_iter = range(len(sampler.timesteps))
+        if progress:
+            from tqdm.auto import tqdm
+
+            steps_iter = tqdm(steps_iter, desc="sampling", unit="step", leave=False)
+        for i in steps_iter:
+            t0 = time.perf_counter()
+            t = float(sampler.timesteps[i])
+            model_in = np.concatenate([latents, latents]) if do_cfg else latents
+            model_in = sampler.scale_model_input(model_in, i)  # [(2)B, C, h, w]
+            noise_pred = self.unet(model_in, t, cond)
+            if do_cfg:
+                uncond, text = noise_pred[:batch], noise_pred[batch:]
+                noise_pred = uncond + guidance * (text - uncond)
+                if guidance_rescale > 0:
+                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
+            noise = None
+            if sampler.needs_noise:
+                noise = rng.standard_normal(noise_pred.shape, dtype=np.float32)
+            step_kwargs = {"eta": eta} if eta else {}
+            out = sampler.step(noise_pred, i, latents, noise=noise, **step_kwargs)
+            latents = out.prev_sample.astype(np.float32)
+            timings["unet"].append((time.perf_counter() - t0) * 1e3)
+
+        # 5. Decode. (LCM's last step returns its denoised estimate, which is what its
+        # pipeline decodes.)
+        t0 = time.perf_counter()
+        images = self.decode(latents)
+        timings["vae_decoder"] = (time.perf_counter() - t0) * 1e3
+        timings["total"] = (time.perf_counter() - t_start) * 1e3
+        settings = {
+            "prompt": prompts,
+            "negative_prompt": negatives,
+            "num_inference_steps": steps,
+            "guidance_scale": guidance,
+            "height": height,
+            "width": width,
+            "sampler": type(sampler).__name__,
+            "seed": seed if generator is None else None,
+        }
+        result = numpy_to_pil(images) if output_type == "pil" else images
+        return PipelineOutput(result, settings["seed"], timings, settings)
