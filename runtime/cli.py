@@ -81,7 +81,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     except ImportError as e:
         raise SystemExit(
             f"fewstep export needs the export extra: pip install 'fewstep[export]' ({e})"
-        )
+        ) from e
     export_package(args.src, args.out, dtype=args.dtype, opset=args.opset, config=args.config)
     print(f"wrote model package {args.out}")
     return 0
