@@ -131,6 +131,23 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    try:
+        from fewstep.export.bench import run_bench
+    except ImportError as e:
+        raise SystemExit(
+            f"fewstep bench needs the export extra: pip install 'fewstep[export]' ({e})"
+        ) from e
+    run_bench(
+        models=args.models.split(","),
+        steps=[int(s) for s in args.steps.split(",")],
+        repeats=args.repeats,
+        workdir=Path(args.workdir),
+        out=Path(args.output) if args.output else None,
+    )
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -160,6 +177,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="fewstep-demo")
     _add_generation_args(p)
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("bench", help="fewstep vs diffusers on this machine, side by side")
+    p.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid")
+    p.add_argument("--steps", default="1,4,25", help="comma-separated step counts")
+    p.add_argument("--repeats", type=int, default=3, help="end-to-end runs per step count")
+    p.add_argument("--workdir", default="fewstep-bench", help="where models are built")
+    p.add_argument("--output", default=None, help="JSON file for the results")
+    p.set_defaults(func=cmd_bench)
     return parser
 
 

@@ -46,7 +46,7 @@ class NoiseSource(Protocol):
 class PipelineOutput:
     images: Any  # list of PIL images, or float32 array [B, H, W, 3] in 0..1
     seed: int | None  # the seed the noise came from (None when a generator was passed)
-    timings_ms: dict[str, Any]  # text_encoder, unet (one per step), vae_decoder, total
+    timings_ms: dict[str, Any]  # text_encoder, unet / unet_call (per step), vae_decoder, total
     settings: dict[str, Any]  # the resolved arguments, for metadata and logs
 
 
@@ -230,7 +230,11 @@ class Pipeline:
         if use_embedded_guidance:
             w = np.full((batch,), guidance - 1.0, dtype=np.float32)
             cond["timestep_cond"] = guidance_scale_embedding(w, info.guidance_embedding_dim)
-        timings: dict[str, Any] = {"text_encoder": (time.perf_counter() - t0) * 1e3, "unet": []}
+        timings: dict[str, Any] = {
+            "text_encoder": (time.perf_counter() - t0) * 1e3,
+            "unet": [],  # whole sampler step, ms
+            "unet_call": [],  # the backend's U-Net call alone, ms
+        }
 
         # 3. Initial latents, scaled to the sampler's starting noise level.
         if latents is None:
@@ -248,7 +252,9 @@ class Pipeline:
             t = float(sampler.timesteps[i])
             model_in = np.concatenate([latents, latents]) if do_cfg else latents
             model_in = sampler.scale_model_input(model_in, i)  # [(2)B, C, h, w]
+            t_unet = time.perf_counter()
             noise_pred = self.unet(model_in, t, cond)
+            timings["unet_call"].append((time.perf_counter() - t_unet) * 1e3)
             if do_cfg:
                 uncond, text = noise_pred[:batch], noise_pred[batch:]
                 noise_pred = uncond + guidance * (text - uncond)

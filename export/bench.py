@@ -1,0 +1,326 @@
+"""`fewstep bench`: fewstep (onnxruntime) against diffusers (torch eager) on the same weights.
+
+Each side runs in its own fresh process, so cold start (import + load to first
+image) and peak memory (max RSS) belong to that side alone. Both sides use the
+same model folder, prompt, DDIM sampler, guidance 7.5 (U-Net batch 2) and
+initial latents. Reported per model: per-stage latency (text encoder, one U-Net
+step, VAE decode; p50 and p90 over every call), end-to-end latency for each step
+count, cold start, peak memory, and the share of each fewstep step spent
+outside the U-Net call.
+
+Models: `tiny` (fewstep.testing's sd1) and `mid`, an SD1.5-layout U-Net with
+block_out_channels (64, 128, 256, 256) and cross_attention_dim 768, a CLIP-L-sized
+text encoder, and a VAE reduced to (64, 128, 256, 256) so a 512² decode stays in
+seconds on a CPU; random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+MODELS = ("tiny", "mid")
+SIDES = ("fewstep", "diffusers")
+PROMPT = "a red circle on a blue background"
+GUIDANCE = 7.5
+
+
+def percentiles(values: list[float]) -> dict[str, float]:
+    arr = np.asarray(values, dtype=np.float64)
+    return {
+        "p50": float(np.percentile(arr, 50)),
+        "p90": float(np.percentile(arr, 90)),
+        "n": len(arr),
+    }
+
+
+def make_mid_model(path: Path, seed: int = 0) -> Path:
+    """The tiny sd1 model with its U-Net, text encoder and VAE scaled up to mid size."""
+    import torch
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from fewstep.testing import make_tiny_model
+
+    make_tiny_model(path, "sd1", seed=seed)
+    torch.manual_seed(seed)
+    vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
+    text_encoder = CLIPTextModel(
+        CLIPTextConfig(
+            vocab_size=len(vocab),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=12,
+            num_attention_heads=12,
+            max_position_embeddings=77,
+            bos_token_id=vocab["<|startoftext|>"],
+            eos_token_id=vocab["<|endoftext|>"],
+            pad_token_id=vocab["<|endoftext|>"],
+        )
+    )
+    unet = UNet2DConditionModel(
+        sample_size=64,
+        block_out_channels=(64, 128, 256, 256),
+        layers_per_block=2,
+        cross_attention_dim=768,
+        attention_head_dim=8,
+        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    )
+    vae = AutoencoderKL(
+        block_out_channels=(64, 128, 256, 256),
+        down_block_types=("DownEncoderBlock2D",) * 4,
+        up_block_types=("UpDecoderBlock2D",) * 4,
+        latent_channels=4,
+        layers_per_block=2,
+        sample_size=512,
+    )
+    for module in (text_encoder, unet, vae):
+        with torch.no_grad():
+            for p in module.parameters():
+                if p.dim() > 1:  # keep norms at identity, redraw zero-initialised outputs
+                    p.normal_(0.0, 1.0 / np.sqrt(p[0].numel()))
+    text_encoder.save_pretrained(path / "text_encoder")
+    unet.save_pretrained(path / "unet")
+    vae.save_pretrained(path / "vae")
+    return path
+
+
+def _rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
+
+
+def run_fewstep(package: Path, steps_list: list[int], repeats: int, latents: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    from fewstep.pipeline import Pipeline
+
+    pipe = Pipeline.from_pretrained(package)
+    size = latents.shape[-1] * pipe.info.vae_scale_factor
+    args = dict(guidance_scale=GUIDANCE, height=size, width=size, scheduler="ddim")
+    pipe(PROMPT, num_inference_steps=1, latents=latents, output_type="np", **args)
+    cold = time.perf_counter() - t0
+    stages: dict[str, list[float]] = {"text_encoder": [], "unet_step": [], "vae_decoder": []}
+    outside: list[float] = []
+    e2e: dict[str, Any] = {}
+    for steps in steps_list:
+        totals = []
+        for _ in range(repeats):
+            t = pipe(PROMPT, num_inference_steps=steps, latents=latents, output_type="np", **args)
+            tm = t.timings_ms
+            totals.append(tm["total"])
+            stages["text_encoder"].append(tm["text_encoder"])
+            stages["unet_step"] += tm["unet"]
+            stages["vae_decoder"].append(tm["vae_decoder"])
+            outside += [(s - c) / s for s, c in zip(tm["unet"], tm["unet_call"], strict=True)]
+        e2e[str(steps)] = percentiles(totals)
+    return {
+        "cold_start_s": cold,
+        "stages_ms": {k: percentiles(v) for k, v in stages.items()},
+        "end_to_end_ms": e2e,
+        "outside_unet_fraction_p50": float(np.median(outside)),
+        "peak_rss_mb": _rss_mb(),
+    }
+
+
+def run_diffusers(folder: Path, steps_list: list[int], repeats: int, latents: np.ndarray) -> dict:
+    t0 = time.perf_counter()
+    import torch
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    stages: dict[str, list[float]] = {"text_encoder": [], "unet_step": [], "vae_decoder": []}
+    starts: dict[str, float] = {}
+
+    def timed(module: Any, stage: str) -> None:
+        def pre(*_: Any, **__: Any) -> None:
+            starts[stage] = time.perf_counter()
+
+        def post(*_: Any, **__: Any) -> None:
+            stages[stage].append((time.perf_counter() - starts[stage]) * 1e3)
+
+        module.register_forward_pre_hook(pre)
+        module.register_forward_hook(post)
+
+    size = latents.shape[-1] * pipe.vae_scale_factor
+    args = dict(guidance_scale=GUIDANCE, height=size, width=size, output_type="np")
+    with torch.inference_mode():
+        pipe(PROMPT, num_inference_steps=1, latents=torch.from_numpy(latents), **args)
+        cold = time.perf_counter() - t0
+        timed(pipe.text_encoder, "text_encoder")
+        timed(pipe.unet, "unet_step")
+        timed(pipe.vae.decoder, "vae_decoder")
+        e2e: dict[str, Any] = {}
+        for steps in steps_list:
+            totals = []
+            for _ in range(repeats):
+                t1 = time.perf_counter()
+                pipe(PROMPT, num_inference_steps=steps, latents=torch.from_numpy(latents), **args)
+                totals.append((time.perf_counter() - t1) * 1e3)
+            e2e[str(steps)] = percentiles(totals)
+    return {
+        "cold_start_s": cold,
+        "stages_ms": {k: percentiles(v) for k, v in stages.items()},
+        "end_to_end_ms": e2e,
+        "peak_rss_mb": _rss_mb(),
+    }
+
+
+def _worker(argv: list[str]) -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("side", choices=SIDES)
+    p.add_argument("path")
+    p.add_argument("--steps", required=True)
+    p.add_argument("--repeats", type=int, required=True)
+    p.add_argument("--latents", required=True)
+    a = p.parse_args(argv)
+    latents = np.load(a.latents)
+    steps = [int(s) for s in a.steps.split(",")]
+    run = run_fewstep if a.side == "fewstep" else run_diffusers
+    print("RESULT " + json.dumps(run(Path(a.path), steps, a.repeats, latents)))
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {"python": platform.python_version()}
+    for name in ("fewstep", "numpy", "onnxruntime", "torch", "diffusers", "transformers"):
+        with contextlib.suppress(PackageNotFoundError):
+            out[name] = version(name)
+    return out
+
+
+def _device() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
+
+
+def _commit() -> str | None:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def format_table(results: dict[str, Any]) -> str:
+    rows = [
+        "| model | side | text enc p50 | U-Net step p50 / p90 | VAE p50 | "
+        + " | ".join(f"{s} steps p50" for s in results["steps"])
+        + " | cold start | peak RSS |",
+        "|---|---|---|---|---|" + "---|" * len(results["steps"]) + "---|---|",
+    ]
+    for model, sides in results["models"].items():
+        for side, r in sides["results"].items():
+            st = r["stages_ms"]
+            e2e = " | ".join(
+                f"{r['end_to_end_ms'][str(s)]['p50']:.0f} ms" for s in results["steps"]
+            )
+            rows.append(
+                f"| {model} | {side} | {st['text_encoder']['p50']:.1f} ms | "
+                f"{st['unet_step']['p50']:.1f} / {st['unet_step']['p90']:.1f} ms | "
+                f"{st['vae_decoder']['p50']:.0f} ms | {e2e} | {r['cold_start_s']:.2f} s | "
+                f"{r['peak_rss_mb']:.0f} MB |"
+            )
+    return "\n".join(rows)
+
+
+def run_bench(
+    models: list[str], steps: list[int], repeats: int, workdir: Path, out: Path | None
+) -> dict[str, Any]:
+    from fewstep.export import export_package
+    from fewstep.testing import make_tiny_model
+
+    for name in models:
+        if name not in MODELS:
+            raise ValueError(f"models must be among {MODELS}, got {name!r}")
+    if not steps or min(steps) < 1:
+        raise ValueError(f"steps must be integers >= 1, got {steps}")
+    if repeats < 1:
+        raise ValueError(f"repeats must be >= 1, got {repeats}")
+    workdir.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {
+        "what": "fewstep onnxruntime fp32 vs diffusers torch eager fp32, DDIM, CFG 7.5, batch 1",
+        "device": _device(),
+        "versions": _versions(),
+        "commit": _commit(),
+        "steps": steps,
+        "repeats": repeats,
+        "models": {},
+    }
+    for name in models:
+        folder, package = workdir / name, workdir / f"{name}-onnx"
+        if not folder.exists():
+            (make_tiny_model(folder, "sd1") if name == "tiny" else make_mid_model(folder))
+        if not package.exists():
+            export_package(folder, package)
+        latent = 8 if name == "tiny" else 64
+        latents = np.random.default_rng(0).standard_normal((1, 4, latent, latent), np.float32)
+        latents_path = workdir / f"{name}-latents.npy"
+        np.save(latents_path, latents)
+        entry: dict[str, Any] = {"image_size": latent * 8, "results": {}}
+        for side in SIDES:
+            print(f"[bench] {name}: {side} …", flush=True)
+            proc = subprocess.run(
+                [
+                    sys.executable,
+                    "-m",
+                    "fewstep.export.bench",
+                    "_worker",
+                    side,
+                    str(package if side == "fewstep" else folder),
+                    "--steps",
+                    ",".join(map(str, steps)),
+                    "--repeats",
+                    str(repeats),
+                    "--latents",
+                    str(latents_path),
+                ],
+                capture_output=True,
+                text=True,
+            )
+            if proc.returncode:
+                raise RuntimeError(f"{side} benchmark on {name} failed:\n{proc.stderr[-3000:]}")
+            line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
+            entry["results"][side] = json.loads(line[len("RESULT ") :])
+        few, ref = entry["results"]["fewstep"], entry["results"]["diffusers"]
+        entry["speedup"] = {
+            "unet_step": ref["stages_ms"]["unet_step"]["p50"]
+            / few["stages_ms"]["unet_step"]["p50"],
+            **{
+                f"end_to_end_{s}": ref["end_to_end_ms"][str(s)]["p50"]
+                / few["end_to_end_ms"][str(s)]["p50"]
+                for s in steps
+            },
+        }
+        results["models"][name] = entry
+    print(format_table(results))
+    if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2) + "\n")
+        print(f"wrote {out}")
+    return results
+
+
+if __name__ == "__main__":
+    if len(sys.argv) > 1 and sys.argv[1] == "_worker":
+        _worker(sys.argv[2:])
