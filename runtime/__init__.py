@@ -4,4 +4,16 @@ The lean runtime lives here: it needs numpy, tokenizers, safetensors and one
 backend library, never torch (unless the torch backend is chosen).
 """
 
+from typing import Any
+
 __version__ = "0.1.0"
+__all__ = ["Pipeline", "PipelineOutput", "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    # Imported on first use so that `import fewstep` (e.g. for the CLI) stays cheap.
+    if name in ("Pipeline", "PipelineOutput"):
+        from fewstep import pipeline
+
+        return getattr(pipeline, name)
+    raise AttributeError(f"module 'fewstep' has no attribute {name!r}")
