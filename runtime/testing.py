@@ -1,0 +1,685 @@
+"""Tiny random-weight Stable Diffusion models for tests, and a single-file checkpoint writer.
+
+`make_tiny_model(path, family)` writes a complete diffusers folder (model_index.json, unet/,
+vae/, text_encoder/, tokenizer/, scheduler/) whose configs have the shape of a real model of
+that family (SD 1.5, SD 2.1, LCM Dreamshaper v7, SD-Turbo; see REFERENCE.md) at a few hundred
+thousand parameters, so that diffusers' own pipelines load it and every code path that
+branches on the family (prediction type, linear projections, per-block head counts,
+`time_cond_proj_dim`, the scheduler and its spacing, the pad token) is exercised in seconds.
+Weights are fp32 safetensors, identical byte for byte for the same seed.
+
+The tokenizer is a real CLIP byte-level BPE (the algorithm of openai/CLIP `simple_tokenizer.py`,
+GPT-2's `bytes_to_unicode`) with a tiny vocabulary: the 256 byte symbols, the same with `</w>`,
+merges that make each word of `TOKENIZER_WORDS` one token, then `<|startoftext|>` and
+`<|endoftext|>` (the last two ids, as in CLIP). Any other text still tokenizes, byte by byte.
+
+`save_single_file(folder, out)` writes such a folder as one `.safetensors` checkpoint in the
+original Stable Diffusion (LDM/CompVis) key layout: the inverse of what diffusers'
+`src/diffusers/loaders/single_file_utils.py` converts (`convert_ldm_unet_checkpoint`,
+`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`),
+written from the key tables below, so `StableDiffusionPipeline.from_single_file(out,
+config=folder, local_files_only=True)` rebuilds the folder's weights bit for bit.
+
+Limits and deviations:
+- torch, diffusers and transformers are imported inside the functions: `fewstep` stays lean.
+- The LDM layout has no key for LCM's guidance embedding (`time_embedding.cond_proj`); it is
+  written as `model.diffusion_model.time_embedding.cond_proj.weight`, the name diffusers' own
+  `scripts/convert_diffusers_to_original_stable_diffusion.py` passes it through under. diffusers'
+  single-file loader (0.42) has no rule for it and leaves that one weight unloaded.
+- SD2 text encoder (OpenCLIP layout): real SD 2.x files carry one more resblock than the
+  diffusers encoder (SD2 uses the penultimate layer; diffusers drops resblock 23 by name);
+  here the file holds exactly the folder's layers. `text_projection` is written as the identity
+  [hidden, hidden]: diffusers reads its first dimension as the q/k/v split size and drops it.
+- Only what these families use: no SDXL (`conditioner.embedders`), no class/addition
+  embeddings, no EMA weights.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pathlib
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+FAMILIES = ("sd1", "sd2", "lcm", "turbo")
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+MODEL_MAX_LENGTH = 77
+
+# Words that become single tokens: enough for the prompts tests and examples use.
+TOKENIZER_WORDS = (
+    # articles, prepositions, glue
+    "a", "an", "the", "of", "on", "in", "at", "and", "with", "to", "is", "by", "for", "from",
+    "under", "over", "next", "near", "behind", "front",
+    # colours
+    "red", "green", "blue", "yellow", "orange", "purple", "pink", "white", "black", "gray",
+    "grey", "brown", "cyan", "magenta", "gold", "silver", "dark", "light", "bright",
+    # shapes and sizes
+    "circle", "square", "triangle", "star", "heart", "cross", "ring", "dot", "line", "shape",
+    "shapes", "big", "small", "large", "tiny", "round",
+    # positions
+    "left", "right", "top", "bottom", "center", "centre", "middle", "above", "below", "corner",
+    "upper", "lower",
+    # subjects and scenes
+    "photo", "picture", "painting", "drawing", "image", "cat", "dog", "horse", "astronaut",
+    "riding", "mars", "tree", "house", "car", "flower", "mountain", "sky", "sea", "city",
+    "portrait", "landscape", "background", "object", "scene", "sunset", "forest", "street",
+    # quality words of common (negative) prompts
+    "high", "quality", "detailed", "beautiful", "blurry", "ugly", "bad", "low", "best",
+    "art", "style",
+)  # fmt: skip
+
+
+@dataclass(frozen=True)
+class _Family:
+    """What a family changes with respect to the SD 1.5 layout (REFERENCE.md, families table)."""
+
+    pipeline_class: str
+    text_encoder: str  # "clip" (SD1: OpenAI CLIP layout) or "openclip" (SD2)
+    pad_token: str
+    tokenizer_json: bool  # the family's default: do its Hub repos ship tokenizer.json?
+    scheduler: dict[str, Any]
+    unet: dict[str, Any] = field(default_factory=dict)
+
+
+_BETAS = {
+    "num_train_timesteps": 1000,
+    "beta_start": 0.00085,
+    "beta_end": 0.012,
+    "beta_schedule": "scaled_linear",
+}
+
+_FAMILY_SPECS = {
+    # runwayml / stable-diffusion-v1-5
+    "sd1": _Family(
+        pipeline_class="StableDiffusionPipeline",
+        text_encoder="clip",
+        pad_token=EOS_TOKEN,
+        tokenizer_json=False,
+        scheduler={
+            "_class_name": "PNDMScheduler",
+            **_BETAS,
+            "prediction_type": "epsilon",
+            "set_alpha_to_one": False,
+            "skip_prk_steps": True,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
+        unet={"attention_head_dim": 8},
+    ),
+    # stabilityai / stable-diffusion-2-1 (768, v-prediction)
+    "sd2": _Family(
+        pipeline_class="StableDiffusionPipeline",
+        text_encoder="openclip",
+        pad_token="!",
+        tokenizer_json=True,
+        scheduler={
+            "_class_name": "DDIMScheduler",
+            **_BETAS,
+            "prediction_type": "v_prediction",
+            "clip_sample": False,
+            "set_alpha_to_one": False,
+            "steps_offset": 1,
+            "timestep_spacing": "leading",
+        },
+        unet={
+            "attention_head_dim": (2, 4),
+            "use_linear_projection": True,
+            "upcast_attention": True,
+        },
+    ),
+    # SimianLuo / LCM_Dreamshaper_v7: SD 1.5 with the guidance embedding
+    "lcm": _Family(
+        pipeline_class="LatentConsistencyModelPipeline",
+        text_encoder="clip",
+        pad_token=EOS_TOKEN,
+        tokenizer_json=False,
+        scheduler={
+            "_class_name": "LCMScheduler",
+            **_BETAS,
+            "prediction_type": "epsilon",
+            "original_inference_steps": 50,
+            "clip_sample": False,
+            "set_alpha_to_one": True,
+            "steps_offset": 0,
+            "timestep_spacing": "leading",
+            "timestep_scaling": 10.0,
+        },
+        unet={"attention_head_dim": 8, "time_cond_proj_dim": 32},
+    ),
+    # stabilityai / sd-turbo: the SD 2.1 architecture, epsilon prediction, trailing Euler
+    "turbo": _Family(
+        pipeline_class="StableDiffusionPipeline",
+        text_encoder="openclip",
+        pad_token="!",
+        tokenizer_json=True,
+        scheduler={
+            "_class_name": "EulerDiscreteScheduler",
+            **_BETAS,
+            "prediction_type": "epsilon",
+            "interpolation_type": "linear",
+            "use_karras_sigmas": False,
+            "steps_offset": 1,
+            "timestep_spacing": "trailing",
+        },
+        unet={"attention_head_dim": (2, 4), "use_linear_projection": True},
+    ),
+}
+assert set(_FAMILY_SPECS) == set(FAMILIES)
+
+# Two resolutions (8x8 and 4x4 latents), cross-attention on the higher one and in the middle,
+# the block pattern of SD (CrossAttn ... Down / Up ... CrossAttn) at 32 and 64 channels.
+_UNET_BASE = {
+    "sample_size": 8,  # latent side; the pipeline's default image is 8 * 8 = 64 px
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (32, 64),
+    "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+    "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"),
+    "cross_attention_dim": 32,
+    "norm_num_groups": 8,
+}
+
+# Four blocks as in SD's VAE, so it downsamples by 8; tiny channels.
+_VAE_CONFIG = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "block_out_channels": (8, 16, 32, 32),
+    "layers_per_block": 1,
+    "latent_channels": 4,
+    "norm_num_groups": 8,
+    "sample_size": 64,
+    "scaling_factor": 0.18215,
+}
+
+_TEXT_ENCODER_BASE = {
+    "hidden_size": 32,  # = the U-Net's cross_attention_dim
+    "intermediate_size": 64,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 4,
+    "max_position_embeddings": MODEL_MAX_LENGTH,
+    "projection_dim": 32,
+    "layer_norm_eps": 1e-5,
+}
+# OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP ViT-H (SD2) exact gelu.
+_TEXT_ENCODER_ACT = {"clip": "quick_gelu", "openclip": "gelu"}
+
+# One seed stream per component, so that changing one never shifts another.
+_COMPONENT_STREAMS = {"unet": 0, "vae": 1, "text_encoder": 2}
+
+
+# ---------------------------------------------------------------------------------------------
+# Tokenizer: CLIP byte-level BPE with a tiny vocabulary
+# ---------------------------------------------------------------------------------------------
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible map from the 256 byte values to printable unicode characters."""
+    byte_values = (
+        list(range(ord("!"), ord("~") + 1))
+        + list(range(ord("¡"), ord("¬") + 1))
+        + list(range(ord("®"), ord("ÿ") + 1))
+    )
+    code_points = list(byte_values)  # printable bytes stand for themselves
+    shifted = 0
+    for b in range(256):
+        if b not in byte_values:  # the rest move past 255, in byte order
+            byte_values.append(b)
+            code_points.append(256 + shifted)
+            shifted += 1
+    return dict(zip(byte_values, (chr(c) for c in code_points), strict=True))
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Merge the lowest-ranked adjacent pair, all its occurrences left to right, until none."""
+    while len(symbols) > 1:
+        pairs = set(zip(symbols, symbols[1:], strict=False))
+        best = min(pairs, key=lambda pair: ranks.get(pair, math.inf))
+        if best not in ranks:
+            break
+        merged, i = [], 0
+        while i < len(symbols):
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == best:
+                merged.append(symbols[i] + symbols[i + 1])
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def _word_symbols(word: str, byte_encoder: dict[int, str]) -> list[str]:
+    chars = [byte_encoder[b] for b in word.encode("utf-8")]
+    return chars[:-1] + [chars[-1] + "</w>"]
+
+
+def build_clip_bpe(
+    words: tuple[str, ...] = TOKENIZER_WORDS,
+) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Vocabulary and merges of a CLIP BPE in which every word of `words` is one token.
+
+    Merges are added word by word, each time joining the first two symbols the current merges
+    leave. A new merge ranks after every earlier one, so it never changes how an earlier word
+    tokenizes (at each of that word's steps its own, lower-ranked merge is still the best pair).
+    """
+    byte_encoder = bytes_to_unicode()
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in words:
+        symbols = _bpe(_word_symbols(word, byte_encoder), ranks)
+        while len(symbols) > 1:
+            ranks[(symbols[0], symbols[1])] = len(merges)
+            merges.append((symbols[0], symbols[1]))
+            symbols = _bpe(_word_symbols(word, byte_encoder), ranks)
+    tokens = list(byte_encoder.values())
+    tokens += [t + "</w>" for t in tokens]
+    tokens += ["".join(m) for m in merges]
+    tokens += [BOS_TOKEN, EOS_TOKEN]
+    vocab: dict[str, int] = {}
+    for token in tokens:  # two merges can spell the same token; keep ids contiguous
+        vocab.setdefault(token, len(vocab))
+    return vocab, merges
+
+
+def _write_tokenizer(folder: pathlib.Path, pad_token: str, with_tokenizer_json: bool) -> int:
+    """Write tokenizer/ like an SD repo; returns the vocabulary size."""
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab, merges = build_clip_bpe()
+    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
+    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    special = {
+        "bos_token": BOS_TOKEN,
+        "eos_token": EOS_TOKEN,
+        "pad_token": pad_token,
+        "unk_token": EOS_TOKEN,
+    }
+    config = {
+        "add_prefix_space": False,
+        **special,
+        "do_lower_case": True,
+        "errors": "replace",
+        "model_max_length": MODEL_MAX_LENGTH,
+        "tokenizer_class": "CLIPTokenizer",
+    }
+    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
+    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if with_tokenizer_json:
+        # Let transformers serialize its own tokenizers pipeline (normalizer, pre-tokenizer,
+        # BPE, post-processor), so tokenizer.json is what a real repo's would be.
+        from transformers import CLIPTokenizer
+
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
+        with tempfile.TemporaryDirectory() as tmp:
+            tokenizer.save_pretrained(tmp)
+            shutil.copyfile(os.path.join(tmp, "tokenizer.json"), folder / "tokenizer.json")
+    return len(vocab)
+
+
+# ---------------------------------------------------------------------------------------------
+# Tiny models
+# ---------------------------------------------------------------------------------------------
+
+
+def _redraw_parameters(module, generator) -> None:
+    """Overwrite every parameter from `generator`, in module order.
+
+    Matrices and kernels: N(0, 1/fan_in), variance preserving, so every layer passes signal on
+    and a U-Net's output depends on its text input. Norm scales 1 + N(0, 0.1²), biases
+    N(0, 0.1²): no parameter is left at a constant.
+    """
+    import torch
+
+    norms = (torch.nn.GroupNorm, torch.nn.LayerNorm)
+    with torch.no_grad():
+        for submodule in module.modules():
+            for name, param in submodule.named_parameters(recurse=False):
+                noise = torch.randn(param.shape, generator=generator, dtype=torch.float32)
+                if param.ndim >= 2:
+                    value = noise / math.sqrt(param[0].numel())
+                elif isinstance(submodule, norms) and name == "weight":
+                    value = 1.0 + 0.1 * noise
+                else:
+                    value = 0.1 * noise
+                param.copy_(value)
+
+
+def _generator(seed: int, component: str):
+    import torch
+
+    return torch.Generator().manual_seed(
+        seed * len(_COMPONENT_STREAMS) + _COMPONENT_STREAMS[component]
+    )
+
+
+def _save_safetensors(state_dict, path: pathlib.Path) -> None:
+    from safetensors.torch import save_file
+
+    tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    save_file(tensors, str(path), metadata={"format": "pt"})
+
+
+def make_tiny_model(
+    path: str | os.PathLike,
+    family: str = "sd1",
+    seed: int = 0,
+    tokenizer_json: bool | None = None,
+) -> pathlib.Path:
+    """Write a tiny random-weight diffusers folder of `family` to `path`; returns the path.
+
+    family: one of `FAMILIES` ("sd1", "sd2", "lcm", "turbo").
+    seed: the weights are a pure function of it (same seed: byte-identical safetensors).
+    tokenizer_json: None follows the family's Hub repos (SD1/LCM: vocab.json + merges.txt only;
+        SD2/Turbo: tokenizer.json too); True/False forces it.
+    """
+    if family not in FAMILIES:
+        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+
+    import diffusers
+    import torch
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = _FAMILY_SPECS[family]
+    root = pathlib.Path(path)
+    root.mkdir(parents=True, exist_ok=True)
+
+    with_json = spec.tokenizer_json if tokenizer_json is None else bool(tokenizer_json)
+    vocab_size = _write_tokenizer(root / "tokenizer", spec.pad_token, with_json)
+    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+
+    # Construction draws default inits from torch's global generator; keep the caller's state.
+    with torch.random.fork_rng(devices=[]):
+        unet = diffusers.UNet2DConditionModel(**_UNET_BASE, **spec.unet)
+        vae = diffusers.AutoencoderKL(**_VAE_CONFIG)
+        text_config = CLIPTextConfig(
+            **_TEXT_ENCODER_BASE,
+            hidden_act=_TEXT_ENCODER_ACT[spec.text_encoder],
+            vocab_size=vocab_size,
+            bos_token_id=vocab[BOS_TOKEN],
+            eos_token_id=vocab[EOS_TOKEN],
+            pad_token_id=vocab[spec.pad_token],
+        )
+        text_encoder = CLIPTextModel(text_config)
+
+    _redraw_parameters(unet, _generator(seed, "unet"))
+    _redraw_parameters(vae, _generator(seed, "vae"))
+    _redraw_parameters(text_encoder, _generator(seed, "text_encoder"))
+
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+
+    # Hub SD repos store the text encoder with the `text_model.` prefix; transformers >= 5.6
+    # saves CLIPTextModel without it. Write the Hub layout: both transformers 4 and 5 load it.
+    te_dir = root / "text_encoder"
+    te_dir.mkdir(exist_ok=True)
+    text_config.architectures = ["CLIPTextModel"]
+    text_config.dtype = "float32"
+    text_config.save_pretrained(te_dir)
+    state = _text_encoder_state(text_encoder.state_dict())
+    _save_safetensors(
+        {"text_model." + k: v for k, v in state.items()}, te_dir / "model.safetensors"
+    )
+
+    scheduler_config = dict(spec.scheduler)
+    scheduler_class = getattr(diffusers, scheduler_config.pop("_class_name"))
+    scheduler_class.from_config(scheduler_config).save_pretrained(root / "scheduler")
+
+    model_index = {
+        "_class_name": spec.pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        "requires_safety_checker": False,
+        "safety_checker": [None, None],
+        "scheduler": ["diffusers", scheduler_class.__name__],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+    (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    return root
+
+
+def _text_encoder_state(state_dict) -> dict:
+    """CLIPTextModel weights keyed without `text_model.` (both transformers layouts), no buffers."""
+    out = {}
+    for key, value in state_dict.items():
+        key = key.removeprefix("text_model.")
+        if key != "embeddings.position_ids":
+            out[key] = value
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Single file: diffusers keys -> original Stable Diffusion (LDM) keys
+# ---------------------------------------------------------------------------------------------
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+CLIP_PREFIX = "cond_stage_model.transformer.text_model."
+OPENCLIP_PREFIX = "cond_stage_model.model."
+
+# Inside a U-Net ResBlock (ldm `ResBlock`: in_layers = [norm, SiLU, conv], emb_layers =
+# [SiLU, linear], out_layers = [norm, SiLU, dropout, conv]).
+_UNET_RESNET = {
+    "norm1.": "in_layers.0.",
+    "conv1.": "in_layers.2.",
+    "time_emb_proj.": "emb_layers.1.",
+    "norm2.": "out_layers.0.",
+    "conv2.": "out_layers.3.",
+    "conv_shortcut.": "skip_connection.",
+}
+_VAE_RESNET = {"conv_shortcut.": "nin_shortcut."}
+_VAE_ATTENTION = {
+    "group_norm.": "norm.",
+    "to_q.": "q.",
+    "to_k.": "k.",
+    "to_v.": "v.",
+    "to_out.0.": "proj_out.",
+}
+_OPENCLIP_LAYER = {
+    "layer_norm1.": "ln_1.",
+    "layer_norm2.": "ln_2.",
+    "mlp.fc1.": "mlp.c_fc.",
+    "mlp.fc2.": "mlp.c_proj.",
+    "self_attn.out_proj.": "attn.out_proj.",
+}
+_OPENCLIP_TOP = {
+    "embeddings.token_embedding.weight": "token_embedding.weight",
+    "embeddings.position_embedding.weight": "positional_embedding",
+    "final_layer_norm.weight": "ln_final.weight",
+    "final_layer_norm.bias": "ln_final.bias",
+}
+
+# A prefix table maps a diffusers key prefix to (LDM prefix, renames of what follows it).
+_PrefixTable = dict[str, tuple[str, dict[str, str]]]
+
+
+def _unet_prefix_table(config: dict) -> _PrefixTable:
+    """ldm `UNetModel` numbering: input_blocks[0] is conv_in; each down block has one
+    [ResBlock, SpatialTransformer?] entry per layer plus a Downsample entry (not after the
+    last); output_blocks have layers+1 entries per up block, the Upsample inside the last."""
+    for name in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type"):
+        if config.get(name) is not None:
+            raise NotImplementedError(f"save_single_file: U-Net config {name}={config[name]!r}")
+    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
+        raise NotImplementedError(f"save_single_file: mid_block_type={config['mid_block_type']!r}")
+    layers = config["layers_per_block"]
+    if not isinstance(layers, int):
+        raise NotImplementedError(f"save_single_file: per-block layers_per_block={layers!r}")
+    n_blocks = len(config["down_block_types"])
+    table: _PrefixTable = {
+        "time_embedding.linear_1.": ("time_embed.0.", {}),
+        "time_embedding.linear_2.": ("time_embed.2.", {}),
+        # No LDM name exists; diffusers' reverse script passes the key through unchanged.
+        "time_embedding.cond_proj.": ("time_embedding.cond_proj.", {}),
+        "conv_in.": ("input_blocks.0.0.", {}),
+        "conv_norm_out.": ("out.0.", {}),
+        "conv_out.": ("out.2.", {}),
+        "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
+        "mid_block.attentions.0.": ("middle_block.1.", {}),
+        "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
+    }
+    for b in range(n_blocks):
+        for i in range(layers):
+            entry = 1 + b * (layers + 1) + i
+            table[f"down_blocks.{b}.resnets.{i}."] = (f"input_blocks.{entry}.0.", _UNET_RESNET)
+            table[f"down_blocks.{b}.attentions.{i}."] = (f"input_blocks.{entry}.1.", {})
+        if b < n_blocks - 1:
+            entry = (b + 1) * (layers + 1)
+            table[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{entry}.0.op.", {})
+    for b, block_type in enumerate(config["up_block_types"]):
+        for i in range(layers + 1):
+            entry = b * (layers + 1) + i
+            table[f"up_blocks.{b}.resnets.{i}."] = (f"output_blocks.{entry}.0.", _UNET_RESNET)
+            table[f"up_blocks.{b}.attentions.{i}."] = (f"output_blocks.{entry}.1.", {})
+        if b < n_blocks - 1:
+            entry = b * (layers + 1) + layers
+            slot = 2 if block_type.startswith("CrossAttn") else 1
+            table[f"up_blocks.{b}.upsamplers.0.conv."] = (f"output_blocks.{entry}.{slot}.conv.", {})
+    return table
+
+
+def _vae_prefix_table(config: dict) -> _PrefixTable:
+    """ldm `Encoder`/`Decoder`: down[i].block[j], mid.block_1/attn_1/block_2, norm_out; the
+    decoder's up[] counts from the lowest resolution's opposite end (up[0] is the last)."""
+    n_blocks = len(config["block_out_channels"])
+    table: _PrefixTable = {}
+    for part in ("encoder", "decoder"):
+        table[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", {})
+        table[f"{part}.mid_block.resnets.0."] = (f"{part}.mid.block_1.", _VAE_RESNET)
+        table[f"{part}.mid_block.resnets.1."] = (f"{part}.mid.block_2.", _VAE_RESNET)
+        table[f"{part}.mid_block.attentions.0."] = (f"{part}.mid.attn_1.", _VAE_ATTENTION)
+    for i in range(n_blocks):
+        table[f"encoder.down_blocks.{i}.resnets."] = (f"encoder.down.{i}.block.", _VAE_RESNET)
+        table[f"encoder.down_blocks.{i}.downsamplers.0."] = (f"encoder.down.{i}.downsample.", {})
+        up = n_blocks - 1 - i
+        table[f"decoder.up_blocks.{i}.resnets."] = (f"decoder.up.{up}.block.", _VAE_RESNET)
+        table[f"decoder.up_blocks.{i}.upsamplers.0."] = (f"decoder.up.{up}.upsample.", {})
+    for same in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out."):
+        table[same] = (same, {})
+    table["quant_conv."] = ("quant_conv.", {})
+    table["post_quant_conv."] = ("post_quant_conv.", {})
+    return table
+
+
+def _longest_prefix(key: str, prefixes) -> str | None:
+    matches = [p for p in prefixes if key.startswith(p)]
+    return max(matches, key=len) if matches else None
+
+
+def _rename(key: str, table: _PrefixTable, component: str) -> str:
+    prefix = _longest_prefix(key, table)
+    if prefix is None:
+        raise NotImplementedError(
+            f"save_single_file: no original-layout name for {component} key {key!r}"
+        )
+    new_prefix, inner = table[prefix]
+    rest = key[len(prefix) :]
+    inner_prefix = _longest_prefix(rest, inner)
+    if inner_prefix is not None:
+        rest = inner[inner_prefix] + rest[len(inner_prefix) :]
+    return new_prefix + rest
+
+
+def _unet_to_ldm(state_dict, config: dict) -> dict:
+    table = _unet_prefix_table(config)
+    return {UNET_PREFIX + _rename(k, table, "unet"): v for k, v in state_dict.items()}
+
+
+def _vae_to_ldm(state_dict, config: dict) -> dict:
+    table = _vae_prefix_table(config)
+    out = {}
+    for key, value in state_dict.items():
+        new_key = _rename(key, table, "vae")
+        if ".mid.attn_1." in new_key and value.ndim == 2:
+            value = value[:, :, None, None]  # the LDM VAE attention uses 1x1 convs: [C, C, 1, 1]
+        out[VAE_PREFIX + new_key] = value
+    return out
+
+
+def _clip_to_ldm(state_dict) -> dict:
+    return {CLIP_PREFIX + k: v for k, v in _text_encoder_state(state_dict).items()}
+
+
+def _openclip_to_ldm(state_dict, config: dict) -> dict:
+    """OpenCLIP `TextTransformer`: resblocks with a fused in_proj (q; k; v rows), c_fc/c_proj."""
+    import torch
+
+    state = _text_encoder_state(state_dict)
+    out = {}
+    for i in range(config["num_hidden_layers"]):
+        src, dst = f"encoder.layers.{i}.", f"{OPENCLIP_PREFIX}transformer.resblocks.{i}."
+        for kind in ("weight", "bias"):
+            qkv = [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
+            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)  # [3 * hidden, ...]
+        for key in [k for k in state if k.startswith(src)]:
+            rest = key[len(src) :]
+            inner = _longest_prefix(rest, _OPENCLIP_LAYER)
+            if inner is None:
+                raise NotImplementedError(
+                    f"save_single_file: no OpenCLIP name for text_encoder key {key!r}"
+                )
+            out[dst + _OPENCLIP_LAYER[inner] + rest[len(inner) :]] = state.pop(key)
+    for key in list(state):
+        if key not in _OPENCLIP_TOP:
+            raise NotImplementedError(
+                f"save_single_file: no OpenCLIP name for text_encoder key {key!r}"
+            )
+        out[OPENCLIP_PREFIX + _OPENCLIP_TOP[key]] = state.pop(key)
+    hidden = config["hidden_size"]
+    out[OPENCLIP_PREFIX + "text_projection"] = torch.eye(hidden, dtype=torch.float32)
+    return out
+
+
+def _load_component(folder: pathlib.Path, name: str, weights: str) -> tuple[dict, dict]:
+    from safetensors.torch import load_file
+
+    config = json.loads((folder / name / "config.json").read_text())
+    path = folder / name / weights
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} not found (save_single_file reads fp32 safetensors)")
+    return config, load_file(str(path))
+
+
+def save_single_file(
+    diffusers_folder: str | os.PathLike, out_path: str | os.PathLike
+) -> pathlib.Path:
+    """Write a diffusers SD folder as one `.safetensors` checkpoint in the original SD layout.
+
+    U-Net under `model.diffusion_model.`, VAE under `first_stage_model.`, the text encoder under
+    `cond_stage_model.transformer.text_model.` (OpenAI CLIP, SD1) or `cond_stage_model.model.`
+    (OpenCLIP, SD2: chosen when the text encoder's hidden_act is "gelu", as in SD 2.x).
+    Load it back with `StableDiffusionPipeline.from_single_file(out_path,
+    config=diffusers_folder, local_files_only=True)`.
+    """
+    folder = pathlib.Path(diffusers_folder)
+    out = pathlib.Path(out_path)
+    if out.suffix != ".safetensors":
+        raise ValueError(f"out_path must end in .safetensors, got {str(out)!r}")
+    unet_config, unet = _load_component(folder, "unet", "diffusion_pytorch_model.safetensors")
+    vae_config, vae = _load_component(folder, "vae", "diffusion_pytorch_model.safetensors")
+    te_config, text_encoder = _load_component(folder, "text_encoder", "model.safetensors")
+
+    state = {}
+    state.update(_unet_to_ldm(unet, unet_config))
+    state.update(_vae_to_ldm(vae, vae_config))
+    if te_config.get("hidden_act") == "gelu":
+        state.update(_openclip_to_ldm(text_encoder, te_config))
+    else:
+        state.update(_clip_to_ldm(text_encoder))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _save_safetensors(state, out)
+    return out
