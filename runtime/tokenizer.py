@@ -46,8 +46,14 @@ def _read_pad_and_length(folder: Path) -> tuple[str, int]:
     return pad, max_length
 
 
-def build_clip_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Tokenizer:
-    """A `tokenizers.Tokenizer` equivalent to transformers' CLIPTokenizer for this vocab."""
+def build_clip_bpe(
+    vocab: dict[str, int], merges: list[tuple[str, str]], pad_token: str = EOS
+) -> Tokenizer:
+    """A `tokenizers.Tokenizer` equivalent to transformers' CLIPTokenizer for this vocab.
+
+    As in transformers, the special tokens (and the pad token, "!" for SD2) are
+    matched whole in the prompt text before BPE runs.
+    """
     tok = Tokenizer(
         models.BPE(
             vocab=vocab,
@@ -68,8 +74,9 @@ def build_clip_bpe(vocab: dict[str, int], merges: list[tuple[str, str]]) -> Toke
         ]
     )
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.RobertaProcessing(
-        sep=(EOS, vocab[EOS]), cls=(BOS, vocab[BOS]), add_prefix_space=False, trim_offsets=False
+    tok.add_special_tokens([BOS, EOS, pad_token])
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{BOS} $A {EOS}", special_tokens=[(BOS, vocab[BOS]), (EOS, vocab[EOS])]
     )
     return tok
 
@@ -106,7 +113,7 @@ class CLIPTokenizer:
             tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
         elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
             vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            tok = build_clip_bpe(vocab, _read_merges(folder / "merges.txt"))
+            tok = build_clip_bpe(vocab, _read_merges(folder / "merges.txt"), pad)
         else:
             raise FileNotFoundError(
                 f"missing package file: {folder}/tokenizer.json (or vocab.json + merges.txt)"
@@ -119,7 +126,7 @@ class CLIPTokenizer:
         for row, enc in enumerate(self._tok.encode_batch(prompts)):
             tokens = enc.ids
             if len(tokens) > self.max_length:
-                dropped = self._tok.decode(tokens[self.max_length - 1 : -1])
+                dropped = self._tok.decode(tokens[self.max_length - 1 : -1]).replace("</w>", " ")
                 logger.warning(
                     "The following part of your input was truncated because CLIP can only "
                     "handle sequences up to %d tokens: %s",
