@@ -26,7 +26,7 @@ import numpy as np
 
 from fewstep.backends.base import Backend, create_backend
 from fewstep.package import ModelInfo, read_model_info, verify_package
-from fewstep.samplers import SAMPLERS, create_sampler
+from fewstep.samplers import SAMPLERS, create_sampler, sampler_name_for
 from fewstep.samplers.lcm import guidance_scale_embedding
 from fewstep.tokenizer import CLIPTokenizer
 
@@ -187,8 +187,8 @@ class Pipeline:
                 f"num_images_per_prompt must be between 1 and {MAX_IMAGES_PER_PROMPT}, "
                 f"got {num_images_per_prompt!r}"
             )
-        if not math.isfinite(eta) or eta < 0:
-            raise ValueError(f"eta must be a finite number >= 0, got {eta!r}")
+        if not math.isfinite(eta) or not 0 <= eta <= 1:
+            raise ValueError(f"eta must be between 0 and 1, got {eta!r}")
         if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
             raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale!r}")
         if output_type not in OUTPUT_TYPES:
@@ -200,7 +200,10 @@ class Pipeline:
         if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
             raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
 
-        sampler = create_sampler(scheduler or info.scheduler_class, info.scheduler_config)
+        sampler_name = scheduler or info.scheduler_class
+        # eta only means something to DDIM; diffusers ignores it elsewhere, and so do we.
+        options = {"eta": eta} if sampler_name_for(sampler_name) == "ddim" else {}
+        sampler = create_sampler(sampler_name, info.scheduler_config, **options)
         sampler.set_timesteps(steps)  # raises ValueError when steps exceed what it allows
         batch = len(prompts) * num_images_per_prompt
         latent_shape = (
@@ -263,8 +266,7 @@ class Pipeline:
             noise = None
             if sampler.needs_noise:
                 noise = rng.standard_normal(noise_pred.shape, dtype=np.float32)
-            step_kwargs = {"eta": eta} if eta else {}
-            out = sampler.step(noise_pred, i, latents, noise=noise, **step_kwargs)
+            out = sampler.step(noise_pred, i, latents, noise=noise)
             latents = out.prev_sample.astype(np.float32)
             timings["unet"].append((time.perf_counter() - t0) * 1e3)
 
