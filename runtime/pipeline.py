@@ -276,6 +276,7 @@ class Pipeline:
         images = self.decode(latents)
         timings["vae_decoder"] = (time.perf_counter() - t0) * 1e3
         timings["total"] = (time.perf_counter() - t_start) * 1e3
+        seed_used = seed if generator is None else None
         settings = {
             "prompt": prompts,
             "negative_prompt": negatives,
@@ -284,7 +285,7 @@ class Pipeline:
             "height": height,
             "width": width,
             "sampler": type(sampler).__name__,
-            "seed": seed if generator is None else None,
+            "seed": seed_used,
         }
         result = numpy_to_pil(images) if output_type == "pil" else images
-        return PipelineOutput(result, settings["seed"], timings, settings)
+        return PipelineOutput(result, seed_used, timings, settings)
