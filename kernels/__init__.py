@@ -1,1 +1,36 @@
-"""fewstep.kernels: Triton kernels with torch references (needs torch + triton)."""
+"""fewstep.kernels: Triton kernels with torch references (needs torch + triton).
+
+- `group_norm` / `group_norm_ref`: fused GroupNorm (+ SiLU), NCHW and channels_last.
+- `attention` / `attention_ref`: flash-style attention forward, SDPA layout.
+- `group_norm_op` / `attention_op`: the same as torch custom ops
+  (`torch.ops.fewstep.group_norm`, `torch.ops.fewstep.attention`) that fall back
+  to torch for unsupported inputs or when FEWSTEP_DISABLE_KERNELS=1; this is
+  what models call.
+
+On machines without a CUDA GPU the kernels run in Triton's interpreter when
+TRITON_INTERPRET=1 is set before this package is imported.
+"""
+
+from .attention import attention, attention_ref
+from .group_norm import group_norm, group_norm_ref
+from .ops import (
+    attention_fallback_reason,
+    attention_op,
+    attention_supported,
+    group_norm_fallback_reason,
+    group_norm_op,
+    group_norm_supported,
+)
+
+__all__ = [
+    "attention",
+    "attention_fallback_reason",
+    "attention_op",
+    "attention_ref",
+    "attention_supported",
+    "group_norm",
+    "group_norm_fallback_reason",
+    "group_norm_op",
+    "group_norm_ref",
+    "group_norm_supported",
+]

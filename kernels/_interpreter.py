@@ -1,0 +1,30 @@
+"""Workarounds for Triton's CPU interpreter (TRITON_INTERPRET=1), which CI runs the kernels in.
+
+Triton 3.7's interpreter mishandles bf16 in two places (triton/runtime/interpreter.py):
+- `create_dot` calls np.matmul on bf16 operands' uint16 storage, so bf16 dots
+  multiply bit patterns, not values;
+- fp32 → bf16 casts truncate (`cast_impl` passes no rounding mode), and the
+  explicit "rtne" path drops the carry when the mantissa rounds up into an odd
+  exponent.
+Kernels therefore take a constexpr flag, set only when interpreted and bf16,
+that widens bf16 dot operands to fp32 (exact) and rounds with `round_to_bf16`
+before a cast to bf16 (which is then exact). Compiled GPU code never takes it.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 x rounded to the nearest bf16 value (ties to even), returned as fp32; NaN stays NaN."""
+    bits = x.to(tl.uint32, bitcast=True)
+    lsb = (bits >> 16) & 1
+    rounded = (bits + 0x7FFF + lsb) & 0xFFFF0000
+    return tl.where(x != x, x, rounded.to(tl.float32, bitcast=True))
+
+
+# The interpreter replaces @triton.jit with its own class when TRITON_INTERPRET=1 at import.
+INTERPRETED = not isinstance(round_to_bf16, triton.runtime.JITFunction)

@@ -1,0 +1,267 @@
+"""Fused attention forward (flash-style, online softmax) in Triton, beside its torch reference.
+
+Follows FlashAttention-2 (Dao, 2023, "FlashAttention-2: Faster Attention with
+Better Parallelism and Work Partitioning", Algorithm 1, forward pass): one
+program per (query block, batch·head); it walks the keys in blocks, keeping a
+running row max m, row sum l and unnormalized output acc in fp32, rescaling by
+exp(m_old − m_new), and divides by l once at the end. The loop structure is
+that of Triton's fused-attention tutorial (python/tutorials/06-fused-attention.py):
+exp2 with log2(e) folded into the scale, P cast to V's dtype for the P·V dot.
+
+Shapes are SDPA's: q [B, H, L_q, D], k and v [B, H, L_kv, D], out [B, H, L_q, D],
+any strides with a unit stride on D (so the transposed views diffusers makes,
+[B, L, H, D] → [B, H, L, D], load without a copy). The output takes q's layout
+(`torch.empty_like`).
+
+Deviations and limits:
+- No mask, no dropout, no causal path (SD's U-Net attention has none). Cross
+  attention's 77 keys are handled by masking the tail of the last key block.
+- D is padded to BLOCK_D = next_power_of_2(D) with masked loads (SD: 40 → 64,
+  80 → 128, 160 → 256); the padded lanes cost FLOPs, not bytes. D ≤ 256.
+- fp32 inputs use IEEE fp32 dots (no TF32), to match torch's fp32 default.
+- In Triton's interpreter, bf16 dot operands are widened to fp32 and bf16
+  rounding is done by hand (INTERPRETER_BF16; why: _interpreter.py).
+- Forward only; no log-sum-exp is saved.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from ._interpreter import INTERPRETED, round_to_bf16
+
+DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_HEAD_DIM = 256
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _attention_fwd_kernel(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    o_ptr,
+    H,
+    L_Q,
+    L_KV,
+    D,
+    qk_scale,  # softmax scale · log2(e): scores live in the exp2 domain
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    INTERPRETER_BF16: tl.constexpr,  # see _interpreter.py
+):
+    pid_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    b = (pid_bh // H).to(tl.int64)
+    h = (pid_bh % H).to(tl.int64)
+    q_base = q_ptr + b * stride_qb + h * stride_qh
+    k_base = k_ptr + b * stride_kb + h * stride_kh
+    v_base = v_ptr + b * stride_vb + h * stride_vh
+    o_base = o_ptr + b * stride_ob + h * stride_oh
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    mask_m = offs_m < L_Q
+    mask_d = offs_d < D
+
+    # [BLOCK_M, BLOCK_D]; padded rows and head-dim lanes are 0, so they add 0 to QKᵀ.
+    q = tl.load(
+        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
+        mask=mask_m[:, None] & mask_d[None, :],
+        other=0.0,
+    )
+    if INTERPRETER_BF16:
+        q = q.to(tl.float32)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    for start_n in range(0, L_KV, BLOCK_N):
+        offs_kv = start_n + offs_n
+        mask_n = offs_kv < L_KV
+        # Kᵀ block [BLOCK_D, BLOCK_N]
+        k = tl.load(
+            k_base + offs_kv[None, :] * stride_kn + offs_d[:, None],
+            mask=mask_d[:, None] & mask_n[None, :],
+            other=0.0,
+        )
+        if INTERPRETER_BF16:
+            k = k.to(tl.float32)
+        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+        s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past L_KV get probability 0
+        # FlashAttention-2, Alg. 1 lines 8-10: new row max, rescale factor, probabilities.
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        alpha = tl.exp2(m_i - m_new)
+        p = tl.exp2(s - m_new[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = tl.load(
+            v_base + offs_kv[:, None] * stride_vn + offs_d[None, :],
+            mask=mask_n[:, None] & mask_d[None, :],
+            other=0.0,
+        )  # [BLOCK_N, BLOCK_D]
+        if INTERPRETER_BF16:
+            p = round_to_bf16(p)  # P rounded to bf16, as on GPU, but kept in fp32
+            v = v.to(tl.float32)
+        else:
+            p = p.to(v.dtype)
+        acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        m_i = m_new
+    out = acc / l_i[:, None]  # Alg. 1 line 12
+    if INTERPRETER_BF16:
+        out = round_to_bf16(out)
+    tl.store(
+        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
+        out.to(o_ptr.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+    """ValueError for inputs no attention accepts (mismatched shapes), before any device work."""
+    if q.dim() != 4 or k.dim() != 4 or v.dim() != 4:
+        raise ValueError(
+            "q, k, v must be 4-D [B, H, L, D], got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if k.shape != v.shape or q.shape[:2] != k.shape[:2] or q.shape[3] != k.shape[3]:
+        raise ValueError(
+            "q [B, H, L_q, D], k and v [B, H, L_kv, D] must agree, got "
+            f"{tuple(q.shape)}, {tuple(k.shape)}, {tuple(v.shape)}"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+
+
+def attention_output_like(q: torch.Tensor) -> torch.Tensor:
+    """An uninitialized output for q: q's layout when dense with unit stride on D, else contiguous.
+
+    (Diffusers' [B, L, H, D] → [B, H, L, D] view thus gets an output whose
+    transpose back is free.)
+    """
+    out = torch.empty_like(q)
+    if out.stride(3) != 1 and q.shape[3] > 1:
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    return out
+
+
+# GPU launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by (element size, BLOCK_D):
+# starting points after the Triton tutorial's forward configs, sized so that shared
+# memory fits an A100 (164 KB) as well as an H100; not yet tuned on SD shapes.
+GPU_CONFIGS = {
+    (2, 64): (128, 64, 4, 3),
+    (2, 128): (128, 64, 8, 3),
+    (2, 256): (64, 32, 8, 2),
+    (4, 64): (64, 32, 4, 2),
+    (4, 128): (64, 32, 4, 2),
+    (4, 256): (32, 32, 4, 1),
+}
+# The interpreter pays per program: one big block.
+_INTERPRETER_CONFIG = (128, 128, 4, 1)
+
+
+def _launch_config(q: torch.Tensor, block_d: int, l_kv: int) -> tuple[int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for q's device and dtype and the padded D."""
+    if INTERPRETED or q.device.type != "cuda":
+        block_m, block_n, warps, stages = _INTERPRETER_CONFIG
+    else:
+        block_m, block_n, warps, stages = GPU_CONFIGS[(q.element_size(), max(64, block_d))]
+    return block_m, min(block_n, max(16, triton.next_power_of_2(l_kv))), warps, stages
+
+
+def attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v without materializing the [L_q, L_kv] scores.
+
+    q [B, H, L_q, D], k and v [B, H, L_kv, D]; fp32/fp16/bf16; D ≤ 256; unit
+    stride on D. scale defaults to 1/sqrt(D), as SDPA's. Returns [B, H, L_q, D]
+    in q's dtype and layout.
+    """
+    check_attention_args(q, k, v)
+    if q.dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {q.dtype}")
+    batch, heads, l_q, head_dim = q.shape
+    l_kv = k.shape[2]
+    if head_dim > MAX_HEAD_DIM:
+        raise ValueError(f"head dim D must be <= {MAX_HEAD_DIM}, got {head_dim}")
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(3) != 1 and head_dim > 1:
+            raise ValueError(f"{name} must have unit stride on D, got strides {t.stride()}")
+    out = attention_output_like(q)
+    if out.numel() == 0:
+        return out
+    if l_kv == 0:
+        raise ValueError("k and v must have at least one key (L_kv >= 1), got 0")
+    if scale is None:
+        scale = 1.0 / math.sqrt(head_dim)
+
+    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_m, block_n, warps, stages = _launch_config(q, block_d, l_kv)
+    interpreter_bf16 = INTERPRETED and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(l_q, block_m), batch * heads)
+    _attention_fwd_kernel[grid](
+        q,
+        k,
+        v,
+        out,
+        heads,
+        l_q,
+        l_kv,
+        head_dim,
+        scale * _LOG2E,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        v.stride(0),
+        v.stride(1),
+        v.stride(2),
+        out.stride(0),
+        out.stride(1),
+        out.stride(2),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_D=block_d,
+        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        INTERPRETER_BF16=interpreter_bf16,
+        num_warps=warps,
+        num_stages=stages,
+    )
+    return out
+
+
+def attention_ref(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """Math attention softmax(q·kᵀ·scale)·v in fp32 (fp64 stays fp64), cast back to q's dtype.
+
+    FLOPs: 4·B·H·L_q·L_kv·D (two matmuls, 2 FLOPs per multiply-add each; the
+    softmax's O(B·H·L_q·L_kv) is not counted): the model for the benchmark's
+    TFLOP/s. This reference materializes the [B, H, L_q, L_kv] scores.
+    """
+    check_attention_args(q, k, v)
+    compute = torch.float64 if q.dtype == torch.float64 else torch.float32
+    if scale is None:
+        scale = 1.0 / math.sqrt(q.shape[-1])
+    scores = (q.to(compute) @ k.to(compute).transpose(-2, -1)) * scale  # [B, H, L_q, L_kv]
+    return (scores.softmax(dim=-1) @ v.to(compute)).to(q.dtype)

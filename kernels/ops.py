@@ -1,0 +1,192 @@
+"""The kernels as torch custom ops (`torch.ops.fewstep.*`), with a guard and a torch fallback.
+
+`torch.library.custom_op` makes each kernel one opaque node with a fake
+(meta) implementation, so torch.compile traces through it without tracing
+Triton's launcher, and CUDA graphs capture its launches like any other op
+(no host syncs, no allocations outside torch's caching allocator).
+
+Each op first validates its arguments (a ValueError for input no
+implementation accepts), then asks the guard. Inputs the kernel does not
+support run the plain torch op instead (F.group_norm (+ F.silu),
+F.scaled_dot_product_attention) in their own precision, and the reason is
+logged once per distinct reason on the "fewstep.kernels" logger. Setting
+FEWSTEP_DISABLE_KERNELS=1 makes every call take the fallback (read per call).
+
+Outputs have the layout the fake implementation promises (x's for GroupNorm,
+q's for attention, see `attention_output_like`); a fallback whose torch op
+returns another layout is copied into it.
+
+Inference only: no autograd formula is registered.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+import torch.nn.functional as F
+
+from ._interpreter import INTERPRETED
+from .attention import DTYPES as ATTENTION_DTYPES
+from .attention import MAX_HEAD_DIM, attention, attention_output_like, check_attention_args
+from .group_norm import DTYPES as GROUP_NORM_DTYPES
+from .group_norm import check_group_norm_args, group_norm, spatial_stride
+
+logger = logging.getLogger("fewstep.kernels")
+
+DISABLE_ENV = "FEWSTEP_DISABLE_KERNELS"
+# Devices the Triton kernels run on: compiled for CUDA GPUs; the interpreter also
+# takes CPU tensors (that is how CI runs them).
+KERNEL_DEVICES = ("cpu", "cuda") if INTERPRETED else ("cuda",)
+_INT32_MAX = 2**31 - 1
+_GRID_Y_MAX = 65535  # attention's grid is (query blocks, B·H)
+
+_logged_reasons: set[tuple[str, str]] = set()
+
+
+def _log_fallback_once(op: str, reason: str) -> None:
+    if (op, reason) not in _logged_reasons:
+        _logged_reasons.add((op, reason))
+        logger.warning("fewstep::%s falls back to torch: %s", op, reason)
+
+
+def _common_reason(tensors: dict[str, torch.Tensor], dtypes: tuple[torch.dtype, ...]) -> str | None:
+    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+        return f"kernels disabled by {DISABLE_ENV}=1"
+    first = next(iter(tensors.values()))
+    if first.device.type not in KERNEL_DEVICES:
+        hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1)"
+        return f"device type {first.device.type} not in {KERNEL_DEVICES}{hint}"
+    for name, t in tensors.items():
+        if t.device != first.device:
+            return f"{name} is on {t.device}, not on {first.device}"
+    if first.dtype not in dtypes:
+        return f"dtype {first.dtype} not in {dtypes}"
+    if first.numel() == 0:
+        return "empty tensor"
+    return None
+
+
+def _max_offset(t: torch.Tensor, first_dim: int) -> int:
+    """Largest element offset within t[i0, ..., i_{first_dim-1}]: the kernels index it in int32."""
+    return sum(
+        (size - 1) * stride
+        for size, stride in zip(t.shape[first_dim:], t.stride()[first_dim:], strict=True)
+    )
+
+
+def _as_layout(y: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """y, or a copy of y with the strides of `like` (a meta tensor) when they differ."""
+    if y.stride() == like.stride():
+        return y
+    out = torch.empty_strided(like.shape, like.stride(), dtype=y.dtype, device=y.device)
+    return out.copy_(y)
+
+
+# GroupNorm ------------------------------------------------------------------
+
+
+def group_norm_fallback_reason(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> str | None:
+    """Why `fewstep::group_norm` would run torch instead of the kernel; None if it won't."""
+    tensors = {"x": x} | {n: t for n, t in (("weight", weight), ("bias", bias)) if t is not None}
+    reason = _common_reason(tensors, GROUP_NORM_DTYPES)
+    if reason is not None:
+        return reason
+    if spatial_stride(x) is None:
+        return "spatial dims of x do not collapse to one stride (neither NCHW nor channels_last)"
+    if _max_offset(x, 1) > _INT32_MAX:
+        return "a sample of x spans more than 2**31 elements"
+    for name, t in (("weight", weight), ("bias", bias)):
+        if t is not None and t.dim() == 1 and t.stride(0) != 1 and t.numel() > 1:
+            return f"{name} is not contiguous"
+    return None
+
+
+def group_norm_supported(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+) -> bool:
+    """True if `fewstep::group_norm` runs the Triton kernel for these inputs."""
+    return group_norm_fallback_reason(x, num_groups, weight, bias) is None
+
+
+@torch.library.custom_op("fewstep::group_norm", mutates_args=())
+def group_norm_op(
+    x: torch.Tensor,
+    num_groups: int,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+    activation: str | None = None,
+) -> torch.Tensor:
+    """GroupNorm (+ SiLU) of x [N, C, *spatial]: the fused kernel, or torch where unsupported."""
+    check_group_norm_args(x, num_groups, weight, bias, activation)
+    reason = group_norm_fallback_reason(x, num_groups, weight, bias)
+    if reason is None:
+        return group_norm(x, num_groups, weight, bias, eps, activation)
+    _log_fallback_once("group_norm", reason)
+    y = F.group_norm(x, num_groups, weight, bias, eps)
+    if activation == "silu":
+        y = F.silu(y, inplace=True)
+    return _as_layout(y, torch.empty_like(x, device="meta"))
+
+
+@group_norm_op.register_fake
+def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
+    check_group_norm_args(x, num_groups, weight, bias, activation)
+    return torch.empty_like(x)
+
+
+# Attention ------------------------------------------------------------------
+
+
+def attention_fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+    """Why `fewstep::attention` would run torch's SDPA instead of the kernel; None if it won't."""
+    reason = _common_reason({"q": q, "k": k, "v": v}, ATTENTION_DTYPES)
+    if reason is not None:
+        return reason
+    if q.shape[-1] > MAX_HEAD_DIM:
+        return f"head dim > {MAX_HEAD_DIM}"
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if t.stride(-1) != 1 and t.shape[-1] > 1:
+            return f"{name} has a non-unit stride on the head dim"
+        if _max_offset(t, 2) > _INT32_MAX:
+            return f"one head of {name} spans more than 2**31 elements"
+    if k.shape[2] == 0:
+        return "no keys (L_kv = 0)"
+    if q.shape[0] * q.shape[1] > _GRID_Y_MAX:
+        return f"B·H > {_GRID_Y_MAX} (CUDA grid y limit)"
+    return None
+
+
+def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """True if `fewstep::attention` runs the Triton kernel for these inputs."""
+    return attention_fallback_reason(q, k, v) is None
+
+
+@torch.library.custom_op("fewstep::attention", mutates_args=())
+def attention_op(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> torch.Tensor:
+    """softmax(q·kᵀ·scale)·v in SDPA's [B, H, L, D]: the fused kernel, or SDPA if unsupported."""
+    check_attention_args(q, k, v)
+    reason = attention_fallback_reason(q, k, v)
+    if reason is None:
+        return attention(q, k, v, scale)
+    _log_fallback_once("attention", reason)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    return _as_layout(out, attention_output_like(q.to("meta")))
+
+
+@attention_op.register_fake
+def _attention_fake(q, k, v, scale=None):
+    check_attention_args(q, k, v)
+    return attention_output_like(q)

@@ -1,0 +1,513 @@
+"""fewstep.kernels against fp64 references, in Triton's interpreter (TRITON_INTERPRET=1, conftest).
+
+Accuracy rule (STYLE.md): with ref64 the fp64 computation on the same
+(exactly upcast) inputs, a kernel passes when
+
+    max|kernel − ref64| <= 2 · max|torch_same_precision − ref64| + floor(dtype)
+
+where torch_same_precision is the plain torch op run in the kernel's dtype.
+Shapes are SD shapes scaled down to keep the interpreter's grids small (it
+costs about a millisecond per program), plus odd ones.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import fewstep.kernels.ops as kernel_ops
+from fewstep.kernels import (
+    attention,
+    attention_fallback_reason,
+    attention_op,
+    attention_ref,
+    group_norm,
+    group_norm_fallback_reason,
+    group_norm_op,
+    group_norm_ref,
+)
+
+# The interpreter evaluates masked-off lanes too (x = 0 there, so SiLU's exp overflows
+# after normalization by a large mean; NaN inputs make NaN arithmetic): numpy warns,
+# the lanes are never stored.
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+REPO = Path(__file__).resolve().parents[1]
+DTYPES = [
+    pytest.param(torch.float32, id="fp32"),
+    pytest.param(torch.float16, id="fp16"),
+    pytest.param(torch.bfloat16, id="bf16"),
+]
+
+
+def floor(dtype: torch.dtype, ref64: torch.Tensor) -> float:
+    """One rounding step of `dtype` at the output's largest magnitude: eps · max|ref64|.
+
+    Kernel and torch each round their fp32 result to `dtype` once (torch's
+    GroupNorm+SiLU twice). Two implementations that both round correctly can
+    still land one representable value apart where the fp32 results straddle a
+    rounding boundary, and near max|ref64| that spacing is up to eps·max|ref64|.
+    When torch's own error happens to be small, 2·err_torch alone would demand
+    better than one rounding; the floor allows that one step and nothing more
+    (fp32 ≈ 1.2e-7, fp16 ≈ 9.8e-4, bf16 ≈ 7.8e-3, relative to max|ref64|).
+    """
+    finite = ref64[torch.isfinite(ref64)]
+    return torch.finfo(dtype).eps * (float(finite.abs().max()) if finite.numel() else 0.0)
+
+
+def assert_matches_ref(
+    got: torch.Tensor, torch_out: torch.Tensor, ref64: torch.Tensor, what: str
+) -> tuple[float, float]:
+    """The accuracy rule above; NaN in ref64 must be NaN in got, NaN elsewhere fails.
+
+    Returns (kernel error, torch error). On failure, lists the first mismatches.
+    """
+    assert got.shape == ref64.shape and got.dtype == torch_out.dtype, what
+    got64 = got.double()
+    ref_nan = torch.isnan(ref64)
+    err_torch_all = (torch_out.double() - ref64).abs()
+    err_torch = float(err_torch_all[~ref_nan].max()) if (~ref_nan).any() else 0.0
+    tol = 2 * err_torch + floor(got.dtype, ref64)
+    err = (got64 - ref64).abs()
+    # `~(err <= tol)` is True for NaN errors, so a NaN where ref64 is finite fails.
+    bad = torch.where(ref_nan, ~torch.isnan(got64), ~(err <= tol))
+    err_kernel = float(err[~ref_nan].max()) if (~ref_nan).any() else 0.0
+    print(f"{what}: kernel err {err_kernel:.3g}, torch err {err_torch:.3g}, tol {tol:.3g}")
+    if bad.any():
+        idx = bad.nonzero()[:5]
+        lines = [
+            f"  {tuple(i.tolist())}: got {got64[tuple(i)].item():.8g}, "
+            f"expected {ref64[tuple(i)].item():.8g} (torch {torch_out[tuple(i)].item():.8g})"
+            for i in idx
+        ]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; kernel err "
+            f"{err_kernel:.3g} > tol {tol:.3g} (2 × torch err {err_torch:.3g} + floor); "
+            "first mismatches (index, got, expected):\n" + "\n".join(lines)
+        )
+    return err_kernel, err_torch
+
+
+def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype, scale=1.0, shift=0.0):
+    return (torch.randn(shape, generator=gen) * scale + shift).to(dtype)
+
+
+# GroupNorm ------------------------------------------------------------------
+
+GROUP_NORM_CASES = [
+    # (shape, groups, channels_last)
+    pytest.param((2, 320, 16, 16), 32, False, id="sd15-down0-scaled"),  # (2, 320, 64, 64) at 512²
+    pytest.param((1, 320, 16, 16), 32, True, id="sd15-down0-scaled-channels_last"),
+    pytest.param((1, 1280, 4, 4), 32, False, id="sd15-mid-scaled"),  # 40 channels per group
+    pytest.param((1, 128, 32, 32), 32, True, id="vae-up3-scaled-channels_last"),  # 4 per group
+    pytest.param((1, 64, 7, 9), 32, False, id="odd-7x9-batch1"),
+    pytest.param((1, 64, 7, 9), 32, True, id="odd-7x9-channels_last"),
+    pytest.param((2, 96, 20), 3, False, id="3d-ncl"),
+    pytest.param((1, 96, 5, 6), 1, False, id="one-group-96-channels"),  # > BLOCK_C: channel loop
+]
+
+
+def _group_norm_inputs(shape, channels_last, dtype, seed=0, scale=2.0, shift=0.5):
+    gen = torch.Generator().manual_seed(seed)
+    x = randn(*shape, gen=gen, dtype=dtype, scale=scale, shift=shift)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
+    weight = randn(shape[1], gen=gen, dtype=dtype, shift=1.0)
+    bias = randn(shape[1], gen=gen, dtype=dtype)
+    return x, weight, bias
+
+
+def _group_norm_torch(x, groups, weight, bias, activation):
+    """The same-precision torch op that sets the tolerance, run on NCHW-contiguous x.
+
+    torch's CPU channels_last GroupNorm computes the variance as E[x²] − E[x]²:
+    at mean 300, std 1 in fp32 it is off by 0.42 where the NCHW path is off by
+    1e-4 (test_group_norm_split_statistics_large_mean), which would make the
+    tolerance meaningless. The NCHW path is torch's best in that precision.
+    """
+    y = F.group_norm(x.contiguous(), groups, weight, bias)
+    return F.silu(y) if activation == "silu" else y
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "groups", "channels_last"), GROUP_NORM_CASES)
+def test_group_norm_silu_matches_fp64(shape, groups, channels_last, dtype):
+    x, weight, bias = _group_norm_inputs(shape, channels_last, dtype)
+    got = group_norm(x, groups, weight, bias, activation="silu")
+    ref64 = group_norm_ref(x.double(), groups, weight.double(), bias.double(), activation="silu")
+    expected = _group_norm_torch(x, groups, weight, bias, "silu")
+    assert got.stride() == x.stride()  # output keeps x's layout
+    assert_matches_ref(got, expected, ref64, f"group_norm {shape} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_group_norm_plain_no_affine(dtype):
+    x, _, _ = _group_norm_inputs((2, 64, 6, 10), False, dtype)
+    got = group_norm(x, 32)
+    ref64 = group_norm_ref(x.double(), 32)
+    assert_matches_ref(got, F.group_norm(x, 32), ref64, f"group_norm no affine {dtype}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_group_norm_split_statistics_large_mean(dtype, channels_last):
+    """Several programs and tiles per group, merged (Chan et al.), on data with mean ≫ std.
+
+    A mean of 300 with unit std: E[x²] − E[x]² in fp32 would lose ~1e-2 of the
+    variance to cancellation; the merged two-pass statistics must not.
+    """
+    # 8 channels per group; tile=1024 → [8, 128] tiles, 960 positions → 8 tiles per
+    # group; split 3 → 3, 3 and 2 tiles per program.
+    shape = (1, 64, 24, 40)
+    x, weight, bias = _group_norm_inputs(
+        shape, channels_last, dtype, seed=1, scale=1.0, shift=300.0
+    )
+    got = group_norm(x, 8, weight, bias, activation="silu", split=3, tile=1024)
+    ref64 = group_norm_ref(x.double(), 8, weight.double(), bias.double(), activation="silu")
+    expected = _group_norm_torch(x, 8, weight, bias, "silu")
+    assert_matches_ref(got, expected, ref64, f"group_norm split {dtype}")
+    single = group_norm(x, 8, weight, bias, activation="silu", split=1)
+    assert_matches_ref(single, expected, ref64, f"group_norm unsplit {dtype}")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_nan_propagates(channels_last):
+    x, weight, bias = _group_norm_inputs((1, 64, 7, 9), channels_last, torch.float16)
+    x[0, 5, 2, 3] = float("nan")  # group 2 (channels 4, 5) becomes all NaN in torch
+    got = group_norm(x, 32, weight, bias, activation="silu")
+    expected = _group_norm_torch(x, 32, weight, bias, "silu")
+    assert torch.isnan(expected[0, 4:6]).all() and not torch.isnan(expected[0, 6:]).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    ref64 = group_norm_ref(x.double(), 32, weight.double(), bias.double(), activation="silu")
+    assert_matches_ref(got, expected, ref64, "group_norm with NaN")
+
+
+def test_comparison_fails_on_nan_and_lists_mismatches():
+    """The checker itself: a NaN (or a wrong value) where the reference is finite must fail."""
+    x, weight, bias = _group_norm_inputs((1, 64, 7, 9), False, torch.float32)
+    ref64 = group_norm_ref(x.double(), 32, weight.double(), bias.double())
+    expected = F.group_norm(x, 32, weight, bias)
+    poisoned = expected.clone()
+    poisoned[0, 3, 1, 1] = float("nan")
+    with pytest.raises(AssertionError, match=r"\(0, 3, 1, 1\): got nan"):
+        assert_matches_ref(poisoned, expected, ref64, "poisoned")
+    off = expected.clone()
+    off[0, 0, 0, 0] += 1e-3
+    with pytest.raises(AssertionError, match="first mismatches"):
+        assert_matches_ref(off, expected, ref64, "off by 1e-3")
+
+
+def _poison_allocations(monkeypatch):
+    """torch.empty / empty_like / empty_strided return NaN-filled memory for float dtypes."""
+    originals = {name: getattr(torch, name) for name in ("empty", "empty_like", "empty_strided")}
+
+    def poisoned(name):
+        def alloc(*args, **kwargs):
+            t = originals[name](*args, **kwargs)
+            if t.is_floating_point() and t.device.type != "meta":
+                t.fill_(float("nan"))
+            return t
+
+        return alloc
+
+    for name in originals:
+        monkeypatch.setattr(torch, name, poisoned(name))
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_writes_every_output(monkeypatch, channels_last):
+    x, weight, bias = _group_norm_inputs((1, 64, 7, 9), channels_last, torch.float32)
+    _poison_allocations(monkeypatch)
+    got = group_norm(x, 8, weight, bias, activation="silu", split=2, tile=128)  # [8, 16] tiles
+    assert not torch.isnan(got).any()
+    got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
+    assert not torch.isnan(got).any()
+
+
+# Attention ------------------------------------------------------------------
+
+ATTENTION_CASES = [
+    # (B, H, L_q, L_kv, D); q, k, v as diffusers makes them: [B, L, H, D] viewed as [B, H, L, D]
+    pytest.param(2, 2, 256, 256, 40, id="sd15-down0-self-d40-scaled"),  # (2, 8, 4096, 40)
+    pytest.param(2, 2, 256, 77, 40, id="sd15-down0-cross-d40-77keys"),
+    pytest.param(1, 2, 64, 64, 80, id="sd15-down1-self-d80-scaled"),  # (2, 8, 1024, 80)
+    pytest.param(1, 2, 63, 77, 160, id="sd15-down2-cross-d160-63queries"),  # (2, 8, 256, 160)
+    pytest.param(1, 1, 200, 200, 64, id="sd2-self-d64-200tokens"),  # tails in q and k blocks
+    pytest.param(1, 3, 1, 77, 40, id="one-query-77keys"),
+]
+
+
+def _attention_inputs(b, h, l_q, l_kv, d, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = randn(b, l_q, h, d, gen=gen, dtype=dtype).transpose(1, 2)
+    k = randn(b, l_kv, h, d, gen=gen, dtype=dtype).transpose(1, 2)
+    v = randn(b, l_kv, h, d, gen=gen, dtype=dtype).transpose(1, 2)
+    return q, k, v
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("b", "h", "l_q", "l_kv", "d"), ATTENTION_CASES)
+def test_attention_matches_fp64(b, h, l_q, l_kv, d, dtype):
+    q, k, v = _attention_inputs(b, h, l_q, l_kv, d, dtype)
+    got = attention(q, k, v)
+    ref64 = attention_ref(q.double(), k.double(), v.double())
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert got.stride() == q.stride()  # output in q's [B, L, H, D] memory layout
+    assert_matches_ref(got, expected, ref64, f"attention {(b, h, l_q, l_kv, d)} {dtype}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+def test_attention_contiguous_inputs_and_scale(dtype):
+    q, k, v = (t.contiguous() for t in _attention_inputs(1, 2, 96, 96, 80, dtype, seed=3))
+    got = attention(q, k, v, scale=0.3)
+    ref64 = attention_ref(q.double(), k.double(), v.double(), scale=0.3)
+    expected = F.scaled_dot_product_attention(q, k, v, scale=0.3)
+    assert got.is_contiguous()
+    assert_matches_ref(got, expected, ref64, f"attention scale=0.3 {dtype}")
+
+
+def test_attention_nan_propagates():
+    q, k, v = _attention_inputs(1, 2, 40, 77, 40, torch.float16)
+    q[0, 0, 3, 7] = float("nan")  # one query row of head 0
+    k[0, 1, 50, 0] = float("nan")  # one key of head 1: every row of head 1
+    got = attention(q, k, v)
+    expected = F.scaled_dot_product_attention(q, k, v)
+    assert torch.isnan(expected[0, 0, 3]).all() and torch.isnan(expected[0, 1]).all()
+    assert not torch.isnan(expected[0, 0, 4:]).any()
+    assert torch.equal(torch.isnan(got), torch.isnan(expected))
+    ref64 = attention_ref(q.double(), k.double(), v.double())
+    assert_matches_ref(got, expected, ref64, "attention with NaN")
+
+
+def test_attention_writes_every_output(monkeypatch):
+    q, k, v = _attention_inputs(1, 2, 63, 77, 80, torch.float32)
+    _poison_allocations(monkeypatch)
+    assert not torch.isnan(attention(q, k, v)).any()
+    assert not torch.isnan(attention_op(q, k, v)).any()
+    assert not torch.isnan(attention(q.contiguous(), k, v)).any()
+
+
+# Custom ops, guard and fallback ----------------------------------------------
+
+
+@pytest.fixture
+def fresh_fallback_log(monkeypatch):
+    monkeypatch.setattr(kernel_ops, "_logged_reasons", set())
+
+
+def _forbid_kernels(monkeypatch):
+    def boom(*args, **kwargs):
+        raise AssertionError("the Triton kernel ran; the fallback was expected")
+
+    monkeypatch.setattr(kernel_ops, "group_norm", boom)
+    monkeypatch.setattr(kernel_ops, "attention", boom)
+
+
+def test_ops_run_the_kernels_when_supported(monkeypatch):
+    x, weight, bias = _group_norm_inputs((1, 64, 7, 9), True, torch.float16)
+    calls = []
+    real = kernel_ops.group_norm
+    monkeypatch.setattr(kernel_ops, "group_norm", lambda *a, **k: calls.append(1) or real(*a, **k))
+    assert group_norm_fallback_reason(x, 32, weight, bias) is None
+    got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
+    assert calls and torch.equal(got, group_norm(x, 32, weight, bias, activation="silu"))
+    q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float16)
+    assert attention_fallback_reason(q, k, v) is None
+    assert torch.equal(torch.ops.fewstep.attention(q, k, v), attention(q, k, v))
+
+
+def test_disable_env_falls_back_to_torch(monkeypatch, fresh_fallback_log, caplog):
+    monkeypatch.setenv("FEWSTEP_DISABLE_KERNELS", "1")
+    _forbid_kernels(monkeypatch)
+    x, weight, bias = _group_norm_inputs((1, 64, 7, 9), True, torch.float32)
+    assert "FEWSTEP_DISABLE_KERNELS" in group_norm_fallback_reason(x, 32, weight, bias)
+    with caplog.at_level(logging.WARNING, logger="fewstep.kernels"):
+        for _ in range(2):
+            got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
+    assert torch.equal(got, F.silu(F.group_norm(x, 32, weight, bias)))
+    assert got.stride() == x.stride()
+    assert len([r for r in caplog.records if "FEWSTEP_DISABLE_KERNELS" in r.getMessage()]) == 1
+    q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float32)
+    got = attention_op(q, k, v)
+    assert torch.equal(got, F.scaled_dot_product_attention(q, k, v))
+    assert got.stride() == q.stride()
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [
+        ("float64", "dtype torch.float64"),
+        ("transposed-spatial", "do not collapse"),
+        ("no-cpu-kernels", "device type cpu"),
+    ],
+)
+def test_group_norm_unsupported_inputs_fall_back(monkeypatch, fresh_fallback_log, case, reason):
+    x, weight, bias = _group_norm_inputs((1, 64, 8, 9), False, torch.float32)
+    if case == "float64":
+        x, weight, bias = x.double(), weight.double(), bias.double()
+    elif case == "transposed-spatial":
+        x = x.transpose(2, 3)  # strides (576, 72, 1, 9): no single spatial stride
+    else:
+        monkeypatch.setattr(kernel_ops, "KERNEL_DEVICES", ("cuda",))
+    assert reason in group_norm_fallback_reason(x, 32, weight, bias)
+    _forbid_kernels(monkeypatch)
+    got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
+    torch.testing.assert_close(got, F.silu(F.group_norm(x, 32, weight, bias)), rtol=0, atol=0)
+    assert got.stride() == torch.empty_like(x).stride()
+
+
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("head-dim-320", "head dim > 256"), ("strided-head-dim", "non-unit stride")],
+)
+def test_attention_unsupported_inputs_fall_back(monkeypatch, fresh_fallback_log, case, reason):
+    if case == "head-dim-320":
+        q, k, v = _attention_inputs(1, 1, 8, 8, 320, torch.float32)
+    else:
+        q, k, v = (t[..., ::2] for t in _attention_inputs(1, 2, 8, 77, 80, torch.float32))
+    assert reason in attention_fallback_reason(q, k, v)
+    _forbid_kernels(monkeypatch)
+    got = attention_op(q, k, v)
+    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+
+
+def test_ops_reject_bad_arguments():
+    x = torch.randn(1, 64, 4, 4)
+    with pytest.raises(ValueError, match="num_groups must be positive and divide the 64"):
+        group_norm_op(x, 24)
+    with pytest.raises(ValueError, match="activation must be one of"):
+        group_norm_op(x, 32, None, None, 1e-5, "gelu")
+    with pytest.raises(ValueError, match="weight must have shape"):
+        group_norm_op(x, 32, torch.ones(32))
+    q = torch.randn(1, 2, 8, 40)
+    with pytest.raises(ValueError, match="must agree"):
+        attention_op(q, torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64))
+
+
+def test_fake_impls_promise_the_real_layouts():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x, weight, bias = _group_norm_inputs((1, 64, 7, 9), True, torch.float16)
+    q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float16)
+    real_gn = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
+    real_attn = attention_op(q, k, v)
+    with FakeTensorMode() as mode:
+        fx, fw, fb, fq, fk, fv = (mode.from_tensor(t) for t in (x, weight, bias, q, k, v))
+        fake_gn = group_norm_op(fx, 32, fw, fb, 1e-5, "silu")
+        fake_attn = attention_op(fq, fk, fv)
+    for fake, real in ((fake_gn, real_gn), (fake_attn, real_attn)):
+        assert (fake.shape, fake.stride(), fake.dtype) == (real.shape, real.stride(), real.dtype)
+
+
+def test_opcheck_group_norm():
+    x, weight, bias = _group_norm_inputs((1, 16, 4, 5), True, torch.float32)
+    torch.library.opcheck(group_norm_op, (x, 4, weight, bias, 1e-5, "silu"))
+    torch.library.opcheck(group_norm_op, (x.contiguous(), 4, None, None, 1e-6, None))
+
+
+def test_opcheck_attention():
+    q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float32)
+    torch.library.opcheck(attention_op, (q, k, v, None))
+    torch.library.opcheck(attention_op, (q.contiguous(), k, v, 0.25))
+
+
+def test_compile_sees_through_the_ops():
+    x, weight, bias = _group_norm_inputs((1, 16, 4, 5), True, torch.float32)
+    q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float32)
+
+    def block(x, q, k, v):
+        return group_norm_op(x, 4, weight, bias, 1e-5, "silu") * 2, attention_op(q, k, v) + 1
+
+    compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # no graph break
+    for got, expected in zip(compiled(x, q, k, v), block(x, q, k, v), strict=True):
+        assert torch.equal(got, expected)
+
+
+# Benchmark harness -------------------------------------------------------------
+
+
+def test_kernels_bench_runs_on_cpu(tmp_path):
+    out = tmp_path / "kernels.json"
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "benchmarks" / "kernels_bench.py"), "--output", str(out)]
+        + ["--warmup", "0", "--repeats", "1"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TRITON_INTERPRET": "1", "CUDA_VISIBLE_DEVICES": ""},
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads(out.read_text())
+    assert result["interpreter"] is True and result["group_norm"] and result["attention"]
+    for case in result["group_norm"]:
+        assert case["kernel_gb_per_s"] > 0 and case["torch_ms"]["p50"] > 0
+        assert case["max_abs_diff_vs_torch"] < 1e-4
+    for case in result["attention"]:
+        assert case["kernel_tflop_per_s"] > 0 and case["max_abs_diff_vs_torch"] < 1e-4
+
+
+# Compiles for real GPUs (no GPU needed) ------------------------------------------
+
+_COMPILE_FOR_GPU = r"""
+import itertools, triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from fewstep.kernels._interpreter import INTERPRETED
+from fewstep.kernels.attention import GPU_CONFIGS, _attention_fwd_kernel
+from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group_norm_stats_kernel
+
+assert not INTERPRETED
+SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block, bytes (A100, H100)
+
+def build(fn, dtype, consts, cc, **options):
+    sig = {}
+    for name in fn.arg_names:
+        if name in consts:
+            sig[name] = "constexpr"
+        elif name.endswith("_ptr"):
+            sig[name] = "*fp32" if name == "partial_ptr" else "*" + dtype
+        else:
+            sig[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
+    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32),
+                            options=options)
+    assert kernel.metadata.shared <= SHARED_LIMIT[cc], (fn.__name__, dtype, consts, cc)
+
+for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
+    size = 4 if dtype == "fp32" else 2
+    for (elem, block_d), (bm, bn, warps, stages) in GPU_CONFIGS.items():
+        if elem == size:
+            consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, INTERPRETER_BF16=False,
+                          DOT_PRECISION="ieee" if dtype == "fp32" else "tf32")
+            build(_attention_fwd_kernel, dtype, consts, cc, num_warps=warps, num_stages=stages)
+    for block_c, affine, silu in ((16, True, True), (4, False, False)):
+        tile = dict(BLOCK_C=block_c, BLOCK_S=_TILE_GPU // block_c)
+        build(_group_norm_stats_kernel, dtype, tile, cc, num_warps=4)
+        consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
+                      BLOCK_SPLIT=16, **tile)
+        build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=4)
+print("compiled")
+"""
+
+
+@pytest.mark.slow  # ~1 min on 2 cores: every launch config through ptxas for sm_80 and sm_90
+def test_kernels_compile_for_gpus():
+    """Catches what the interpreter cannot: GPU-only type and layout errors, shared memory."""
+    proc = subprocess.run(
+        [sys.executable, "-c", _COMPILE_FOR_GPU],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        env={**os.environ, "TRITON_INTERPRET": "0"},
+    )
+    assert proc.returncode == 0 and "compiled" in proc.stdout, proc.stderr[-3000:]
