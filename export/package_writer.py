@@ -1,0 +1,270 @@
+"""`export_package`: a diffusers folder or single-file checkpoint -> a fewstep model package.
+
+The lifecycle reads as a sentence: check the arguments -> load the torch components -> export
+each graph (`graphs.py` contracts, `onnx_io.py`) -> verify each against torch (`verify.py`)
+-> write configs, tokenizer, scheduler and the manifest -> rename into place.
+
+The package layout is DESIGN.md's (optimum's ONNX Stable Diffusion layout plus
+`fewstep.json`). Writes are atomic: everything is built in a hidden sibling folder
+`.{out.name}.tmp-XXXX` and renamed to `out` at the end; any failure (an exception, Ctrl-C)
+removes the temporary folder and leaves nothing at `out`.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import fewstep
+from fewstep.export.graphs import GraphSpec, fp16_copy, graph_specs, keeps_fp32_vae_decoder
+from fewstep.export.onnx_io import MAX_OPSET, MIN_OPSET, MODEL_NAME, export_graph, graph_io
+from fewstep.export.progress import StageLog
+from fewstep.export.source import (
+    SourceModel,
+    SourceSpec,
+    check_source,
+    load_source,
+    refuse_pickle,
+)
+from fewstep.export.verify import GraphError, verification_latent_size, verify_graph
+from fewstep.package import family_from_configs, read_model_info, write_manifest
+
+DTYPES = ("fp32", "fp16")
+EXPORTER = "torch.onnx TorchScript exporter (dynamo=False)"
+TRACE_BATCH = 1  # the verification runs batch 2, so a batch axis baked in by tracing fails it
+# Which source component each graph's config.json comes from.
+GRAPH_CONFIGS = {
+    "text_encoder": "text_encoder",
+    "unet": "unet",
+    "vae_decoder": "vae",
+    "vae_encoder": "vae",
+}
+_VERSIONED = ("torch", "diffusers", "transformers", "onnx", "onnxruntime")
+_UNEXPORTED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder")
+
+
+def _check_arguments(
+    src: str | os.PathLike, out: str | os.PathLike, dtype: str, opset: int, config: Any
+) -> tuple[SourceSpec, Path]:
+    refuse_pickle(src)  # first: nothing may happen to a pickle
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {DTYPES}, got {dtype!r}")
+    if isinstance(opset, bool) or not isinstance(opset, int) or not MIN_OPSET <= opset <= MAX_OPSET:
+        raise ValueError(f"opset must be an int in [{MIN_OPSET}, {MAX_OPSET}], got {opset!r}")
+    out_path = Path(out)
+    if out_path.exists() and not (out_path.is_dir() and not any(out_path.iterdir())):
+        raise ValueError(
+            f"out must be a new or empty folder, got {str(out)!r} (exists and is not empty)"
+        )
+    return check_source(src, config), out_path
+
+
+def export_package(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    dtype: str = "fp32",
+    opset: int = 18,
+    config: str | os.PathLike | None = None,
+    progress: bool = True,
+    verify: bool = True,
+) -> Path:
+    """Export `src` to a model package at `out`; returns `out` as a Path.
+
+    src: a diffusers folder (with model_index.json) or a `.safetensors` single-file checkpoint
+        in the original SD key layout. Pickle checkpoints (.ckpt .pt .pth .bin) are refused.
+    out: a folder that does not exist yet (or is empty); written atomically.
+    dtype: one of DTYPES. fp16 graphs take and return fp16 (timestep stays float32, input_ids
+        int64); the manifest records each graph's precision and I/O dtypes.
+    opset: ONNX opset, MIN_OPSET..MAX_OPSET.
+    config: for a single file, a local diffusers folder providing the component configs,
+        tokenizer and scheduler (loaded offline).
+    progress: print a line per stage with its seconds, and each graph's verification.
+    verify: run every graph with onnxruntime against its torch module and store the errors;
+        raises VerificationError (leaving no package) when an fp32 graph's relative error
+        exceeds 1e-4 or any graph's output is not finite.
+    """
+    spec, out_path = _check_arguments(src, out, dtype, opset, config)
+    stage_names = ["load", *(f"export {name}" for name in GRAPH_CONFIGS), "verify", "write"]
+    if not verify:
+        stage_names.remove("verify")
+    log = StageLog(stage_names, enabled=progress)
+
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
+    try:
+        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the rename: the package is for sharing
+        _build_package(tmp, spec, dtype, opset, verify, log)
+        if out_path.is_dir():
+            out_path.rmdir()  # checked empty above; fails if something appeared since
+        os.rename(tmp, out_path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_path
+
+
+def _build_package(
+    tmp: Path, spec: SourceSpec, dtype: str, opset: int, verify: bool, log: StageLog
+) -> None:
+    with log.stage("load"):
+        model = load_source(spec)
+    family = family_from_configs(dict(model.unet.config))
+    specs = graph_specs(model.unet, model.vae, model.text_encoder)
+    upcast_vae = dtype == "fp16" and keeps_fp32_vae_decoder(family, model.vae.config)
+    precisions = {s.name: dtype for s in specs}
+    if upcast_vae:
+        precisions["vae_decoder"] = "fp32"  # recorded per graph in the manifest
+    unet_multiple = next(s.latent_multiple for s in specs if s.name == "unet")
+    sequence = int(model.text_encoder.config.max_position_embeddings)
+
+    for graph in specs:
+        with log.stage(f"export {graph.name}"):
+            _export_one(tmp, graph, precisions[graph.name], opset, unet_multiple, sequence)
+            shutil.copyfile(
+                spec.config_dir / GRAPH_CONFIGS[graph.name] / "config.json",
+                tmp / graph.name / "config.json",
+            )
+
+    errors: dict[str, GraphError] = {}
+    if verify:
+        with log.stage("verify"):
+            latent_size = verification_latent_size(unet_multiple)
+            for graph in specs:
+                errors[graph.name] = verify_graph(
+                    graph,
+                    graph.make_module(),
+                    tmp / graph.name / MODEL_NAME,
+                    precisions[graph.name],
+                    latent_size,
+                )
+                log.note(errors[graph.name].summary())
+
+    with log.stage("write"):
+        _write_metadata(tmp, model)
+        manifest = _manifest(tmp, model, specs, precisions, errors, dtype, opset, log)
+        write_manifest(tmp, manifest)
+
+
+def _export_one(
+    tmp: Path, graph: GraphSpec, precision: str, opset: int, latent_multiple: int, sequence: int
+) -> None:
+    module = graph.make_module()
+    if precision == "fp16":
+        module = fp16_copy(module)  # the fp32 module stays: verification's reference
+    side = 2 * latent_multiple  # square: the verification's non-square size differs from it
+    inputs = graph.sample_inputs(TRACE_BATCH, side, side, sequence=sequence, seed=0)
+    export_graph(graph, module, graph.torch_args(inputs, precision), tmp / graph.name, opset)
+
+
+def _write_metadata(tmp: Path, model: SourceModel) -> None:
+    """model_index.json, scheduler/scheduler_config.json and tokenizer/ (+ tokenizer.json)."""
+    if model.spec.kind == "diffusers":
+        shutil.copyfile(model.spec.path / "model_index.json", tmp / "model_index.json")
+    else:
+        (tmp / "model_index.json").write_text(
+            json.dumps(_single_file_model_index(model), indent=2) + "\n"
+        )
+    (tmp / "scheduler").mkdir()
+    shutil.copyfile(model.scheduler_config_path, tmp / "scheduler" / "scheduler_config.json")
+    _write_tokenizer(model.tokenizer_dir, tmp / "tokenizer")
+
+
+def _single_file_model_index(model: SourceModel) -> dict[str, Any]:
+    """The config folder's pipeline description, for the components the package holds."""
+    import diffusers
+
+    scheduler_class = json.loads(model.scheduler_config_path.read_text())["_class_name"]
+    index = {
+        "_class_name": model.model_index.get("_class_name", "StableDiffusionPipeline"),
+        "_diffusers_version": diffusers.__version__,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", type(model.text_encoder).__name__],
+        "tokenizer": model.model_index.get("tokenizer", ["transformers", "CLIPTokenizer"]),
+        "unet": ["diffusers", type(model.unet).__name__],
+        "vae": ["diffusers", type(model.vae).__name__],
+        "requires_safety_checker": False,
+    }
+    for name in _UNEXPORTED_COMPONENTS:
+        if name in model.model_index:
+            index[name] = [None, None]
+    return index
+
+
+def _write_tokenizer(src: Path, dst: Path) -> None:
+    """Copy the tokenizer files; add tokenizer.json when the source has none (SD 1.x repos).
+
+    tokenizer.json is serialised by transformers' fast CLIP tokenizer built from vocab.json +
+    merges.txt, so the lean runtime can load the whole pipeline with `tokenizers` alone.
+    """
+    dst.mkdir()
+    for path in sorted(src.iterdir()):
+        if path.is_file():
+            shutil.copyfile(path, dst / path.name)
+    if not (dst / "tokenizer.json").exists():
+        from transformers import CLIPTokenizerFast
+
+        tokenizer = CLIPTokenizerFast.from_pretrained(str(src))
+        tokenizer.backend_tokenizer.save(str(dst / "tokenizer.json"))
+
+
+def library_versions() -> dict[str, str]:
+    versions = {"fewstep": fewstep.__version__}
+    for name in _VERSIONED:
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = "not installed"
+    return versions
+
+
+def _manifest(
+    tmp: Path,
+    model: SourceModel,
+    specs: list[GraphSpec],
+    precisions: dict[str, str],
+    errors: dict[str, GraphError],
+    dtype: str,
+    opset: int,
+    log: StageLog,
+) -> dict[str, Any]:
+    info = read_model_info(tmp)  # the runtime's own reading of the configs just written
+    graphs: dict[str, Any] = {}
+    for graph in specs:
+        entry: dict[str, Any] = {
+            **graph_io(tmp / graph.name / MODEL_NAME),
+            "precision": precisions[graph.name],
+            "max_abs_error": None,
+            "max_rel_error": None,
+        }
+        if graph.name in errors:
+            error = errors[graph.name]
+            entry["max_abs_error"] = error.max_abs_error
+            entry["max_rel_error"] = error.max_rel_error
+            entry["verified_input_shapes"] = {k: list(v) for k, v in error.input_shapes.items()}
+        graphs[graph.name] = entry
+    return {
+        "family": info.family,
+        "prediction_type": info.prediction_type,
+        "latent_channels": info.latent_channels,
+        "vae_scaling_factor": info.vae_scaling_factor,
+        "vae_scale_factor": info.vae_scale_factor,
+        "default_height": info.default_height,
+        "default_width": info.default_width,
+        "guidance_embedding_dim": info.guidance_embedding_dim,
+        "default_num_inference_steps": info.default_num_inference_steps,
+        "default_guidance_scale": info.default_guidance_scale,
+        "precision": dtype,
+        "opset": opset,
+        "exporter": EXPORTER,
+        "source": model.spec.describe(),
+        "versions": library_versions(),
+        "graphs": graphs,
+        "loras": [],
+        "export_seconds": dict(log.seconds),
+    }

@@ -1,0 +1,212 @@
+"""The export's input: a diffusers folder or a single-file `.safetensors` checkpoint.
+
+`check_source` validates what the user named (cheaply, from file names and JSON configs,
+before any weights are read); `load_source` then loads the three torch components in fp32.
+
+- Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: unpickling runs code the
+  file chose, and `torch.load(weights_only=True)` has had bypasses (REFERENCE.md, "Known
+  failure modes"). Diffusers folders are loaded with `use_safetensors=True` for the same reason.
+- Single files are converted by diffusers' own single-file loader
+  (`diffusers/loaders/single_file_utils.py`), offline: `config=` must be a local diffusers
+  folder that provides the component configs, the tokenizer and the scheduler.
+- Families: SD 1.x, SD 2.x and their few-step descendants (LCM, SD-Turbo). SDXL (a second
+  text encoder, `addition_embed_type="text_time"`) is not exported yet: NotImplementedError.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import inspect
+import json
+from pathlib import Path
+from typing import Any
+
+PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
+SINGLE_FILE_SUFFIXES = (".safetensors",)
+SOURCE_KINDS = ("diffusers", "single_file")
+# The components we export, and the default classes when model_index.json doesn't say.
+COMPONENTS = {
+    "unet": ("diffusers", "UNet2DConditionModel"),
+    "vae": ("diffusers", "AutoencoderKL"),
+    "text_encoder": ("transformers", "CLIPTextModel"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class SourceSpec:
+    """What the user pointed at, checked: where the weights are and where the metadata is."""
+
+    path: Path
+    kind: str  # one of SOURCE_KINDS
+    config_dir: Path  # the diffusers folder with model_index.json, tokenizer/, scheduler/
+
+    def describe(self) -> dict[str, str]:
+        out = {"path": str(self.path.resolve()), "kind": self.kind}
+        if self.kind == "single_file":
+            out["config"] = str(self.config_dir.resolve())
+        return out
+
+
+@dataclasses.dataclass
+class SourceModel:
+    """The loaded fp32 torch components plus the source's metadata."""
+
+    spec: SourceSpec
+    unet: Any  # diffusers UNet2DConditionModel
+    vae: Any  # diffusers AutoencoderKL
+    text_encoder: Any  # transformers CLIPTextModel
+    model_index: dict[str, Any]
+    scheduler_config_path: Path
+    tokenizer_dir: Path
+
+
+def refuse_pickle(src: str | Path) -> None:
+    """Raise before anything touches a pickle checkpoint (by name: the file need not exist)."""
+    suffix = Path(src).suffix.lower()
+    if suffix in PICKLE_SUFFIXES:
+        raise ValueError(
+            f"src is a pickle checkpoint ({suffix}), got {str(src)!r}: loading a pickle runs "
+            "code stored in the file, so fewstep refuses it. Convert it to .safetensors first "
+            "with a tool you trust in a sandbox (e.g. load it there and save it with "
+            "safetensors.torch.save_file), then export the .safetensors file."
+        )
+
+
+def _read_json(path: Path, what: str) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"{what}: missing {path}")
+    try:
+        data = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{what}: {path} is not valid JSON ({e})") from e
+    if not isinstance(data, dict):
+        raise ValueError(f"{what}: {path} is not a JSON object")
+    return data
+
+
+def _check_diffusers_folder(folder: Path, what: str, need_weights: bool) -> None:
+    model_index = _read_json(folder / "model_index.json", what)
+    if "text_encoder_2" in model_index:
+        raise NotImplementedError(
+            f"{what}: model_index.json has text_encoder_2 (SDXL); SDXL export is not supported yet"
+        )
+    unet_config = _read_json(folder / "unet" / "config.json", what)
+    if unet_config.get("addition_embed_type") is not None:
+        raise NotImplementedError(
+            f"{what}: unet config addition_embed_type={unet_config['addition_embed_type']!r} "
+            "(SDXL-style added conditioning) is not supported yet"
+        )
+    for name in ("vae", "text_encoder"):
+        _read_json(folder / name / "config.json", what)
+    _read_json(folder / "scheduler" / "scheduler_config.json", what)
+    tokenizer = folder / "tokenizer"
+    if not (tokenizer / "vocab.json").is_file() or not (tokenizer / "merges.txt").is_file():
+        raise ValueError(f"{what}: {tokenizer} must hold vocab.json and merges.txt")
+    if need_weights:
+        for name in COMPONENTS:
+            if not any((folder / name).glob("*.safetensors")):
+                raise ValueError(
+                    f"{what}: {folder / name} has no .safetensors weights; pickle weights "
+                    "(.bin, .ckpt) are refused because loading them runs code. Convert them "
+                    "to safetensors first."
+                )
+
+
+def check_source(src: str | Path, config: str | Path | None) -> SourceSpec:
+    """Validate `src` (and `config` for single files) without loading any weights."""
+    refuse_pickle(src)
+    path = Path(src)
+    if not path.exists():
+        raise ValueError(f"src does not exist: {str(src)!r}")
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise ValueError(
+                f"src must be a diffusers folder with model_index.json, got {str(src)!r}"
+            )
+        _check_diffusers_folder(path, f"src {str(src)!r}", need_weights=True)
+        return SourceSpec(path=path, kind="diffusers", config_dir=path)
+    if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
+        raise ValueError(
+            f"src must be a diffusers folder or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint, "
+            f"got {str(src)!r}"
+        )
+    if config is None:
+        raise ValueError(
+            "config is required for a single-file checkpoint: a local diffusers folder with the "
+            "component configs, tokenizer and scheduler of the same architecture (got None)"
+        )
+    config_dir = Path(config)
+    if not config_dir.is_dir():
+        raise ValueError(f"config must be a local diffusers folder, got {str(config)!r}")
+    _check_diffusers_folder(config_dir, f"config {str(config)!r}", need_weights=False)
+    unet_config = _read_json(config_dir / "unet" / "config.json", "config")
+    if unet_config.get("time_cond_proj_dim"):
+        # diffusers 0.42's single_file_utils has no rule for time_embedding.cond_proj: the
+        # weight stays on the meta device and loading fails deep inside accelerate.
+        raise NotImplementedError(
+            f"single-file checkpoints of U-Nets with time_cond_proj_dim="
+            f"{unet_config['time_cond_proj_dim']} (LCM) are not supported: diffusers' single-file "
+            "loader does not convert the guidance embedding; export the diffusers folder instead"
+        )
+    return SourceSpec(path=path, kind="single_file", config_dir=config_dir)
+
+
+def _component_class(model_index: dict[str, Any], name: str) -> Any:
+    library, cls_name = COMPONENTS[name]
+    entry = model_index.get(name)
+    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
+        library, cls_name = entry
+    return getattr(importlib.import_module(library), cls_name)
+
+
+def _load_single_file(spec: SourceSpec, model_index: dict[str, Any]) -> tuple[Any, Any, Any]:
+    import diffusers
+    import torch
+
+    pipeline_cls = getattr(diffusers, model_index.get("_class_name", ""), None)
+    if pipeline_cls is None or not hasattr(pipeline_cls, "from_single_file"):
+        pipeline_cls = diffusers.StableDiffusionPipeline
+    kwargs: dict[str, Any] = {}
+    # Skip components we don't export (and that would need the Hub to build).
+    params = inspect.signature(pipeline_cls.__init__).parameters
+    for optional in ("safety_checker", "feature_extractor", "image_encoder"):
+        if optional in params:
+            kwargs[optional] = None
+    pipe = pipeline_cls.from_single_file(
+        str(spec.path),
+        config=str(spec.config_dir),
+        local_files_only=True,
+        torch_dtype=torch.float32,
+        **kwargs,
+    )
+    return pipe.unet, pipe.vae, pipe.text_encoder
+
+
+def load_source(spec: SourceSpec) -> SourceModel:
+    """Load the U-Net, VAE and text encoder in fp32, eval mode, gradients off."""
+    import torch
+
+    model_index = _read_json(spec.config_dir / "model_index.json", "model_index")
+    if spec.kind == "diffusers":
+        unet, vae, text_encoder = (
+            _component_class(model_index, name).from_pretrained(
+                spec.path / name, torch_dtype=torch.float32, use_safetensors=True
+            )
+            for name in COMPONENTS
+        )
+    else:
+        unet, vae, text_encoder = _load_single_file(spec, model_index)
+    for module in (unet, vae, text_encoder):
+        if any(p.dtype != torch.float32 for p in module.parameters()):
+            module.float()
+        module.eval().requires_grad_(False)
+    return SourceModel(
+        spec=spec,
+        unet=unet,
+        vae=vae,
+        text_encoder=text_encoder,
+        model_index=model_index,
+        scheduler_config_path=spec.config_dir / "scheduler" / "scheduler_config.json",
+        tokenizer_dir=spec.config_dir / "tokenizer",
+    )
