@@ -1,12 +1,18 @@
-"""`fewstep bench`: fewstep (onnxruntime) against diffusers (torch eager) on the same weights.
+"""`fewstep bench`: fewstep's backends against diffusers (torch eager) on the same weights.
 
-Each side runs in its own fresh process, so cold start (import + load to first
-image) and peak memory (max RSS) belong to that side alone. Both sides use the
-same model folder, prompt, DDIM sampler, guidance 7.5 (U-Net batch 2) and
+Sides: `diffusers` and one per fewstep backend spec (`BENCH_BACKENDS`: onnxruntime,
+openvino-fp32, openvino-bf16). Each side runs in its own fresh process, so cold start
+(import + load to first image) and peak memory (max RSS) belong to that side alone. All
+sides use the same model folder, prompt, DDIM sampler, guidance 7.5 (U-Net batch 2) and
 initial latents. Reported per model: per-stage latency (text encoder, one U-Net
 step, VAE decode; p50 and p90 over every call), end-to-end latency for each step
-count, cold start, peak memory, and the share of each fewstep step spent
-outside the U-Net call.
+count, cold start, peak memory, the share of each fewstep step spent
+outside the U-Net call, and each backend's speedup over diffusers. Backends that
+compile per shape (OpenVINO) compile in the untimed warm-up call, which has the shapes
+of every timed call; their compile seconds are reported apart (`compile_s`), and
+`compiles_timed` (compiles inside the timed region) must be 0. A backend this machine
+cannot run (bf16 on a CPU without it, a missing library) is recorded as skipped, with
+the reason.
 
 Models: `tiny` (fewstep.testing's sd1) and `mid`, an SD1.5-layout U-Net with
 block_out_channels (64, 128, 256, 256) and cross_attention_dim 768, a CLIP-L-sized
@@ -32,6 +38,12 @@ import numpy as np
 
 MODELS = ("tiny", "mid")
 SIDES = ("fewstep", "diffusers")
+# Backend spec -> (backend name, options). The default `--backends` is all of them.
+BENCH_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
+    "onnxruntime": ("onnxruntime", {}),
+    "openvino-fp32": ("openvino", {"precision": "fp32"}),
+    "openvino-bf16": ("openvino", {"precision": "bf16"}),
+}
 PROMPT = "a red circle on a blue background"
 GUIDANCE = 7.5
 
@@ -98,18 +110,43 @@ def make_mid_model(path: Path, seed: int = 0) -> Path:
 
 
 def _rss_mb() -> float:
+    """Peak resident memory of this process, MB.
+
+    VmHWM, not getrusage's ru_maxrss: Linux carries ru_maxrss over fork + exec, so every
+    worker would report at least the parent's peak (the parent has imported torch).
+    """
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024.0  # kB
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def run_fewstep(package: Path, steps_list: list[int], repeats: int, latents: np.ndarray) -> dict:
+class BackendUnavailable(Exception):
+    """This machine cannot run the backend spec (missing library, unsupported precision)."""
+
+
+def run_fewstep(
+    package: Path,
+    steps_list: list[int],
+    repeats: int,
+    latents: np.ndarray,
+    backend: str = "onnxruntime",
+) -> dict:
     t0 = time.perf_counter()
     from fewstep.pipeline import Pipeline
 
-    pipe = Pipeline.from_pretrained(package)
+    name, options = BENCH_BACKENDS[backend]
+    try:
+        pipe = Pipeline.from_pretrained(package, backend=name, **options)
+    except (ImportError, ValueError) as e:  # missing library; precision the CPU lacks
+        raise BackendUnavailable(str(e)) from e
     size = latents.shape[-1] * pipe.info.vae_scale_factor
     args = dict(guidance_scale=GUIDANCE, height=size, width=size, scheduler="ddim")
     pipe(PROMPT, num_inference_steps=1, latents=latents, output_type="np", **args)
     cold = time.perf_counter() - t0
+    compile_log = getattr(pipe.backend, "compile_log", [])
+    compiles_warmup = len(compile_log)
     stages: dict[str, list[float]] = {"text_encoder": [], "unet_step": [], "vae_decoder": []}
     outside: list[float] = []
     e2e: dict[str, Any] = {}
@@ -124,13 +161,22 @@ def run_fewstep(package: Path, steps_list: list[int], repeats: int, latents: np.
             stages["vae_decoder"].append(tm["vae_decoder"])
             outside += [(s - c) / s for s, c in zip(tm["unet"], tm["unet_call"], strict=True)]
         e2e[str(steps)] = percentiles(totals)
-    return {
+    result: dict[str, Any] = {
+        "backend": name,
+        "backend_options": options,
         "cold_start_s": cold,
         "stages_ms": {k: percentiles(v) for k, v in stages.items()},
         "end_to_end_ms": e2e,
         "outside_unet_fraction_p50": float(np.median(outside)),
         "peak_rss_mb": _rss_mb(),
     }
+    if compiles_warmup:
+        compile_s: dict[str, float] = {}
+        for graph, _, seconds in compile_log[:compiles_warmup]:
+            compile_s[graph] = compile_s.get(graph, 0.0) + seconds
+        result["compile_s"] = compile_s
+        result["compiles_timed"] = len(compile_log) - compiles_warmup
+    return result
 
 
 def run_diffusers(folder: Path, steps_list: list[int], repeats: int, latents: np.ndarray) -> dict:
@@ -185,18 +231,37 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--steps", required=True)
     p.add_argument("--repeats", type=int, required=True)
     p.add_argument("--latents", required=True)
+    p.add_argument("--backend", choices=tuple(BENCH_BACKENDS), default="onnxruntime")
     a = p.parse_args(argv)
     latents = np.load(a.latents)
     steps = [int(s) for s in a.steps.split(",")]
-    run = run_fewstep if a.side == "fewstep" else run_diffusers
-    print("RESULT " + json.dumps(run(Path(a.path), steps, a.repeats, latents)))
+    # The machine's 1-minute load average before and after: on a shared box, a side that ran
+    # beside other work (load above the core count) is visible in the result.
+    load_start = os.getloadavg()[0]
+    if a.side == "diffusers":
+        result = run_diffusers(Path(a.path), steps, a.repeats, latents)
+    else:
+        try:
+            result = run_fewstep(Path(a.path), steps, a.repeats, latents, a.backend)
+        except BackendUnavailable as e:
+            result = {"skipped": str(e)}
+    result["load_avg_1m"] = [load_start, os.getloadavg()[0]]
+    print("RESULT " + json.dumps(result))
 
 
 def _versions() -> dict[str, str]:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {"python": platform.python_version()}
-    for name in ("fewstep", "numpy", "onnxruntime", "torch", "diffusers", "transformers"):
+    for name in (
+        "fewstep",
+        "numpy",
+        "onnxruntime",
+        "openvino",
+        "torch",
+        "diffusers",
+        "transformers",
+    ):
         with contextlib.suppress(PackageNotFoundError):
             out[name] = version(name)
     return out
@@ -223,30 +288,64 @@ def _commit() -> str | None:
 
 
 def format_table(results: dict[str, Any]) -> str:
+    """Markdown table: one row per model and side; speedups are over diffusers' p50."""
+    steps = results["steps"]
     rows = [
-        "| model | side | text enc p50 | U-Net step p50 / p90 | VAE p50 | "
-        + " | ".join(f"{s} steps p50" for s in results["steps"])
+        "| model | side | text enc p50 | U-Net step p50 / p90 (speedup) | VAE p50 | "
+        + " | ".join(f"{s} steps p50 (speedup)" for s in steps)
         + " | cold start | peak RSS |",
-        "|---|---|---|---|---|" + "---|" * len(results["steps"]) + "---|---|",
+        "|---|---|---|---|---|" + "---|" * len(steps) + "---|---|",
     ]
-    for model, sides in results["models"].items():
-        for side, r in sides["results"].items():
+    for model, entry in results["models"].items():
+        for side, r in entry["results"].items():
+            if "skipped" in r:
+                rows.append(f"| {model} | {side} | skipped: {r['skipped']} |")
+                continue
+            up = entry["speedup"].get(side)
             st = r["stages_ms"]
+
+            def times(key: str, up: dict[str, float] | None = up) -> str:
+                return f" ({up[key]:.2f}×)" if up else ""
+
             e2e = " | ".join(
-                f"{r['end_to_end_ms'][str(s)]['p50']:.0f} ms" for s in results["steps"]
+                f"{r['end_to_end_ms'][str(s)]['p50']:.0f} ms{times(f'end_to_end_{s}')}"
+                for s in steps
             )
             rows.append(
                 f"| {model} | {side} | {st['text_encoder']['p50']:.1f} ms | "
-                f"{st['unet_step']['p50']:.1f} / {st['unet_step']['p90']:.1f} ms | "
+                f"{st['unet_step']['p50']:.1f} / {st['unet_step']['p90']:.1f} ms"
+                f"{times('unet_step')} | "
                 f"{st['vae_decoder']['p50']:.0f} ms | {e2e} | {r['cold_start_s']:.2f} s | "
                 f"{r['peak_rss_mb']:.0f} MB |"
             )
     return "\n".join(rows)
 
 
+def speedups(ref: dict[str, Any], few: dict[str, Any], steps: list[int]) -> dict[str, float]:
+    """diffusers p50 / backend p50 for the U-Net step and end to end at each step count."""
+    return {
+        "unet_step": ref["stages_ms"]["unet_step"]["p50"] / few["stages_ms"]["unet_step"]["p50"],
+        **{
+            f"end_to_end_{s}": ref["end_to_end_ms"][str(s)]["p50"]
+            / few["end_to_end_ms"][str(s)]["p50"]
+            for s in steps
+        },
+    }
+
+
 def run_bench(
-    models: list[str], steps: list[int], repeats: int, workdir: Path, out: Path | None
+    models: list[str],
+    steps: list[int],
+    repeats: int,
+    workdir: Path,
+    out: Path | None,
+    backends: list[str] | None = None,
+    note: str | None = None,
 ) -> dict[str, Any]:
+    """Benchmark `backends` (specs of BENCH_BACKENDS; default all) against diffusers.
+
+    `note` is appended to the result's `what` (e.g. what else was running).
+    """
     from fewstep.export import export_package
     from fewstep.testing import make_tiny_model
 
@@ -257,9 +356,16 @@ def run_bench(
         raise ValueError(f"steps must be integers >= 1, got {steps}")
     if repeats < 1:
         raise ValueError(f"repeats must be >= 1, got {repeats}")
+    backends = list(BENCH_BACKENDS) if backends is None else backends
+    for spec in backends:
+        if spec not in BENCH_BACKENDS:
+            raise ValueError(f"backends must be among {tuple(BENCH_BACKENDS)}, got {spec!r}")
+    if not backends:
+        raise ValueError("backends must name at least one backend, got none")
+    what = f"fewstep {', '.join(backends)} vs diffusers torch eager fp32, DDIM, CFG 7.5, batch 1"
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
-        "what": "fewstep onnxruntime fp32 vs diffusers torch eager fp32, DDIM, CFG 7.5, batch 1",
+        "what": what + (f"; {note}" if note else ""),
         "device": _device(),
         "versions": _versions(),
         "commit": _commit(),
@@ -277,8 +383,12 @@ def run_bench(
         latents = np.random.default_rng(0).standard_normal((1, 4, latent, latent), np.float32)
         latents_path = workdir / f"{name}-latents.npy"
         np.save(latents_path, latents)
-        entry: dict[str, Any] = {"image_size": latent * 8, "results": {}}
-        for side in SIDES:
+        entry: dict[str, Any] = {"image_size": latent * 8, "results": {}, "speedup": {}}
+        # Side label -> worker arguments; results keep this order (diffusers first).
+        sides = {"diffusers": ["diffusers", str(folder)]} | {
+            spec: ["fewstep", str(package), "--backend", spec] for spec in backends
+        }
+        for side, worker_args in sides.items():
             print(f"[bench] {name}: {side} …", flush=True)
             proc = subprocess.run(
                 [
@@ -286,8 +396,7 @@ def run_bench(
                     "-m",
                     "fewstep.export.bench",
                     "_worker",
-                    side,
-                    str(package if side == "fewstep" else folder),
+                    *worker_args,
                     "--steps",
                     ",".join(map(str, steps)),
                     "--repeats",
@@ -302,16 +411,10 @@ def run_bench(
                 raise RuntimeError(f"{side} benchmark on {name} failed:\n{proc.stderr[-3000:]}")
             line = [ln for ln in proc.stdout.splitlines() if ln.startswith("RESULT ")][-1]
             entry["results"][side] = json.loads(line[len("RESULT ") :])
-        few, ref = entry["results"]["fewstep"], entry["results"]["diffusers"]
-        entry["speedup"] = {
-            "unet_step": ref["stages_ms"]["unet_step"]["p50"]
-            / few["stages_ms"]["unet_step"]["p50"],
-            **{
-                f"end_to_end_{s}": ref["end_to_end_ms"][str(s)]["p50"]
-                / few["end_to_end_ms"][str(s)]["p50"]
-                for s in steps
-            },
-        }
+        ref = entry["results"]["diffusers"]
+        for spec in backends:
+            if "skipped" not in entry["results"][spec]:
+                entry["speedup"][spec] = speedups(ref, entry["results"][spec], steps)
         results["models"][name] = entry
     print(format_table(results))
     if out is not None:

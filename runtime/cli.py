@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from fewstep.backends.base import BACKENDS
 from fewstep.samplers import SAMPLERS
 
 
@@ -27,7 +28,12 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument("--scheduler", choices=SAMPLERS, default=None)
-    p.add_argument("--backend", default="onnxruntime")
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument(
+        "--precision",
+        default=None,
+        help="backend precision, passed through when given (openvino: fp32 | bf16)",
+    )
     p.add_argument("--output", "-o", default="image.png", help="PNG path (index added for >1)")
 
 
@@ -43,7 +49,8 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
     from fewstep.pipeline import Pipeline
     from fewstep.pngmeta import a1111_parameters, save_png
 
-    pipe = Pipeline.from_pretrained(model, backend=args.backend)
+    options = {"precision": args.precision} if args.precision is not None else {}
+    pipe = Pipeline.from_pretrained(model, backend=args.backend, **options)
     result = pipe(
         prompt,
         negative_prompt=args.negative_prompt,
@@ -144,6 +151,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         repeats=args.repeats,
         workdir=Path(args.workdir),
         out=Path(args.output) if args.output else None,
+        backends=[b for b in args.backends.split(",") if b],
+        note=args.note,
     )
     return 0
 
@@ -184,6 +193,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--repeats", type=int, default=3, help="end-to-end runs per step count")
     p.add_argument("--workdir", default="fewstep-bench", help="where models are built")
     p.add_argument("--output", default=None, help="JSON file for the results")
+    p.add_argument(
+        "--backends",
+        default="onnxruntime,openvino-fp32,openvino-bf16",
+        help="comma-separated fewstep sides: onnxruntime, openvino-fp32, openvino-bf16",
+    )
+    p.add_argument("--note", default=None, help="appended to the results' `what` field")
     p.set_defaults(func=cmd_bench)
     return parser
 

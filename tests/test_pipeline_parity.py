@@ -13,37 +13,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
+from parity import IMAGE_TOLERANCE, TorchNoise, load_diffusers  # noqa: E402
+
 from fewstep.pipeline import Pipeline  # noqa: E402
-
-SCHEDULER_CLASSES = {
-    "ddim": "DDIMScheduler",
-    "euler": "EulerDiscreteScheduler",
-    "euler_ancestral": "EulerAncestralDiscreteScheduler",
-    "lcm": "LCMScheduler",
-}
-IMAGE_TOLERANCE = 1e-3  # max abs difference on a 0..1 scale
-
-
-class TorchNoise:
-    """Draws from a torch.Generator so fewstep and diffusers see the same noise."""
-
-    def __init__(self, seed: int):
-        self.generator = torch.Generator().manual_seed(seed)
-
-    def standard_normal(self, size, dtype=np.float32):
-        return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
-
-
-def load_diffusers(folder, family, sampler):
-    if family == "lcm":
-        pipe = diffusers.LatentConsistencyModelPipeline.from_pretrained(folder, safety_checker=None)
-    else:
-        pipe = diffusers.StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    cls = getattr(diffusers, SCHEDULER_CLASSES[sampler])
-    pipe.scheduler = cls.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
 
 # (family, sampler, guidance_scale, prompts, num_images_per_prompt, height, width, eta, steps)
 CASES = [

@@ -7,9 +7,10 @@ optimum input/output names.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Protocol
 
-BACKENDS = ("onnxruntime",)
+BACKENDS = ("onnxruntime", "openvino")
 
 
 class BackendError(RuntimeError):
@@ -39,9 +40,28 @@ def missing_extra_error(module: str, extra: str) -> ImportError:
     )
 
 
-def create_backend(name: str, package_dir: Any, **options: Any) -> Backend:
+def _backend_class(name: str) -> Any:
     if name == "onnxruntime":
         from fewstep.backends.ort import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(package_dir, **options)
+        return OnnxRuntimeBackend
+    if name == "openvino":
+        from fewstep.backends.ov import OpenVINOBackend
+
+        return OpenVINOBackend
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
+
+
+def create_backend(name: str, package_dir: Any, **options: Any) -> Backend:
+    """The backend `name` on a package; options go to its constructor.
+
+    An option the backend does not take (`precision` for onnxruntime) is a ValueError naming
+    it and the options that backend takes, rather than a TypeError from deep inside.
+    """
+    cls = _backend_class(name)
+    accepted = [p for p in inspect.signature(cls).parameters if p != "package_dir"]
+    unknown = [k for k in options if k not in accepted]
+    if unknown:
+        raise ValueError(f"backend {name!r} takes no option {unknown}; it takes {accepted}")
+    backend: Backend = cls(package_dir, **options)
+    return backend
