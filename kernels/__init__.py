@@ -6,6 +6,8 @@
   (`torch.ops.fewstep.group_norm`, `torch.ops.fewstep.attention`) that fall back
   to torch for unsupported inputs or when FEWSTEP_DISABLE_KERNELS=1; this is
   what models call.
+- `patch` / `unpatch`: swap the ops into a diffusers U-Net or VAE, in place
+  (GroupNorm → SiLU pairs, other GroupNorms, attention processors).
 
 On machines without a CUDA GPU the kernels run in Triton's interpreter when
 TRITON_INTERPRET=1 is set before this package is imported.
@@ -21,8 +23,11 @@ from .ops import (
     group_norm_op,
     group_norm_supported,
 )
+from .patch import FewstepAttnProcessor, PatchReport, is_patched, patch, unpatch
 
 __all__ = [
+    "FewstepAttnProcessor",
+    "PatchReport",
     "attention",
     "attention_fallback_reason",
     "attention_op",
@@ -33,4 +38,7 @@ __all__ = [
     "group_norm_op",
     "group_norm_ref",
     "group_norm_supported",
+    "is_patched",
+    "patch",
+    "unpatch",
 ]

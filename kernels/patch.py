@@ -1,0 +1,264 @@
+"""Swap fewstep.kernels into diffusers U-Nets and VAEs, in place: `patch(module)` / `unpatch`.
+
+What is swapped (diffusers 0.42; modules are recognised by class name and attributes, so
+this file imports torch only):
+
+- GroupNorm → SiLU pairs, for the fused `fewstep::group_norm(..., activation="silu")`:
+  `ResnetBlock2D` (models/resnet.py, `forward`: norm1 → nonlinearity, and norm2 →
+  nonlinearity for every `time_embedding_norm` but "scale_shift", which puts the time
+  embedding's scale and shift between them) and the `conv_norm_out → conv_act`
+  tail of `UNet2DConditionModel` (unets/unet_2d_condition.py) and of the VAE's `Encoder` /
+  `Decoder` (autoencoders/vae.py). The block's `nonlinearity` becomes an identity; it also
+  activates the time embedding (`temb = nonlinearity(temb)` before `time_emb_proj`), so
+  `time_emb_proj` becomes `SiLULinear`, a linear layer that applies SiLU to its input first.
+- Every other `nn.GroupNorm` (the transformer blocks' `norm`, the VAE attention's
+  `group_norm`) → the same op without activation.
+- `Attention` modules whose processor is diffusers' `AttnProcessor2_0` (or `AttnProcessor`)
+  → `FewstepAttnProcessor`: AttnProcessor2_0's math step for step, with SDPA replaced by
+  `fewstep::attention`. Custom processors (IP-adapter, LoRA, …) are left alone.
+
+Replacements share the original parameters (same `Parameter` objects under the same names),
+so state dicts, in-place weight updates (LoRA folding) and CUDA graphs see one set of weights.
+The custom ops fall back to torch where a kernel does not apply (ops.py), so a patched model
+runs anywhere; it is only fast where the Triton kernels run (CUDA).
+
+`patch` is idempotent (a second call swaps nothing) and `unpatch` restores the original
+modules and processors.
+
+Deviations: a call with an `attention_mask` runs SDPA with the mask, as AttnProcessor2_0
+(the kernel has no mask; SD's U-Net passes none). AttnProcessor2_0 ignores `attn.scale`
+(SDPA's default 1/√D); so does this processor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .ops import attention_op, group_norm_op
+
+RESNET_CLASSES = ("ResnetBlock2D",)
+# Classes whose forward runs `conv_norm_out` then `conv_act` back to back.
+NORM_OUT_CLASSES = ("UNet2DConditionModel", "Encoder", "Decoder")
+ATTENTION_CLASSES = ("Attention",)
+# Processors whose math FewstepAttnProcessor reproduces.
+REPLACEABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
+
+_RECORD = "_fewstep_kernel_patches"
+
+
+@dataclasses.dataclass
+class PatchReport:
+    """How many modules one `patch` call swapped."""
+
+    group_norm_silu: int = 0  # GroupNorm → SiLU pairs now one fused op
+    group_norm: int = 0  # standalone GroupNorms now the kernel without activation
+    attention: int = 0  # attention processors now calling fewstep::attention
+
+    @property
+    def total(self) -> int:
+        return self.group_norm_silu + self.group_norm + self.attention
+
+
+class FusedGroupNorm(nn.Module):
+    """`nn.GroupNorm` (+ SiLU) as `fewstep::group_norm`, on the original weight and bias."""
+
+    def __init__(self, norm: nn.GroupNorm, activation: str | None):
+        super().__init__()
+        self.num_groups = norm.num_groups
+        self.num_channels = norm.num_channels
+        self.eps = norm.eps
+        self.activation = activation
+        self.weight = norm.weight  # shared Parameter (None when not affine)
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return group_norm_op(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+
+    def extra_repr(self) -> str:
+        return (
+            f"{self.num_groups}, {self.num_channels}, eps={self.eps}, activation={self.activation}"
+        )
+
+
+class SiLULinear(nn.Module):
+    """linear(silu(x)) on the original Linear's weight and bias: a ResNet block's
+    `time_emb_proj` once its `nonlinearity` (which also activated the time embedding) is gone."""
+
+    def __init__(self, linear: nn.Linear):
+        super().__init__()
+        self.in_features = linear.in_features
+        self.out_features = linear.out_features
+        self.weight = linear.weight
+        self.bias = linear.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(F.silu(x), self.weight, self.bias)
+
+
+class FewstepAttnProcessor:
+    """diffusers' AttnProcessor2_0 (models/attention_processor.py) with `fewstep::attention`
+    in place of F.scaled_dot_product_attention: self- and cross-attention, 3-D and 4-D
+    inputs, spatial_norm / group_norm / norm_cross / norm_q / norm_k when the module has
+    them, residual connection and rescale_output_factor."""
+
+    def __call__(
+        self,
+        attn: Any,
+        hidden_states: torch.Tensor,
+        encoder_hidden_states: torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        temb: torch.Tensor | None = None,
+        *args: Any,
+        **kwargs: Any,
+    ) -> torch.Tensor:
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            batch_size, channel, height, width = hidden_states.shape
+            # [B, C, H, W] → [B, H·W, C] (a free view for channels_last)
+            hidden_states = hidden_states.view(batch_size, channel, height * width).transpose(1, 2)
+
+        batch_size, sequence_length, _ = (
+            hidden_states.shape if encoder_hidden_states is None else encoder_hidden_states.shape
+        )
+        if attention_mask is not None:
+            attention_mask = attn.prepare_attention_mask(
+                attention_mask, sequence_length, batch_size
+            )
+            attention_mask = attention_mask.view(
+                batch_size, attn.heads, -1, attention_mask.shape[-1]
+            )
+
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+
+        query = attn.to_q(hidden_states)
+        if encoder_hidden_states is None:
+            encoder_hidden_states = hidden_states
+        elif attn.norm_cross:
+            encoder_hidden_states = attn.norm_encoder_hidden_states(encoder_hidden_states)
+        key = attn.to_k(encoder_hidden_states)
+        value = attn.to_v(encoder_hidden_states)
+
+        inner_dim = key.shape[-1]
+        head_dim = inner_dim // attn.heads
+        # [B, L, H·D] → [B, H, L, D] views: the kernel reads them without a copy.
+        query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+        if attn.norm_q is not None:
+            query = attn.norm_q(query)
+        if attn.norm_k is not None:
+            key = attn.norm_k(key)
+
+        if attention_mask is None:
+            hidden_states = attention_op(query, key, value)  # [B, H, L_q, D], laid out [B, L, H, D]
+        else:
+            hidden_states = F.scaled_dot_product_attention(
+                query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
+            )
+        hidden_states = hidden_states.transpose(1, 2).reshape(batch_size, -1, attn.heads * head_dim)
+        hidden_states = hidden_states.to(query.dtype)
+
+        hidden_states = attn.to_out[0](hidden_states)  # linear
+        hidden_states = attn.to_out[1](hidden_states)  # dropout
+        if input_ndim == 4:
+            hidden_states = hidden_states.transpose(-1, -2).reshape(
+                batch_size, channel, height, width
+            )
+        if attn.residual_connection:
+            hidden_states = hidden_states + residual
+        return hidden_states / attn.rescale_output_factor
+
+
+def _name(module: Any) -> str:
+    return type(module).__name__
+
+
+def _swap(record: list, parent: nn.Module, attr: str, new: nn.Module) -> None:
+    record.append(("module", parent, attr, getattr(parent, attr)))
+    setattr(parent, attr, new)
+
+
+def _fusable_resnet(block: nn.Module) -> bool:
+    """ResnetBlock2D whose forward is norm1 → SiLU → … → norm2 → SiLU (any time_embedding_norm
+    but "scale_shift": "default" in U-Nets, "group" in VAE decoders), with a time projection we
+    can give the SiLU to (or none)."""
+    proj = getattr(block, "time_emb_proj", None)
+    return (
+        isinstance(getattr(block, "norm1", None), nn.GroupNorm)
+        and isinstance(getattr(block, "norm2", None), nn.GroupNorm)
+        and isinstance(getattr(block, "nonlinearity", None), nn.SiLU)
+        and getattr(block, "time_embedding_norm", "scale_shift") != "scale_shift"
+        and (proj is None or getattr(block, "skip_time_act", False) or type(proj) is nn.Linear)
+    )
+
+
+def patch(
+    module: nn.Module, group_norm: bool = True, attention: bool = True
+) -> tuple[nn.Module, PatchReport]:
+    """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
+
+    group_norm: fuse GroupNorm → SiLU pairs and swap the other GroupNorms.
+    attention: replace AttnProcessor2_0 / AttnProcessor processors.
+    Returns (module, what this call swapped). Calling it again swaps nothing.
+    """
+    record: list = getattr(module, _RECORD, [])
+    report = PatchReport()
+    if group_norm:
+        for sub in list(module.modules()):
+            if _name(sub) in RESNET_CLASSES and _fusable_resnet(sub):
+                _swap(record, sub, "norm1", FusedGroupNorm(sub.norm1, "silu"))
+                _swap(record, sub, "norm2", FusedGroupNorm(sub.norm2, "silu"))
+                _swap(record, sub, "nonlinearity", nn.Identity())
+                if sub.time_emb_proj is not None and not sub.skip_time_act:
+                    _swap(record, sub, "time_emb_proj", SiLULinear(sub.time_emb_proj))
+                report.group_norm_silu += 2
+            elif (
+                _name(sub) in NORM_OUT_CLASSES
+                and isinstance(getattr(sub, "conv_norm_out", None), nn.GroupNorm)
+                and isinstance(getattr(sub, "conv_act", None), nn.SiLU)
+            ):
+                _swap(record, sub, "conv_norm_out", FusedGroupNorm(sub.conv_norm_out, "silu"))
+                _swap(record, sub, "conv_act", nn.Identity())
+                report.group_norm_silu += 1
+        for sub in list(module.modules()):
+            for attr, child in list(sub.named_children()):
+                if isinstance(child, nn.GroupNorm):
+                    _swap(record, sub, attr, FusedGroupNorm(child, None))
+                    report.group_norm += 1
+    if attention:
+        for sub in module.modules():
+            processor = getattr(sub, "processor", None)
+            if _name(sub) in ATTENTION_CLASSES and _name(processor) in REPLACEABLE_PROCESSORS:
+                record.append(("processor", sub, "processor", processor))
+                sub.set_processor(FewstepAttnProcessor())
+                report.attention += 1
+    if record:
+        object.__setattr__(module, _RECORD, record)  # a plain attribute, not a submodule
+    return module, report
+
+
+def unpatch(module: nn.Module) -> nn.Module:
+    """Undo every `patch` of `module`: the original modules and processors are back."""
+    record = getattr(module, _RECORD, [])
+    for kind, owner, attr, original in reversed(record):
+        if kind == "processor":
+            owner.set_processor(original)
+        else:
+            setattr(owner, attr, original)
+    if hasattr(module, _RECORD):
+        object.__delattr__(module, _RECORD)
+    return module
+
+
+def is_patched(module: nn.Module) -> bool:
+    return bool(getattr(module, _RECORD, None))

@@ -1,0 +1,170 @@
+"""fewstep.kernels.patch on diffusers' tiny U-Nets and VAE, in Triton's interpreter (conftest).
+
+References: the same module unpatched (diffusers' own GroupNorm, SiLU and AttnProcessor2_0)
+in the same precision and in fp64. The accuracy rule is test_kernels.py's, applied to the
+whole module: max|patched − ref64| <= 2 · max|unpatched − ref64| + floor, where ref64 is
+the unpatched module in fp64 on the same (exactly upcast) inputs. Counts are checked
+against the modules the model has, counted here without the patcher's own rules.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from test_kernels import assert_matches_ref  # noqa: E402
+
+import fewstep.kernels.ops as kernel_ops  # noqa: E402
+from fewstep.kernels import FewstepAttnProcessor, is_patched, patch, unpatch  # noqa: E402
+
+pytestmark = [
+    # The interpreter evaluates masked-off lanes too (see test_kernels.py).
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    # torch's CPU thread pool spins against the other processes on a shared 2-core
+    # machine (a tiny U-Net step takes 1 s with 2 threads, 10 ms with 1).
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts of Triton launches (not fallbacks) through the custom ops."""
+    calls = {"group_norm": 0, "attention": 0}
+    for name in calls:
+        launcher = getattr(kernel_ops, name)
+
+        def counted(*args, _name=name, _launcher=launcher, **kwargs):
+            calls[_name] += 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_ops, name, counted)
+    return calls
+
+
+def expected_counts(module: torch.nn.Module) -> dict[str, int]:
+    """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules."""
+    pairs = 0
+    for m in module.modules():
+        if type(m).__name__ == "ResnetBlock2D":
+            pairs += 1 + (m.time_embedding_norm != "scale_shift")
+        if isinstance(getattr(m, "conv_norm_out", None), torch.nn.GroupNorm):
+            pairs += 1
+    norms = sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
+    attention = sum(type(m).__name__ == "Attention" for m in module.modules())
+    return {"group_norm_silu": pairs, "group_norm": norms - pairs, "attention": attention}
+
+
+def load(tiny_model, family: str, component: str, dtype=torch.float32) -> torch.nn.Module:
+    cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+    module = cls.from_pretrained(tiny_model(family) / component, torch_dtype=dtype)
+    return module.eval().requires_grad_(False)
+
+
+def unet_inputs(module, batch: int, dtype):
+    gen = torch.Generator().manual_seed(0)
+    cfg = module.config
+    sample = torch.randn(batch, cfg.in_channels, 8, 8, generator=gen)
+    hidden = torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen)
+    return sample.to(dtype), torch.tensor(421.0), hidden.to(dtype)
+
+
+def run_unet(module, inputs):
+    sample, t, hidden = inputs
+    with torch.inference_mode():
+        return module(sample, t, hidden, return_dict=False)[0]
+
+
+def run_vae_decoder(module, z):
+    with torch.inference_mode():
+        return module.decode(z, return_dict=False)[0]
+
+
+@pytest.mark.parametrize(
+    ("family", "dtype", "channels_last"),
+    [
+        pytest.param("sd1", torch.float32, False, id="sd1-fp32"),
+        pytest.param("sd2", torch.float16, True, id="sd2-linear-proj-fp16-channels_last"),
+    ],
+)
+def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype, channels_last):
+    module64 = load(tiny_model, family, "unet", torch.float64)
+    ref64 = run_unet(module64, unet_inputs(module64, 1, torch.float64))
+    module = load(tiny_model, family, "unet", dtype)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module = module.to(memory_format=memory_format)
+    sample, t, hidden = unet_inputs(module, 1, dtype)
+    inputs = (sample.contiguous(memory_format=memory_format), t, hidden)
+    unpatched = run_unet(module, inputs)
+    counts = expected_counts(module)
+
+    patched_module, report = patch(module)
+    assert patched_module is module and is_patched(module)
+    got = run_unet(module, inputs)
+
+    assert vars(report) == counts
+    # Every swapped op ran the Triton kernel, none fell back to torch.
+    assert kernel_calls["group_norm"] == report.group_norm_silu + report.group_norm
+    assert kernel_calls["attention"] == report.attention
+    assert_matches_ref(got, unpatched, ref64, f"{family} U-Net {dtype}")
+
+
+def test_patched_vae_decoder_matches_unpatched(tiny_model, kernel_calls):
+    module = load(tiny_model, "sd1", "vae")
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
+    ref64 = run_vae_decoder(load(tiny_model, "sd1", "vae", torch.float64), z.double())
+    unpatched = run_vae_decoder(module, z)
+    counts = expected_counts(module)
+    decoder_counts = expected_counts(module.decoder)  # what decode() runs
+    _, report = patch(module)
+    got = run_vae_decoder(module, z)
+    assert vars(report) == counts
+    assert kernel_calls["group_norm"] == sum(
+        decoder_counts[k] for k in ("group_norm_silu", "group_norm")
+    )
+    assert kernel_calls["attention"] == decoder_counts["attention"]
+    assert_matches_ref(got, unpatched, ref64, "sd1 VAE decoder fp32")
+
+
+def test_patch_is_idempotent_and_unpatch_restores(tiny_model):
+    module = load(tiny_model, "sd1", "unet")
+    keys = list(module.state_dict())
+    types = {name: type(m) for name, m in module.named_modules()}
+    processors = {name: type(p) for name, p in module.attn_processors.items()}
+    inputs = unet_inputs(module, 1, torch.float32)
+    before = run_unet(module, inputs)
+
+    _, first = patch(module)
+    _, second = patch(module)
+    assert first.total > 0 and second.total == 0
+    # Same weights under the same names: state dicts and LoRA folding see no difference.
+    assert list(module.state_dict()) == keys
+    assert not any(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
+    assert all(isinstance(p, FewstepAttnProcessor) for p in module.attn_processors.values())
+
+    unpatch(module)
+    assert not is_patched(module)
+    assert {name: type(m) for name, m in module.named_modules()} == types
+    assert {name: type(p) for name, p in module.attn_processors.items()} == processors
+    assert torch.equal(run_unet(module, inputs), before)
+
+
+def test_patched_ops_fall_back_to_torch_when_disabled(tiny_model, kernel_calls, monkeypatch):
+    module = load(tiny_model, "sd1", "unet")
+    inputs = unet_inputs(module, 2, torch.float32)
+    expected = run_unet(module, inputs)
+    patch(module)
+    monkeypatch.setenv(kernel_ops.DISABLE_ENV, "1")
+    got = run_unet(module, inputs)
+    assert kernel_calls == {"group_norm": 0, "attention": 0}
+    # The fallback runs torch's own ops in diffusers' order: the same numbers.
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
