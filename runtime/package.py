@@ -184,3 +184,41 @@ def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any
                 f"corrupt package file: {path} (sha256 differs from {MANIFEST_NAME})"
             )
     return manifest
+
+
+# What a diffusers folder needs for the backends that run its modules (torch), by component.
+DIFFUSERS_FOLDER_FILES = (
+    "model_index.json",
+    "scheduler/scheduler_config.json",
+    "unet/config.json",
+    "vae/config.json",
+    "text_encoder/config.json",
+)
+
+
+def verify_diffusers_folder(root: str | Path) -> None:
+    """Check that a diffusers folder has the configs and tokenizer the torch backend loads.
+
+    Raises PackageError naming the first missing file; an ONNX package (no weights, only
+    graphs) is named as such. The weights themselves are checked when they load.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise PackageError(f"diffusers folder not found: {root}")
+    if (root / "unet" / "model.onnx").is_file():
+        raise PackageError(
+            f"{root} is an ONNX model package; the torch backend runs a diffusers folder "
+            "(the export's source: model_index.json, unet/, vae/, text_encoder/, tokenizer/)"
+        )
+    for rel in DIFFUSERS_FOLDER_FILES:
+        if not (root / rel).is_file():
+            raise PackageError(f"missing diffusers folder file: {root / rel}")
+    tokenizer = root / "tokenizer"
+    if not (
+        (tokenizer / "tokenizer.json").is_file()
+        or ((tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file())
+    ):
+        raise PackageError(
+            f"missing diffusers folder file: {tokenizer}/tokenizer.json (or vocab.json + "
+            "merges.txt)"
+        )

@@ -9,6 +9,11 @@ not part of the package; a non-finite image is an error, never an output.
 A `Pipeline` holds only immutable model state (configs, tokenizer, backend
 sessions); everything that belongs to one call lives in that call, so one
 pipeline can serve several threads.
+
+Arrays stay the backend's kind (numpy, or torch tensors on the device) from the text
+encoder to the VAE; the few operations beyond arithmetic and slicing go through the
+backend's `array_ops` (fewstep.arrays). Noise is drawn on the host from numpy's
+generator, so a seed gives the same image on every backend.
 """
 
 from __future__ import annotations
@@ -24,8 +29,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from fewstep.backends.base import Backend, create_backend
-from fewstep.package import ModelInfo, read_model_info, verify_package
+from fewstep.arrays import NUMPY_OPS, ArrayOps, array_ops
+from fewstep.backends.base import SOURCE_FOLDER_BACKENDS, Backend, create_backend
+from fewstep.package import ModelInfo, read_model_info, verify_diffusers_folder, verify_package
 from fewstep.samplers import SAMPLERS, create_sampler, sampler_name_for
 from fewstep.samplers.lcm import guidance_scale_embedding
 from fewstep.tokenizer import CLIPTokenizer
@@ -55,11 +61,13 @@ def _check_positive_multiple(name: str, value: int, multiple: int) -> None:
         raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
 
 
-def rescale_noise_cfg(noise_cfg: np.ndarray, noise_cond: np.ndarray, rescale: float) -> np.ndarray:
+def rescale_noise_cfg(
+    noise_cfg: Any, noise_cond: Any, rescale: float, ops: ArrayOps = NUMPY_OPS
+) -> Any:
     """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules…", sec. 3.4)."""
     axes = tuple(range(1, noise_cond.ndim))
-    std_cond = noise_cond.std(axis=axes, keepdims=True, ddof=1)
-    std_cfg = noise_cfg.std(axis=axes, keepdims=True, ddof=1)
+    std_cond = ops.std(noise_cond, axes)
+    std_cfg = ops.std(noise_cfg, axes)
     rescaled = noise_cfg * (std_cond / std_cfg)
     return rescale * rescaled + (1.0 - rescale) * noise_cfg
 
@@ -93,10 +101,16 @@ class Pipeline:
     ) -> Pipeline:
         """Load a model package (fewstep's or optimum's) onto a backend.
 
-        `check_hashes` verifies every file against fewstep.json before loading.
+        `check_hashes` verifies every file against fewstep.json before loading. The torch
+        backend runs the source modules instead: `package` is then a diffusers folder
+        (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), which has no
+        manifest to check.
         """
         root = Path(package)
-        verify_package(root, check_hashes=check_hashes)
+        if backend in SOURCE_FOLDER_BACKENDS:
+            verify_diffusers_folder(root)
+        else:
+            verify_package(root, check_hashes=check_hashes)
         info = read_model_info(root)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         if providers is not None:
@@ -105,21 +119,22 @@ class Pipeline:
 
     # -- stages ---------------------------------------------------------------------------
 
-    def encode_prompt(self, prompts: list[str]) -> np.ndarray:
-        """Prompts → text encoder hidden states [len(prompts), 77, C]."""
+    def encode_prompt(self, prompts: list[str]) -> Any:
+        """Prompts → text encoder hidden states [len(prompts), 77, C] (a backend array)."""
         ids = self.tokenizer(prompts)
         return self.backend.run("text_encoder", input_ids=ids)["last_hidden_state"]
 
-    def unet(self, sample: np.ndarray, timestep: float, cond: dict[str, np.ndarray]) -> np.ndarray:
+    def unet(self, sample: Any, timestep: float, cond: dict[str, Any]) -> Any:
         out = self.backend.run(
             "unet", sample=sample, timestep=np.array(timestep, dtype=np.float32), **cond
         )
         return out["out_sample"]
 
-    def decode(self, latents: np.ndarray) -> np.ndarray:
-        """Latents [B, C, h, w] → images float32 [B, H, W, 3] in 0..1."""
-        scaled = (latents / self.info.vae_scaling_factor).astype(np.float32)
-        decoded = self.backend.run("vae_decoder", latent_sample=scaled)["sample"]
+    def decode(self, latents: Any) -> np.ndarray:
+        """Latents [B, C, h, w] (a backend array) → images float32 [B, H, W, 3] in 0..1."""
+        ops = array_ops(self.backend)
+        scaled = ops.float32(latents / self.info.vae_scaling_factor)
+        decoded = ops.to_numpy(self.backend.run("vae_decoder", latent_sample=scaled)["sample"])
         if not np.isfinite(decoded).all():
             raise FloatingPointError(
                 "vae_decoder produced non-finite values (an fp16 VAE overflows on some "
@@ -224,25 +239,28 @@ class Pipeline:
         if seed is None and generator is None:
             seed = secrets.randbits(63)
         rng = generator if generator is not None else np.random.default_rng(seed)
+        ops = array_ops(self.backend)
 
         # 2. Text conditioning: [uncond; cond] stacked into one batch of 2B when guiding.
         t0 = time.perf_counter()
         texts = negatives + prompts if do_cfg else prompts
-        embeds = np.repeat(self.encode_prompt(texts), num_images_per_prompt, axis=0)
-        cond: dict[str, np.ndarray] = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
+        embeds = ops.repeat(self.encode_prompt(texts), num_images_per_prompt)
+        cond: dict[str, Any] = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
         if use_embedded_guidance:
             w = np.full((batch,), guidance - 1.0, dtype=np.float32)
-            cond["timestep_cond"] = guidance_scale_embedding(w, info.guidance_embedding_dim)
+            embedding = guidance_scale_embedding(w, info.guidance_embedding_dim)
+            cond["timestep_cond"] = ops.asarray(embedding)  # [B, time_cond_proj_dim]
+        ops.synchronize()
         timings: dict[str, Any] = {
             "text_encoder": (time.perf_counter() - t0) * 1e3,
             "unet": [],  # whole sampler step, ms
             "unet_call": [],  # the backend's U-Net call alone, ms
         }
 
-        # 3. Initial latents, scaled to the sampler's starting noise level.
+        # 3. Initial latents, scaled to the sampler's starting noise level, on the backend.
         if latents is None:
             latents = rng.standard_normal(latent_shape, dtype=np.float32)
-        latents = (latents * np.float32(sampler.init_noise_sigma)).astype(np.float32)
+        latents = ops.asarray((latents * np.float32(sampler.init_noise_sigma)).astype(np.float32))
 
         # 4. Denoising loop.
         steps_iter = range(len(sampler.timesteps))
@@ -253,21 +271,24 @@ class Pipeline:
         for i in steps_iter:
             t0 = time.perf_counter()
             t = float(sampler.timesteps[i])
-            model_in = np.concatenate([latents, latents]) if do_cfg else latents
+            model_in = ops.concat([latents, latents]) if do_cfg else latents
             model_in = sampler.scale_model_input(model_in, i)  # [(2)B, C, h, w]
+            ops.synchronize()
             t_unet = time.perf_counter()
             noise_pred = self.unet(model_in, t, cond)
+            ops.synchronize()
             timings["unet_call"].append((time.perf_counter() - t_unet) * 1e3)
             if do_cfg:
                 uncond, text = noise_pred[:batch], noise_pred[batch:]
                 noise_pred = uncond + guidance * (text - uncond)
                 if guidance_rescale > 0:
-                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
+                    noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale, ops)
             noise = None
             if sampler.needs_noise:
-                noise = rng.standard_normal(noise_pred.shape, dtype=np.float32)
+                noise = ops.asarray(rng.standard_normal(tuple(noise_pred.shape), dtype=np.float32))
             out = sampler.step(noise_pred, i, latents, noise=noise)
-            latents = out.prev_sample.astype(np.float32)
+            latents = ops.float32(out.prev_sample)
+            ops.synchronize()
             timings["unet"].append((time.perf_counter() - t0) * 1e3)
 
         # 5. Decode. (LCM's last step returns its denoised estimate, which is what its

@@ -1,8 +1,9 @@
 """The backend protocol: run a package's named graphs, nothing else.
 
 The pipeline and samplers never branch on which backend runs; a backend takes
-and returns arrays of its own kind (numpy for onnxruntime) keyed by the
-optimum input/output names.
+and returns arrays of its own kind (numpy for onnxruntime, torch tensors on the
+device for torch) keyed by the optimum input/output names, and declares the
+operations on them as `array_ops` (fewstep.arrays; numpy when absent).
 """
 
 from __future__ import annotations
@@ -10,7 +11,9 @@ from __future__ import annotations
 import inspect
 from typing import Any, Protocol
 
-BACKENDS = ("onnxruntime", "openvino")
+BACKENDS = ("onnxruntime", "openvino", "torch")
+# Backends that run a diffusers folder's modules rather than a package's graphs.
+SOURCE_FOLDER_BACKENDS = ("torch",)
 
 
 class BackendError(RuntimeError):
@@ -49,6 +52,10 @@ def _backend_class(name: str) -> Any:
         from fewstep.backends.ov import OpenVINOBackend
 
         return OpenVINOBackend
+    if name == "torch":
+        from fewstep.backends.torch_backend import TorchBackend
+
+        return TorchBackend
     raise ValueError(f"backend must be one of {BACKENDS}, got {name!r}")
 
 

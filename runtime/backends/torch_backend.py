@@ -1,0 +1,429 @@
+"""torch backend: the source diffusers modules in-process, behind the graphs' contract.
+
+`TorchBackend(folder)` loads a diffusers folder's text encoder (transformers
+CLIPTextModel), U-Net and VAE (diffusers) and runs them as the graphs `text_encoder`,
+`unet`, `vae_decoder`, `vae_encoder` with optimum's input and output names
+(fewstep/export/graphs.py defines the same contract for ONNX), so the one pipeline and its
+samplers drive it like any backend. Arrays are torch tensors on the model's device: float32
+in and out (as onnxruntime's fp16 packages), the modules' own precision inside.
+
+On a CUDA device, by default:
+- fp16 (`dtype`), except the VAE when fp16 overflows in it: the rule of the exporter's
+  `keeps_fp32_vae_decoder` and of diffusers' SDXL pipelines (`force_upcast`, SDXL family),
+  so SD 1.x/2.x VAEs run in fp16 as in diffusers' SD pipelines;
+- channels_last U-Net and VAE;
+- fewstep.kernels swapped in (`fewstep.kernels.patch`: fused GroupNorm+SiLU, attention);
+- the U-Net step and the VAE decoder captured as CUDA graphs, one per static input
+  signature (shapes and dtypes), on first use: two warm-up runs on a side stream, then the
+  capture; later calls copy into the static inputs, replay and copy the output out. All
+  graphs share one memory pool and a lock (they are replayed one at a time). Capture time
+  is recorded in `capture_ms`, outside any per-step timing after the first call.
+On the CPU the defaults are fp32, no CUDA graphs and no kernels: the Triton kernels run on
+the CPU only in Triton's interpreter (TRITON_INTERPRET=1, for tests); `kernels=True`
+without it logs that and runs torch's ops. With `kernels=False, cuda_graphs=False` this
+backend is plain "diffusers eager" (SDPA attention), the baseline of benchmarks.
+
+Limits: SDXL (a second text encoder, `text_embeds`/`time_ids`) is not wired yet:
+NotImplementedError. Weights load from safetensors only (pickle runs code; see
+fewstep.export.source). Inference only.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from fewstep.backends.base import BackendError, describe_inputs, missing_extra_error
+from fewstep.package import GRAPH_NAMES, read_json
+
+logger = logging.getLogger(__name__)
+
+DEVICE_TYPES = ("cpu", "cuda")
+# Accepted spellings of each precision; the keys are the canonical names.
+DTYPE_NAMES = {
+    "fp32": ("fp32", "float32", "float"),
+    "fp16": ("fp16", "float16", "half"),
+    "bf16": ("bf16", "bfloat16"),
+    "fp64": ("fp64", "float64", "double"),  # a reference precision, for tests
+}
+# Inputs of each graph, in the ONNX order (optimum's names; fewstep/export/graphs.py).
+GRAPH_INPUTS = {
+    "text_encoder": ("input_ids",),
+    "unet": ("sample", "timestep", "encoder_hidden_states", "timestep_cond"),
+    "vae_decoder": ("latent_sample",),
+    "vae_encoder": ("sample",),
+}
+OPTIONAL_INPUTS = ("timestep_cond",)
+# The one output of each single-output graph (the text encoder returns two).
+OUTPUT_NAMES = {"unet": "out_sample", "vae_decoder": "sample", "vae_encoder": "latent_parameters"}
+CUDA_GRAPH_WARMUP_RUNS = 2
+
+
+def _torch() -> Any:
+    try:
+        import torch
+    except ImportError as e:
+        raise missing_extra_error("torch", "torch") from e
+    return torch
+
+
+def parse_device(device: Any) -> Any:
+    """A torch.device of a type in DEVICE_TYPES, usable here; ValueError naming `device`."""
+    torch = _torch()
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as e:
+        raise ValueError(
+            f"device must be one of {DEVICE_TYPES} (or 'cuda:N'), got {device!r}"
+        ) from e
+    if dev.type not in DEVICE_TYPES:
+        raise ValueError(f"device must be one of {DEVICE_TYPES} (or 'cuda:N'), got {device!r}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={device!r} but torch sees no CUDA GPU")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={device!r} but torch sees {torch.cuda.device_count()} CUDA GPU(s)"
+            )
+    return dev
+
+
+def parse_dtype(dtype: Any, device: Any) -> Any:
+    """A torch dtype from a name in DTYPE_NAMES or a torch dtype; None: fp16 on CUDA, else fp32."""
+    torch = _torch()
+    by_name = {
+        "fp32": torch.float32,
+        "fp16": torch.float16,
+        "bf16": torch.bfloat16,
+        "fp64": torch.float64,
+    }
+    if dtype is None:
+        return torch.float16 if device.type == "cuda" else torch.float32
+    if isinstance(dtype, torch.dtype) and dtype in by_name.values():
+        return dtype
+    if isinstance(dtype, str):
+        for canonical, spellings in DTYPE_NAMES.items():
+            if dtype.lower() in spellings:
+                return by_name[canonical]
+    raise ValueError(
+        f"dtype must be one of {tuple(DTYPE_NAMES)} (or the torch dtype), got {dtype!r}"
+    )
+
+
+class TorchArrayOps:
+    """fewstep.arrays' operations on torch tensors on one device (float32 latents)."""
+
+    def __init__(self, device: Any):
+        self._torch = _torch()
+        self.device = device
+
+    def asarray(self, array: np.ndarray) -> Any:
+        return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
+
+    def to_numpy(self, x: Any) -> np.ndarray:
+        if not isinstance(x, self._torch.Tensor):
+            return np.asarray(x)
+        return x.detach().to("cpu").numpy()
+
+    def float32(self, x: Any) -> Any:
+        return x.float()
+
+    def concat(self, xs: Any) -> Any:
+        return self._torch.cat(list(xs))
+
+    def repeat(self, x: Any, repeats: int) -> Any:
+        return x if repeats == 1 else x.repeat_interleave(repeats, dim=0)
+
+    def std(self, x: Any, axes: tuple[int, ...]) -> Any:
+        return x.std(dim=axes, keepdim=True, correction=1)
+
+    def synchronize(self) -> None:
+        if self.device.type == "cuda":
+            self._torch.cuda.synchronize(self.device)
+
+
+class _CudaGraph:
+    """One captured CUDA graph of `fn(**inputs)` for one input signature.
+
+    The inputs are copied into static buffers, the graph replayed, and the static output
+    cloned out (the next replay overwrites it), under the backend's lock.
+    """
+
+    def __init__(self, fn: Callable[..., Any], inputs: dict[str, Any], pool: Any):
+        torch = _torch()
+        self.static_inputs = {name: t.clone() for name, t in inputs.items()}
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            # Warm-up: Triton compiles, cuDNN picks algorithms, the allocator fills up;
+            # none of that may happen during capture.
+            for _ in range(CUDA_GRAPH_WARMUP_RUNS):
+                fn(**self.static_inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph, pool=pool):
+            self.static_output = fn(**self.static_inputs)
+
+    def __call__(self, inputs: dict[str, Any]) -> Any:
+        for name, t in inputs.items():
+            self.static_inputs[name].copy_(t)
+        self.graph.replay()
+        return self.static_output.clone()
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(
+        self,
+        package_dir: str | Path,
+        device: Any = "cpu",
+        dtype: Any = None,
+        kernels: bool | None = None,
+        cuda_graphs: bool = True,
+        channels_last: bool = True,
+    ):
+        """package_dir: a diffusers folder (model_index.json, unet/, vae/, text_encoder/).
+
+        device: "cpu", "cuda" or "cuda:N". dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the
+        torch dtype; fp64 is a reference precision); None: fp16 on CUDA, fp32 on the CPU.
+        kernels: swap in fewstep.kernels; None: on CUDA only. cuda_graphs: capture the U-Net
+        step and VAE decoder (CUDA only). channels_last: U-Net and VAE in channels_last.
+        """
+        torch = _torch()
+        # 1. Arguments first: a bad value is an error before anything loads.
+        self.device = parse_device(device)
+        self.dtype = parse_dtype(dtype, self.device)
+        for name, value in (
+            ("kernels", kernels),
+            ("cuda_graphs", cuda_graphs),
+            ("channels_last", channels_last),
+        ):
+            if value is not None and not isinstance(value, bool):
+                raise ValueError(f"{name} must be True or False, got {value!r}")
+        cuda = self.device.type == "cuda"
+        self.kernels = self._resolve_kernels(kernels, cuda)
+        self.cuda_graphs = bool(cuda_graphs) and cuda
+        if cuda_graphs and not cuda:
+            logger.debug("cuda_graphs applies to CUDA devices only; running eagerly on %s", device)
+        self.channels_last = bool(channels_last)
+        self.root = Path(package_dir)
+        self.array_ops = TorchArrayOps(self.device)
+
+        # 2. The modules.
+        unet_config = read_json(self.root / "unet" / "config.json")
+        if unet_config.get("addition_embed_type") == "text_time":
+            raise NotImplementedError(
+                "addition_embed_type='text_time' (SDXL: second text encoder, text_embeds, "
+                "time_ids) is not supported by the torch backend yet"
+            )
+        try:
+            import diffusers
+            import transformers
+        except ImportError as e:
+            raise missing_extra_error(e.name or "diffusers", "torch") from e
+        self.vae_dtype = self.dtype
+        vae_config = read_json(self.root / "vae" / "config.json")
+        if self.dtype == torch.float16 and self._vae_overflows_in_fp16(unet_config, vae_config):
+            self.vae_dtype = torch.float32
+            logger.info("VAE kept in fp32: force_upcast is set and it overflows in fp16")
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        t0 = time.perf_counter()
+        self.text_encoder = self._prepare(
+            transformers.CLIPTextModel.from_pretrained(
+                self.root / "text_encoder", use_safetensors=True
+            ),
+            self.dtype,
+        )
+        # diffusers casts at load (torch_dtype) so that modules it keeps in fp32 stay so.
+        self.unet = self._prepare(
+            diffusers.UNet2DConditionModel.from_pretrained(
+                self.root / "unet", use_safetensors=True, torch_dtype=self.dtype
+            ),
+            self.dtype,
+            memory_format,
+        )
+        self.vae = self._prepare(
+            diffusers.AutoencoderKL.from_pretrained(
+                self.root / "vae", use_safetensors=True, torch_dtype=self.vae_dtype
+            ),
+            self.vae_dtype,
+            memory_format,
+        )
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self.patch_report: dict[str, Any] = {}
+        if self.kernels:
+            from fewstep.kernels import patch
+
+            for name in ("unet", "vae"):
+                _, report = patch(getattr(self, name))
+                self.patch_report[name] = report
+            logger.info("fewstep.kernels patched in: %s", self.patch_report)
+
+        self._graphs: dict[tuple, _CudaGraph] = {}
+        self.capture_ms: dict[str, float] = {}  # per captured signature, for reports
+        self._graph_lock = threading.Lock()
+        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._forward: dict[str, Callable[..., Any]] = {
+            "text_encoder": self._text_encoder,
+            "unet": self._unet,
+            "vae_decoder": self._vae_decoder,
+            "vae_encoder": self._vae_encoder,
+        }
+        self._captured = ("unet", "vae_decoder") if self.cuda_graphs else ()
+        self._unet_inputs = (
+            GRAPH_INPUTS["unet"]
+            if unet_config.get("time_cond_proj_dim")
+            else (GRAPH_INPUTS["unet"][:3])
+        )
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _resolve_kernels(self, kernels: bool | None, cuda: bool) -> bool:
+        if kernels is None:
+            return cuda
+        if not kernels or cuda:
+            return kernels
+        try:
+            from fewstep.kernels._interpreter import INTERPRETED
+        except ImportError as e:
+            raise missing_extra_error(e.name or "triton", "dev") from e
+        if not INTERPRETED:
+            logger.warning(
+                "kernels=True on the CPU: the Triton kernels run on the CPU only in Triton's "
+                "interpreter (TRITON_INTERPRET=1 before import, for tests); using torch's ops"
+            )
+            return False
+        logger.info("kernels=True on the CPU: the Triton kernels run in the interpreter (slow)")
+        return True
+
+    @staticmethod
+    def _vae_overflows_in_fp16(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> bool:
+        # fewstep.export.graphs.keeps_fp32_vae_decoder: SDXL VAEs with force_upcast (the
+        # AutoencoderKL default) overflow in fp16; SD 1.x/2.x VAEs carry the flag too (by
+        # default) and run in fp16 in diffusers' SD pipelines.
+        sdxl = unet_config.get("addition_embed_type") == "text_time"
+        return sdxl and bool(vae_config.get("force_upcast", True))
+
+    def _prepare(self, module: Any, dtype: Any, memory_format: Any = None) -> Any:
+        if getattr(module, "dtype", None) != dtype:
+            module = module.to(dtype=dtype)
+        module = module.to(device=self.device).eval().requires_grad_(False)
+        if memory_format is not None:
+            module = module.to(memory_format=memory_format)
+        return module
+
+    # -- the graphs ----------------------------------------------------------------------
+
+    def _text_encoder(self, input_ids: Any) -> dict[str, Any]:
+        out = self.text_encoder(input_ids=input_ids, return_dict=True)
+        return {
+            "last_hidden_state": out.last_hidden_state.float(),  # [B, S, H]
+            "pooler_output": out.pooler_output.float(),  # [B, H]
+        }
+
+    def _unet(
+        self,
+        sample: Any,
+        timestep: Any,
+        encoder_hidden_states: Any,
+        timestep_cond: Any = None,
+    ) -> Any:
+        torch = _torch()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        sample = sample.to(self.dtype).contiguous(memory_format=memory_format)  # [B, C, h, w]
+        if timestep_cond is not None:
+            timestep_cond = timestep_cond.to(self.dtype)
+        out = self.unet(
+            sample,
+            timestep,  # [] float32: the sinusoidal embedding is computed in float32
+            encoder_hidden_states.to(self.dtype),
+            timestep_cond=timestep_cond,
+            return_dict=False,
+        )[0]
+        return out.to(torch.float32, memory_format=torch.contiguous_format)
+
+    def _vae_decoder(self, latent_sample: Any) -> Any:
+        torch = _torch()
+        memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
+        z = latent_sample.to(self.vae_dtype).contiguous(memory_format=memory_format)
+        out = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W]
+        return out.to(torch.float32, memory_format=torch.contiguous_format)
+
+    def _vae_encoder(self, sample: Any) -> Any:
+        torch = _torch()
+        x = sample.to(self.vae_dtype)
+        moments = self.vae.encoder(x)
+        if getattr(self.vae, "quant_conv", None) is not None:
+            moments = self.vae.quant_conv(moments)
+        return moments.to(torch.float32, memory_format=torch.contiguous_format)  # [B, 2C, h, w]
+
+    # -- the contract --------------------------------------------------------------------
+
+    def has_graph(self, graph: str) -> bool:
+        return graph in GRAPH_NAMES
+
+    def input_names(self, graph: str) -> list[str]:
+        if graph == "unet":
+            return list(self._unet_inputs)
+        return list(GRAPH_INPUTS[graph])
+
+    def _to_tensor(self, graph: str, name: str, value: Any) -> Any:
+        torch = _torch()
+        t = value if isinstance(value, torch.Tensor) else torch.from_numpy(np.asarray(value))
+        if t.is_floating_point():
+            t = t.to(torch.float32)
+        elif name == "input_ids":
+            t = t.to(torch.int64)
+        else:
+            raise BackendError(f"{graph} input {name!r} must be a float array, got {t.dtype}")
+        return t.to(self.device)
+
+    def run(self, graph: str, **inputs: Any) -> dict[str, Any]:
+        torch = _torch()
+        if graph not in GRAPH_NAMES:
+            raise ValueError(f"graph must be one of {GRAPH_NAMES}, got {graph!r}")
+        accepted = self.input_names(graph)
+        unknown = [name for name in inputs if name not in accepted]
+        missing = [n for n in accepted if n not in inputs and n not in OPTIONAL_INPUTS]
+        if unknown or missing:
+            raise BackendError(
+                f"{graph} takes inputs {accepted}, got {list(inputs)} "
+                f"(unknown {unknown}, missing {missing})"
+            )
+        try:
+            with torch.inference_mode():
+                tensors = {n: self._to_tensor(graph, n, v) for n, v in inputs.items()}
+                if graph in self._captured:
+                    out = self._replay(graph, tensors)
+                else:
+                    out = self._forward[graph](**tensors)
+        except BackendError:
+            raise
+        except Exception as e:
+            raise BackendError(f"{graph} failed on inputs {describe_inputs(inputs)}: {e}") from e
+        return out if isinstance(out, dict) else {OUTPUT_NAMES[graph]: out}
+
+    def _replay(self, graph: str, tensors: dict[str, Any]) -> Any:
+        key = (graph,) + tuple(
+            (n, tuple(t.shape), str(t.dtype)) for n, t in sorted(tensors.items())
+        )
+        with self._graph_lock:
+            runner = self._graphs.get(key)
+            if runner is None:
+                t0 = time.perf_counter()
+                runner = _CudaGraph(self._forward[graph], tensors, self._pool)
+                _torch().cuda.synchronize(self.device)
+                label = f"{graph} " + describe_inputs(tensors)
+                self.capture_ms[label] = (time.perf_counter() - t0) * 1e3
+                logger.info(
+                    "captured a CUDA graph for %s in %.0f ms", label, self.capture_ms[label]
+                )
+                self._graphs[key] = runner
+            return runner(tensors)
