@@ -1,8 +1,10 @@
 """`export_package`: a diffusers folder or single-file checkpoint -> a fewstep model package.
 
-The lifecycle reads as a sentence: check the arguments -> load the torch components -> export
-each graph (`graphs.py` contracts, `onnx_io.py`) -> verify each against torch (`verify.py`)
--> write configs, tokenizer, scheduler and the manifest -> rename into place.
+The lifecycle reads as a sentence: check the arguments (LoRA files included) -> load the torch
+components -> fold the LoRAs into them (`fewstep.lora`) -> export each graph (`graphs.py`
+contracts, `onnx_io.py`) and map its weights to initializers (`lora_map.py`) -> verify each
+against torch (`verify.py`) -> write configs, tokenizer, scheduler and the manifest -> rename
+into place.
 
 The package layout is DESIGN.md's (optimum's ONNX Stable Diffusion layout plus
 `fewstep.json`). Writes are atomic: everything is built in a hidden sibling folder
@@ -22,6 +24,7 @@ from typing import Any
 
 import fewstep
 from fewstep.export.graphs import GraphSpec, fp16_copy, graph_specs, keeps_fp32_vae_decoder
+from fewstep.export.lora_map import write_lora_map
 from fewstep.export.onnx_io import MAX_OPSET, MIN_OPSET, MODEL_NAME, export_graph, graph_io
 from fewstep.export.progress import StageLog
 from fewstep.export.source import (
@@ -32,6 +35,7 @@ from fewstep.export.source import (
     refuse_pickle,
 )
 from fewstep.export.verify import GraphError, verification_latent_size, verify_graph
+from fewstep.lora import LORA_GRAPHS, LoraArg, LoraFile, describe_loras, fold_lora_torch, load_loras
 from fewstep.package import family_from_configs, read_model_info, write_manifest
 
 DTYPES = ("fp32", "fp16")
@@ -73,6 +77,7 @@ def export_package(
     config: str | os.PathLike | None = None,
     progress: bool = True,
     verify: bool = True,
+    loras: list[LoraArg] | None = None,
 ) -> Path:
     """Export `src` to a model package at `out`; returns `out` as a Path.
 
@@ -88,9 +93,15 @@ def export_package(
     verify: run every graph with onnxruntime against its torch module and store the errors;
         raises VerificationError (leaving no package) when an fp32 graph's relative error
         exceeds 1e-4 or any graph's output is not finite.
+    loras: [(path, scale), …] LoRA safetensors folded into the U-Net and text encoder before
+        export (fewstep.lora); the manifest's `loras` records each file's name, sha256 and
+        scale. Files, scales and keys are checked before anything is written.
     """
     spec, out_path = _check_arguments(src, out, dtype, opset, config)
+    checked = load_loras(loras)
     stage_names = ["load", *(f"export {name}" for name in GRAPH_CONFIGS), "verify", "write"]
+    if checked:
+        stage_names.insert(1, "fold loras")
     if not verify:
         stage_names.remove("verify")
     log = StageLog(stage_names, enabled=progress)
@@ -99,7 +110,7 @@ def export_package(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
     try:
         tmp.chmod(0o755)  # mkdtemp's 0700 would follow the rename: the package is for sharing
-        _build_package(tmp, spec, dtype, opset, verify, log)
+        _build_package(tmp, spec, dtype, opset, verify, log, checked)
         if out_path.is_dir():
             out_path.rmdir()  # checked empty above; fails if something appeared since
         os.rename(tmp, out_path)
@@ -110,10 +121,20 @@ def export_package(
 
 
 def _build_package(
-    tmp: Path, spec: SourceSpec, dtype: str, opset: int, verify: bool, log: StageLog
+    tmp: Path,
+    spec: SourceSpec,
+    dtype: str,
+    opset: int,
+    verify: bool,
+    log: StageLog,
+    loras: list[tuple[LoraFile, float]],
 ) -> None:
     with log.stage("load"):
         model = load_source(spec)
+    if loras:
+        with log.stage("fold loras"):
+            folds = fold_lora_torch({"unet": model.unet, "text_encoder": model.text_encoder}, loras)
+            log.note(f"folded {len(loras)} LoRA file(s) into {len(folds)} weights")
     family = family_from_configs(dict(model.unet.config))
     specs = graph_specs(model.unet, model.vae, model.text_encoder)
     upcast_vae = dtype == "fp16" and keeps_fp32_vae_decoder(family, model.vae.config)
@@ -148,6 +169,7 @@ def _build_package(
     with log.stage("write"):
         _write_metadata(tmp, model)
         manifest = _manifest(tmp, model, specs, precisions, errors, dtype, opset, log)
+        manifest["loras"] = describe_loras(loras, "export")
         write_manifest(tmp, manifest)
 
 
@@ -160,6 +182,8 @@ def _export_one(
     side = 2 * latent_multiple  # square: the verification's non-square size differs from it
     inputs = graph.sample_inputs(TRACE_BATCH, side, side, sequence=sequence, seed=0)
     export_graph(graph, module, graph.torch_args(inputs, precision), tmp / graph.name, opset)
+    if graph.name in LORA_GRAPHS:
+        write_lora_map(tmp / graph.name, graph.name, module)
 
 
 def _write_metadata(tmp: Path, model: SourceModel) -> None:

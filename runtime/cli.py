@@ -1,4 +1,4 @@
-"""The `fewstep` command: export, generate, info, demo, bench.
+"""The `fewstep` command: export, generate, info, demo, bench, lora.
 
 Flags mirror the Python API's argument names in kebab-case. `fewstep export`
 hands over to fewstep.export (the `export` extra), imported only when used.
@@ -12,6 +12,7 @@ import logging
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from fewstep.backends.base import BACKENDS
 from fewstep.samplers import SAMPLERS
@@ -35,6 +36,23 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         help="backend precision, passed through when given (openvino: fp32 | bf16)",
     )
     p.add_argument("--output", "-o", default="image.png", help="PNG path (index added for >1)")
+    _add_lora_arg(p, "folded into the weights at load (the package is not changed)")
+
+
+def _add_lora_arg(p: argparse.ArgumentParser, what: str) -> None:
+    p.add_argument(
+        "--lora",
+        action="append",
+        default=[],
+        metavar="PATH[:SCALE]",
+        help=f"LoRA safetensors (kohya or PEFT) and its scale (default 1.0), {what}; repeatable",
+    )
+
+
+def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
+    from fewstep.lora import parse_lora_arg
+
+    return [parse_lora_arg(text) for text in args.lora]
 
 
 def _output_paths(output: str, count: int) -> list[Path]:
@@ -49,7 +67,9 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
     from fewstep.pipeline import Pipeline
     from fewstep.pngmeta import a1111_parameters, save_png
 
-    options = {"precision": args.precision} if args.precision is not None else {}
+    options: dict[str, Any] = {"precision": args.precision} if args.precision is not None else {}
+    if args.lora:
+        options["loras"] = _loras(args)
     pipe = Pipeline.from_pretrained(model, backend=args.backend, **options)
     result = pipe(
         prompt,
@@ -89,8 +109,27 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise SystemExit(
             f"fewstep export needs the export extra: pip install 'fewstep[export]' ({e})"
         ) from e
-    export_package(args.src, args.out, dtype=args.dtype, opset=args.opset, config=args.config)
+    export_package(
+        args.src,
+        args.out,
+        dtype=args.dtype,
+        opset=args.opset,
+        config=args.config,
+        loras=_loras(args),
+    )
     print(f"wrote model package {args.out}")
+    return 0
+
+
+def cmd_lora_apply(args: argparse.Namespace) -> int:
+    from fewstep.lora import apply_loras_to_package
+
+    loras = _loras(args)
+    if not loras:
+        raise ValueError("fewstep lora apply needs at least one --lora PATH[:SCALE]")
+    t0 = time.perf_counter()
+    apply_loras_to_package(args.package, loras, args.out)
+    print(f"wrote model package {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
 
 
@@ -174,6 +213,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default="fp32", help="fp32 | fp16")
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--config", default=None, help="diffusers folder with configs (single files)")
+    _add_lora_arg(p, "folded into the U-Net and text encoder before export")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="check a model package and print what it holds")
@@ -200,6 +240,14 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--note", default=None, help="appended to the results' `what` field")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("lora", help="LoRA files and model packages")
+    lora_sub = p.add_subparsers(dest="lora_command", required=True)
+    p = lora_sub.add_parser("apply", help="copy a package with LoRAs folded into its weights")
+    p.add_argument("package", help="model package folder (not changed)")
+    p.add_argument("--out", required=True, help="new package folder (must not exist)")
+    _add_lora_arg(p, "folded into the copy")
+    p.set_defaults(func=cmd_lora_apply)
     return parser
 
 

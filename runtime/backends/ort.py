@@ -4,6 +4,12 @@ Sessions are created once per graph at load (the VAE encoder lazily, since only
 img2img needs it) and are safe to call from several threads: InferenceSession.run
 holds no per-call state. Float inputs are cast to the dtype each graph declares,
 so fp16 packages take the same float32 arrays as fp32 ones.
+
+LoRAs (`loras=[(path, scale), …]`) are folded at load without touching the package: the
+folded initializers (fewstep.lora, computed from the files' pristine values) go into an
+in-memory copy of the graph's bytes, or, for weights kept in external data, into
+`SessionOptions.add_external_initializers`. Not `add_initializer`: onnxruntime ignores it
+for Conv weights at the default optimisation level (fewstep.lora.onnx_package explains).
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ class OnnxRuntimeBackend:
         package_dir: str | Path,
         providers: list[Any] | None = None,
         intra_op_num_threads: int | None = None,
+        loras: list[Any] | None = None,
     ):
         try:
             import onnxruntime as ort
@@ -42,22 +49,51 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.root = Path(package_dir)
         self.providers = providers or ["CPUExecutionProvider"]
-        self._options = ort.SessionOptions()
-        if intra_op_num_threads:
-            self._options.intra_op_num_threads = intra_op_num_threads
+        self._intra_op_num_threads = intra_op_num_threads
+        self._options = self._session_options()
+        self._initializers: dict[str, dict[str, Any]] = {}
+        self._ort_values: list[Any] = []
+        if loras:
+            from fewstep.lora import lora_initializers
+
+            self._initializers = lora_initializers(self.root, loras)
         self._sessions: dict[str, Any] = {}
         self._input_types: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
         for graph in REQUIRED_GRAPHS:
             self._load(graph)
 
+    def _session_options(self) -> Any:
+        options = self._ort.SessionOptions()
+        if self._intra_op_num_threads:
+            options.intra_op_num_threads = self._intra_op_num_threads
+        return options
+
     def _load(self, graph: str) -> Any:
         path = self.root / graph / "model.onnx"
         if not path.is_file():
             raise PackageError(f"missing package file: {path}")
+        model: str | bytes = str(path)
+        options = self._options
+        if graph in self._initializers:
+            from fewstep.lora.onnx_package import patched_model
+
+            options = self._session_options()
+            patched, external = patched_model(path, self._initializers.pop(graph))
+            if patched is not None:
+                model = patched
+                # A graph given as bytes finds its external data file through this entry.
+                options.add_session_config_entry(
+                    "session.model_external_initializers_file_folder_path", str(path.parent)
+                )
+            if external:
+                # The OrtValues wrap the arrays without copying: keep both alive.
+                ort_values = [self._ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
+                self._ort_values.append((external, ort_values))
+                options.add_external_initializers(list(external), ort_values)
         try:
             session = self._ort.InferenceSession(
-                str(path), sess_options=self._options, providers=self.providers
+                model, sess_options=options, providers=self.providers
             )
         except Exception as e:  # onnxruntime raises its own exception types
             raise PackageError(f"corrupt package file {path}: {e}") from e

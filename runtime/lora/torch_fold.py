@@ -1,0 +1,82 @@
+"""LoRAs folded into torch modules in place, with the pristine weights kept for an exact unfold.
+
+    fold_lora_torch({"unet": unet, "text_encoder": text_encoder}, [(path, scale), …])
+    unfold_lora_torch({"unet": unet, "text_encoder": text_encoder})
+
+Each fold *sets* the LoRAs: a weight becomes pristine + Σ deltas of exactly the LoRAs given,
+computed from the kept pristine copy (never by subtracting an earlier delta), so A → B → A
+leaves exactly the weights of A, and weights a previous fold touched but this one does not
+are restored. Weights are updated with `.copy_()` into their existing storage, so CUDA graphs
+captured on them stay valid (REFERENCE.md, "Known failure modes"). The pristine copies live
+on the weight's device, as an attribute of each module (`_fewstep_lora_pristine`); unfold
+restores them and frees them.
+
+Deltas are computed in float32 on the weight's device (`fewstep.lora.fold` has the formula)
+and cast to the weight's dtype after adding. torch is imported here only: `fewstep.lora`
+itself needs numpy and safetensors.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from fewstep.lora.files import LoraArg, load_loras
+from fewstep.lora.fold import WeightFold, canonical_weight_name, plan_fold
+
+_PRISTINE = "_fewstep_lora_pristine"
+
+
+def _named_weights(component: str, module: Any) -> dict[str, Any]:
+    return {canonical_weight_name(component, n): p for n, p in module.named_parameters()}
+
+
+def _delta(fold: WeightFold, device: Any) -> Any:
+    import torch
+
+    total = None
+    for term in fold.terms:
+        up = torch.from_numpy(term.up).to(device)
+        down = torch.from_numpy(term.down).to(device)
+        d = (up @ down).mul_(term.factor)  # [out, r] @ [r, in·kh·kw], float32
+        total = d if total is None else total.add_(d)
+    assert total is not None
+    return total.reshape(fold.shape)
+
+
+def fold_lora_torch(modules: Mapping[str, Any], loras: Sequence[LoraArg]) -> list[WeightFold]:
+    """Set the weights of `modules` ({component: module}) to pristine + Σ LoRA deltas.
+
+    Components are diffusers' names: `unet`, `text_encoder` (`text_encoder_2`). Every file is
+    read and every key resolved against the modules before any weight changes; errors are
+    ValueErrors naming the file and key. An empty `loras` restores the pristine weights.
+    """
+    import torch
+
+    checked = load_loras(loras)
+    weights = {c: _named_weights(c, m) for c, m in modules.items()}
+    folds = plan_fold(
+        checked, {c: {n: tuple(p.shape) for n, p in w.items()} for c, w in weights.items()}
+    )
+    with torch.no_grad():
+        for component, module in modules.items():
+            pristine: dict[str, Any] = getattr(module, _PRISTINE, None) or {}
+            targets = {f.weight: f for f in folds if f.component == component}
+            for name in [n for n in pristine if n not in targets]:
+                weights[component][name].copy_(pristine.pop(name))
+            for name, fold in targets.items():
+                param = weights[component][name]
+                if name not in pristine:
+                    pristine[name] = param.detach().clone()
+                folded = pristine[name].float() + _delta(fold, param.device)
+                param.copy_(folded.to(param.dtype))
+            setattr(module, _PRISTINE, pristine)
+    return folds
+
+
+def unfold_lora_torch(modules: Mapping[str, Any]) -> None:
+    """Restore every weight a fold changed, bit for bit, and drop the pristine copies."""
+    fold_lora_torch(modules, [])
+    for module in modules.values():
+        if hasattr(module, _PRISTINE):
+            delattr(module, _PRISTINE)
