@@ -17,6 +17,7 @@ diffusers = pytest.importorskip("diffusers")
 from test_kernels import assert_matches_ref  # noqa: E402
 
 import fewstep.kernels.ops as kernel_ops  # noqa: E402
+from fewstep.backends.torch_backend import diffusers_dtype_kwargs  # noqa: E402
 from fewstep.kernels import FewstepAttnProcessor, is_patched, patch, unpatch  # noqa: E402
 
 pytestmark = [
@@ -66,7 +67,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
 
 def load(tiny_model, family: str, component: str, dtype=torch.float32) -> torch.nn.Module:
     cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-    module = cls.from_pretrained(tiny_model(family) / component, torch_dtype=dtype)
+    module = cls.from_pretrained(tiny_model(family) / component, **diffusers_dtype_kwargs(dtype))
     return module.eval().requires_grad_(False)
 
 

@@ -116,6 +116,14 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
     )
 
 
+def diffusers_dtype_kwargs(dtype: Any) -> dict[str, Any]:
+    """`from_pretrained`'s dtype argument: `dtype` where diffusers has it (it deprecated
+    `torch_dtype` in favour of it, huggingface/diffusers#14205), else `torch_dtype`."""
+    import diffusers.utils.deprecation_utils as deprecation
+
+    return {"dtype": dtype} if hasattr(deprecation, "_resolve_dtype") else {"torch_dtype": dtype}
+
+
 class TorchArrayOps:
     """fewstep.arrays' operations on torch tensors on one device (float32 latents)."""
 
@@ -241,17 +249,17 @@ class TorchBackend:
             ),
             self.dtype,
         )
-        # diffusers casts at load (torch_dtype) so that modules it keeps in fp32 stay so.
+        # diffusers casts at load so that modules it keeps in fp32 stay so.
         self.unet = self._prepare(
             diffusers.UNet2DConditionModel.from_pretrained(
-                self.root / "unet", use_safetensors=True, torch_dtype=self.dtype
+                self.root / "unet", use_safetensors=True, **diffusers_dtype_kwargs(self.dtype)
             ),
             self.dtype,
             memory_format,
         )
         self.vae = self._prepare(
             diffusers.AutoencoderKL.from_pretrained(
-                self.root / "vae", use_safetensors=True, torch_dtype=self.vae_dtype
+                self.root / "vae", use_safetensors=True, **diffusers_dtype_kwargs(self.vae_dtype)
             ),
             self.vae_dtype,
             memory_format,
@@ -269,7 +277,7 @@ class TorchBackend:
         self._graphs: dict[tuple, _CudaGraph] = {}
         self.capture_ms: dict[str, float] = {}  # per captured signature, for reports
         self._graph_lock = threading.Lock()
-        self._pool = torch.cuda.graph_pool_handle() if self.cuda_graphs else None
+        self._pool: Any = None  # one memory pool for all graphs, made at the first capture
         self._forward: dict[str, Callable[..., Any]] = {
             "text_encoder": self._text_encoder,
             "unet": self._unet,
@@ -287,13 +295,15 @@ class TorchBackend:
 
     def _resolve_kernels(self, kernels: bool | None, cuda: bool) -> bool:
         if kernels is None:
-            return cuda
-        if not kernels or cuda:
-            return kernels
-        try:
+            kernels = cuda
+        if not kernels:
+            return False
+        try:  # triton comes with torch's CUDA wheels; on the CPU, with the dev extra
             from fewstep.kernels._interpreter import INTERPRETED
         except ImportError as e:
             raise missing_extra_error(e.name or "triton", "dev") from e
+        if cuda:
+            return True
         if not INTERPRETED:
             logger.warning(
                 "kernels=True on the CPU: the Triton kernels run on the CPU only in Triton's "
@@ -414,10 +424,12 @@ class TorchBackend:
         key = (graph,) + tuple(
             (n, tuple(t.shape), str(t.dtype)) for n, t in sorted(tensors.items())
         )
-        with self._graph_lock:
+        with self._graph_lock, _torch().cuda.device(self.device):
             runner = self._graphs.get(key)
             if runner is None:
                 t0 = time.perf_counter()
+                if self._pool is None:
+                    self._pool = _torch().cuda.graph_pool_handle()
                 runner = _CudaGraph(self._forward[graph], tensors, self._pool)
                 _torch().cuda.synchronize(self.device)
                 label = f"{graph} " + describe_inputs(tensors)
