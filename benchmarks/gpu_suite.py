@@ -1,0 +1,782 @@
+"""The GPU suite: kernel and backend correctness at full SD sizes, then side-by-side timings.
+
+One run, in order (each section writes the JSON so far, so a run cut short still reports):
+
+0. checks: fewstep.kernels against fp64 references at full-size SD1.5/SD2 shapes (fp16 and
+   bf16, NCHW and channels_last; the rule of tests/test_kernels.py: err_kernel <=
+   2 · err_torch_same_precision + one rounding step).
+1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s), fused
+   attention vs F.scaled_dot_product_attention with its best backend (each of flash,
+   memory-efficient and cuDNN timed, the fastest reported; TFLOP/s), SD1.5 512² shapes,
+   fp16 (benchmarks/kernels_bench.py's cases and timer).
+2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
+   (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), torch.compile of the same
+   module (channels_last; compile time reported apart), and fewstep's torch backend
+   (kernels + CUDA graphs + channels_last, and each of those off, to split the gain). Every
+   variant's output is also checked against the U-Net in fp64 with the rule above.
+3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
+   random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
+   and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
+   backend, eager and fast; per-stage times from fewstep's own timings.
+
+Timing (STYLE.md): CUDA events around each call, `--warmup` untimed calls first (Triton
+compiles, CUDA graph capture and torch.compile happen there and are reported apart), p50 and
+p90 of `--repeats` calls; cuDNN benchmark mode on for every variant alike. Weights are
+random: drawn N(0, 1/fan_in) (variance preserving, as fewstep's tiny models), saved as fp16
+safetensors in a real diffusers folder (tokenizer and scheduler from fewstep.testing), and
+loaded the way users load them.
+
+`--small` (the default without a GPU): the same code path on the CPU at tiny sizes, kernels in
+Triton's interpreter, fp32, no torch.compile, kernels checked but not timed inside models
+(interpreted Triton is a correctness tool, not a speed). Seconds, not minutes; the default
+test suite runs it (tests/test_gpu_suite.py). Its numbers measure only the harness.
+
+    bash benchmarks/gpu_suite.sh                  # GPU machine: installs, runs, tees the log
+    python benchmarks/gpu_suite.py --small --output /tmp/suite.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+SMALL = "--small" in sys.argv or not torch.cuda.is_available()
+if SMALL:  # before triton is imported: the kernels run in its interpreter on the CPU
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch.nn.functional as F  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import kernels_bench  # noqa: E402
+
+from fewstep.kernels import attention, attention_ref, group_norm, group_norm_ref  # noqa: E402
+
+SECTIONS = ("checks", "kernels", "unet", "turbo")
+REPO = Path(__file__).resolve().parents[1]
+
+# GFLOP per forward (REFERENCE.md, "Performance anchors"): for achieved TFLOP/s.
+GFLOP = {"sd15_unet_64x64_b2": 1607.0, "sd21_unet_64x64_b1": 804.0, "vae_decoder_512": 2515.0}
+
+
+# -- model presets -------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelPreset:
+    """A full-size architecture: the fewstep.testing family that supplies tokenizer and
+    scheduler, and the component configs that replace the tiny ones."""
+
+    family: str  # fewstep.testing family (tokenizer, scheduler, model_index)
+    unet: dict[str, Any]
+    text_encoder: dict[str, Any]
+    vae: dict[str, Any]
+
+    @classmethod
+    def from_name(cls, name: str) -> ModelPreset:
+        return PRESETS[name]
+
+
+_VAE_SD = {
+    "block_out_channels": (128, 256, 512, 512),
+    "down_block_types": ("DownEncoderBlock2D",) * 4,
+    "up_block_types": ("UpDecoderBlock2D",) * 4,
+    "layers_per_block": 2,
+    "latent_channels": 4,
+    "norm_num_groups": 32,
+    "sample_size": 512,
+    "scaling_factor": 0.18215,
+}
+_SD_BLOCKS = {
+    "block_out_channels": (320, 640, 1280, 1280),
+    "layers_per_block": 2,
+    "down_block_types": ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
+    "up_block_types": ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
+    "norm_num_groups": 32,
+    "sample_size": 64,
+}
+PRESETS = {
+    # runwayml/stable-diffusion-v1-5: CLIP ViT-L/14 text encoder
+    "sd15": ModelPreset(
+        family="sd1",
+        unet={**_SD_BLOCKS, "cross_attention_dim": 768, "attention_head_dim": 8},
+        text_encoder={
+            "hidden_size": 768,
+            "intermediate_size": 3072,
+            "num_hidden_layers": 12,
+            "num_attention_heads": 12,
+            "projection_dim": 768,
+            "hidden_act": "quick_gelu",
+        },
+        vae=_VAE_SD,
+    ),
+    # stabilityai/sd-turbo: the SD 2.1 U-Net, OpenCLIP ViT-H text encoder (23 layers used)
+    "sd_turbo": ModelPreset(
+        family="turbo",
+        unet={
+            **_SD_BLOCKS,
+            "cross_attention_dim": 1024,
+            "attention_head_dim": (5, 10, 20, 20),
+            "use_linear_projection": True,
+        },
+        text_encoder={
+            "hidden_size": 1024,
+            "intermediate_size": 4096,
+            "num_hidden_layers": 23,
+            "num_attention_heads": 16,
+            "projection_dim": 512,
+            "hidden_act": "gelu",
+        },
+        vae=_VAE_SD,
+    ),
+}
+
+
+def _redraw(module: torch.nn.Module, generator: torch.Generator) -> None:
+    """Matrices and kernels N(0, 1/fan_in); vectors (norms, biases) kept as constructed."""
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                noise = torch.randn(p.shape, generator=generator, device=p.device)
+                p.copy_(noise / float(np.sqrt(p[0].numel())))
+
+
+def make_model_folder(path: Path, preset: str, small: bool, device: torch.device) -> Path:
+    """A diffusers folder: fewstep's tiny model of the preset's family (`small`), or that
+    folder with its U-Net, VAE and text encoder replaced by random-weight full-size ones
+    (fp16 safetensors)."""
+    from fewstep.testing import make_tiny_model
+
+    make_tiny_model(path, PRESETS[preset].family)
+    if small:
+        return path
+    import diffusers
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    spec = PRESETS[preset]
+    generator = torch.Generator(device=device).manual_seed(0)
+    tiny_text = json.loads((path / "text_encoder" / "config.json").read_text())
+    text_config = CLIPTextConfig(
+        **spec.text_encoder,
+        vocab_size=tiny_text["vocab_size"],
+        max_position_embeddings=77,
+        bos_token_id=tiny_text["bos_token_id"],
+        eos_token_id=tiny_text["eos_token_id"],
+        pad_token_id=tiny_text["pad_token_id"],
+    )
+    with torch.device(device):
+        modules = {
+            "unet": diffusers.UNet2DConditionModel(**spec.unet),
+            "vae": diffusers.AutoencoderKL(**spec.vae),
+            "text_encoder": CLIPTextModel(text_config),
+        }
+    for name, module in modules.items():
+        _redraw(module, generator)
+        shutil.rmtree(path / name)
+        module.half().save_pretrained(path / name)  # safetensors (both libraries' default)
+    return path
+
+
+# -- environment ---------------------------------------------------------------------------------
+
+
+def environment(device: torch.device) -> dict[str, Any]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    versions = {"python": platform.python_version()}
+    for name in ("fewstep", "torch", "triton", "diffusers", "transformers", "numpy"):
+        with contextlib.suppress(PackageNotFoundError):
+            versions[name] = version(name)
+    env: dict[str, Any] = {"versions": versions, "commit": _commit()}
+    if device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        versions["cuda"] = str(torch.version.cuda)
+        env["card"] = {
+            "name": props.name,
+            "compute_capability": f"{props.major}.{props.minor}",
+            "multiprocessors": props.multi_processor_count,
+            "memory_gb": round(props.total_memory / 2**30, 1),
+            "driver": _driver(),
+        }
+    else:
+        env["card"] = {
+            "name": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+            "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
+        }
+    return env
+
+
+def _driver() -> str | None:
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        )
+        return out.stdout.strip().splitlines()[0]
+    except (OSError, subprocess.SubprocessError, IndexError):
+        return None
+
+
+def _commit() -> str | None:
+    # The GPU machine gets a copy of the working tree without .git: FEWSTEP_COMMIT names it.
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return os.environ.get("FEWSTEP_COMMIT")
+
+
+# -- accuracy ------------------------------------------------------------------------------------
+
+
+def accuracy(got: torch.Tensor, same_precision: torch.Tensor, ref64: torch.Tensor) -> dict:
+    """tests/test_kernels.py's rule: max|got − ref64| <= 2·max|torch − ref64| + eps·max|ref64|."""
+    ref = ref64.double()
+    err_torch = float((same_precision.double() - ref).abs().max())
+    err = float((got.double() - ref).abs().max())
+    floor = torch.finfo(got.dtype).eps * float(ref.abs().max())
+    tol = 2 * err_torch + floor
+    return {
+        "err": err,
+        "err_torch_same_precision": err_torch,
+        "tol": tol,
+        "ok": bool(err <= tol and torch.isfinite(got).all()),
+    }
+
+
+def _randn(shape, dtype, device, seed=0, scale=1.0, shift=0.0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * scale + shift).to(device, dtype)
+
+
+# (name, shape, groups, channels_last, dtype)
+GN_CHECKS_GPU = [
+    ("unet-down0", (2, 320, 64, 64), 32, False, torch.float16),
+    ("unet-down0-channels_last", (2, 320, 64, 64), 32, True, torch.float16),
+    ("unet-mid", (2, 1280, 8, 8), 32, False, torch.float16),
+    ("vae-mid", (1, 512, 64, 64), 32, True, torch.float16),
+    ("vae-up3", (1, 128, 512, 512), 32, False, torch.float16),
+    ("unet-down0-bf16", (2, 320, 64, 64), 32, True, torch.bfloat16),
+]
+GN_CHECKS_SMALL = [
+    ("unet-down0-scaled", (2, 320, 16, 16), 32, False, torch.float32),
+    ("vae-up3-scaled-channels_last", (1, 128, 32, 32), 32, True, torch.float16),
+]
+# (name, B, H, L_q, L_kv, D, dtype)
+ATTN_CHECKS_GPU = [
+    ("sd15-down0-self", 2, 8, 4096, 4096, 40, torch.float16),
+    ("sd15-down0-cross", 2, 8, 4096, 77, 40, torch.float16),
+    ("sd15-down1-self", 2, 8, 1024, 1024, 80, torch.float16),
+    ("sd15-down2-self", 2, 8, 256, 256, 160, torch.float16),
+    ("sd21-down0-self", 1, 5, 4096, 4096, 64, torch.float16),
+    ("sd15-down0-self-bf16", 2, 8, 4096, 4096, 40, torch.bfloat16),
+]
+ATTN_CHECKS_SMALL = [
+    ("self-scaled", 1, 2, 256, 256, 40, torch.float32),
+    ("cross-scaled", 1, 2, 256, 77, 40, torch.float16),
+]
+
+
+def check_kernels(device: torch.device, small: bool) -> list[dict]:
+    out = []
+    for name, shape, groups, channels_last, dtype in GN_CHECKS_SMALL if small else GN_CHECKS_GPU:
+        x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w = _randn(shape[1], dtype, device, seed=1, shift=1.0)
+        b = _randn(shape[1], dtype, device, seed=2)
+        got = group_norm(x, groups, w, b, activation="silu")
+        same = F.silu(F.group_norm(x.contiguous(), groups, w, b))
+        ref64 = group_norm_ref(x.double(), groups, w.double(), b.double(), activation="silu")
+        result = accuracy(got, same, ref64)
+        out.append({"op": "group_norm_silu", "name": name, "shape": list(shape), **result})
+        del x, got, same, ref64
+    for name, b, h, lq, lkv, d, dtype in ATTN_CHECKS_SMALL if small else ATTN_CHECKS_GPU:
+        # [B, L, H, D] viewed as [B, H, L, D], as diffusers' attention builds q, k, v
+        q, k, v = (
+            _randn((b, n, h, d), dtype, device, seed=s).transpose(1, 2)
+            for s, n in ((0, lq), (1, lkv), (2, lkv))
+        )
+        got = attention(q, k, v)
+        same = F.scaled_dot_product_attention(q, k, v)
+        ref64 = attention_ref(q.double(), k.double(), v.double())
+        result = accuracy(got, same, ref64)
+        out.append({"op": "attention", "name": name, "shape_bhld": [b, h, lq, d], "l_kv": lkv})
+        out[-1].update(dtype=str(dtype).removeprefix("torch."), **result)
+        del q, k, v, got, same, ref64
+    _free()
+    return out
+
+
+# -- timing --------------------------------------------------------------------------------------
+
+
+def timed(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> dict:
+    """kernels_bench.time_ms: first call, then p50/p90 over `repeats` after `warmup` calls."""
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    result = kernels_bench.time_ms(fn, warmup, repeats, device)
+    if device.type == "cuda":
+        result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def _free() -> None:
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def sdpa_best(q, k, v, warmup, repeats, device) -> tuple[str, dict]:
+    """F.scaled_dot_product_attention under each fused backend it accepts; the fastest."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    best: tuple[str, dict] | None = None
+    for backend in (
+        SDPBackend.FLASH_ATTENTION,
+        SDPBackend.EFFICIENT_ATTENTION,
+        SDPBackend.CUDNN_ATTENTION,
+    ):
+
+        def call(backend=backend):
+            with sdpa_kernel(backend):
+                return F.scaled_dot_product_attention(q, k, v)
+
+        try:
+            call()
+        except RuntimeError:  # this backend does not take these inputs
+            continue
+        t = timed(call, warmup, repeats, device)
+        if best is None or t["p50"] < best[1]["p50"]:
+            best = (backend.name.lower(), t)
+    if best is None:
+        return "default", timed(lambda: F.scaled_dot_product_attention(q, k, v), warmup, 3, device)
+    return best
+
+
+def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
+    dtype = torch.float32 if small else torch.float16
+    gn_cases = kernels_bench.GROUP_NORM_CPU if small else kernels_bench.GROUP_NORM_CUDA
+    attn_cases = kernels_bench.ATTENTION_CPU if small else kernels_bench.ATTENTION_CUDA
+    group_norm_rows = kernels_bench.bench_group_norm(gn_cases, dtype, device, warmup, repeats)
+    attention_rows = kernels_bench.bench_attention(attn_cases, dtype, device, warmup, repeats)
+    if device.type == "cuda":
+        for row, (_, b, h, lq, lkv, d) in zip(attention_rows, attn_cases, strict=True):
+            q, k, v = (
+                _randn((b, n, h, d), dtype, device, seed=s).transpose(1, 2)
+                for s, n in ((0, lq), (1, lkv), (2, lkv))
+            )
+            name, t = sdpa_best(q, k, v, warmup, repeats, device)
+            tflop = 4 * b * h * lq * lkv * d / 1e12
+            row["sdpa_best_backend"] = name
+            row["sdpa_best_ms"] = t
+            row["sdpa_best_tflop_per_s"] = tflop / (t["p50"] / 1e3)
+            row["speedup_vs_sdpa_best"] = t["p50"] / row["kernel_ms"]["p50"]
+    _free()
+    return {
+        "dtype": str(dtype).removeprefix("torch."),
+        "group_norm": group_norm_rows,
+        "attention": attention_rows,
+    }
+
+
+# -- (b) one U-Net step --------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    name: str
+    kernels: bool
+    cuda_graphs: bool
+    channels_last: bool = True
+    timed: bool = True  # False: checked only (interpreted kernels are too slow to time)
+
+
+GPU_VARIANTS = (
+    Variant("fewstep", kernels=True, cuda_graphs=True),
+    Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
+    Variant("fewstep-no-cuda-graphs", kernels=True, cuda_graphs=False),
+)
+SMALL_VARIANTS = (
+    Variant("fewstep", kernels=False, cuda_graphs=False),
+    Variant("fewstep-kernels-interpreted", kernels=True, cuda_graphs=False, timed=False),
+)
+
+
+def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode) -> dict:
+    import diffusers
+
+    from fewstep.backends.torch_backend import TorchBackend, diffusers_dtype_kwargs
+
+    batch, side = 2, (8 if small else 64)
+    cfg = json.loads((folder / "unet" / "config.json").read_text())
+    sample = _randn((batch, 4, side, side), torch.float32, device)
+    hidden = _randn((batch, 77, cfg["cross_attention_dim"]), torch.float32, device, seed=1)
+    timestep = torch.tensor(500.0, device=device)
+    result: dict[str, Any] = {
+        "what": f"U-Net step, {'tiny sd1' if small else 'SD1.5'} architecture, random weights",
+        "latent": [batch, 4, side, side],
+        "dtype": str(dtype).removeprefix("torch."),
+        "variants": {},
+        "checks": {},
+    }
+
+    def load_unet(load_dtype):
+        unet = diffusers.UNet2DConditionModel.from_pretrained(
+            folder / "unet", use_safetensors=True, **diffusers_dtype_kwargs(load_dtype)
+        )
+        return unet.to(device).eval().requires_grad_(False)
+
+    with torch.inference_mode():
+        ref64 = load_unet(torch.float64)(sample.double(), timestep, hidden.double()).sample
+        _free()
+        eager = load_unet(dtype)
+        args = (sample.to(dtype), timestep, hidden.to(dtype))
+
+        def eager_call():
+            return eager(*args, return_dict=False)[0]
+
+        out_eager = eager_call()
+        result["checks"]["diffusers_eager"] = accuracy(out_eager, out_eager, ref64)
+        result["variants"]["diffusers_eager"] = timed(eager_call, warmup, repeats, device)
+
+        if compile_mode != "none":
+            try:
+                row, check = _bench_compiled(
+                    load_unet(dtype), args, out_eager, ref64, compile_mode, warmup, repeats, device
+                )
+                result["variants"]["torch_compile"], result["checks"]["torch_compile"] = row, check
+            except Exception as e:  # a compile failure is a result, not the end of the run
+                result["torch_compile_error"] = f"{type(e).__name__}: {e}"[:2000]
+                print(f"torch.compile failed: {result['torch_compile_error']}", flush=True)
+            _free()
+
+    for variant in SMALL_VARIANTS if small else GPU_VARIANTS:
+        backend = TorchBackend(
+            folder,
+            device=device,
+            dtype=dtype,
+            kernels=variant.kernels,
+            cuda_graphs=variant.cuda_graphs,
+            channels_last=variant.channels_last,
+        )
+        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+
+        def backend_call(backend=backend, inputs=inputs):
+            return backend.run("unet", **inputs)["out_sample"]
+
+        out = backend_call()  # captures the CUDA graph (when on)
+        result["checks"][variant.name] = accuracy(out.to(dtype), out_eager, ref64)
+        if variant.timed:
+            row = timed(backend_call, warmup, repeats, device)
+            row["capture_ms"] = dict(backend.capture_ms)
+            row["patched"] = {k: dataclasses.asdict(v) for k, v in backend.patch_report.items()}
+            result["variants"][variant.name] = row
+        del backend, backend_call, out
+        _free()
+
+    base = result["variants"]["diffusers_eager"]["p50"]
+    for row in result["variants"].values():
+        row["speedup_vs_eager"] = base / row["p50"]
+        if not small:
+            row["tflop_per_s"] = GFLOP["sd15_unet_64x64_b2"] / row["p50"]  # GFLOP/ms = TFLOP/s
+    return result
+
+
+def _bench_compiled(unet, args, out_eager, ref64, mode, warmup, repeats, device):
+    """torch.compile of the U-Net in channels_last (as diffusers' docs set it up)."""
+    unet = unet.to(memory_format=torch.channels_last)
+    compiled = torch.compile(unet, mode=mode, fullgraph=True)
+    sample = args[0].contiguous(memory_format=torch.channels_last)
+
+    def call():
+        return compiled(sample, args[1], args[2], return_dict=False)[0]
+
+    t0 = time.perf_counter()
+    out = call()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    compile_s = time.perf_counter() - t0
+    check = accuracy(out.clone(), out_eager, ref64)
+    del out  # CUDA-graph-owned (reduce-overhead): the next replay overwrites it
+    row = {"compile_s": compile_s, "mode": mode, **timed(call, warmup, repeats, device)}
+    return row, check
+
+
+# -- (c) SD-Turbo end to end ---------------------------------------------------------------------
+
+
+def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
+    import diffusers
+
+    from fewstep.backends.torch_backend import diffusers_dtype_kwargs
+    from fewstep.pipeline import Pipeline
+
+    side = 64 if small else 512
+    result: dict[str, Any] = {
+        "what": f"{'tiny turbo' if small else 'SD-Turbo architecture'}, 1 step, {side}², "
+        "end to end (prompt → float32 image), random weights",
+        "dtype": str(dtype).removeprefix("torch."),
+        "batches": {},
+    }
+    reference = diffusers.StableDiffusionPipeline.from_pretrained(
+        folder, safety_checker=None, requires_safety_checker=False, **diffusers_dtype_kwargs(dtype)
+    ).to(device)
+    reference.set_progress_bar_config(disable=True)
+    # Interpreted kernels are a correctness tool (section unet checks them), not timed here.
+    ours = {
+        "fewstep": Pipeline.from_pretrained(folder, backend="torch", device=device, dtype=dtype)
+    }
+    if not small:
+        ours["fewstep-eager"] = Pipeline.from_pretrained(
+            folder, backend="torch", device=device, dtype=dtype, kernels=False, cuda_graphs=False
+        )
+    for batch in (1, 8):
+        prompts = ["a photo of a cat"] * batch
+        latents = np.random.default_rng(0).standard_normal(
+            (batch, 4, side // 8, side // 8), dtype=np.float32
+        )
+        call = dict(num_inference_steps=1, guidance_scale=0.0, height=side, width=side)
+        rows: dict[str, Any] = {}
+        images: dict[str, np.ndarray] = {}
+
+        def run_reference(prompts=prompts, latents=latents, call=call):
+            lat = torch.from_numpy(latents).to(device, dtype)
+            return reference(prompts, latents=lat, output_type="np", **call).images
+
+        images["diffusers_eager"] = run_reference()
+        rows["diffusers_eager"] = timed(run_reference, warmup, repeats, device)
+        for name, pipe in ours.items():
+            stages: dict[str, list[float]] = {"text_encoder": [], "unet": [], "vae_decoder": []}
+
+            def run_ours(pipe=pipe, prompts=prompts, latents=latents, call=call, stages=stages):
+                out = pipe(prompts, latents=latents, seed=0, output_type="np", **call)
+                stages["text_encoder"].append(out.timings_ms["text_encoder"])
+                stages["unet"].append(out.timings_ms["unet_call"][0])
+                stages["vae_decoder"].append(out.timings_ms["vae_decoder"])
+                return out.images
+
+            images[name] = run_ours()
+            row = timed(run_ours, warmup, repeats, device)
+            row["stages_ms_p50"] = {k: float(np.median(v[-repeats:])) for k, v in stages.items()}
+            row["capture_ms"] = dict(pipe.backend.capture_ms)
+            rows[name] = row
+        for row in rows.values():
+            row["images_per_s"] = batch / (row["p50"] / 1e3)
+            row["speedup_vs_diffusers"] = rows["diffusers_eager"]["p50"] / row["p50"]
+        rows["max_abs_image_diff_vs_diffusers"] = {
+            name: float(np.abs(img - images["diffusers_eager"]).max())
+            for name, img in images.items()
+            if name != "diffusers_eager"
+        }
+        result["batches"][str(batch)] = rows
+    return result
+
+
+# -- report ---------------------------------------------------------------------------------------
+
+
+def format_table(results: dict[str, Any]) -> str:
+    lines = [f"fewstep GPU suite — {results['env']['card'].get('name')}, mode {results['mode']}"]
+    checks = results.get("checks")
+    if checks:
+        lines.append("checks (err <= 2·err_torch + floor):")
+        for c in checks["kernels"]:
+            lines.append(
+                f"  {c['op']:<16} {c['name']:<30} err {c['err']:.3g}  torch "
+                f"{c['err_torch_same_precision']:.3g}  tol {c['tol']:.3g}  "
+                f"{'ok' if c['ok'] else 'FAIL'}"
+            )
+    kern = results.get("kernels")
+    if kern:
+        lines.append(f"kernels ({kern['dtype']}), p50 ms:")
+        for r in kern["group_norm"]:
+            lines.append(
+                f"  group_norm+silu {r['name']:<26} kernel {r['kernel_ms']['p50']:8.3f} "
+                f"({r['kernel_gb_per_s']:7.1f} GB/s)  torch {r['torch_ms']['p50']:8.3f} "
+                f"({r['torch_gb_per_s']:7.1f} GB/s)  x{r['speedup']:.2f}"
+            )
+        for r in kern["attention"]:
+            best = (
+                f"  best SDPA ({r['sdpa_best_backend']}) {r['sdpa_best_ms']['p50']:.3f}"
+                if "sdpa_best_ms" in r
+                else ""
+            )
+            lines.append(
+                f"  attention {r['name']:<32} kernel {r['kernel_ms']['p50']:8.3f} "
+                f"({r['kernel_tflop_per_s']:6.1f} TFLOP/s)  sdpa {r['torch_ms']['p50']:8.3f}"
+                f"{best}"
+            )
+    unet = results.get("unet")
+    if unet:
+        lines.append(f"U-Net step {unet['latent']} {unet['dtype']}, p50 / p90 ms:")
+        for name, r in unet["variants"].items():
+            extra = f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+            lines.append(
+                f"  {name:<26} {r['p50']:8.2f} / {r['p90']:8.2f}  x{r['speedup_vs_eager']:.2f}"
+                f"{extra}"
+            )
+        for name, c in unet["checks"].items():
+            verdict = "ok" if c["ok"] else "FAIL"
+            lines.append(f"  check {name:<26} err {c['err']:.3g} tol {c['tol']:.3g} {verdict}")
+    turbo = results.get("turbo")
+    if turbo:
+        lines.append("SD-Turbo end to end, p50 ms (img/s):")
+        for batch, rows in turbo["batches"].items():
+            for name, r in rows.items():
+                if name.startswith("max_abs"):
+                    continue
+                stages = r.get("stages_ms_p50")
+                stage_text = (
+                    "  [" + ", ".join(f"{k} {v:.1f}" for k, v in stages.items()) + "]"
+                    if stages
+                    else ""
+                )
+                lines.append(
+                    f"  b{batch:<3} {name:<16} {r['p50']:9.2f} ({r['images_per_s']:7.1f} img/s)"
+                    f"  x{r['speedup_vs_diffusers']:.2f}{stage_text}"
+                )
+    for section, error in results.get("errors", {}).items():
+        lines.append(f"ERROR in section {section}: {error.strip().splitlines()[-1]}")
+    lines.append(f"sections (s): {results['section_s']}; all checks ok: {results['checks_ok']}")
+    return "\n".join(lines)
+
+
+def all_checks_ok(results: dict[str, Any]) -> bool:
+    """Every check passed and no section failed."""
+    oks = [not results.get("errors")]
+    oks += [c["ok"] for c in results.get("checks", {}).get("kernels", [])]
+    oks += [c["ok"] for c in results.get("unet", {}).get("checks", {}).values()]
+    return all(oks)
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    small = SMALL
+    device = torch.device("cpu" if small else "cuda")
+    dtype = torch.float32 if small else torch.float16
+    warmup = args.warmup if args.warmup is not None else (1 if small else 10)
+    repeats = args.repeats if args.repeats is not None else (3 if small else 50)
+    compile_mode = args.compile_mode or ("none" if small else "reduce-overhead")
+    sections = [s for s in args.sections.split(",") if s]
+    unknown = [s for s in sections if s not in SECTIONS]
+    if unknown:
+        raise ValueError(f"sections must be among {SECTIONS}, got {unknown}")
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # every variant alike
+    else:
+        torch.set_num_threads(args.threads)
+    results: dict[str, Any] = {
+        "what": "fewstep GPU suite: kernel checks, kernels vs torch, U-Net step, SD-Turbo e2e",
+        "mode": "small-cpu" if small else "gpu",
+        "env": environment(device),
+        "settings": {
+            "warmup": warmup,
+            "repeats": repeats,
+            "compile_mode": compile_mode,
+            "sections": sections,
+        },
+        "section_s": {},
+    }
+
+    def save() -> None:
+        results["checks_ok"] = all_checks_ok(results)
+        if args.output:
+            args.output.parent.mkdir(parents=True, exist_ok=True)
+            args.output.write_text(json.dumps(results, indent=2) + "\n")
+
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fewstep-gpu-suite-"))
+    try:
+        for section in sections:
+            t0 = time.perf_counter()
+            print(f"== {section}", flush=True)
+            try:
+                run_section(
+                    section, results, workdir, device, dtype, small, warmup, repeats, compile_mode
+                )
+            except Exception:  # one broken section must not cost the others' numbers
+                results.setdefault("errors", {})[section] = traceback.format_exc()[-6000:]
+                print(results["errors"][section], file=sys.stderr, flush=True)
+                _free()
+            results["section_s"][section] = round(time.perf_counter() - t0, 1)
+            save()
+    finally:
+        if not args.workdir:
+            shutil.rmtree(workdir, ignore_errors=True)
+    save()
+    print(format_table(results), flush=True)
+    if args.output:
+        print(f"wrote {args.output}")
+    return results
+
+
+def run_section(section, results, workdir, device, dtype, small, warmup, repeats, compile_mode):
+    if section == "checks":
+        results["checks"] = {"kernels": check_kernels(device, small)}
+    elif section == "kernels":
+        results["kernels"] = bench_kernels(device, small, warmup, max(repeats, 3))
+    elif section == "unet":
+        folder = make_model_folder(workdir / "sd15", "sd15", small, device)
+        try:
+            results["unet"] = bench_unet(
+                folder, device, dtype, small, warmup, repeats, compile_mode
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+    elif section == "turbo":
+        folder = make_model_folder(workdir / "turbo", "sd_turbo", small, device)
+        try:
+            results["turbo"] = bench_turbo(
+                folder, device, dtype, small, warmup, max(3, repeats // 2)
+            )
+        finally:
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--small", action="store_true", help="CPU, tiny models, interpreter")
+    parser.add_argument("--output", type=Path, help="JSON results (default $OUT/gpu_suite.json)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"among {SECTIONS}")
+    parser.add_argument("--warmup", type=int, help="untimed calls per case (GPU 10, small 1)")
+    parser.add_argument("--repeats", type=int, help="timed calls per case (GPU 50, small 3)")
+    parser.add_argument(
+        "--compile-mode",
+        help="torch.compile mode for the U-Net, or 'none' (GPU default reduce-overhead: "
+        "CUDA graphs, as fewstep's; small: none)",
+    )
+    parser.add_argument("--workdir", help="where the random-weight models are written")
+    parser.add_argument("--threads", type=int, default=1, help="torch CPU threads (small mode)")
+    args = parser.parse_args(argv)
+    if args.output is None and os.environ.get("OUT"):
+        args.output = Path(os.environ["OUT"]) / "gpu_suite.json"
+    results = run(args)
+    return 0 if results["checks_ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

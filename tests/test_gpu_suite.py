@@ -1,0 +1,52 @@
+"""benchmarks/gpu_suite.sh runs: its CPU mode (tiny models, Triton's interpreter), end to end.
+
+The suite is a benchmark, not a test; this only proves that the one command a GPU machine
+runs works (setup skipped where the imports already do), writes its JSON and log, and that
+its correctness checks pass at small sizes. The GPU numbers come from running it there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("diffusers")
+pytest.importorskip("triton")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "TRITON_INTERPRET": "1"}
+    proc = subprocess.run(
+        ["bash", "benchmarks/gpu_suite.sh", "--small"],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    results = json.loads((tmp_path / "gpu_suite.json").read_text())
+    log = (tmp_path / "gpu_suite.log").read_text()
+
+    assert results["mode"] == "small-cpu" and results["checks_ok"]
+    assert list(results["section_s"]) == ["checks", "kernels", "unet", "turbo"]
+    assert {"torch", "triton", "diffusers"} <= set(results["env"]["versions"])
+    assert all(c["ok"] for c in results["checks"]["kernels"])
+    assert results["kernels"]["group_norm"] and results["kernels"]["attention"]
+    unet = results["unet"]
+    assert {"diffusers_eager", "fewstep"} <= set(unet["variants"])
+    assert "fewstep-kernels-interpreted" in unet["checks"]  # the kernels ran in the model
+    for batch in ("1", "8"):
+        rows = results["turbo"]["batches"][batch]
+        assert rows["fewstep"]["p50"] > 0 and rows["diffusers_eager"]["p50"] > 0
+        # same latents, 1 Euler step, fp32: the same image as diffusers
+        assert rows["max_abs_image_diff_vs_diffusers"]["fewstep"] <= 1e-3
+    assert "U-Net step" in log and "SD-Turbo end to end" in log
