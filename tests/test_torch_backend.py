@@ -289,6 +289,7 @@ def test_dtype_spellings_and_defaults(canonical, expected):
         assert parse_dtype(spelling.upper(), cpu) is expected
     assert parse_dtype(expected, cpu) is expected
     assert parse_dtype(None, cpu) is torch.float32  # fp16 is the default on CUDA only
+    assert parse_device(None).type == ("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def test_folders_are_checked_for_their_backend(tiny_model, tiny_package):

@@ -74,8 +74,12 @@ def _torch() -> Any:
 
 
 def parse_device(device: Any) -> Any:
-    """A torch.device of a type in DEVICE_TYPES, usable here; ValueError naming `device`."""
+    """A torch.device of a type in DEVICE_TYPES, usable here; ValueError naming `device`.
+
+    None: the GPU when torch sees one, else the CPU."""
     torch = _torch()
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as e:
@@ -191,7 +195,7 @@ class TorchBackend:
     def __init__(
         self,
         package_dir: str | Path,
-        device: Any = "cpu",
+        device: Any = None,
         dtype: Any = None,
         kernels: bool | None = None,
         cuda_graphs: bool = True,
@@ -199,8 +203,9 @@ class TorchBackend:
     ):
         """package_dir: a diffusers folder (model_index.json, unet/, vae/, text_encoder/).
 
-        device: "cpu", "cuda" or "cuda:N". dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the
-        torch dtype; fp64 is a reference precision); None: fp16 on CUDA, fp32 on the CPU.
+        device: "cpu", "cuda" or "cuda:N"; None: CUDA when torch sees a GPU, else the CPU.
+        dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the torch dtype; fp64 is a reference
+        precision); None: fp16 on CUDA, fp32 on the CPU.
         kernels: swap in fewstep.kernels; None: on CUDA only. cuda_graphs: capture the U-Net
         step and VAE decoder (CUDA only). channels_last: U-Net and VAE in channels_last.
         """
