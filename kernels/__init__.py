@@ -13,17 +13,27 @@ On machines without a CUDA GPU the kernels run in Triton's interpreter when
 TRITON_INTERPRET=1 is set before this package is imported.
 """
 
-from .attention import attention, attention_ref
-from .group_norm import group_norm, group_norm_ref
-from .ops import (
-    attention_fallback_reason,
-    attention_op,
-    attention_supported,
-    group_norm_fallback_reason,
-    group_norm_op,
-    group_norm_supported,
-)
-from .patch import FewstepAttnProcessor, PatchReport, is_patched, patch, unpatch
+import importlib as _importlib
+import sys as _sys
+
+if __name__ == "kernels":
+    # This folder is `fewstep.kernels`. With the repository root on sys.path (`python -m
+    # pytest` from the root), transformers' probe for the unrelated Hugging Face `kernels`
+    # package imports it as a top-level `kernels`; a second copy would register the torch
+    # custom ops again and replace fewstep's. Hand back the real package instead.
+    _sys.modules[__name__] = _importlib.import_module("fewstep.kernels")
+else:
+    from .attention import attention, attention_ref
+    from .group_norm import group_norm, group_norm_ref
+    from .ops import (
+        attention_fallback_reason,
+        attention_op,
+        attention_supported,
+        group_norm_fallback_reason,
+        group_norm_op,
+        group_norm_supported,
+    )
+    from .patch import FewstepAttnProcessor, PatchReport, is_patched, patch, unpatch
 
 __all__ = [
     "FewstepAttnProcessor",
