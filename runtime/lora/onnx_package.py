@@ -24,8 +24,8 @@ embedded initializers overwritten in memory, and the externally stored ones (gra
 `SessionOptions.add_external_initializers`. (`SessionOptions.add_initializer`, the obvious
 way, is silently ignored for Conv weights at onnxruntime's default optimisation level: the
 NCHWc layout transformer reads the weight from the graph before the override applies;
-benchmarks/lora_bench.py measures it. The parity tests fold 3×3 and 1×1 conv LoRAs.) `apply_loras_to_package` writes
-into a copy of the package, atomically: the new values take exactly the bytes of the old
+benchmarks/lora_bench.py measures it. The parity tests fold 3×3 and 1×1 conv LoRAs.)
+`apply_loras_to_package` writes into a copy of the package, atomically: the new values take exactly the bytes of the old
 ones, so every other byte of the graph is unchanged.
 
 Limit: the exporter stores equal weights once (torch.onnx deduplicates initializers by value);
