@@ -25,8 +25,8 @@ embedded initializers overwritten in memory, and the externally stored ones (gra
 way, is silently ignored for Conv weights at onnxruntime's default optimisation level: the
 NCHWc layout transformer reads the weight from the graph before the override applies;
 benchmarks/lora_bench.py measures it. The parity tests fold 3×3 and 1×1 conv LoRAs.)
-`apply_loras_to_package` writes into a copy of the package, atomically: the new values take exactly the bytes of the old
-ones, so every other byte of the graph is unchanged.
+`apply_loras_to_package` writes into a copy of the package, atomically: the new values
+take exactly the bytes of the old ones, so every other byte of the graph is unchanged.
 
 Limit: the exporter stores equal weights once (torch.onnx deduplicates initializers by value);
 a LoRA on one of them would change both, so that is an error that says to fold at export.
