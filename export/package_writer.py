@@ -19,6 +19,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -77,7 +78,7 @@ def export_package(
     config: str | os.PathLike | None = None,
     progress: bool = True,
     verify: bool = True,
-    loras: list[LoraArg] | None = None,
+    loras: Sequence[LoraArg] | None = None,
 ) -> Path:
     """Export `src` to a model package at `out`; returns `out` as a Path.
 

@@ -246,7 +246,7 @@ class Pipeline:
         texts = negatives + prompts if do_cfg else prompts
         embeds = ops.repeat(self.encode_prompt(texts), num_images_per_prompt)
         cond: dict[str, Any] = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
-        if use_embedded_guidance:
+        if info.guidance_embedding_dim is not None:
             w = np.full((batch,), guidance - 1.0, dtype=np.float32)
             embedding = guidance_scale_embedding(w, info.guidance_embedding_dim)
             cond["timestep_cond"] = ops.asarray(embedding)  # [B, time_cond_proj_dim]
