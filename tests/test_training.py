@@ -1,0 +1,148 @@
+"""training/: each stage runs end to end on a toy config (preset "tiny", seconds), a run
+stopped at a checkpoint and resumed ends with the same weights as one that never stopped, and
+the outputs are diffusers folders that diffusers, fewstep's exporter and the runtime load."""
+
+import json
+import pathlib
+import sys
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+transformers = pytest.importorskip("transformers")
+
+from safetensors.torch import load_file  # noqa: E402
+
+from fewstep import scenes  # noqa: E402
+
+# training/ is a folder of scripts at the repository root, not part of the installed package;
+# plain `pytest` does not put the root on sys.path.
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+from training import distill_lcm, train_unet, train_vae  # noqa: E402
+
+
+def _stage_args(stage, run, upstream):
+    args = ["--run", str(run), "--preset", "tiny", "--threads", "1"]
+    if stage is train_unet:
+        args += ["--vae", str(upstream)]
+    elif stage is distill_lcm:
+        args += ["--teacher", str(upstream)]
+    return args
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    root = tmp_path_factory.mktemp("runs")
+    train_vae.main(_stage_args(train_vae, root / "vae", None))
+    train_unet.main(_stage_args(train_unet, root / "unet", root / "vae" / "vae"))
+    distill_lcm.main(_stage_args(distill_lcm, root / "lcm", root / "unet" / "model"))
+    return root
+
+
+def _weights(folder):
+    out = {}
+    for path in sorted(folder.rglob("*.safetensors")):
+        for key, value in load_file(path).items():
+            out[f"{path.relative_to(folder)}:{key}"] = value
+    return out
+
+
+@pytest.mark.parametrize(
+    "stage, output, upstream",
+    [
+        (train_vae, "vae", None),
+        (train_unet, "model", "vae/vae"),
+        (distill_lcm, "model", "unet/model"),
+    ],
+    ids=["vae", "unet", "lcm"],
+)
+def test_resumed_run_ends_where_an_uninterrupted_one_does(tmp_path, runs, stage, output, upstream):
+    run = tmp_path / "run"
+    args = _stage_args(stage, run, runs / upstream if upstream else None)
+    stage.main(args + ["--stop-at-step", "2"])
+    state = json.loads((run / "training_state.json").read_text())
+    assert (state["step"], state["complete"]) == (2, False)
+    stage.main(args)  # resumes from checkpoint.pt at step 2
+    assert json.loads((run / "training_state.json").read_text())["complete"]
+    name = {train_vae: "vae", train_unet: "unet", distill_lcm: "lcm"}[stage]
+    resumed, straight = _weights(run / output), _weights(runs / name / output)
+    assert resumed.keys() == straight.keys()
+    for key in straight:
+        assert torch.equal(resumed[key], straight[key]), key
+
+
+def test_resume_refuses_another_config(tmp_path, runs):
+    run = tmp_path / "run"
+    train_vae.main(_stage_args(train_vae, run, None) + ["--stop-at-step", "1"])
+    with pytest.raises(ValueError, match="was started with another config"):
+        train_vae.main(["--run", str(run), "--preset", "default", "--stop-at-step", "1"])
+
+
+def test_unfinished_upstream_is_refused(tmp_path, runs):
+    train_vae.main(_stage_args(train_vae, tmp_path / "vae", None) + ["--stop-at-step", "1"])
+    with pytest.raises(ValueError, match="stopped at step 1 of 4"):
+        train_unet.main(_stage_args(train_unet, tmp_path / "unet", tmp_path / "vae" / "vae"))
+
+
+def test_runtime_and_transformers_tokenize_captions_alike(runs):
+    from fewstep.tokenizer import CLIPTokenizer as RuntimeTokenizer
+
+    folder = runs / "unet" / "model" / "tokenizer"
+    reference = transformers.CLIPTokenizer.from_pretrained(folder)
+    ours = RuntimeTokenizer.from_folder(folder)
+    captions = [scenes.caption(scenes.scene_at(i)) for i in range(50)] + [""]
+    expected = reference(captions, padding="max_length", max_length=77, return_tensors="np")
+    np.testing.assert_array_equal(ours(captions), expected["input_ids"])
+    # Every caption word is one token.
+    vocab = json.loads((folder / "vocab.json").read_text())
+    words = ["<|startoftext|>", "a</w>", "small</w>", "red</w>", "circle</w>", "<|endoftext|>"]
+    assert ours(["a small red circle"])[0, :6].tolist() == [vocab[w] for w in words]
+
+
+def test_outputs_load_in_diffusers(runs):
+    teacher = diffusers.StableDiffusionPipeline.from_pretrained(
+        runs / "unet" / "model", local_files_only=True
+    )
+    student = diffusers.LatentConsistencyModelPipeline.from_pretrained(
+        runs / "lcm" / "model", local_files_only=True
+    )
+    assert isinstance(teacher.scheduler, diffusers.DDIMScheduler)
+    assert isinstance(student.scheduler, diffusers.LCMScheduler)
+    assert student.unet.config.time_cond_proj_dim == 8
+    for pipe, steps in ((teacher, 2), (student, 2)):
+        pipe.set_progress_bar_config(disable=True)
+        image = pipe("a red circle", num_inference_steps=steps, output_type="np").images[0]
+        assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+
+
+def test_student_exports_and_runs_in_fewstep(runs, tmp_path):
+    from fewstep.export import export_package
+    from fewstep.pipeline import Pipeline
+
+    package = export_package(runs / "lcm" / "model", tmp_path / "pkg", progress=False)
+    pipe = Pipeline.from_pretrained(package)
+    assert pipe.info.guidance_embedding_dim == 8
+    assert (pipe.info.default_height, pipe.info.default_num_inference_steps) == (64, 4)
+    image = pipe("a red circle on a blue background", seed=0, output_type="np").images[0]
+    assert image.shape == (64, 64, 3)
+    scenes.score(image, "a red circle on a blue background")  # the analyzer takes its output
+
+
+def test_latent_cache_lines_up_with_its_scenes(runs):
+    from diffusers import AutoencoderKL
+
+    from training import common
+
+    vae_dir = runs / "vae" / "vae"
+    vae = AutoencoderKL.from_pretrained(vae_dir).eval()
+    cache = common.LatentCache(runs / "unet", vae_dir, seed=2, count=24)  # the tiny U-Net's
+    cache.build(vae)
+    latents, captions = cache.batch(step=5, batch_size=4)  # scenes 20..23 of seed 2
+    images, expected_captions, _ = common.scene_batch(20, 4, seed=2)
+    assert captions == expected_captions
+    expected = common.encode_latents(vae, common.images_to_tensor(images))
+    torch.testing.assert_close(latents, expected.half().float(), rtol=0, atol=0)
+    wrapped, _ = cache.batch(step=6, batch_size=4)  # 24 wraps to scene 0
+    torch.testing.assert_close(wrapped[0], cache.batch(step=0, batch_size=4)[0][0])

@@ -1,0 +1,289 @@
+"""Stage 3: distill the teacher into a few-step Latent Consistency Model with guidance embedding.
+
+    python -m training.distill_lcm --run runs/lcm --teacher runs/unet/model [--stop-after-minutes M]
+
+Latent Consistency Distillation (Luo et al. 2023, "Latent Consistency Models", Algorithm 1)
+as diffusers' `examples/consistency_distillation/train_lcm_distill_sd_wds.py` does it:
+
+1. x_{t_{n+k}} = q(x | x_0) at a timestep of the DDIM skip schedule (k = 1000 / 50 = 20,
+   timesteps 19, 39, ..., 999); w ~ U[w_min, w_max] per sample.
+2. Student: f_θ(x_{t_{n+k}}, w, c) = c_skip · x + c_out · x̂_0(ε_θ), with the guidance scale
+   embedded (w·1000, sinusoidal, `time_cond_proj_dim` wide: the U-Net's `timestep_cond`).
+3. Teacher, one DDIM step with CFG (LCM eq. 9): x̂_0 and ε̂ = cond + w · (cond − uncond), then
+   x_{t_n} = √ᾱ_{t_n} x̂_0 + √(1 − ᾱ_{t_n}) ε̂.
+4. Target: the EMA ("target") network at (x_{t_n}, t_n, w); loss = pseudo-Huber(student −
+   target), c = 0.001; EMA decay 0.95.
+
+The boundary-condition scalings (σ_data = 0.5, timestep scaling 10) and the guidance
+embedding are the ones `LCMScheduler` and fewstep's LCM sampler apply at inference, so
+`w = guidance_scale − 1` there. The student starts as a copy of the teacher with the new
+`time_embedding.cond_proj` zero-initialised (so it starts as the teacher). The text encoder,
+tokenizer and VAE are the teacher's, frozen; the data are the teacher's training scenes (its
+run's latent cache).
+
+Output: `<run>/model/`, a diffusers LatentConsistencyModelPipeline folder (LCMScheduler, the
+LCM Dreamshaper v7 layout) holding the student, and `<run>/training_state.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import shutil
+import time
+
+import numpy as np
+import torch
+
+from fewstep import scenes
+from fewstep.samplers.lcm import SIGMA_DATA, guidance_scale_embedding
+from training import common, train_unet
+from training import config as configs
+
+TIMESTEP_SCALING = 10.0
+SAMPLE_GUIDANCE = 8.5  # fewstep's default for LCM packages
+
+
+def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """c_skip(t), c_out(t) of the consistency function (diffusers' discrete form)."""
+    scaled = TIMESTEP_SCALING * t.double()
+    c_skip = SIGMA_DATA**2 / (scaled**2 + SIGMA_DATA**2)
+    c_out = scaled / (scaled**2 + SIGMA_DATA**2) ** 0.5
+    return c_skip.float().view(-1, 1, 1, 1), c_out.float().view(-1, 1, 1, 1)
+
+
+def predicted_x0(eps: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
+    return (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
+
+
+def w_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
+    return torch.from_numpy(guidance_scale_embedding(w.double().numpy(), dim))
+
+
+def load_teacher(folder: pathlib.Path):
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    unet = UNet2DConditionModel.from_pretrained(folder / "unet").eval().requires_grad_(False)
+    text_encoder = (
+        CLIPTextModel.from_pretrained(folder / "text_encoder").eval().requires_grad_(False)
+    )
+    vae = AutoencoderKL.from_pretrained(folder / "vae").eval().requires_grad_(False)
+    return unet, text_encoder, vae
+
+
+def make_student(teacher, time_cond_proj_dim: int):
+    from diffusers import UNet2DConditionModel
+
+    student = UNet2DConditionModel.from_config(
+        {**teacher.config, "time_cond_proj_dim": time_cond_proj_dim}
+    )
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    assert missing == ["time_embedding.cond_proj.weight"] and not unexpected, (missing, unexpected)
+    torch.nn.init.zeros_(student.time_embedding.cond_proj.weight)
+    return student
+
+
+@torch.no_grad()
+def sample_lcm(
+    unet, context: torch.Tensor, vae, steps: int, guidance: float, seed: int
+) -> np.ndarray:
+    """diffusers' LCMScheduler loop (a progress check): uint8 images [B, 64, 64, 3]."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler.from_config(common.scheduler_config("lcm"))
+    scheduler.set_timesteps(steps)
+    batch = context.shape[0]
+    w_emb = w_embedding(torch.full((batch,), guidance - 1.0), unet.config.time_cond_proj_dim)
+    size = unet.config.sample_size
+    gen = torch.Generator().manual_seed(seed)
+    latents = torch.randn((batch, 4, size, size), generator=gen)
+    for t in scheduler.timesteps:
+        eps = unet(latents, t, context, timestep_cond=w_emb).sample
+        latents, denoised = scheduler.step(eps, t, latents, generator=gen, return_dict=False)
+    return common.tensor_to_images(vae.decode(denoised / vae.config.scaling_factor).sample)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    common.common_arguments(parser)
+    parser.add_argument(
+        "--teacher", required=True, help="the teacher folder of stage 2 (<run>/model)"
+    )
+    parser.add_argument(
+        "--allow-incomplete",
+        action="store_true",
+        help="accept an unfinished teacher run (smoke runs)",
+    )
+    args = parser.parse_args(argv)
+    common.setup_torch(args.threads)
+    cfg = configs.from_name("lcm", args.preset)
+    teacher_dir = pathlib.Path(args.teacher).resolve()
+    common.require_complete(teacher_dir, "teacher", args.allow_incomplete)
+    run = common.Run(args.run, "lcm", cfg, inputs={"teacher": str(teacher_dir)})
+    out = run.path / "model"
+
+    teacher, text_encoder, vae = load_teacher(teacher_dir)
+    tokenize = common.CaptionTokenizer(teacher_dir / "tokenizer")
+    # The teacher's training scenes, from its run's latent cache (rebuilt if it is gone).
+    teacher_run = json.loads((teacher_dir.parent / "config.json").read_text())["config"]
+    cache = common.LatentCache(
+        teacher_dir.parent, teacher_dir / "vae", teacher_run["data_seed"], teacher_run["num_scenes"]
+    )
+    cache.build(vae)
+    torch.manual_seed(cfg.seed)
+    student = make_student(teacher, cfg.time_cond_proj_dim).train()
+    target = make_student(teacher, cfg.time_cond_proj_dim).eval().requires_grad_(False)
+    target.load_state_dict(student.state_dict())
+    optimizer = torch.optim.AdamW(
+        student.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay
+    )
+    start, compute_seconds = 0, 0.0
+    state = run.load()
+    if state is not None:
+        student.load_state_dict(state["student"])
+        target.load_state_dict(state["target"])
+        optimizer.load_state_dict(state["optimizer"])
+        start, compute_seconds = state["step"], state["compute_seconds"]
+
+    alphas = common.alphas_cumprod()
+    k = common.NUM_TRAIN_TIMESTEPS // cfg.num_ddim_timesteps
+    ddim_timesteps = torch.arange(1, cfg.num_ddim_timesteps + 1) * k - 1  # 19, 39, ..., 999
+    with torch.no_grad():
+        uncond_context = text_encoder(tokenize([""])).last_hidden_state  # [1, 77, C]
+    eval_prompts = [p for p in scenes.evaluation_prompts() if p.kind == "single"][
+        : cfg.sample_prompts // 2
+    ]
+    eval_prompts += [p for p in scenes.evaluation_prompts() if p.kind == "two"][
+        : cfg.sample_prompts // 2
+    ]
+    with torch.no_grad():
+        eval_context = text_encoder(tokenize([p.prompt for p in eval_prompts])).last_hidden_state
+
+    stop = common.StopFlag(args.stop_after_minutes, args.stop_at_step)
+    progress = common.Progress(run, start, cfg.max_steps, cfg.batch_size, compute_seconds)
+    common.log_environment(progress)
+    last_save = time.time()
+
+    def checkpoint(step: int) -> None:
+        run.save(
+            {
+                "student": student.state_dict(),
+                "target": target.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "step": step,
+                "compute_seconds": progress.compute_seconds,
+            }
+        )
+
+    def sample_check() -> dict[str, float]:
+        student.eval()
+        images = sample_lcm(student, eval_context, vae, cfg.sample_steps, SAMPLE_GUIDANCE, seed=0)
+        student.train()
+        results = [scenes.score(im, p.target) for im, p in zip(images, eval_prompts, strict=True)]
+        half = cfg.sample_prompts // 2
+        common.save_grid(list(images), half, run.path / "samples.png")
+        return {
+            "single_correct": scenes.attribute_accuracy(results[:half])["correct"],
+            "two_correct": scenes.attribute_accuracy(results[half:])["correct"],
+        }
+
+    step = start
+    with stop:
+        while step < cfg.max_steps and not stop(step):
+            lr = common.lr_at(step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, 1.0)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            latents, captions = cache.batch(step, cfg.batch_size)  # [B, 4, 16, 16]
+            gen = common.step_generator(cfg.seed, step)
+            batch = cfg.batch_size
+            with torch.no_grad():
+                context = text_encoder(tokenize(captions)).last_hidden_state  # [B, 77, C]
+            index = torch.randint(0, cfg.num_ddim_timesteps, (batch,), generator=gen)
+            t_start = ddim_timesteps[index]  # t_{n+k}
+            t_prev = torch.clamp(t_start - k, min=0)  # t_n
+            noise = torch.randn(latents.shape, generator=gen)
+            w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(
+                batch, generator=gen, dtype=torch.float64
+            )
+            w_emb = w_embedding(w, cfg.time_cond_proj_dim)  # [B, D]
+            w4 = w.float().view(-1, 1, 1, 1)
+            a_start, a_prev = alphas[t_start].view(-1, 1, 1, 1), alphas[t_prev].view(-1, 1, 1, 1)
+            x_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
+            skip_start, out_start = boundary_scalings(t_start)
+            skip_prev, out_prev = boundary_scalings(t_prev)
+
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                eps_student = student(x_start, t_start, context, timestep_cond=w_emb).sample.float()
+            prediction = skip_start * x_start + out_start * predicted_x0(
+                eps_student, x_start, a_start
+            )
+
+            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
+                eps_teacher = teacher(
+                    torch.cat([x_start, x_start]),
+                    torch.cat([t_start, t_start]),
+                    torch.cat([context, uncond_context.expand_as(context)]),
+                ).sample.float()
+                eps_cond, eps_uncond = eps_teacher.chunk(2)
+                x0_cond = predicted_x0(eps_cond, x_start, a_start)
+                x0_uncond = predicted_x0(eps_uncond, x_start, a_start)
+                x0_guided = x0_cond + w4 * (x0_cond - x0_uncond)
+                eps_guided = eps_cond + w4 * (eps_cond - eps_uncond)
+                x_prev = a_prev.sqrt() * x0_guided + (1 - a_prev).sqrt() * eps_guided  # DDIM step
+                eps_target = target(x_prev, t_prev, context, timestep_cond=w_emb).sample.float()
+                target_value = skip_prev * x_prev + out_prev * predicted_x0(
+                    eps_target, x_prev, a_prev
+                )
+
+            loss = (
+                torch.sqrt((prediction - target_value) ** 2 + cfg.huber_c**2) - cfg.huber_c
+            ).mean()
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            with torch.no_grad():
+                for p_target, p_student in zip(
+                    target.parameters(), student.parameters(), strict=True
+                ):
+                    p_target.lerp_(p_student, 1.0 - cfg.target_ema_decay)
+            step += 1
+            progress.update(step - 1, loss.item(), lr=lr, grad_norm=grad_norm.item())
+            if step % cfg.sample_every == 0:
+                paused = progress.pause()
+                metrics = sample_check()
+                progress.note(
+                    f"samples step {step} (LCM {cfg.sample_steps} steps, guidance "
+                    f"{SAMPLE_GUIDANCE}): {json.dumps(metrics)}",
+                    step=step,
+                    **metrics,
+                )
+                progress.resume(paused)
+            if time.time() - last_save > 60 * cfg.checkpoint_minutes:
+                paused = progress.pause()
+                checkpoint(step)
+                last_save = time.time()
+                progress.resume(paused)
+
+    progress.finish()
+    checkpoint(step)
+    metrics = sample_check()
+    tmp = run.path / "model.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    student.eval().save_pretrained(tmp / "unet", safe_serialization=True)
+    for name in ("text_encoder", "tokenizer", "vae"):
+        shutil.copytree(teacher_dir / name, tmp / name)
+    scheduler_class = train_unet.write_scheduler(tmp / "scheduler", "lcm")
+    train_unet.write_model_index(tmp, "LatentConsistencyModelPipeline", scheduler_class)
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    run.write_state(step, cfg.max_steps, progress.compute_seconds, **metrics)
+    progress.note(
+        f"stopped at step {step}/{cfg.max_steps}; wrote {out}; samples: {json.dumps(metrics)}"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""The quality report of the default model: one command -> a JSON file and a PNG grid.
+
+    python -m training.evaluate --teacher runs/unet/model --student runs/lcm/model \
+        --out training/results/quality.json --grid training/results/quality.png
+
+Generates every prompt of `fewstep.scenes.evaluation_prompts()` (60 single-object, 40
+two-object; prompt i uses seed i) under each configuration below, scores each image with
+`fewstep.scenes.score` (the analyzer), and reports, per configuration and prompt kind, the
+fraction fully correct and the accuracy of each attribute:
+
+- teacher, DDIM 50 / 25 / 8 / 4 steps, with CFG (7.5) and without (1.0);
+- student (LCM), 4 / 2 / 1 steps, with embedded guidance (8.5, fewstep's LCM default) and
+  4 steps without (1.0);
+all through fewstep's pipeline on the onnxruntime backend, fp32 package (the primary rows);
+then the teacher at DDIM 25 + CFG and the student at 4 steps on the other backends and
+dtypes: onnxruntime fp16 package, openvino (fp32, bf16), fewstep's torch backend (fp32 on the
+diffusers folder), and diffusers' own pipelines (the reference).
+
+`gates` records the issue's targets: teacher DDIM 50 + CFG >= 90% single-object and >= 60%
+two-object prompts fully correct; the student at 4 steps within 5 points of that teacher.
+
+Packages are exported (fewstep.export.export_package) into `--work` on first use and reused.
+`--quick` runs 10 + 10 prompts and the primary rows only (a smoke check, not a report).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import importlib.metadata
+import json
+import os
+import pathlib
+import platform
+import subprocess
+import time
+from typing import Any
+
+import numpy as np
+
+from fewstep import scenes
+
+GRID_COLUMNS = (8, 8)  # single-object, two-object prompts shown per row
+DEFAULT_CFG = 7.5
+LCM_GUIDANCE = 8.5
+TEACHER_STEPS = (50, 25, 8, 4)
+STUDENT_STEPS = (4, 2, 1)
+GATE_SINGLE, GATE_TWO, GATE_STUDENT_POINTS = 0.90, 0.60, 5.0
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig:
+    model: str  # "teacher" | "student"
+    steps: int
+    guidance: float
+    runner: str = "fewstep"  # "fewstep" | "diffusers"
+    backend: str = "onnxruntime"  # fewstep backend
+    dtype: str = "fp32"  # package dtype (onnxruntime) or backend precision
+
+    @property
+    def name(self) -> str:
+        sampler = "ddim" if self.model == "teacher" else "lcm"
+        where = "diffusers" if self.runner == "diffusers" else self.backend
+        return f"{self.model}-{sampler}{self.steps}-g{self.guidance:g}-{where}-{self.dtype}"
+
+
+def configurations(quick: bool) -> list[EvalConfig]:
+    primary = [EvalConfig("teacher", s, g) for s in TEACHER_STEPS for g in (DEFAULT_CFG, 1.0)]
+    primary += [EvalConfig("student", s, LCM_GUIDANCE) for s in STUDENT_STEPS]
+    primary.append(EvalConfig("student", 4, 1.0))
+    if quick:
+        return primary
+    others = []
+    for model, steps, guidance in (("teacher", 25, DEFAULT_CFG), ("student", 4, LCM_GUIDANCE)):
+        others += [
+            EvalConfig(model, steps, guidance, dtype="fp16"),
+            EvalConfig(model, steps, guidance, backend="openvino", dtype="fp32"),
+            EvalConfig(model, steps, guidance, backend="openvino", dtype="bf16"),
+            EvalConfig(model, steps, guidance, backend="torch", dtype="fp32"),
+            EvalConfig(model, steps, guidance, runner="diffusers"),
+        ]
+    return primary + others
+
+
+def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
+    """What fewstep's pipeline draws for `seed` (numpy default_rng), for a batch of one."""
+    return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+
+
+class Runners:
+    """Loads each (model, runner, backend, dtype) once; exports packages on first use."""
+
+    def __init__(self, folders: dict[str, pathlib.Path], work: pathlib.Path):
+        self.folders, self.work = folders, work
+        self._cache: dict[tuple, Any] = {}
+
+    def package(self, model: str, dtype: str) -> pathlib.Path:
+        out = self.work / f"{model}-{dtype}"
+        if not out.exists():
+            from fewstep.export import export_package
+
+            print(f"exporting {model} ({dtype}) to {out}", flush=True)
+            export_package(self.folders[model], out, dtype=dtype, progress=False)
+        return out
+
+    def get(self, cfg: EvalConfig) -> Any:
+        key = (cfg.model, cfg.runner, cfg.backend, cfg.dtype)
+        if key in self._cache:
+            return self._cache[key]
+        if cfg.runner == "diffusers":
+            import diffusers
+
+            pipe = diffusers.DiffusionPipeline.from_pretrained(
+                self.folders[cfg.model], local_files_only=True
+            )
+            pipe.set_progress_bar_config(disable=True)
+        else:
+            from fewstep.pipeline import Pipeline
+
+            if cfg.backend == "torch":
+                pipe = Pipeline.from_pretrained(
+                    self.folders[cfg.model], backend="torch", dtype=cfg.dtype
+                )
+            elif cfg.backend == "openvino":
+                pipe = Pipeline.from_pretrained(
+                    self.package(cfg.model, "fp32"), backend="openvino", precision=cfg.dtype
+                )
+            else:
+                pipe = Pipeline.from_pretrained(self.package(cfg.model, cfg.dtype))
+        self._cache[key] = pipe
+        return pipe
+
+
+def generate(pipe: Any, cfg: EvalConfig, prompts: list[str], seeds: list[int]) -> np.ndarray:
+    """uint8 images [N, 64, 64, 3]; prompt i starts from initial_latents(seeds[i])."""
+    shape = (1, 4, scenes.IMAGE_SIZE // 4, scenes.IMAGE_SIZE // 4)
+    latents = np.concatenate([initial_latents(s, shape) for s in seeds])
+    if cfg.runner == "diffusers":
+        import torch
+
+        out = pipe(
+            prompts,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            latents=torch.from_numpy(latents),
+            generator=torch.Generator().manual_seed(seeds[0]),
+            output_type="np",
+        ).images
+    else:
+        sampler = "ddim" if cfg.model == "teacher" else "lcm"
+        out = pipe(
+            prompts,
+            num_inference_steps=cfg.steps,
+            guidance_scale=cfg.guidance,
+            latents=latents,
+            seed=seeds[0],
+            scheduler=sampler,
+            output_type="np",
+        ).images
+    return (np.clip(np.asarray(out, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
+
+
+def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+    accuracy = scenes.attribute_accuracy(results)
+    return {"n": len(results), **{k: round(v, 4) for k, v in accuracy.items()}}
+
+
+def sha256(path: pathlib.Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def environment() -> dict[str, Any]:
+    versions = {}
+    for name in ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "numpy"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            versions[name] = None
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        commit = None
+    return {
+        "machine": platform.machine(),
+        "processor": platform.processor(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "versions": versions,
+        "commit": commit,
+    }
+
+
+def save_report_grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path) -> None:
+    """One row per configuration: a label, then its images (uint8 [N, 64, 64, 3])."""
+    from PIL import Image, ImageDraw
+
+    label_width, gap, size = 230, 2, scenes.IMAGE_SIZE
+    columns = max(len(images) for _, images in rows)
+    width = label_width + columns * (size + gap)
+    height = len(rows) * (size + gap)
+    grid = Image.new("RGB", (width, height), (128, 128, 128))
+    draw = ImageDraw.Draw(grid)
+    for r, (label, images) in enumerate(rows):
+        y = r * (size + gap)
+        draw.text((4, y + size // 2 - 6), label, fill=(255, 255, 255))
+        for c, image in enumerate(images):
+            grid.paste(Image.fromarray(image), (label_width + c * (size + gap), y))
+    grid.save(path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--teacher", required=True, help="teacher diffusers folder")
+    parser.add_argument("--student", required=True, help="student (LCM) diffusers folder")
+    parser.add_argument("--out", required=True, help="report JSON path")
+    parser.add_argument("--grid", required=True, help="PNG grid path")
+    parser.add_argument("--work", default="runs/eval", help="exported packages go here")
+    parser.add_argument("--quick", action="store_true", help="10 + 10 prompts, primary rows only")
+    parser.add_argument("--batch", type=int, default=20, help="prompts per pipeline call")
+    args = parser.parse_args(argv)
+
+    folders = {"teacher": pathlib.Path(args.teacher), "student": pathlib.Path(args.student)}
+    prompts = list(scenes.evaluation_prompts())
+    if args.quick:
+        prompts = [p for p in prompts if p.kind == "single"][:10] + [
+            p for p in prompts if p.kind == "two"
+        ][:10]
+    seeds = list(range(len(prompts)))
+    runners = Runners(folders, pathlib.Path(args.work))
+    shown = [i for i, p in enumerate(prompts) if p.kind == "single"][: GRID_COLUMNS[0]]
+    shown += [i for i, p in enumerate(prompts) if p.kind == "two"][: GRID_COLUMNS[1]]
+
+    rows, grid_rows = [], []
+    for cfg in configurations(args.quick):
+        try:
+            pipe = runners.get(cfg)
+        except (ImportError, NotImplementedError, ValueError) as e:
+            print(f"{cfg.name}: skipped ({type(e).__name__}: {e})", flush=True)
+            rows.append({"name": cfg.name, **dataclasses.asdict(cfg), "skipped": str(e)})
+            continue
+        start = time.perf_counter()
+        images = []
+        for i in range(0, len(prompts), args.batch):
+            chunk = prompts[i : i + args.batch]
+            images.append(generate(pipe, cfg, [p.prompt for p in chunk], seeds[i : i + args.batch]))
+        images = np.concatenate(images)
+        seconds = time.perf_counter() - start
+        results = [scenes.score(im, p.target) for im, p in zip(images, prompts, strict=True)]
+        row = {
+            "name": cfg.name,
+            **dataclasses.asdict(cfg),
+            "single": summarize(
+                [r for r, p in zip(results, prompts, strict=True) if p.kind == "single"]
+            ),
+            "two": summarize([r for r, p in zip(results, prompts, strict=True) if p.kind == "two"]),
+            "correct": [bool(r["correct"]) for r in results],
+            "seconds_per_image": round(seconds / len(prompts), 4),
+        }
+        rows.append(row)
+        grid_rows.append((cfg.name, images[shown]))
+        print(
+            f"{cfg.name}: single {row['single']['correct']:.3f}  two {row['two']['correct']:.3f}  "
+            f"({row['seconds_per_image'] * 1e3:.0f} ms/image)",
+            flush=True,
+        )
+
+    by_name = {r["name"]: r for r in rows if "skipped" not in r}
+    teacher = by_name.get(EvalConfig("teacher", 50, DEFAULT_CFG).name)
+    student = by_name.get(EvalConfig("student", 4, LCM_GUIDANCE).name)
+    gates = {}
+    if teacher is not None:
+        gates["teacher_ddim50_cfg_single"] = {
+            "value": teacher["single"]["correct"],
+            "min": GATE_SINGLE,
+            "pass": teacher["single"]["correct"] >= GATE_SINGLE,
+        }
+        gates["teacher_ddim50_cfg_two"] = {
+            "value": teacher["two"]["correct"],
+            "min": GATE_TWO,
+            "pass": teacher["two"]["correct"] >= GATE_TWO,
+        }
+    if teacher is not None and student is not None:
+        for kind in ("single", "two"):
+            points = 100 * (teacher[kind]["correct"] - student[kind]["correct"])
+            gates[f"student_lcm4_{kind}_points_below_teacher"] = {
+                "value": round(points, 2),
+                "max": GATE_STUDENT_POINTS,
+                "pass": points <= GATE_STUDENT_POINTS,
+            }
+    report = {
+        "what": "fewstep default model: analyzer accuracy on fewstep.scenes.evaluation_prompts()",
+        "prompts": [
+            {"kind": p.kind, "prompt": p.prompt, "seed": s}
+            for p, s in zip(prompts, seeds, strict=True)
+        ],
+        "quick": args.quick,
+        "models": {
+            name: {
+                "folder": str(folder),
+                "unet_sha256": sha256(folder / "unet" / "diffusion_pytorch_model.safetensors"),
+            }
+            for name, folder in folders.items()
+        },
+        "environment": environment(),
+        "gates": gates,
+        "configurations": rows,
+        "grid_columns": [prompts[i].prompt for i in shown],
+    }
+    out = pathlib.Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=1) + "\n")
+    pathlib.Path(args.grid).parent.mkdir(parents=True, exist_ok=True)
+    save_report_grid(grid_rows, pathlib.Path(args.grid))
+    print(
+        f"wrote {out} and {args.grid}; gates: "
+        + json.dumps({k: v["pass"] for k, v in gates.items()}),
+        flush=True,
+    )
+
+
+if __name__ == "__main__":
+    main()
