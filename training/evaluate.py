@@ -20,7 +20,8 @@ diffusers folder), and diffusers' own pipelines (the reference).
 two-object prompts fully correct; the student at 4 steps within 5 points of that teacher.
 
 Packages are exported (fewstep.export.export_package) into `--work` on first use and reused.
-`--quick` runs 10 + 10 prompts and the primary rows only (a smoke check, not a report).
+`--quick` runs 10 + 10 prompts and the primary rows only, `--prompts-per-kind N` the first N
+of each kind (smoke checks, not reports: the JSON says `"complete": false`).
 """
 
 from __future__ import annotations
@@ -219,15 +220,22 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--grid", required=True, help="PNG grid path")
     parser.add_argument("--work", default="runs/eval", help="exported packages go here")
     parser.add_argument("--quick", action="store_true", help="10 + 10 prompts, primary rows only")
+    parser.add_argument(
+        "--prompts-per-kind",
+        type=int,
+        default=None,
+        help="only the first N single- and N two-object prompts (checks)",
+    )
     parser.add_argument("--batch", type=int, default=20, help="prompts per pipeline call")
     args = parser.parse_args(argv)
 
     folders = {"teacher": pathlib.Path(args.teacher), "student": pathlib.Path(args.student)}
     prompts = list(scenes.evaluation_prompts())
-    if args.quick:
-        prompts = [p for p in prompts if p.kind == "single"][:10] + [
+    per_kind = 10 if args.quick and args.prompts_per_kind is None else args.prompts_per_kind
+    if per_kind is not None:
+        prompts = [p for p in prompts if p.kind == "single"][:per_kind] + [
             p for p in prompts if p.kind == "two"
-        ][:10]
+        ][:per_kind]
     seeds = list(range(len(prompts)))
     runners = Runners(folders, pathlib.Path(args.work))
     shown = [i for i, p in enumerate(prompts) if p.kind == "single"][: GRID_COLUMNS[0]]
@@ -297,6 +305,7 @@ def main(argv: list[str] | None = None) -> None:
             for p, s in zip(prompts, seeds, strict=True)
         ],
         "quick": args.quick,
+        "complete": per_kind is None and not args.quick,
         "models": {
             name: {
                 "folder": str(folder),
