@@ -3,10 +3,11 @@
 Each graph is read once with `openvino.Core().read_model` (the ONNX frontend) at load; a call
 reshapes it to the static shapes of its inputs and compiles it for the CPU, and the compiled
 model is kept, keyed by (graph, input shapes). Static shapes are what make OpenVINO fast.
-Measured on the `fewstep bench` mid U-Net (latents 2x4x64x64, 2 shared AVX512-BF16 cores,
-OpenVINO 2026.4, both variants interleaved in one process), p50 of 8 steps:
-    fp32: static 3.3 s (compile 2.0 s) vs dynamic 3.8 s (compile 3.2 s, first call 5.8 s)
-    bf16: static 2.3 s (compile 2.1 s) vs dynamic 2.7 s (compile 4.3 s)
+Measured on the `fewstep bench` mid U-Net (latents 2x4x64x64, CFG batch, 2 AVX512-BF16 cores,
+quiet machine, OpenVINO 2026.4, the variants interleaved in one process), p50 of 8 steps:
+    fp32: static 0.99 s vs dynamic 1.36 s (first call 1.08 s vs 1.66 s)
+    bf16: static 0.66 s vs dynamic 0.79 s (first call 0.68 s vs 1.10 s)
+and compiling either way takes about the same, 1.7-2.0 s.
 A pipeline sees few shapes (one per batch and size), so the cost is one compile per new
 shape, paid on the first call. Limits: each compiled shape holds its own repacked weights
 (about 1.4x the U-Net's size per shape, measured on the mid model) and nothing is evicted,
