@@ -32,10 +32,8 @@ import argparse
 import gc
 import importlib.metadata
 import json
-import os
 import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -47,6 +45,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep.export.bench import device_name, git_commit
 from fewstep.export.graphs import unet_spec
 from fewstep.export.lora_map import write_lora_map
 from fewstep.export.onnx_io import export_graph
@@ -338,26 +337,6 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _device() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -382,10 +361,10 @@ def main(argv: list[str] | None = None) -> int:
             "U-Net, fp32; ms are p50/p90 over repeats"
         ),
         "where": {
-            "device": _device(),
+            "device": device_name(),
             "torch_threads": torch.get_num_threads(),
             "versions": _versions(),
-            "commit": _commit(),
+            "commit": git_commit(),
         },
         "repeats": args.repeats,
         "sd15_unet": bench_sd15(

@@ -267,7 +267,7 @@ def _versions() -> dict[str, str]:
     return out
 
 
-def _device() -> str:
+def device_name() -> str:
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             if line.startswith("model name"):
@@ -277,7 +277,7 @@ def _device() -> str:
     return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
 
 
-def _commit() -> str | None:
+def git_commit() -> str | None:
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
@@ -366,9 +366,9 @@ def run_bench(
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "what": what + (f"; {note}" if note else ""),
-        "device": _device(),
+        "device": device_name(),
         "versions": _versions(),
-        "commit": _commit(),
+        "commit": git_commit(),
         "steps": steps,
         "repeats": repeats,
         "models": {},

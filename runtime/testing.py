@@ -290,10 +290,15 @@ def build_clip_bpe(
     return vocab, merges
 
 
-def _write_tokenizer(folder: pathlib.Path, pad_token: str, with_tokenizer_json: bool) -> int:
-    """Write tokenizer/ like an SD repo; returns the vocabulary size."""
+def write_clip_tokenizer(
+    folder: pathlib.Path,
+    pad_token: str = EOS_TOKEN,
+    with_tokenizer_json: bool = False,
+    words: tuple[str, ...] = TOKENIZER_WORDS,
+) -> dict[str, int]:
+    """Write tokenizer/ like an SD repo (every word of `words` one token); returns the vocab."""
     folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_clip_bpe()
+    vocab, merges = build_clip_bpe(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
     lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
     (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -322,7 +327,7 @@ def _write_tokenizer(folder: pathlib.Path, pad_token: str, with_tokenizer_json: 
         with tempfile.TemporaryDirectory() as tmp:
             tokenizer.save_pretrained(tmp)
             shutil.copyfile(os.path.join(tmp, "tokenizer.json"), folder / "tokenizer.json")
-    return len(vocab)
+    return vocab
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +400,7 @@ def make_tiny_model(
     root.mkdir(parents=True, exist_ok=True)
 
     with_json = spec.tokenizer_json if tokenizer_json is None else bool(tokenizer_json)
-    vocab_size = _write_tokenizer(root / "tokenizer", spec.pad_token, with_json)
+    vocab_size = len(write_clip_tokenizer(root / "tokenizer", spec.pad_token, with_json))
     vocab = json.loads((root / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
 
     # Construction draws default inits from torch's global generator; keep the caller's state.

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from fewstep import scenes
-from fewstep.testing import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH, build_clip_bpe
+from fewstep.testing import write_clip_tokenizer
 
 TORCH_THREADS = 2
 NUM_TRAIN_TIMESTEPS = 1000
@@ -76,28 +76,7 @@ def tensor_to_images(x: torch.Tensor) -> np.ndarray:
 def write_tokenizer(folder: pathlib.Path) -> dict[str, int]:
     """An SD1-style CLIP tokenizer (vocab.json + merges.txt, pad = <|endoftext|>) in which every
     caption word is one token; returns the vocabulary."""
-    folder.mkdir(parents=True, exist_ok=True)
-    vocab, merges = build_clip_bpe(scenes.CAPTION_WORDS)
-    (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
-    lines = ["#version: 0.2"] + [f"{a} {b}" for a, b in merges]
-    (folder / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
-    special = {
-        "bos_token": BOS_TOKEN,
-        "eos_token": EOS_TOKEN,
-        "pad_token": EOS_TOKEN,
-        "unk_token": EOS_TOKEN,
-    }
-    config = {
-        "add_prefix_space": False,
-        **special,
-        "do_lower_case": True,
-        "errors": "replace",
-        "model_max_length": MODEL_MAX_LENGTH,
-        "tokenizer_class": "CLIPTokenizer",
-    }
-    (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
-    (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    return vocab
+    return write_clip_tokenizer(folder, words=scenes.CAPTION_WORDS)
 
 
 class CaptionTokenizer:
