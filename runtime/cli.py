@@ -98,7 +98,10 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
-    generate_to_files(Path(args.model), args.prompt, args)
+    from fewstep.package import default_model
+
+    model = Path(args.model) if args.model is not None else default_model()
+    generate_to_files(model, args.prompt, args)
     return 0
 
 
@@ -203,7 +206,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="text to image with a model package")
     p.add_argument("prompt")
-    p.add_argument("--model", required=True, help="model package folder")
+    p.add_argument(
+        "--model",
+        default=None,
+        help="model package folder (default: the bundled 64x64 scenes model, fewstep.scenes)",
+    )
     _add_generation_args(p)
     p.set_defaults(func=cmd_generate)
 

@@ -33,6 +33,9 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 PRECISIONS = ("fp32", "fp16")
 GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
+# The default model, trained by training/ and installed with fewstep: diffusers/ and onnx/.
+DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "scenes"
+WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".safetensors", ".bin")
 
 
 class PackageError(ValueError):
@@ -57,6 +60,29 @@ def read_json(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise PackageError(f"corrupt package file {path}: expected a JSON object")
     return data
+
+
+def default_model(kind: str = "onnx") -> Path:
+    """The folder of the default model: its model package ("onnx") or diffusers folder.
+
+    A small LCM model of the procedural scenes of `fewstep.scenes` ("a red circle on a blue
+    background"), 64x64 images in 4 steps; `fewstep generate` uses it when no --model is given.
+    """
+    if kind not in ("onnx", "diffusers"):
+        raise ValueError(f"kind must be 'onnx' or 'diffusers', got {kind!r}")
+    path = DEFAULT_MODEL_DIR / kind
+    if not (path / "model_index.json").is_file():
+        raise PackageError(f"the default model is not installed: {path} is missing")
+    return path
+
+
+def weight_bytes(root: str | Path) -> int:
+    """Bytes of the weight files (graphs, external data, safetensors) under `root`."""
+    return sum(
+        p.stat().st_size
+        for p in Path(root).rglob("*")
+        if p.is_file() and p.suffix in WEIGHT_SUFFIXES
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -4,6 +4,7 @@ the outputs are diffusers folders that diffusers, fewstep's exporter and the run
 
 import json
 import pathlib
+import shutil
 import sys
 
 import numpy as np
@@ -20,7 +21,7 @@ from fewstep import scenes  # noqa: E402
 # training/ is a folder of scripts at the repository root, not part of the installed package;
 # plain `pytest` does not put the root on sys.path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from training import distill_lcm, train_unet, train_vae  # noqa: E402
+from training import distill_lcm, ship, train_unet, train_vae  # noqa: E402
 
 
 def _stage_args(stage, run, upstream):
@@ -128,6 +129,38 @@ def test_student_exports_and_runs_in_fewstep(runs, tmp_path):
     image = pipe("a red circle on a blue background", seed=0, output_type="np").images[0]
     assert image.shape == (64, 64, 3)
     scenes.score(image, "a red circle on a blue background")  # the analyzer takes its output
+
+
+def test_ship_writes_both_copies_in_fp16_and_atomically(runs, tmp_path):
+    from fewstep.package import PackageError, verify_package
+    from fewstep.pipeline import Pipeline
+
+    out = tmp_path / "models" / "scenes"
+    sizes = ship.ship(runs / "lcm" / "model", out)
+    assert sorted(p.name for p in out.iterdir()) == ["diffusers", "onnx"]
+    assert not (out / "onnx" / "vae_encoder").exists()
+    manifest = verify_package(out / "onnx")  # hashes rewritten after dropping the encoder
+    assert manifest is not None and "vae_encoder" not in manifest["graphs"]
+    stored = load_file(out / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert {v.dtype for v in stored.values()} == {torch.float16}
+    assert sizes["diffusers"] < sum(
+        p.stat().st_size for p in (runs / "lcm" / "model").rglob("*.safetensors")
+    )
+    image = Pipeline.from_pretrained(out / "onnx")("a red circle", seed=0, output_type="np").images[
+        0
+    ]
+    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    # a failing ship leaves the shipped model as it was and no temporary folder behind
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    with pytest.raises(PackageError, match="not found"):
+        ship.ship(runs / "lcm" / "missing", out)
+    broken = tmp_path / "broken"
+    shutil.copytree(runs / "lcm" / "model", broken)
+    (broken / "unet" / "diffusion_pytorch_model.safetensors").write_bytes(b"not safetensors")
+    with pytest.raises(Exception, match="safetensors|header|deserializ"):  # noqa: B017
+        ship.ship(broken, out)
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    assert [p.name for p in out.parent.iterdir()] == ["scenes"]
 
 
 def test_latent_cache_lines_up_with_its_scenes(runs):
