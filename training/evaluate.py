@@ -1,7 +1,8 @@
 """The quality report of the default model: one command -> a JSON file and a PNG grid.
 
     python -m training.evaluate --teacher runs/unet/model --student runs/lcm/model \
-        --out training/results/quality.json --grid training/results/quality.png
+        --out benchmarks/results/quality-default-model.json \
+        --grid benchmarks/results/quality-default-model.png
 
 Generates every prompt of `fewstep.scenes.evaluation_prompts()` (60 single-object, 40
 two-object; prompt i uses seed i) under each configuration below, scores each image with

@@ -1,0 +1,105 @@
+"""The bundled default model: installed, within its size budget, lean, and it draws what the
+prompt says, as read back by the scenes analyzer."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fewstep import scenes
+from fewstep.package import default_model, verify_package, weight_bytes
+from fewstep.pipeline import Pipeline
+
+MAX_WEIGHT_BYTES = 12 * 1000 * 1000
+# The first prompts of the report's prompt set, with the report's seeds (prompt i, seed i).
+PROMPTS = list(scenes.evaluation_prompts())
+SINGLE = [(i, p) for i, p in enumerate(PROMPTS) if p.kind == "single"][:12]
+TWO = [(i, p) for i, p in enumerate(PROMPTS) if p.kind == "two"][:8]
+# Floors: what this model scored on these prompts when it shipped (the quality report has the
+# full prompt set) less two flipped answers, for other CPUs' and library versions' rounding;
+# only where that stays well above chance (1/8 for a colour). Measured at shipping: single
+# colour 0.75, background 0.50, object count 0.58; two-object colour 0.625 (of 16 objects).
+FLOORS = {
+    "single": {"color": 0.58, "background": 0.33, "count": 0.41},
+    "two": {"color": 0.5},
+}
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return Pipeline.from_pretrained(default_model())
+
+
+def _generate(pipe, cases):
+    images = []
+    for index, prompt in cases:
+        images.append(pipe(prompt.prompt, seed=index, output_type="np").images[0])
+    return np.stack(images)
+
+
+def test_ships_within_the_size_budget():
+    total = weight_bytes(default_model("onnx")) + weight_bytes(default_model("diffusers"))
+    assert 0 < total <= MAX_WEIGHT_BYTES
+    manifest = verify_package(default_model())
+    assert manifest is not None and manifest["family"] == "sd1"
+    assert manifest["graphs"]["unet"]["precision"] == "fp16"
+
+
+def test_defaults_are_the_few_step_ones(pipe):
+    info = pipe.info
+    assert (info.default_height, info.default_width) == (scenes.IMAGE_SIZE, scenes.IMAGE_SIZE)
+    assert info.default_num_inference_steps == 4
+    assert info.scheduler_class == "LCMScheduler" and info.guidance_embedding_dim is not None
+
+
+@pytest.mark.parametrize("kind", ["single", "two"])
+def test_draws_what_the_prompt_says(pipe, kind):
+    cases = SINGLE if kind == "single" else TWO
+    images = _generate(pipe, cases)
+    results = [scenes.score(im, p.target) for im, (_, p) in zip(images, cases, strict=True)]
+    accuracy = scenes.attribute_accuracy(results)
+    for attribute, floor in FLOORS[kind].items():
+        assert accuracy[attribute] >= floor, (attribute, accuracy)
+
+
+def test_cli_uses_it_without_torch(pipe, tmp_path):
+    out = tmp_path / "image.png"
+    prompt = "a red circle on a blue background"
+    code = f"""
+import json, sys
+from fewstep.cli import main
+assert main(["generate", {prompt!r}, "--seed", "0", "-o", {str(out)!r}]) == 0
+print(json.dumps(sorted(m for m in ("torch", "diffusers", "transformers") if m in sys.modules)))
+"""
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert json.loads(done.stdout.strip().splitlines()[-1]) == []
+    with Image.open(out) as image:
+        assert prompt in image.text["parameters"]
+        drawn = np.asarray(image.convert("RGB"))
+    # the same picture as the Python API's for the same seed
+    assert np.array_equal(drawn, np.asarray(pipe(prompt, seed=0).images[0]))
+
+
+def test_diffusers_loads_the_shipped_folder(pipe):
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    reference = diffusers.DiffusionPipeline.from_pretrained(
+        default_model("diffusers"), torch_dtype=torch.float32, local_files_only=True
+    )
+    reference.set_progress_bar_config(disable=True)
+    prompt = SINGLE[0][1].prompt
+    latents = np.random.default_rng(0).standard_normal((1, 4, 16, 16), dtype=np.float32)
+    # one step: LCM draws fresh noise between steps, from each library's own generator
+    ours = pipe(prompt, latents=latents, num_inference_steps=1, output_type="np").images[0]
+    theirs = reference(
+        prompt, latents=torch.from_numpy(latents), num_inference_steps=1, output_type="np"
+    ).images[0]
+    # fp16 graphs against fp32 compute on the same fp16-stored weights (measured at shipping:
+    # max 0.006-0.032, mean 0.0007-0.0011 over three prompts)
+    difference = np.abs(ours - theirs)
+    assert difference.max() <= 0.05 and difference.mean() <= 0.005
