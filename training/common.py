@@ -20,7 +20,7 @@ import pathlib
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -443,12 +443,27 @@ class Progress:
         self.run.log({"note": text, **values})
         print(text, flush=True)
 
-    def pause(self) -> float:
+    @contextlib.contextmanager
+    def untimed(self) -> Iterator[None]:
         """Exclude the time of something that is not training (evaluation, saving)."""
-        return time.perf_counter()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._t += time.perf_counter() - start
 
-    def resume(self, since: float) -> None:
-        self._t += time.perf_counter() - since
+
+class SaveClock:
+    """Says when a periodic checkpoint is due (every `minutes` of wall time)."""
+
+    def __init__(self, minutes: float):
+        self.interval, self.last = 60.0 * minutes, time.time()
+
+    def due(self) -> bool:
+        if time.time() - self.last <= self.interval:
+            return False
+        self.last = time.time()
+        return True
 
 
 def _hms(seconds: float) -> str:

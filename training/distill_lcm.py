@@ -31,7 +31,6 @@ import argparse
 import json
 import pathlib
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -164,7 +163,7 @@ def main(argv: list[str] | None = None) -> None:
     stop = common.StopFlag(args.stop_after_minutes, args.stop_at_step)
     progress = common.Progress(run, start, cfg.max_steps, cfg.batch_size, compute_seconds)
     common.log_environment(progress)
-    last_save = time.time()
+    save_clock = common.SaveClock(cfg.checkpoint_minutes)
 
     def checkpoint(step: int) -> None:
         run.save(
@@ -252,20 +251,17 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
             progress.update(step - 1, loss.item(), lr=lr, grad_norm=grad_norm.item())
             if step % cfg.sample_every == 0:
-                paused = progress.pause()
-                metrics = sample_check()
-                progress.note(
-                    f"samples step {step} (LCM {cfg.sample_steps} steps, guidance "
-                    f"{SAMPLE_GUIDANCE}): {json.dumps(metrics)}",
-                    step=step,
-                    **metrics,
-                )
-                progress.resume(paused)
-            if time.time() - last_save > 60 * cfg.checkpoint_minutes:
-                paused = progress.pause()
-                checkpoint(step)
-                last_save = time.time()
-                progress.resume(paused)
+                with progress.untimed():
+                    metrics = sample_check()
+                    progress.note(
+                        f"samples step {step} (LCM {cfg.sample_steps} steps, guidance "
+                        f"{SAMPLE_GUIDANCE}): {json.dumps(metrics)}",
+                        step=step,
+                        **metrics,
+                    )
+            if save_clock.due():
+                with progress.untimed():
+                    checkpoint(step)
 
     progress.finish()
     checkpoint(step)

@@ -31,7 +31,6 @@ import argparse
 import json
 import pathlib
 import shutil
-import time
 
 import numpy as np
 import torch
@@ -227,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
         unet_params=n_unet,
         text_params=n_text,
     )
-    last_save = time.time()
+    save_clock = common.SaveClock(cfg.checkpoint_minutes)
 
     def checkpoint(step: int) -> None:
         run.save(
@@ -306,20 +305,17 @@ def main(argv: list[str] | None = None) -> None:
                 mse=per_sample.mean().item(),
             )
             if step % cfg.sample_every == 0:
-                paused = progress.pause()
-                metrics = sample_check(step)
-                progress.note(
-                    f"samples step {step}: "
-                    + json.dumps({k: round(v, 3) for k, v in metrics.items()}),
-                    step=step,
-                    **metrics,
-                )
-                progress.resume(paused)
-            if time.time() - last_save > 60 * cfg.checkpoint_minutes:
-                paused = progress.pause()
-                checkpoint(step)
-                last_save = time.time()
-                progress.resume(paused)
+                with progress.untimed():
+                    metrics = sample_check(step)
+                    progress.note(
+                        f"samples step {step}: "
+                        + json.dumps({k: round(v, 3) for k, v in metrics.items()}),
+                        step=step,
+                        **metrics,
+                    )
+            if save_clock.due():
+                with progress.untimed():
+                    checkpoint(step)
 
     progress.finish()
     checkpoint(step)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import pathlib
-import time
 
 import numpy as np
 import torch
@@ -132,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     progress.note(
         f"VAE {cfg.block_out_channels}: {n_params / 1e6:.3f} M parameters", params=n_params
     )
-    last_save = time.time()
+    save_clock = common.SaveClock(cfg.checkpoint_minutes)
     latent_hw = scenes.IMAGE_SIZE // 2 ** (len(cfg.block_out_channels) - 1)
 
     def checkpoint(step: int) -> None:
@@ -169,18 +168,15 @@ def main(argv: list[str] | None = None) -> None:
             step += 1
             progress.update(step - 1, loss.item(), lr=lr, **parts)
             if step % cfg.eval_every == 0 or step == cfg.max_steps:
-                paused = progress.pause()
-                vae.eval()
-                metrics = evaluate(vae, cfg)
-                vae.train()
-                shown = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("_")}
-                progress.note(f"eval step {step}: {shown}", step=step, **shown)
-                progress.resume(paused)
-            if time.time() - last_save > 60 * cfg.checkpoint_minutes:
-                paused = progress.pause()
-                checkpoint(step)
-                last_save = time.time()
-                progress.resume(paused)
+                with progress.untimed():
+                    vae.eval()
+                    metrics = evaluate(vae, cfg)
+                    vae.train()
+                    shown = {k: round(v, 4) for k, v in metrics.items() if not k.startswith("_")}
+                    progress.note(f"eval step {step}: {shown}", step=step, **shown)
+            if save_clock.due():
+                with progress.untimed():
+                    checkpoint(step)
 
     progress.finish()
     checkpoint(step)
