@@ -21,7 +21,7 @@ from fewstep import scenes  # noqa: E402
 # training/ is a folder of scripts at the repository root, not part of the installed package;
 # plain `pytest` does not put the root on sys.path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from training import distill_lcm, ship, train_unet, train_vae  # noqa: E402
+from training import common, distill_lcm, ship, train_unet, train_vae  # noqa: E402
 
 
 def _stage_args(stage, run, upstream):
@@ -179,3 +179,52 @@ def test_latent_cache_lines_up_with_its_scenes(runs):
     torch.testing.assert_close(latents, expected.half().float(), rtol=0, atol=0)
     wrapped, _ = cache.batch(step=6, batch_size=4)  # 24 wraps to scene 0
     torch.testing.assert_close(wrapped[0], cache.batch(step=0, batch_size=4)[0][0])
+
+
+@pytest.mark.parametrize(
+    "schedule",
+    [common.Schedule(), common.Schedule("v_prediction", zero_terminal_snr=True)],
+    ids=["epsilon", "v-zero_snr"],
+)
+def test_schedule_matches_the_diffusers_scheduler_it_writes(schedule):
+    alphas = schedule.alphas_cumprod()
+    for kind, cls in (("ddim", diffusers.DDIMScheduler), ("lcm", diffusers.LCMScheduler)):
+        scheduler = cls.from_config(schedule.scheduler_config(kind))
+        assert scheduler.config.prediction_type == schedule.prediction_type
+        torch.testing.assert_close(alphas, scheduler.alphas_cumprod, rtol=0, atol=1e-6)
+    if schedule.zero_terminal_snr:
+        assert alphas[-1] == 0  # no signal left at the last step
+        ddim = diffusers.DDIMScheduler.from_config(schedule.scheduler_config("ddim"))
+        ddim.set_timesteps(4)
+        assert ddim.timesteps[0] == 999  # sampling starts from the pure-noise step
+    else:
+        assert 0.06 < alphas[-1].sqrt() < 0.07  # SD's leak
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_schedule_target_and_split_agree_with_diffusers(prediction_type):
+    """The training target is what diffusers' DDPMScheduler.get_velocity / the noise gives,
+    and split() recovers the clean latent and the noise from it, as the samplers do."""
+    schedule = common.Schedule(prediction_type, zero_terminal_snr=prediction_type != "epsilon")
+    alphas = schedule.alphas_cumprod()
+    t = torch.tensor([0, 250, 500, 998, 999])
+    gen = torch.Generator().manual_seed(0)
+    latents, noise = torch.randn((2, 5, 4, 3, 3), generator=gen)
+    a = alphas[t].view(-1, 1, 1, 1)
+    x = a.sqrt() * latents + (1 - a).sqrt() * noise
+    target = schedule.target(latents, noise, a)
+    ddpm = diffusers.DDPMScheduler.from_config(schedule.scheduler_config("ddim"))
+    expected = noise if prediction_type == "epsilon" else ddpm.get_velocity(latents, noise, t)
+    torch.testing.assert_close(target, expected, rtol=0, atol=1e-5)
+    x0, eps = schedule.split(target, x, a)
+    torch.testing.assert_close(x0, latents, rtol=0, atol=1e-4)
+    torch.testing.assert_close(eps, noise, rtol=0, atol=1e-4)
+
+
+def test_min_snr_weight_keeps_the_pure_noise_step_for_v_prediction():
+    weight = common.Schedule("v_prediction", zero_terminal_snr=True).loss_weight(5.0)
+    snr = 1 / (1 / common.Schedule("v_prediction", True).alphas_cumprod().double() - 1)
+    assert weight[-1] == 1.0 and torch.all(weight[snr <= 5] == 1.0)
+    assert torch.all(weight[snr > 5] < 1.0) and torch.all(torch.diff(weight) >= 0)
+    with pytest.raises(ValueError, match="v_prediction"):
+        common.Schedule("epsilon", zero_terminal_snr=True)

@@ -190,41 +190,102 @@ class LatentCache:
 # ---------------------------------------------------------------------------------------------
 
 
-def alphas_cumprod() -> torch.Tensor:
-    """ᾱ_t of SD's scaled_linear schedule, t = 0..999 (as diffusers' DDPMScheduler), float32."""
-    betas = torch.linspace(BETA_START**0.5, BETA_END**0.5, NUM_TRAIN_TIMESTEPS, dtype=torch.float64)
-    return torch.cumprod(1.0 - betas**2, dim=0).float()
+@dataclasses.dataclass(frozen=True)
+class Schedule:
+    """The noise schedule and parameterization a model is trained with.
 
+    `epsilon` + SD's scaled_linear schedule leaves √ᾱ_T = 0.068 of the clean latent at the last
+    step, which the first default model learned to read its background from (README).
+    `zero_terminal_snr` rescales the betas so that ᾱ_T = 0 (Lin et al. 2023, Algorithm 1), which
+    needs v-prediction and trailing timesteps at inference (their §3.2, §3.3).
+    """
 
-def scheduler_config(kind: str) -> dict[str, Any]:
-    """The scheduler_config.json of the teacher ("ddim", SD-style) or the student ("lcm", the
-    LCM Dreamshaper v7 layout)."""
-    base = {
-        "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
-        "beta_start": BETA_START,
-        "beta_end": BETA_END,
-        "beta_schedule": "scaled_linear",
-        "prediction_type": "epsilon",
-        "clip_sample": False,
-        "timestep_spacing": "leading",
-    }
-    if kind == "ddim":
-        return {
-            "_class_name": "DDIMScheduler",
-            **base,
-            "set_alpha_to_one": False,
-            "steps_offset": 1,
+    prediction_type: str = "epsilon"  # "epsilon" | "v_prediction"
+    zero_terminal_snr: bool = False
+
+    def __post_init__(self) -> None:
+        if self.prediction_type not in ("epsilon", "v_prediction"):
+            raise ValueError(
+                f"prediction_type must be 'epsilon' or 'v_prediction', got {self.prediction_type!r}"
+            )
+        if self.zero_terminal_snr and self.prediction_type != "v_prediction":
+            raise ValueError("zero_terminal_snr needs prediction_type='v_prediction'")
+
+    @classmethod
+    def of_model(cls, folder: pathlib.Path) -> Schedule:
+        """The schedule of a model folder written by these scripts (its scheduler config)."""
+        config = json.loads((folder / "scheduler" / "scheduler_config.json").read_text())
+        return cls(config["prediction_type"], bool(config.get("rescale_betas_zero_snr", False)))
+
+    def alphas_cumprod(self) -> torch.Tensor:
+        """ᾱ_t, t = 0..999, float32: fewstep's samplers' values, which equal diffusers'."""
+        from fewstep.samplers.base import SchedulerConfig
+        from fewstep.samplers.base import alphas_cumprod as sampler_alphas
+
+        config = SchedulerConfig.from_dict(self.scheduler_config("ddim"))
+        return torch.from_numpy(sampler_alphas(config)).float()
+
+    def target(self, latents: torch.Tensor, noise: torch.Tensor, alpha: torch.Tensor):
+        """What the U-Net learns to output for x_t = √ᾱ·latents + √(1−ᾱ)·noise."""
+        if self.prediction_type == "epsilon":
+            return noise
+        return alpha.sqrt() * noise - (1 - alpha).sqrt() * latents  # v (Salimans & Ho 2022)
+
+    def split(self, output: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor):
+        """(x̂0, ε̂) from the U-Net output at x_t."""
+        if self.prediction_type == "epsilon":
+            return (x - (1 - alpha).sqrt() * output) / alpha.sqrt(), output
+        return (
+            alpha.sqrt() * x - (1 - alpha).sqrt() * output,
+            (1 - alpha).sqrt() * x + alpha.sqrt() * output,
+        )
+
+    def loss_weight(self, min_snr_gamma: float | None) -> torch.Tensor:
+        """Per-timestep weight of the output MSE [1000]: Min-SNR-γ (Hang et al. 2023).
+
+        epsilon: min(SNR, γ)/SNR, the paper's. v: min(SNR + 1, γ + 1)/(SNR + 1), i.e. weight 1
+        up to SNR γ and the paper's decay above it. (The paper's v form, min(SNR, γ)/(SNR + 1),
+        gives the pure-noise step weight 0, and that step is where zero terminal SNR matters.)
+        """
+        alphas = self.alphas_cumprod().double()
+        snr = alphas / (1 - alphas)
+        if min_snr_gamma is None:
+            return torch.ones_like(snr).float()
+        if self.prediction_type == "epsilon":
+            return (torch.clamp(snr, max=min_snr_gamma) / snr).float()
+        return (torch.clamp(snr + 1, max=min_snr_gamma + 1) / (snr + 1)).float()
+
+    def scheduler_config(self, kind: str) -> dict[str, Any]:
+        """The scheduler_config.json of the teacher ("ddim", SD-style) or the student ("lcm",
+        the LCM Dreamshaper v7 layout)."""
+        base = {
+            "num_train_timesteps": NUM_TRAIN_TIMESTEPS,
+            "beta_start": BETA_START,
+            "beta_end": BETA_END,
+            "beta_schedule": "scaled_linear",
+            "prediction_type": self.prediction_type,
+            "clip_sample": False,
+            "rescale_betas_zero_snr": self.zero_terminal_snr,
+            # trailing spacing starts at t = 999, the only step with no signal left
+            "timestep_spacing": "trailing" if self.zero_terminal_snr else "leading",
         }
-    if kind == "lcm":
-        return {
-            "_class_name": "LCMScheduler",
-            **base,
-            "original_inference_steps": 50,
-            "set_alpha_to_one": True,
-            "steps_offset": 0,
-            "timestep_scaling": 10.0,
-        }
-    raise ValueError(f"kind must be 'ddim' or 'lcm', got {kind!r}")
+        if kind == "ddim":
+            return {
+                "_class_name": "DDIMScheduler",
+                **base,
+                "set_alpha_to_one": self.zero_terminal_snr,
+                "steps_offset": 0 if self.zero_terminal_snr else 1,
+            }
+        if kind == "lcm":
+            return {
+                "_class_name": "LCMScheduler",
+                **base,
+                "original_inference_steps": 50,
+                "set_alpha_to_one": True,
+                "steps_offset": 0,
+                "timestep_scaling": 10.0,
+            }
+        raise ValueError(f"kind must be 'ddim' or 'lcm', got {kind!r}")
 
 
 class EMA:

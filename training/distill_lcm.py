@@ -7,7 +7,8 @@ as diffusers' `examples/consistency_distillation/train_lcm_distill_sd_wds.py` do
 
 1. x_{t_{n+k}} = q(x | x_0) at a timestep of the DDIM skip schedule (k = 1000 / 50 = 20,
    timesteps 19, 39, ..., 999); w ~ U[w_min, w_max] per sample.
-2. Student: f_θ(x_{t_{n+k}}, w, c) = c_skip · x + c_out · x̂_0(ε_θ), with the guidance scale
+2. Student: f_θ(x_{t_{n+k}}, w, c) = c_skip · x + c_out · x̂_0, with x̂_0 from the U-Net's
+   output in the teacher's parameterization (ε or v; `common.Schedule`), the guidance scale
    embedded (w·1000, sinusoidal, `time_cond_proj_dim` wide: the U-Net's `timestep_cond`).
 3. Teacher, one DDIM step with CFG (LCM eq. 9): x̂_0 and ε̂ = cond + w · (cond − uncond), then
    x_{t_n} = √ᾱ_{t_n} x̂_0 + √(1 − ᾱ_{t_n}) ε̂.
@@ -17,9 +18,9 @@ as diffusers' `examples/consistency_distillation/train_lcm_distill_sd_wds.py` do
 The boundary-condition scalings (σ_data = 0.5, timestep scaling 10) and the guidance
 embedding are the ones `LCMScheduler` and fewstep's LCM sampler apply at inference, so
 `w = guidance_scale − 1` there. The student starts as a copy of the teacher with the new
-`time_embedding.cond_proj` zero-initialised (so it starts as the teacher). The text encoder,
-tokenizer and VAE are the teacher's, frozen; the data are the teacher's training scenes (its
-run's latent cache).
+`time_embedding.cond_proj` zero-initialised (so it starts as the teacher) and keeps the
+teacher's schedule and prediction type. The text encoder, tokenizer and VAE are the teacher's,
+frozen; the data are the teacher's training scenes (its run's latent cache).
 
 Output: `<run>/model/`, a diffusers LatentConsistencyModelPipeline folder (LCMScheduler, the
 LCM Dreamshaper v7 layout) holding the student, and `<run>/training_state.json`.
@@ -52,10 +53,6 @@ def boundary_scalings(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return c_skip.float().view(-1, 1, 1, 1), c_out.float().view(-1, 1, 1, 1)
 
 
-def predicted_x0(eps: torch.Tensor, x: torch.Tensor, alpha: torch.Tensor) -> torch.Tensor:
-    return (x - (1 - alpha).sqrt() * eps) / alpha.sqrt()
-
-
 def w_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.from_numpy(guidance_scale_embedding(w.double().numpy(), dim))
 
@@ -86,12 +83,18 @@ def make_student(teacher, time_cond_proj_dim: int):
 
 @torch.no_grad()
 def sample_lcm(
-    unet, context: torch.Tensor, vae, steps: int, guidance: float, seed: int
+    unet,
+    context: torch.Tensor,
+    vae,
+    schedule: common.Schedule,
+    steps: int,
+    guidance: float,
+    seed: int,
 ) -> np.ndarray:
     """diffusers' LCMScheduler loop (a progress check): uint8 images [B, 64, 64, 3]."""
     from diffusers import LCMScheduler
 
-    scheduler = LCMScheduler.from_config(common.scheduler_config("lcm"))
+    scheduler = LCMScheduler.from_config(schedule.scheduler_config("lcm"))
     scheduler.set_timesteps(steps)
     batch = context.shape[0]
     w_emb = w_embedding(torch.full((batch,), guidance - 1.0), unet.config.time_cond_proj_dim)
@@ -99,8 +102,8 @@ def sample_lcm(
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn((batch, 4, size, size), generator=gen)
     for t in scheduler.timesteps:
-        eps = unet(latents, t, context, timestep_cond=w_emb).sample
-        latents, denoised = scheduler.step(eps, t, latents, generator=gen, return_dict=False)
+        out = unet(latents, t, context, timestep_cond=w_emb).sample
+        latents, denoised = scheduler.step(out, t, latents, generator=gen, return_dict=False)
     return common.tensor_to_images(vae.decode(denoised / vae.config.scaling_factor).sample)
 
 
@@ -146,7 +149,8 @@ def main(argv: list[str] | None = None) -> None:
         optimizer.load_state_dict(state["optimizer"])
         start, compute_seconds = state["step"], state["compute_seconds"]
 
-    alphas = common.alphas_cumprod()
+    schedule = common.Schedule.of_model(teacher_dir)  # the student keeps the teacher's
+    alphas = schedule.alphas_cumprod()
     k = common.NUM_TRAIN_TIMESTEPS // cfg.num_ddim_timesteps
     ddim_timesteps = torch.arange(1, cfg.num_ddim_timesteps + 1) * k - 1  # 19, 39, ..., 999
     with torch.no_grad():
@@ -178,7 +182,9 @@ def main(argv: list[str] | None = None) -> None:
 
     def sample_check() -> dict[str, float]:
         student.eval()
-        images = sample_lcm(student, eval_context, vae, cfg.sample_steps, SAMPLE_GUIDANCE, seed=0)
+        images = sample_lcm(
+            student, eval_context, vae, schedule, cfg.sample_steps, SAMPLE_GUIDANCE, seed=0
+        )
         student.train()
         results = [scenes.score(im, p.target) for im, p in zip(images, eval_prompts, strict=True)]
         half = cfg.sample_prompts // 2
@@ -214,27 +220,27 @@ def main(argv: list[str] | None = None) -> None:
             skip_prev, out_prev = boundary_scalings(t_prev)
 
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                eps_student = student(x_start, t_start, context, timestep_cond=w_emb).sample.float()
-            prediction = skip_start * x_start + out_start * predicted_x0(
-                eps_student, x_start, a_start
-            )
+                out_student = student(x_start, t_start, context, timestep_cond=w_emb).sample.float()
+            x0_student, _ = schedule.split(out_student, x_start, a_start)
+            prediction = skip_start * x_start + out_start * x0_student
 
             with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                eps_teacher = teacher(
+                out_teacher = teacher(
                     torch.cat([x_start, x_start]),
                     torch.cat([t_start, t_start]),
                     torch.cat([context, uncond_context.expand_as(context)]),
                 ).sample.float()
-                eps_cond, eps_uncond = eps_teacher.chunk(2)
-                x0_cond = predicted_x0(eps_cond, x_start, a_start)
-                x0_uncond = predicted_x0(eps_uncond, x_start, a_start)
+                x0_both, eps_both = schedule.split(
+                    out_teacher, torch.cat([x_start, x_start]), torch.cat([a_start, a_start])
+                )
+                x0_cond, x0_uncond = x0_both.chunk(2)
+                eps_cond, eps_uncond = eps_both.chunk(2)
                 x0_guided = x0_cond + w4 * (x0_cond - x0_uncond)
                 eps_guided = eps_cond + w4 * (eps_cond - eps_uncond)
                 x_prev = a_prev.sqrt() * x0_guided + (1 - a_prev).sqrt() * eps_guided  # DDIM step
-                eps_target = target(x_prev, t_prev, context, timestep_cond=w_emb).sample.float()
-                target_value = skip_prev * x_prev + out_prev * predicted_x0(
-                    eps_target, x_prev, a_prev
-                )
+                out_target = target(x_prev, t_prev, context, timestep_cond=w_emb).sample.float()
+                x0_target, _ = schedule.split(out_target, x_prev, a_prev)
+                target_value = skip_prev * x_prev + out_prev * x0_target
 
             loss = (
                 torch.sqrt((prediction - target_value) ** 2 + cfg.huber_c**2) - cfg.huber_c
@@ -271,7 +277,7 @@ def main(argv: list[str] | None = None) -> None:
     student.eval().save_pretrained(tmp / "unet", safe_serialization=True)
     for name in ("text_encoder", "tokenizer", "vae"):
         shutil.copytree(teacher_dir / name, tmp / name)
-    scheduler_class = train_unet.write_scheduler(tmp / "scheduler", "lcm")
+    scheduler_class = train_unet.write_scheduler(tmp / "scheduler", "lcm", schedule)
     train_unet.write_model_index(tmp, "LatentConsistencyModelPipeline", scheduler_class)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)

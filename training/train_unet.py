@@ -2,8 +2,10 @@
 
     python -m training.train_unet --run runs/unet --vae runs/vae/vae [--stop-after-minutes M]
 
-Latent diffusion (Rombach et al. 2022) in SD 1.x's setting: epsilon prediction, SD's
-scaled_linear schedule (1000 steps, β 0.00085..0.012), latents = scaling_factor * the VAE
+Latent diffusion (Rombach et al. 2022) in SD 1.x's setting, except for the schedule: SD's
+scaled_linear betas (1000 steps, β 0.00085..0.012) rescaled to zero terminal SNR, with
+v-prediction (`common.Schedule`; config `prediction_type`, `zero_terminal_snr`; the first
+default model used epsilon on the plain schedule). Latents = scaling_factor * the VAE
 posterior mean (the frozen VAE of stage 1; `num_scenes` scenes encoded once into
 `<run>/latents.npy`, then cycled through in order), text conditioning through
 cross-attention on every token state of a CLIP text encoder (last_hidden_state, 77 tokens,
@@ -13,8 +15,9 @@ encodes as the negative prompt), so classifier-free guidance works.
 
 Deviations from SD's recipe, each for speed on 2 CPU cores: the text encoder is trained from
 scratch with the U-Net (no pretrained CLIP); Min-SNR-γ loss weighting (Hang et al. 2023,
-"Efficient Diffusion Training via Min-SNR Weighting Strategy", eq. 9 with γ = 5), which the
-paper measures to converge ~3x faster; EMA of both models' weights (0.999) is what ships.
+"Efficient Diffusion Training via Min-SNR Weighting Strategy", γ = 5; for v-prediction in the
+form that keeps the pure-noise step, `common.Schedule.loss_weight`), which the paper measures
+to converge ~3x faster; EMA of both models' weights (0.999) is what ships.
 
 Every `sample_every` steps the EMA model draws `sample_prompts` evaluation prompts (DDIM,
 guidance 7.5, diffusers' DDIMScheduler) and the analyzer scores them: a progress signal, not
@@ -125,8 +128,8 @@ def write_model_index(folder: pathlib.Path, pipeline_class: str, scheduler_class
     (folder / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
 
 
-def write_scheduler(folder: pathlib.Path, kind: str) -> str:
-    config = common.scheduler_config(kind)
+def write_scheduler(folder: pathlib.Path, kind: str, schedule: common.Schedule) -> str:
+    config = schedule.scheduler_config(kind)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "scheduler_config.json").write_text(json.dumps(config, indent=2) + "\n")
     return config["_class_name"]
@@ -139,6 +142,7 @@ def sample_ddim(
     vae,
     ids: torch.Tensor,
     uncond_ids: torch.Tensor,
+    schedule: common.Schedule,
     steps: int,
     guidance: float,
     seed: int,
@@ -146,7 +150,7 @@ def sample_ddim(
     """diffusers' DDIMScheduler loop with CFG (a progress check): uint8 images [B, 64, 64, 3]."""
     from diffusers import DDIMScheduler
 
-    scheduler = DDIMScheduler.from_config(common.scheduler_config("ddim"))
+    scheduler = DDIMScheduler.from_config(schedule.scheduler_config("ddim"))
     scheduler.set_timesteps(steps)
     cond = text_encoder(ids).last_hidden_state
     uncond = text_encoder(uncond_ids.expand_as(ids)).last_hidden_state
@@ -154,9 +158,9 @@ def sample_ddim(
     gen = torch.Generator().manual_seed(seed)
     latents = torch.randn((ids.shape[0], 4, size, size), generator=gen)
     for t in scheduler.timesteps:
-        eps = unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).sample
-        eps_u, eps_c = eps.chunk(2)
-        latents = scheduler.step(eps_u + guidance * (eps_c - eps_u), t, latents).prev_sample
+        out = unet(torch.cat([latents, latents]), t, torch.cat([uncond, cond])).sample
+        out_u, out_c = out.chunk(2)
+        latents = scheduler.step(out_u + guidance * (out_c - out_u), t, latents).prev_sample
     return common.tensor_to_images(vae.decode(latents / vae.config.scaling_factor).sample)
 
 
@@ -203,12 +207,9 @@ def main(argv: list[str] | None = None) -> None:
     n_unet = sum(p.numel() for p in unet.parameters())
     n_text = sum(p.numel() for p in text_encoder.parameters())
 
-    alphas = common.alphas_cumprod()  # [1000]
-    snr = alphas / (1 - alphas)
-    if cfg.min_snr_gamma is None:
-        loss_weight = torch.ones_like(snr)
-    else:
-        loss_weight = torch.clamp(snr, max=cfg.min_snr_gamma) / snr  # epsilon prediction
+    schedule = common.Schedule(cfg.prediction_type, cfg.zero_terminal_snr)
+    alphas = schedule.alphas_cumprod()  # [1000]
+    loss_weight = schedule.loss_weight(cfg.min_snr_gamma)
     uncond_ids = tokenize([""])
     eval_prompts = [p for p in scenes.evaluation_prompts() if p.kind == "single"][
         : cfg.sample_prompts // 2
@@ -254,7 +255,15 @@ def main(argv: list[str] | None = None) -> None:
         unet_ema, text_ema = ema_models()
         ids = tokenize([p.prompt for p in eval_prompts])
         images = sample_ddim(
-            unet_ema, text_ema, vae, ids, uncond_ids, cfg.sample_steps, SAMPLE_GUIDANCE, seed=0
+            unet_ema,
+            text_ema,
+            vae,
+            ids,
+            uncond_ids,
+            schedule,
+            cfg.sample_steps,
+            SAMPLE_GUIDANCE,
+            seed=0,
         )
         results = [scenes.score(im, p.target) for im, p in zip(images, eval_prompts, strict=True)]
         half = cfg.sample_prompts // 2
@@ -286,8 +295,9 @@ def main(argv: list[str] | None = None) -> None:
             noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
             with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
                 context = text_encoder(ids).last_hidden_state  # [B, 77, C]
-                eps = unet(noisy, t, context).sample  # [B, 4, 16, 16]
-            per_sample = ((eps.float() - noise) ** 2).mean(dim=(1, 2, 3))
+                output = unet(noisy, t, context).sample  # [B, 4, 16, 16]
+            target = schedule.target(latents, noise, a)
+            per_sample = ((output.float() - target) ** 2).mean(dim=(1, 2, 3))
             loss = (loss_weight[t] * per_sample).mean()
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
@@ -327,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     save_text_encoder(text_ema, tmp / "text_encoder")
     shutil.copytree(tokenizer_dir, tmp / "tokenizer")
     shutil.copytree(vae_dir, tmp / "vae")
-    scheduler_class = write_scheduler(tmp / "scheduler", "ddim")
+    scheduler_class = write_scheduler(tmp / "scheduler", "ddim", schedule)
     write_model_index(tmp, "StableDiffusionPipeline", scheduler_class)
     shutil.rmtree(out, ignore_errors=True)
     tmp.rename(out)
