@@ -29,7 +29,7 @@ from fewstep.lora.onnx_package import (
     lora_map_json,
     module_weight_name,
 )
-from fewstep.lora.onnx_proto import read_onnx_index
+from fewstep.onnx_proto import read_onnx_index
 
 _FLOAT_TYPES = (1, 10, 11)  # float32, float16, float64
 

@@ -46,7 +46,7 @@ from fewstep.lora import (  # noqa: E402
     unfold_lora_torch,
 )
 from fewstep.lora.onnx_package import derive_lora_map, read_lora_map  # noqa: E402
-from fewstep.lora.onnx_proto import read_onnx_index  # noqa: E402
+from fewstep.onnx_proto import read_onnx_index  # noqa: E402
 from fewstep.package import hash_package_files, read_manifest, verify_package  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
 

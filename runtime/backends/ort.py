@@ -10,6 +10,11 @@ folded initializers (fewstep.lora, computed from the files' pristine values) go 
 in-memory copy of the graph's bytes, or, for weights kept in external data, into
 `SessionOptions.add_external_initializers`. Not `add_initializer`: onnxruntime ignores it
 for Conv weights at the default optimisation level (fewstep.lora.onnx_package explains).
+
+On the CPU provider, the attention of the U-Net and VAE graphs runs as onnxruntime's fused
+MultiHeadAttention (flash attention; `fuse_attention=False` runs the graphs as written):
+the rewrite is made in memory at load (fewstep.backends.ort_attention), the package is
+untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ import numpy as np
 from fewstep.backends.base import BackendError, describe_inputs, missing_extra_error
 from fewstep.package import GRAPH_NAMES, REQUIRED_GRAPHS, PackageError
 
+_ATTENTION_GRAPHS = ("unet", "vae_decoder", "vae_encoder")
 _ORT_TYPES = {
     "tensor(float)": np.float32,
     "tensor(float16)": np.float16,
@@ -41,6 +47,7 @@ class OnnxRuntimeBackend:
         providers: list[Any] | None = None,
         intra_op_num_threads: int | None = None,
         loras: list[Any] | None = None,
+        fuse_attention: bool = True,
     ):
         try:
             import onnxruntime as ort
@@ -49,6 +56,11 @@ class OnnxRuntimeBackend:
         self._ort = ort
         self.root = Path(package_dir)
         self.providers = providers or ["CPUExecutionProvider"]
+        # The contrib op's CUDA kernels are not tested here: fuse for the CPU provider only.
+        self._fuse_attention = fuse_attention and all(
+            (p if isinstance(p, str) else p[0]) == "CPUExecutionProvider" for p in self.providers
+        )
+        self.fused_attention: dict[str, int] = {}  # graph → attention blocks fused
         self._intra_op_num_threads = intra_op_num_threads
         self._options = self._session_options()
         self._initializers: dict[str, dict[str, Any]] = {}
@@ -80,22 +92,35 @@ class OnnxRuntimeBackend:
             raise PackageError(f"missing package file: {path}")
         model: str | bytes = str(path)
         options = self._options
+        patched: bytes | None = None
+        external: dict[str, np.ndarray] = {}
         if graph in self._initializers:
             from fewstep.lora.onnx_package import patched_model
 
-            options = self._session_options()
             patched, external = patched_model(path, self._initializers.pop(graph))
-            if patched is not None:
-                model = patched
-                # A graph given as bytes finds its external data file through this entry.
-                options.add_session_config_entry(
-                    "session.model_external_initializers_file_folder_path", str(path.parent)
-                )
-            if external:
-                # The OrtValues wrap the arrays without copying: keep both alive.
-                ort_values = [self._ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
-                self._ort_values.append((external, ort_values))
-                options.add_external_initializers(list(external), ort_values)
+        if self._fuse_attention and graph in _ATTENTION_GRAPHS:
+            from fewstep.backends.ort_attention import fuse_attention
+
+            try:
+                fused, count = fuse_attention(patched or path.read_bytes())
+            except (ValueError, IndexError, UnicodeDecodeError):
+                fused, count = b"", 0  # not a readable graph: onnxruntime reports it below
+            if count:
+                patched = fused
+            self.fused_attention[graph] = count
+        if patched is not None or external:
+            options = self._session_options()
+        if patched is not None:
+            model = patched
+            # A graph given as bytes finds its external data file through this entry.
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", str(path.parent)
+            )
+        if external:
+            # The OrtValues wrap the arrays without copying: keep both alive.
+            ort_values = [self._ort.OrtValue.ortvalue_from_numpy(v) for v in external.values()]
+            self._ort_values.append((external, ort_values))
+            options.add_external_initializers(list(external), ort_values)
         try:
             session = self._ort.InferenceSession(
                 model, sess_options=options, providers=self.providers

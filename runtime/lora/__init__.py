@@ -6,7 +6,7 @@ Reading (`files.py`): kohya/A1111 and diffusers/PEFT safetensors → checked `Lo
 Resolving and folding (`fold.py`): keys → base weight names of the diffusers modules, shape
 checks, the fold in float32. Targets:
 
-- ONNX packages, without re-export (`onnx_package.py`, `onnx_proto.py`): new initializer
+- ONNX packages, without re-export (`onnx_package.py`, with `fewstep.onnx_proto`): new initializer
   values for onnxruntime sessions (`Pipeline.from_pretrained(package, loras=…)`), or a new
   package with the weights rewritten (`apply_loras_to_package`, `fewstep lora apply`).
 - torch modules in place (`torch_fold.py`): `fold_lora_torch` / `unfold_lora_torch`.

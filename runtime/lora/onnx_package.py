@@ -47,7 +47,7 @@ import numpy as np
 
 from fewstep.lora.files import LoraArg, describe_loras, load_loras
 from fewstep.lora.fold import canonical_weight_name, fold_array, plan_fold
-from fewstep.lora.onnx_proto import OnnxIndex, read_onnx_index
+from fewstep.onnx_proto import OnnxIndex, read_onnx_index
 from fewstep.package import PackageError, verify_package, write_manifest
 
 LORA_GRAPHS = ("unet", "text_encoder")  # graph folder = the diffusers component it holds

@@ -1,5 +1,7 @@
 """Where an ONNX model keeps each initializer's bytes, read without the `onnx` package.
 
+(Also the protobuf reader of fewstep.backends.ort_attention, which rewrites a graph's nodes.)
+
 The lean runtime has numpy and onnxruntime, not `onnx`; folding a LoRA into a package needs
 only each weight's dtype, shape and byte range (in `model.onnx`, or in the external data file
 such as `model.onnx_data`) and the graph's nodes. This walks the protobuf wire format
@@ -89,7 +91,7 @@ class OnnxIndex:
     nodes: tuple[NodeInfo, ...]
 
 
-def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
+def read_varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
     result = shift = 0
     while True:
         byte = buf[pos]
@@ -100,17 +102,17 @@ def _varint(buf: mmap.mmap | bytes, pos: int) -> tuple[int, int]:
         shift += 7
 
 
-def _fields(buf: mmap.mmap | bytes, start: int, end: int):
+def message_fields(buf: mmap.mmap | bytes, start: int, end: int):
     """(field number, wire type, varint value or (start, end) byte range) of one message."""
     pos = start
     while pos < end:
-        tag, pos = _varint(buf, pos)
+        tag, pos = read_varint(buf, pos)
         field, wire = tag >> 3, tag & 7
         if wire == 0:
-            value, pos = _varint(buf, pos)
+            value, pos = read_varint(buf, pos)
             yield field, wire, value
         elif wire == 2:
-            length, pos = _varint(buf, pos)
+            length, pos = read_varint(buf, pos)
             yield field, wire, (pos, pos + length)
             pos += length
         elif wire == 1:
@@ -125,30 +127,30 @@ def _fields(buf: mmap.mmap | bytes, start: int, end: int):
         raise ValueError(f"not an ONNX model: a field overruns its message at byte {pos}")
 
 
-def _text(buf: mmap.mmap | bytes, span: tuple[int, int]) -> str:
+def decode_text(buf: mmap.mmap | bytes, span: tuple[int, int]) -> str:
     return bytes(buf[span[0] : span[1]]).decode("utf-8")
 
 
 def _tensor(buf: mmap.mmap | bytes, start: int, end: int, model_path: Path) -> TensorLocation:
     dims: list[int] = []
     data_type, name, raw, external = 0, "", None, {}
-    for field, wire, value in _fields(buf, start, end):
+    for field, wire, value in message_fields(buf, start, end):
         if field == 1:
             if wire == 0:
                 dims.append(value)
             else:  # packed
                 pos, stop = value
                 while pos < stop:
-                    dim, pos = _varint(buf, pos)
+                    dim, pos = read_varint(buf, pos)
                     dims.append(dim)
         elif field == 2:
             data_type = value
         elif field == 8:
-            name = _text(buf, value)
+            name = decode_text(buf, value)
         elif field == 9:
             raw = value
         elif field == 13:
-            entry = {f: _text(buf, v) for f, _, v in _fields(buf, *value)}
+            entry = {f: decode_text(buf, v) for f, _, v in message_fields(buf, *value)}
             external[entry.get(1, "")] = entry.get(2, "")
     dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]  # int64 two's complement
     if external:
@@ -166,18 +168,18 @@ def _node(buf: mmap.mmap | bytes, start: int, end: int) -> NodeInfo:
     inputs: list[str] = []
     name = op_type = ""
     attributes: dict[str, int] = {}
-    for field, _, value in _fields(buf, start, end):
+    for field, _, value in message_fields(buf, start, end):
         if field == 1:
-            inputs.append(_text(buf, value))
+            inputs.append(decode_text(buf, value))
         elif field == 3:
-            name = _text(buf, value)
+            name = decode_text(buf, value)
         elif field == 4:
-            op_type = _text(buf, value)
+            op_type = decode_text(buf, value)
         elif field == 5:
             attr_name, attr_int = "", None
-            for f, _, v in _fields(buf, *value):
+            for f, _, v in message_fields(buf, *value):
                 if f == 1:
-                    attr_name = _text(buf, v)
+                    attr_name = decode_text(buf, v)
                 elif f == 3:
                     attr_int = v - (1 << 64) if v >= 1 << 63 else v
             if attr_int is not None:
@@ -189,12 +191,12 @@ def read_onnx_index(path: str | Path) -> OnnxIndex:
     """Initializer locations and nodes of the main graph of the ONNX model at `path`."""
     path = Path(path)
     with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        graphs = [v for field, wire, v in _fields(buf, 0, len(buf)) if field == 7 and wire == 2]
+        graphs = [v for f, wire, v in message_fields(buf, 0, len(buf)) if f == 7 and wire == 2]
         if len(graphs) != 1:
             raise ValueError(f"not an ONNX model (no graph): {path}")
         initializers: dict[str, TensorLocation] = {}
         nodes: list[NodeInfo] = []
-        for field, wire, value in _fields(buf, *graphs[0]):
+        for field, wire, value in message_fields(buf, *graphs[0]):
             if wire != 2:
                 continue
             if field == 5:
