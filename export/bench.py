@@ -1,20 +1,19 @@
 """`fewstep bench`: fewstep's backends against diffusers (torch eager) on the same weights.
 
 Sides: `diffusers` and one per fewstep backend spec (`BENCH_BACKENDS`: onnxruntime,
-openvino-fp32, openvino-bf16). Each side runs in its own fresh process, so cold start
-(import + load to first image) and peak memory (max RSS) belong to that side alone. All
-sides use the same model folder, prompt, DDIM sampler, guidance 7.5 (U-Net batch 2) and
-initial latents. Reported per model: per-stage latency (text encoding per image, i.e. every
-text encoder call of one generation summed: diffusers encodes the prompt and the negative
-prompt in two calls of batch 1, fewstep in one of batch 2; one U-Net step; VAE decode; p50
-and p90), end-to-end latency for each step
-count, cold start, peak memory, the share of each fewstep step spent
-outside the U-Net call, and each backend's speedup over diffusers. Backends that
-compile per shape (OpenVINO) compile in the untimed warm-up call, which has the shapes
-of every timed call; their compile seconds are reported apart (`compile_s`), and
-`compiles_timed` (compiles inside the timed region) must be 0. A backend this machine
-cannot run (bf16 on a CPU without it, a missing library) is recorded as skipped, with
-the reason.
+onnxruntime-unfused, openvino-fp32, openvino-bf16). Each side runs in its own fresh process,
+so cold start (import + load to first image) and peak memory (max RSS) belong to that side
+alone. All sides use the same model folder, prompt, DDIM sampler, guidance 7.5 (U-Net batch
+2) and initial latents. Reported per model: per-stage latency (text encoding per image, i.e.
+every text encoder call of one generation summed: diffusers encodes the prompt and the
+negative prompt in two calls of batch 1, fewstep in one of batch 2; one U-Net step; VAE
+decode; p50 and p90), end-to-end latency for each step count, cold start, peak memory, the
+share of each fewstep step spent outside the U-Net call, and each backend's speedup over
+diffusers. Backends that compile per shape (OpenVINO) compile in the untimed warm-up call,
+which has the shapes of every timed call; their compile seconds are reported apart
+(`compile_s`), and `compiles_timed` (compiles inside the timed region) must be 0. A backend
+this machine cannot run (bf16 on a CPU without it, a missing library) is recorded as
+skipped, with the reason.
 
 Models: `tiny` (fewstep.testing's sd1) and `mid`, an SD1.5-layout U-Net with
 block_out_channels (64, 128, 256, 256) and cross_attention_dim 768, a CLIP-L-sized
@@ -43,6 +42,8 @@ SIDES = ("fewstep", "diffusers")
 # Backend spec -> (backend name, options). The default `--backends` is all of them.
 BENCH_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
     "onnxruntime": ("onnxruntime", {}),
+    # the graphs as exported, without the in-memory MultiHeadAttention fusion
+    "onnxruntime-unfused": ("onnxruntime", {"fuse_attention": False}),
     "openvino-fp32": ("openvino", {"precision": "fp32"}),
     "openvino-bf16": ("openvino", {"precision": "bf16"}),
 }
@@ -172,6 +173,9 @@ def run_fewstep(
         "outside_unet_fraction_p50": float(np.median(outside)),
         "peak_rss_mb": _rss_mb(),
     }
+    fused = getattr(pipe.backend, "fused_attention", None)
+    if fused:
+        result["fused_attention"] = fused  # graph → attention blocks run as one fused op
     if compiles_warmup:
         compile_s: dict[str, float] = {}
         for graph, _, seconds in compile_log[:compiles_warmup]:

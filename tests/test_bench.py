@@ -13,10 +13,14 @@ from fewstep.export.bench import run_bench  # noqa: E402
 
 def test_tiny_bench_writes_comparable_results(tmp_path):
     out = tmp_path / "bench.json"
-    results = run_bench(["tiny"], [1, 2], 2, tmp_path / "work", out, backends=["onnxruntime"])
+    backends = ["onnxruntime", "onnxruntime-unfused"]
+    results = run_bench(["tiny"], [1, 2], 2, tmp_path / "work", out, backends=backends)
     assert json.loads(out.read_text()) == results
     entry = results["models"]["tiny"]
-    assert list(entry["results"]) == ["diffusers", "onnxruntime"]
+    assert list(entry["results"]) == ["diffusers", *backends]
+    # attention fused on one side only
+    assert entry["results"]["onnxruntime"]["fused_attention"]["unet"] > 0
+    assert "fused_attention" not in entry["results"]["onnxruntime-unfused"]
     for side in entry["results"].values():
         stages = side["stages_ms"]
         # one text-encoding entry per timed image (diffusers' two calls summed), one VAE
