@@ -243,7 +243,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--backends",
         default="onnxruntime,openvino-fp32,openvino-bf16",
-        help="comma-separated fewstep sides: onnxruntime, openvino-fp32, openvino-bf16",
+        help="comma-separated fewstep sides: onnxruntime, onnxruntime-unfused, openvino-fp32, "
+        "openvino-bf16",
     )
     p.add_argument("--note", default=None, help="appended to the results' `what` field")
     p.set_defaults(func=cmd_bench)
