@@ -291,6 +291,20 @@ EXTRA_TRAJECTORIES = [
         "lcm",
         {
             **SD_SCHEDULE,
+            "rescale_betas_zero_snr": True,
+            "prediction_type": "v_prediction",
+            "timestep_spacing": "trailing",
+            "clip_sample": False,
+            "original_inference_steps": 50,
+        },
+        4,
+        0.0,
+        id="lcm-zero_snr-v-4steps",  # the default model's student
+    ),
+    pytest.param(
+        "lcm",
+        {
+            **SD_SCHEDULE,
             "original_inference_steps": 50,
             "steps_offset": 1,
             "clip_sample": True,
