@@ -158,3 +158,25 @@ def test_hand_built_attention_fuses_to_the_same_output():
 def test_an_intermediate_read_elsewhere_blocks_the_fusion():
     model, _ = _attention_model(extra_consumer=True)
     assert fuse_attention(model) == (model, 0)
+
+
+def test_fusion_with_weights_in_external_data(tiny_package, tmp_path):
+    """Big U-Nets keep their weights in model.onnx_data; the fused graph is handed to
+    onnxruntime as bytes and must still find them."""
+    import shutil
+
+    package = tmp_path / "package"
+    shutil.copytree(tiny_package("sd1"), package)
+    unet = package / "unet" / "model.onnx"
+    model = onnx.load(str(unet))
+    onnx.save_model(
+        model, str(unet), save_as_external_data=True, location="model.onnx_data", size_threshold=0
+    )
+    assert (package / "unet" / "model.onnx_data").stat().st_size > unet.stat().st_size
+    fused = OnnxRuntimeBackend(package, providers=["CPUExecutionProvider"])
+    plain = OnnxRuntimeBackend(package, fuse_attention=False)
+    assert fused.fused_attention["unet"] > 0
+    feed = _unet_inputs(fused, batch=1, size=16)
+    expected = plain.run("unet", **feed)["out_sample"]
+    actual = fused.run("unet", **feed)["out_sample"]
+    np.testing.assert_allclose(actual, expected, rtol=0, atol=1e-5 * np.abs(expected).max())
