@@ -20,7 +20,8 @@ diffusers folder), and diffusers' own pipelines (the reference).
 `gates` records the issue's targets: teacher DDIM 50 + CFG >= 90% single-object and >= 60%
 two-object prompts fully correct; the student at 4 steps within 5 points of that teacher.
 
-Packages are exported (fewstep.export.export_package) into `--work` on first use and reused.
+Packages are exported (fewstep.export.export_package) into `--work` on first use and reused
+while the source weights are the same.
 `--quick` runs 10 + 10 prompts and the primary rows only, `--prompts-per-kind N` the first N
 of each kind (smoke checks, not reports: the JSON says `"complete": false`).
 """
@@ -35,6 +36,7 @@ import json
 import os
 import pathlib
 import platform
+import shutil
 import subprocess
 import time
 from typing import Any
@@ -42,6 +44,7 @@ from typing import Any
 import numpy as np
 
 from fewstep import scenes
+from training import common
 
 GRID_COLUMNS = (8, 8)  # single-object, two-object prompts shown per row
 DEFAULT_CFG = 7.5
@@ -98,12 +101,18 @@ class Runners:
         self._cache: dict[tuple, Any] = {}
 
     def package(self, model: str, dtype: str) -> pathlib.Path:
+        """The exported package of `model`, reused only if exported from the same weights."""
         out = self.work / f"{model}-{dtype}"
-        if not out.exists():
+        source = self.folders[model]
+        key = " ".join(common.file_sha256(path) for path in sorted(source.glob("*/*.safetensors")))
+        stamp = self.work / f"{model}-{dtype}.source"
+        if not out.exists() or not stamp.exists() or stamp.read_text() != key:
             from fewstep.export import export_package
 
+            shutil.rmtree(out, ignore_errors=True)
             print(f"exporting {model} ({dtype}) to {out}", flush=True)
-            export_package(self.folders[model], out, dtype=dtype, progress=False)
+            export_package(source, out, dtype=dtype, progress=False)
+            stamp.write_text(key)
         return out
 
     def get(self, cfg: EvalConfig) -> Any:
