@@ -131,7 +131,10 @@ def decode_text(buf: mmap.mmap | bytes, span: tuple[int, int]) -> str:
     return bytes(buf[span[0] : span[1]]).decode("utf-8")
 
 
-def _tensor(buf: mmap.mmap | bytes, start: int, end: int, model_path: Path) -> TensorLocation:
+def tensor_location(
+    buf: mmap.mmap | bytes, start: int, end: int, model_path: Path
+) -> TensorLocation:
+    """The TensorProto at buf[start:end]: name, type, shape and where its bytes are."""
     dims: list[int] = []
     data_type, name, raw, external = 0, "", None, {}
     for field, wire, value in message_fields(buf, start, end):
@@ -200,7 +203,7 @@ def read_onnx_index(path: str | Path) -> OnnxIndex:
             if wire != 2:
                 continue
             if field == 5:
-                tensor = _tensor(buf, value[0], value[1], path)
+                tensor = tensor_location(buf, value[0], value[1], path)
                 initializers[tensor.name] = tensor
             elif field == 1:
                 nodes.append(_node(buf, *value))

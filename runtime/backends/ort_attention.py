@@ -26,10 +26,17 @@ from __future__ import annotations
 
 import dataclasses
 from collections import defaultdict
+from pathlib import Path
 
 import numpy as np
 
-from fewstep.onnx_proto import decode_text, message_fields, read_varint
+from fewstep.onnx_proto import (
+    TensorLocation,
+    decode_text,
+    message_fields,
+    read_varint,
+    tensor_location,
+)
 
 _FLOAT = 1  # TensorProto.FLOAT
 _INT64 = 7
@@ -39,7 +46,6 @@ _FLOAT_TYPES = {_FLOAT: "<f4", 10: "<f2", 11: "<f8"}
 @dataclasses.dataclass
 class _Node:
     index: int
-    span: tuple[int, int]  # the NodeProto's bytes
     op_type: str = ""
     domain: str = ""
     name: str = ""
@@ -91,7 +97,7 @@ def _small_tensor(buf: bytes, start: int, end: int) -> np.ndarray | None:
 
 
 def _parse_node(buf: bytes, index: int, span: tuple[int, int]) -> _Node:
-    node = _Node(index, span)
+    node = _Node(index)
     for field, _, value in message_fields(buf, *span):
         if field == 1:
             node.inputs.append(decode_text(buf, value))
@@ -169,7 +175,7 @@ class _Graph:
     def __init__(self, buf: bytes, graph_span: tuple[int, int]):
         self.buf = buf
         self.nodes: list[_Node] = []
-        self.initializers: dict[str, tuple[int, tuple[int, ...]]] = {}  # name → (type, dims)
+        self.initializers: dict[str, TensorLocation] = {}
         self.outputs: set[str] = set()
         for field, wire, value in message_fields(buf, *graph_span):
             if wire != 2:
@@ -177,7 +183,8 @@ class _Graph:
             if field == 1:
                 self.nodes.append(_parse_node(buf, len(self.nodes), value))
             elif field == 5:
-                self._add_initializer(value)
+                tensor = tensor_location(buf, *value, model_path=Path())
+                self.initializers[tensor.name] = tensor
             elif field == 12:  # graph outputs (ValueInfoProto.name = 1)
                 for f, _, v in message_fields(buf, *value):
                     if f == 1:
@@ -187,18 +194,6 @@ class _Graph:
         for n in self.nodes:
             for name in n.inputs:
                 self.consumers[name].append(n)
-
-    def _add_initializer(self, span: tuple[int, int]) -> None:
-        dims: list[int] = []
-        data_type, name = 0, ""
-        for field, wire, value in message_fields(self.buf, *span):
-            if field == 1:
-                dims += _packed_or_single(self.buf, wire, value)
-            elif field == 2:
-                data_type = value
-            elif field == 8:
-                name = decode_text(self.buf, value)
-        self.initializers[name] = (data_type, tuple(dims))
 
     def op(self, tensor: str, op_type: str) -> _Node | None:
         node = self.producer.get(tensor)
@@ -216,9 +211,9 @@ class _Graph:
         if node is None or node.op_type != "MatMul" or node.domain:
             return None
         weight = self.initializers.get(node.inputs[1])
-        if weight is None or weight[0] != _FLOAT or len(weight[1]) != 2:
+        if weight is None or weight.data_type != _FLOAT or len(weight.shape) != 2:
             return None
-        return weight[1][1]
+        return weight.shape[1]
 
     def heads(self, reshape: _Node) -> int | None:
         """H of a Reshape to [B, -1, H, D] whose shape is Concat(…, Constant H, …)."""
