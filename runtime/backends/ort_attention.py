@@ -183,7 +183,7 @@ class _Graph:
             if field == 1:
                 self.nodes.append(_parse_node(buf, len(self.nodes), value))
             elif field == 5:
-                tensor = tensor_location(buf, *value, model_path=Path())
+                tensor = tensor_location(buf, value[0], value[1], Path())
                 self.initializers[tensor.name] = tensor
             elif field == 12:  # graph outputs (ValueInfoProto.name = 1)
                 for f, _, v in message_fields(buf, *value):
