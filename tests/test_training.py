@@ -228,3 +228,41 @@ def test_min_snr_weight_keeps_the_pure_noise_step_for_v_prediction():
     assert torch.all(weight[snr > 5] < 1.0) and torch.all(torch.diff(weight) >= 0)
     with pytest.raises(ValueError, match="v_prediction"):
         common.Schedule("epsilon", zero_terminal_snr=True)
+
+
+def test_text_pretraining_labels_say_what_the_caption_says():
+    from training import pretrain_text
+
+    for index in range(200):
+        scene = scenes.scene_at(index, seed=5)
+        labels = pretrain_text.caption_labels(scenes.scene_target(scene))
+        decoded = {
+            name: values[label] if label < len(values) else None
+            for (name, values), label in zip(pretrain_text.GROUPS, labels, strict=True)
+        }
+        said = scenes.parse_caption(scenes.caption(scene))
+        assert decoded["background"] == said.background
+        for slot in (0, 1):
+            obj = said.objects[slot] if slot < len(said.objects) else None
+            for attr in ("color", "shape", "size", "position"):
+                assert decoded[f"object{slot}.{attr}"] == (getattr(obj, attr) if obj else None)
+    empty = pretrain_text.caption_labels(None)
+    assert empty == [len(values) for _, values in pretrain_text.GROUPS]
+
+
+def test_text_pretraining_reads_the_states_from_the_first_end_token_on(tmp_path):
+    from fewstep.testing import EOS_TOKEN
+    from training import config, pretrain_text
+
+    vocab = common.write_tokenizer(tmp_path)
+    tokenize = common.CaptionTokenizer(tmp_path)
+    encoder = train_unet.build_text_encoder(config.from_name("unet", "tiny"), vocab).eval()
+    captions = ["a red circle", "", "a small blue square at the top left on a red background"]
+    ids = tokenize(captions)  # [3, 77]: <|startoftext|> words <|endoftext|> padding
+    with torch.no_grad():
+        states, rows = pretrain_text.summary_states(encoder, ids, vocab[EOS_TOKEN])
+        full = encoder(ids).last_hidden_state
+    first_eos = [1 + len(c.split()) for c in captions]
+    assert rows.tolist() == [r for r, e in enumerate(first_eos) for _ in range(77 - e)]
+    expected = torch.cat([full[r, e:] for r, e in enumerate(first_eos)])
+    torch.testing.assert_close(states, expected, rtol=0, atol=0)

@@ -52,15 +52,20 @@ class UNetConfig:
     attention_heads: int = 2  # diffusers' `attention_head_dim` (= heads for SD1-style U-Nets)
     norm_num_groups: int = 8
     cross_attention_levels: tuple[bool, ...] = (True, True, True)
-    # text encoder (transformers CLIPTextModel), trained jointly
+    # text encoder (transformers CLIPTextModel)
     text_hidden_size: int = 96  # = the U-Net's cross_attention_dim
     text_intermediate_size: int = 192
     text_layers: int = 2
     text_heads: int = 4
+    # the text encoder is pretrained to spell out each caption's attributes, then frozen
+    # (training/pretrain_text.py; trained jointly, it let shape and position words collapse)
+    text_pretrain_steps: int = 600
+    text_pretrain_batch: int = 128
+    text_pretrain_lr: float = 1e-3
     # training
     num_scenes: int = 65_536  # encoded once (common.LatentCache), then cycled: ~4 epochs
     batch_size: int = 64
-    max_steps: int = 5000  # the first run's 4000 left shape accuracy still rising (README)
+    max_steps: int = 5000  # the second run's sample checks still rose at 5000 (README)
     learning_rate: float = 5e-4
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1
@@ -90,7 +95,7 @@ class LCMConfig:
     w_min: float = 2.0  # guidance scale w + 1 of the teacher, drawn uniformly per sample
     w_max: float = 10.0
     batch_size: int = 32
-    max_steps: int = 1000  # the first run's sample checks peaked by step 250 of 1500 (README)
+    max_steps: int = 250  # every run's sample checks peaked at step 250 (README)
     learning_rate: float = 1e-4
     warmup_steps: int = 100
     weight_decay: float = 0.0
@@ -129,6 +134,8 @@ PRESETS: dict[str, dict[str, Any]] = {
             "text_intermediate_size": 16,
             "text_layers": 1,
             "text_heads": 2,
+            "text_pretrain_steps": 2,
+            "text_pretrain_batch": 4,
             "num_scenes": 24,
             "batch_size": 4,
             "max_steps": 4,
