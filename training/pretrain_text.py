@@ -2,9 +2,10 @@
 U-Net trains against it frozen (as SD trains against a frozen CLIP).
 
 Why: trained jointly with the U-Net from scratch, the encoder kept colours apart but let
-shape and position words collapse (second default run: the final token states of "... at the
-top left ..." and "... at the bottom right ..." differed by 2.4 against 14 for a colour
-change, and generated objects landed wherever the noise put them, whatever the prompt said).
+shape and position words collapse (second default run: the pad-token states of captions that
+differ only in the position words differed by 0.34 on average, a shape word 0.40, a colour
+word 3.2, at norms ~9.8; generated objects landed wherever the noise put them, whatever the
+prompt said).
 Early on the U-Net can only use colour; the other words are noise to it, and the joint
 gradient makes the encoder drop them before the U-Net is able to use them.
 
@@ -12,7 +13,8 @@ The objective: linear heads read, from every token state from the first <|endoft
 (the pad states the U-Net's cross-attention mostly sees, each a summary of the whole caption
 in a causal encoder), the background colour and, per object slot, colour, shape, size and
 position, each with a "not said" class. Captions come from the U-Net's own scene stream
-(`scene_at(i, data_seed)`), 10% dropped to "" like the U-Net's. The heads are thrown away.
+(`scene_at(i, data_seed)`), a fraction dropped to "" as the U-Net's are. The heads are thrown
+away.
 """
 
 from __future__ import annotations
@@ -36,7 +38,6 @@ GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (
         )
     ),
 )
-DROPOUT = 0.1  # as the U-Net's caption dropout: the "" caption says nothing
 
 
 def caption_labels(target: scenes.Target | None) -> list[int]:
@@ -52,15 +53,15 @@ def caption_labels(target: scenes.Target | None) -> list[int]:
     ]
 
 
-def caption_batch(step: int, batch_size: int, seed: int, data_seed: int):
-    """Captions of scenes step*B .. step*B+B-1 (10% dropped to ""), and their labels [B, G]."""
-    drop = torch.rand(batch_size, generator=common.step_generator(seed, step)) < DROPOUT
+def caption_batch(step: int, batch_size: int, seed: int, data_seed: int, dropout: float):
+    """Captions of scenes step*B .. step*B+B-1 (a `dropout` fraction dropped to ""), and their
+    labels [B, G]."""
+    drop = torch.rand(batch_size, generator=common.step_generator(seed, step)) < dropout
     captions, labels = [], []
     first = step * batch_size
     for i, dropped in zip(range(first, first + batch_size), drop.tolist(), strict=True):
-        scene = scenes.scene_at(i, data_seed)
-        target = None if dropped else scenes.scene_target(scene)
-        captions.append("" if dropped else scenes.caption(scene))
+        target = None if dropped else scenes.scene_target(scenes.scene_at(i, data_seed))
+        captions.append(scenes.target_caption(target) if target else "")
         labels.append(caption_labels(target))
     return captions, torch.tensor(labels)
 
@@ -93,6 +94,7 @@ def pretrain(
     learning_rate: float,
     seed: int,
     data_seed: int,
+    dropout: float,
     note=print,
 ) -> dict[str, float]:
     """Train `text_encoder` in place; returns the heads' accuracy per group on held-out
@@ -105,7 +107,7 @@ def pretrain(
     for step in range(steps):
         for group in optimizer.param_groups:
             group["lr"] = common.lr_at(step, learning_rate, steps // 10, steps, 0.1)
-        captions, labels = caption_batch(step, batch_size, seed, data_seed)
+        captions, labels = caption_batch(step, batch_size, seed, data_seed, dropout)
         states, rows = summary_states(text_encoder, tokenize(captions), eos_id)
         logits = heads(states)
         loss = sum(
@@ -117,13 +119,13 @@ def pretrain(
         if step % 100 == 0 or step == steps - 1:
             note(f"text encoder pretraining step {step}/{steps}: loss {loss.item():.4f}")
     text_encoder.eval()
-    return accuracy(text_encoder, heads, tokenize, eos_id, seed, data_seed)
+    return accuracy(text_encoder, heads, tokenize, eos_id, seed, data_seed, dropout)
 
 
 @torch.no_grad()
-def accuracy(text_encoder, heads, tokenize, eos_id, seed, data_seed, count=1024):
+def accuracy(text_encoder, heads, tokenize, eos_id, seed, data_seed, dropout, count=1024):
     held_out_step = 10**6  # scenes 10**6 * count onwards: never in the training stream
-    captions, labels = caption_batch(held_out_step, count, seed, data_seed)
+    captions, labels = caption_batch(held_out_step, count, seed, data_seed, dropout)
     states, rows = summary_states(text_encoder, tokenize(captions), eos_id)
     right = torch.stack(
         [lg.argmax(-1) == labels[rows, g] for g, lg in enumerate(heads(states))], dim=1

@@ -95,7 +95,7 @@ def build_unet(cfg: configs.UNetConfig, latent_size: int, time_cond_proj_dim: in
 
 
 def pretrained_text_encoder(
-    run_dir: pathlib.Path, text_encoder, tokenize, vocab: dict[str, int], cfg
+    run_dir: pathlib.Path, text_encoder, tokenize, vocab: dict[str, int], cfg: configs.UNetConfig
 ) -> dict:
     """Pretrain `text_encoder` in place (training.pretrain_text), or load what an earlier
     start of this run pretrained (`<run>/text_encoder.pt`); returns its record (seconds,
@@ -115,6 +115,7 @@ def pretrained_text_encoder(
         learning_rate=cfg.text_pretrain_lr,
         seed=cfg.seed,
         data_seed=cfg.data_seed,
+        dropout=cfg.caption_dropout,
     )
     record = {"seconds": time.perf_counter() - start, "accuracy": accuracy}
     tmp = path.with_suffix(".tmp")
