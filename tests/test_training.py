@@ -266,3 +266,31 @@ def test_text_pretraining_reads_the_states_from_the_first_end_token_on(tmp_path)
     assert rows.tolist() == [r for r, e in enumerate(first_eos) for _ in range(77 - e)]
     expected = torch.cat([full[r, e:] for r, e in enumerate(first_eos)])
     torch.testing.assert_close(states, expected, rtol=0, atol=0)
+
+
+def test_quality_report_splits_shape_accuracy_by_the_shape_asked_for():
+    from training import evaluate
+
+    def drawn(shape, color, position):
+        obj = scenes.SceneObject(shape, color, "large", position)
+        return scenes.render_scene(scenes.Scene("blue", (obj,)))
+
+    square = scenes.parse_caption("a red square on a blue background")
+    pair = scenes.parse_caption("a red circle and a green triangle on a blue background")
+    two = scenes.render_scene(
+        scenes.Scene(
+            "blue",
+            (
+                scenes.SceneObject("circle", "red", "large", "top left"),
+                scenes.SceneObject("square", "green", "large", "bottom right"),
+            ),
+        )
+    )
+    results = [
+        scenes.score(drawn("square", "red", "center"), square),
+        scenes.score(drawn("circle", "red", "center"), square),  # a square drawn as a circle
+        scenes.score(two, pair),  # the triangle drawn as a square
+    ]
+    summary = evaluate.summarize(results, [square, square, pair])
+    assert summary["n"] == 3 and summary["shape"] == 0.5
+    assert summary["shape_by_name"] == {"circle": 1.0, "square": 0.5, "triangle": 0.0}

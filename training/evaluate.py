@@ -172,9 +172,19 @@ def generate(pipe: Any, cfg: EvalConfig, prompts: list[str], seeds: list[int]) -
     return (np.clip(np.asarray(out, dtype=np.float32), 0, 1) * 255).round().astype(np.uint8)
 
 
-def summarize(results: list[dict[str, Any]]) -> dict[str, Any]:
+def summarize(results: list[dict[str, Any]], targets: list[scenes.Target]) -> dict[str, Any]:
+    """Attribute accuracy, and shape accuracy split by the shape each object asked for (which
+    shapes the model cannot draw yet)."""
     accuracy = scenes.attribute_accuracy(results)
-    return {"n": len(results), **{k: round(v, 4) for k, v in accuracy.items()}}
+    right: dict[str, list[bool]] = {shape: [] for shape in scenes.SHAPES}
+    for result, target in zip(results, targets, strict=True):
+        for want, ok in zip(target.objects, result["shape"], strict=True):
+            right[want.shape].append(ok)
+    return {
+        "n": len(results),
+        **{k: round(v, 4) for k, v in accuracy.items()},
+        "shape_by_name": {k: round(sum(v) / len(v), 4) for k, v in right.items() if v},
+    }
 
 
 def sha256(path: pathlib.Path) -> str:
@@ -267,13 +277,17 @@ def main(argv: list[str] | None = None) -> None:
         images = np.concatenate(images)
         seconds = time.perf_counter() - start
         results = [scenes.score(im, p.target) for im, p in zip(images, prompts, strict=True)]
+        kinds = {
+            kind: [(r, p.target) for r, p in zip(results, prompts, strict=True) if p.kind == kind]
+            for kind in ("single", "two")
+        }
         row = {
             "name": cfg.name,
             **dataclasses.asdict(cfg),
-            "single": summarize(
-                [r for r, p in zip(results, prompts, strict=True) if p.kind == "single"]
-            ),
-            "two": summarize([r for r, p in zip(results, prompts, strict=True) if p.kind == "two"]),
+            **{
+                kind: summarize([r for r, _ in pairs], [t for _, t in pairs])
+                for kind, pairs in kinds.items()
+            },
             "correct": [bool(r["correct"]) for r in results],
             "seconds_per_image": round(seconds / len(prompts), 4),
         }
