@@ -11,6 +11,9 @@ Layout (see DESIGN.md):
     vae_encoder/model.onnx (+ config.json)
     fewstep.json                     the manifest (optional: optimum packages have none)
 
+A package can also be its diffusers folder (fewstep.export.shared_weights): the graphs sit in
+the component folders and read their weights from the safetensors files there.
+
 Everything the runtime needs is derived from the component configs, so packages
 written by optimum load too; the manifest adds file hashes, export errors and
 versions, and is checked when present.
@@ -33,7 +36,8 @@ FAMILIES = ("sd1", "sd2", "sdxl")
 PRECISIONS = ("fp32", "fp16")
 GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
-# The default model, trained by training/ and installed with fewstep: diffusers/ and onnx/.
+# The default model, trained by training/ and installed with fewstep: one folder that is both
+# its diffusers folder and its model package (fewstep.export.shared_weights).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "scenes"
 WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".safetensors", ".bin")
 
@@ -63,14 +67,15 @@ def read_json(path: Path) -> dict[str, Any]:
 
 
 def default_model(kind: str = "onnx") -> Path:
-    """The folder of the default model: its model package ("onnx") or diffusers folder.
+    """The folder of the default model as a model package ("onnx") or diffusers folder: the
+    same folder, which is both.
 
     A small LCM model of the procedural scenes of `fewstep.scenes` ("a red circle on a blue
     background"), 64x64 images in 4 steps; `fewstep generate` uses it when no --model is given.
     """
     if kind not in ("onnx", "diffusers"):
         raise ValueError(f"kind must be 'onnx' or 'diffusers', got {kind!r}")
-    path = DEFAULT_MODEL_DIR / kind
+    path = DEFAULT_MODEL_DIR
     if not (path / "model_index.json").is_file():
         raise PackageError(f"the default model is not installed: {path} is missing")
     return path
@@ -231,7 +236,8 @@ def verify_diffusers_folder(root: str | Path) -> None:
     root = Path(root)
     if not root.is_dir():
         raise PackageError(f"diffusers folder not found: {root}")
-    if (root / "unet" / "model.onnx").is_file():
+    unet_weights = [root / "unet" / f"diffusion_pytorch_model.{s}" for s in ("safetensors", "bin")]
+    if (root / "unet" / "model.onnx").is_file() and not any(p.is_file() for p in unet_weights):
         raise PackageError(
             f"{root} is an ONNX model package; the torch backend runs a diffusers folder "
             "(the export's source: model_index.json, unet/, vae/, text_encoder/, tokenizer/)"

@@ -44,11 +44,13 @@ def _generate(pipe, cases):
 
 
 def test_ships_within_the_size_budget():
-    total = weight_bytes(default_model("onnx")) + weight_bytes(default_model("diffusers"))
-    assert 0 < total <= MAX_WEIGHT_BYTES
+    # one folder, both the diffusers folder and the package, each weight stored once
+    assert default_model("onnx") == default_model("diffusers")
+    assert 0 < weight_bytes(default_model()) <= MAX_WEIGHT_BYTES
     manifest = verify_package(default_model())
     assert manifest is not None and manifest["family"] == "sd1"
     assert manifest["graphs"]["unet"]["precision"] == "fp16"
+    assert set(manifest["shared_weights"]) == {"unet", "text_encoder"}
 
 
 def test_defaults_are_the_few_step_ones(pipe):

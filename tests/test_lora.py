@@ -408,6 +408,30 @@ def test_lora_apply_writes_a_new_package_and_leaves_the_old_one(sd1, tmp_path):
     ]
 
 
+def test_folder_sharing_its_weights_folds_the_same(sd1, tmp_path):
+    """A diffusers folder that is also its package (fewstep.export.shared_weights): the
+    weights, transposed ones included, are read from and written to the safetensors files."""
+    from fewstep.export.shared_weights import combine_with_diffusers_folder
+
+    shared = tmp_path / "shared"
+    combine_with_diffusers_folder(sd1["package"], sd1["folder"], shared)
+    before = hash_package_files(shared)
+    loras, latents = [(sd1["a_peft"], 0.8)], latents_for()
+    base = run_ours(Pipeline.from_pretrained(sd1["package"]), latents)
+    expected = run_ours(Pipeline.from_pretrained(sd1["package"], loras=loras), latents)
+    at_load = run_ours(Pipeline.from_pretrained(shared, loras=loras), latents)
+    assert_images_close(at_load, expected, base)
+    applied = tmp_path / "applied"
+    apply_loras_to_package(shared, loras, applied)
+    assert hash_package_files(shared) == before
+    assert np.array_equal(run_ours(Pipeline.from_pretrained(applied), latents), at_load)
+    # the copy is a diffusers folder with the LoRA folded in, as diffusers folds it
+    reference, _ = diffusers_fused("sd1", sd1["folder"], [(sd1["a_peft"], 0.8)], [(sd1["a"], 0.8)])
+    folded = diffusers.UNet2DConditionModel.from_pretrained(applied / "unet").state_dict()
+    for name, want in reference.unet.state_dict().items():
+        assert (folded[name] - want).abs().max() <= 1e-5, name
+
+
 # ---------------------------------------------------------------------------------------------
 # Formats and name mapping
 # ---------------------------------------------------------------------------------------------

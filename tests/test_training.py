@@ -131,25 +131,42 @@ def test_student_exports_and_runs_in_fewstep(runs, tmp_path):
     scenes.score(image, "a red circle on a blue background")  # the analyzer takes its output
 
 
-def test_ship_writes_both_copies_in_fp16_and_atomically(runs, tmp_path):
+def test_ship_writes_one_fp16_folder_that_is_both_diffusers_and_package(runs, tmp_path):
+    import onnx
+
+    from fewstep.export import export_package
     from fewstep.package import PackageError, verify_package
     from fewstep.pipeline import Pipeline
 
     out = tmp_path / "models" / "scenes"
     sizes = ship.ship(runs / "lcm" / "model", out)
-    assert sorted(p.name for p in out.iterdir()) == ["diffusers", "onnx"]
-    assert not (out / "onnx" / "vae_encoder").exists()
-    manifest = verify_package(out / "onnx")  # hashes rewritten after dropping the encoder
+    assert not (out / "vae_encoder").exists()
+    manifest = verify_package(out)  # hashes rewritten after dropping the encoder
     assert manifest is not None and "vae_encoder" not in manifest["graphs"]
-    stored = load_file(out / "diffusers" / "unet" / "diffusion_pytorch_model.safetensors")
+    assert set(manifest["shared_weights"]) == {"unet", "text_encoder"}
+    stored = load_file(out / "unet" / "diffusion_pytorch_model.safetensors")
     assert {v.dtype for v in stored.values()} == {torch.float16}
-    assert sizes["diffusers"] < sum(
-        p.stat().st_size for p in (runs / "lcm" / "model").rglob("*.safetensors")
-    )
-    image = Pipeline.from_pretrained(out / "onnx")("a red circle", seed=0, output_type="np").images[
-        0
+    # the U-Net and text encoder weights are stored once: in their graphs, only small folded
+    # constants are left
+    for graph in ("unet", "text_encoder"):
+        model = onnx.load(str(out / graph / "model.onnx"), load_external_data=False)
+        kept = [t for t in model.graph.initializer if t.data_location != onnx.TensorProto.EXTERNAL]
+        assert all(int(np.prod(t.dims)) <= 16 for t in kept), [(t.name, t.dims) for t in kept]
+        assert manifest["shared_weights"][graph]["shared"] > 0
+    saved = sum(r["bytes_before"] - r["bytes_after"] for r in manifest["shared_weights"].values())
+    assert sizes["model"] == sizes["diffusers"] + sizes["package"] - saved
+    # the same images as the fp16 package apart, and diffusers loads the folder as a pipeline
+    apart = export_package(runs / "lcm" / "model", tmp_path / "apart", dtype="fp16", progress=False)
+    images = [
+        Pipeline.from_pretrained(p)("a red circle", seed=0, output_type="np").images[0]
+        for p in (out, apart)
     ]
-    assert image.shape == (64, 64, 3) and np.isfinite(image).all()
+    assert images[0].shape == (64, 64, 3) and np.isfinite(images[0]).all()
+    np.testing.assert_array_equal(images[0], images[1])
+    pipe = diffusers.DiffusionPipeline.from_pretrained(out, torch_dtype=torch.float16)
+    assert pipe.unet.dtype == torch.float16
+    torch_image = Pipeline.from_pretrained(out, backend="torch")("a red circle", seed=0).images[0]
+    assert torch_image.size == (64, 64)
     # a failing ship leaves the shipped model as it was and no temporary folder behind
     before = sorted(p.relative_to(out) for p in out.rglob("*"))
     with pytest.raises(PackageError, match="not found"):
