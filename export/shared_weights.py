@@ -10,7 +10,8 @@ its component's diffusers folder (`unet/model.onnx` next to
 (it reads model_index.json's components and ignores the graphs), fewstep as a package.
 
 Each initializer of a shared graph becomes, in order of preference:
-- a reference to a safetensors tensor with the same dtype, shape and bytes;
+- a reference to a safetensors tensor with the same dtype and bytes, whatever the shape
+  (GroupNorm's [C] weights are initializers of shape [C, 1, 1]);
 - for the transpose of a 2-D tensor (the TorchScript exporter stores a Linear that became a
   MatMul as Wᵀ): a reference to W and a Transpose node that makes the old value (onnxruntime,
   OpenVINO and TensorRT fold it when they load the graph);
@@ -24,6 +25,7 @@ and keeps its weights.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -100,12 +102,18 @@ def share_graph_weights(graph_dir: Path, weights_name: str) -> SharedGraph:
 
     model_path = graph_dir / MODEL_NAME
     bytes_before = model_path.stat().st_size
-    model = onnx.load(str(model_path), load_external_data=True)
-    data = (graph_dir / weights_name).read_bytes()
+    old_data_files = {
+        entry.value
+        for t in onnx.load(str(model_path), load_external_data=False).graph.initializer
+        for entry in t.external_data
+        if entry.key == "location"
+    }
+    model = onnx.load(str(model_path), load_external_data=True)  # kept ones end up inline
+    weights = np.memmap(graph_dir / weights_name, dtype=np.uint8, mode="r")
     candidates: dict[tuple[str, bytes], list[StoredTensor]] = {}
     for stored in safetensors_tensors(graph_dir / weights_name):
-        raw = data[stored.offset : stored.offset + stored.length]
-        candidates.setdefault((stored.dtype.str, raw), []).append(stored)
+        raw = weights[stored.offset : stored.offset + stored.length].tobytes()
+        candidates.setdefault((stored.dtype.str, _digest(raw)), []).append(stored)
     # Each byte range backs one initializer: fewstep.lora folds a LoRA by writing over an
     # initializer's bytes, which must change nothing else.
     used: set[str] = set()
@@ -113,8 +121,10 @@ def share_graph_weights(graph_dir: Path, weights_name: str) -> SharedGraph:
     def claim(dtype: str, raw: bytes, name: str, shape: tuple[int, ...] | None):
         free = [
             t
-            for t in candidates.get((dtype, raw), [])
-            if t.name not in used and (shape is None or t.shape == shape)
+            for t in candidates.get((dtype, _digest(raw)), [])
+            if t.name not in used
+            and (shape is None or t.shape == shape)
+            and weights[t.offset : t.offset + t.length].tobytes() == raw
         ]
         if not free:
             return None
@@ -163,7 +173,7 @@ def share_graph_weights(graph_dir: Path, weights_name: str) -> SharedGraph:
             ("length", str(stored.length)),
         ):
             tensor.external_data.add(key=k, value=v)
-    # Constant-folded Transposes first: nodes must come in topological order.
+    # The Transposes (of initializers only) first: nodes must be in topological order.
     nodes = [*transposes, *graph.node]
     del graph.node[:]
     graph.node.extend(nodes)
@@ -173,17 +183,23 @@ def share_graph_weights(graph_dir: Path, weights_name: str) -> SharedGraph:
     lora_map_path = graph_dir / LORA_MAP_NAME
     if lora_map_path.exists():
         data_map = json.loads(lora_map_path.read_text())
-        weights = {
+        mapped = {
             name: MappedWeight(renamed[m.initializer], False) if m.initializer in renamed else m
             for name, m in read_lora_map(lora_map_path).items()
         }
         extra = {k: data_map[k] for k in ("method", "unmapped") if k in data_map}
         extra["shared_weights"] = weights_name
-        lora_map_path.write_text(lora_map_json(data_map["graph"], weights, **extra))
+        lora_map_path.write_text(lora_map_json(data_map["graph"], mapped, **extra))
     os.replace(tmp, model_path)
+    for location in old_data_files - {weights_name}:  # model.onnx_data: now inline or shared
+        (graph_dir / location).unlink(missing_ok=True)
     return SharedGraph(
         graph_dir.name, shared, len(transposes), kept, bytes_before, model_path.stat().st_size
     )
+
+
+def _digest(raw: bytes) -> bytes:
+    return hashlib.blake2b(raw, digest_size=16).digest()
 
 
 def _unique(name: str, taken: set[str]) -> str:
