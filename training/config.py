@@ -5,8 +5,8 @@ with a small latent cache, for minute-long timing runs (`--stop-after-minutes`);
 toy model for the tests (a few seconds per stage). A run folder stores the config it started
 with, and a resumed run must use the same one.
 
-Sizes are chosen for the shipping budget (<= 12 MB of fp16 weight files for the diffusers
-folder and the exported package together, so about 2.9 M parameters in all):
+Sizes (the shipping budget is <= 12 MB of weight files; the shipped folder is both the
+diffusers folder and the package and stores each fp16 weight once, training/ship.py):
 
     U-Net (32, 64, 64), cross-attention at 16x16, 8x8, 4x4     1.80 M
     VAE (32, 48, 64), x4 downsampling, 4 latent channels        0.84 M
