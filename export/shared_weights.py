@@ -102,13 +102,14 @@ def share_graph_weights(graph_dir: Path, weights_name: str) -> SharedGraph:
 
     model_path = graph_dir / MODEL_NAME
     bytes_before = model_path.stat().st_size
+    model = onnx.load(str(model_path), load_external_data=False)
     old_data_files = {
         entry.value
-        for t in onnx.load(str(model_path), load_external_data=False).graph.initializer
+        for t in model.graph.initializer
         for entry in t.external_data
         if entry.key == "location"
     }
-    model = onnx.load(str(model_path), load_external_data=True)  # kept ones end up inline
+    onnx.load_external_data_for_model(model, str(graph_dir))  # the kept ones end up inline
     weights = np.memmap(graph_dir / weights_name, dtype=np.uint8, mode="r")
     candidates: dict[tuple[str, bytes], list[StoredTensor]] = {}
     for stored in safetensors_tensors(graph_dir / weights_name):

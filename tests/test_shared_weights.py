@@ -4,8 +4,6 @@ and OpenVINO) and diffusers (loads the folder, the same weights as its source)."
 
 from __future__ import annotations
 
-import shutil
-
 import numpy as np
 import pytest
 
@@ -83,4 +81,3 @@ def test_mismatched_precisions_are_refused_and_nothing_is_left(tiny_model, tmp_p
     (tmp_path / "out" / "model").mkdir()
     with pytest.raises(FileExistsError):
         combine_with_diffusers_folder(fp16, tiny_model("sd1"), tmp_path / "out" / "model")
-    shutil.rmtree(tmp_path / "fp16")
