@@ -379,12 +379,37 @@ def sdpa_best(q, k, v, warmup, repeats, device) -> tuple[str, dict]:
     return best
 
 
+def copy_gb_per_s(x: torch.Tensor, warmup: int, repeats: int) -> float:
+    """Device-to-device copy of x, bytes read plus bytes written per second (GB/s)."""
+    y = torch.empty_like(x)
+    t = timed(lambda: y.copy_(x), warmup, repeats, x.device)
+    return 2 * x.numel() * x.element_size() / 1e9 / (t["p50"] / 1e3)
+
+
+def copy_bandwidth(device: torch.device, warmup: int, repeats: int) -> dict:
+    """The memory ceiling: a copy far larger than L2 (1 GiB on a GPU, 16 MiB on the CPU)."""
+    nbytes = 2**30 if device.type == "cuda" else 2**24
+    x = torch.empty(nbytes // 2, dtype=torch.float16, device=device).normal_()
+    result = {"bytes": nbytes, "gb_per_s": copy_gb_per_s(x, warmup, repeats)}
+    del x
+    _free()
+    return result
+
+
 def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
     dtype = torch.float32 if small else torch.float16
     gn_cases = kernels_bench.GROUP_NORM_CPU if small else kernels_bench.GROUP_NORM_CUDA
     attn_cases = kernels_bench.ATTENTION_CPU if small else kernels_bench.ATTENTION_CUDA
     group_norm_rows = kernels_bench.bench_group_norm(gn_cases, dtype, device, warmup, repeats)
     attention_rows = kernels_bench.bench_attention(attn_cases, dtype, device, warmup, repeats)
+    copy = copy_bandwidth(device, warmup, repeats)
+    for row, (_, shape, _, _) in zip(group_norm_rows, gn_cases, strict=True):
+        # GroupNorm+SiLU must move 3 bytes per byte of x (x twice, y once): its ceiling is a
+        # copy's rate. Small tensors live in L2, so each row is held against a copy of x itself.
+        same_size = copy_gb_per_s(torch.empty(shape, dtype=dtype, device=device), warmup, repeats)
+        row["copy_same_size_gb_per_s"] = same_size
+        row["fraction_of_copy_same_size"] = row["kernel_gb_per_s"] / same_size
+        row["fraction_of_copy_large"] = row["kernel_gb_per_s"] / copy["gb_per_s"]
     if device.type == "cuda":
         for row, (_, b, h, lq, lkv, d) in zip(attention_rows, attn_cases, strict=True):
             q, k, v = (
@@ -400,6 +425,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
     _free()
     return {
         "dtype": str(dtype).removeprefix("torch."),
+        "copy": copy,
         "group_norm": group_norm_rows,
         "attention": attention_rows,
     }
@@ -415,15 +441,17 @@ class Variant:
     cuda_graphs: bool
     channels_last: bool = True
     timed: bool = True  # False: checked only (interpreted kernels are too slow to time)
+    profiled: bool = False  # its kernels' time, by kernel: what to speed up next
 
 
 GPU_VARIANTS = (
     Variant("fewstep", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
-    Variant("fewstep-no-cuda-graphs", kernels=True, cuda_graphs=False),
+    # profiled without graphs: the profiler sees a graph replay as one event
+    Variant("fewstep-no-cuda-graphs", kernels=True, cuda_graphs=False, profiled=True),
 )
 SMALL_VARIANTS = (
-    Variant("fewstep", kernels=False, cuda_graphs=False),
+    Variant("fewstep", kernels=False, cuda_graphs=False, profiled=True),
     Variant("fewstep-kernels-interpreted", kernels=True, cuda_graphs=False, timed=False),
 )
 
@@ -465,17 +493,6 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
         result["checks"]["diffusers_eager"] = accuracy(out_eager, out_eager, ref64)
         result["variants"]["diffusers_eager"] = timed(eager_call, warmup, repeats, device)
 
-        if compile_mode != "none":
-            try:
-                row, check = _bench_compiled(
-                    load_unet(dtype), args, out_eager, ref64, compile_mode, warmup, repeats, device
-                )
-                result["variants"]["torch_compile"], result["checks"]["torch_compile"] = row, check
-            except Exception as e:  # a compile failure is a result, not the end of the run
-                result["torch_compile_error"] = f"{type(e).__name__}: {e}"[:2000]
-                print(f"torch.compile failed: {result['torch_compile_error']}", flush=True)
-            _free()
-
     for variant in SMALL_VARIANTS if small else GPU_VARIANTS:
         backend = TorchBackend(
             folder,
@@ -497,8 +514,25 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
             row["capture_ms"] = dict(backend.capture_ms)
             row["patched"] = {k: dataclasses.asdict(v) for k, v in backend.patch_report.items()}
             result["variants"][variant.name] = row
+        if variant.profiled:
+            try:
+                result["profile"] = {"variant": variant.name, **profile_top(backend_call, device)}
+            except Exception as e:  # a profiler that cannot run costs only its table
+                result["profile"] = {"variant": variant.name, "error": f"{type(e).__name__}: {e}"}
         del backend, backend_call, out
         _free()
+
+    if compile_mode != "none":  # last: a long or failed compile costs no other variant
+        with torch.inference_mode():
+            try:
+                row, check = _bench_compiled(
+                    load_unet(dtype), args, out_eager, ref64, compile_mode, warmup, repeats, device
+                )
+                result["variants"]["torch_compile"], result["checks"]["torch_compile"] = row, check
+            except Exception as e:  # a compile failure is a result, not the end of the run
+                result["torch_compile_error"] = f"{type(e).__name__}: {e}"[:2000]
+                print(f"torch.compile failed: {result['torch_compile_error']}", flush=True)
+            _free()
 
     base = result["variants"]["diffusers_eager"]["p50"]
     for row in result["variants"].values():
@@ -506,6 +540,35 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
         if not small:
             row["tflop_per_s"] = GFLOP["sd15_unet_64x64_b2"] / row["p50"]  # GFLOP/ms = TFLOP/s
     return result
+
+
+def profile_top(fn: Callable[[], Any], device: torch.device, calls: int = 3, n: int = 20) -> dict:
+    """Device time per call by kernel (CPU time by op without a GPU), the largest first."""
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and getattr(e, attr) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total_us = sum(getattr(e, attr) for e in events)
+    top = [
+        {
+            "name": e.key[:160],
+            "ms_per_call": getattr(e, attr) / 1e3 / calls,
+            "share": getattr(e, attr) / total_us,
+            "launches_per_call": e.count / calls,
+        }
+        for e in events[:n]
+    ]
+    return {"time": "device" if cuda else "cpu", "ms_per_call": total_us / 1e3 / calls, "top": top}
 
 
 def _bench_compiled(unet, args, out_eager, ref64, mode, warmup, repeats, device):
@@ -614,11 +677,16 @@ def format_table(results: dict[str, Any]) -> str:
             )
     kern = results.get("kernels")
     if kern:
-        lines.append(f"kernels ({kern['dtype']}), p50 ms:")
+        copy = kern["copy"]
+        lines.append(
+            f"kernels ({kern['dtype']}), p50 ms; copy of {copy['bytes'] / 2**20:.0f} MiB: "
+            f"{copy['gb_per_s']:.0f} GB/s:"
+        )
         for r in kern["group_norm"]:
             lines.append(
                 f"  group_norm+silu {r['name']:<26} kernel {r['kernel_ms']['p50']:8.3f} "
-                f"({r['kernel_gb_per_s']:7.1f} GB/s)  torch {r['torch_ms']['p50']:8.3f} "
+                f"({r['kernel_gb_per_s']:7.1f} GB/s, {r['fraction_of_copy_same_size']:.0%} of "
+                f"a copy of x)  torch {r['torch_ms']['p50']:8.3f} "
                 f"({r['torch_gb_per_s']:7.1f} GB/s)  x{r['speedup']:.2f}"
             )
         for r in kern["attention"]:
@@ -641,6 +709,14 @@ def format_table(results: dict[str, Any]) -> str:
                 f"  {name:<26} {r['p50']:8.2f} / {r['p90']:8.2f}  x{r['speedup_vs_eager']:.2f}"
                 f"{extra}"
             )
+        prof = unet.get("profile", {})
+        if "top" in prof:
+            lines.append(
+                f"  profile of {prof['variant']}: {prof['ms_per_call']:.2f} ms {prof['time']} "
+                "time per call; largest:"
+            )
+            for k in prof["top"][:8]:
+                lines.append(f"    {k['share']:5.1%} {k['ms_per_call']:7.3f} ms  {k['name'][:90]}")
         for name, c in unet["checks"].items():
             verdict = "ok" if c["ok"] else "FAIL"
             lines.append(f"  check {name:<26} err {c['err']:.3g} tol {c['tol']:.3g} {verdict}")
