@@ -40,6 +40,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import functools
 import gc
 import json
 import os
@@ -352,11 +353,32 @@ def _free() -> None:
         torch.cuda.empty_cache()
 
 
-def sdpa_best(q, k, v, warmup, repeats, device) -> tuple[str, dict]:
-    """F.scaled_dot_product_attention under each fused backend it accepts; the fastest."""
+def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls: int = 20) -> float:
+    """Device time per call: `calls` calls captured in one CUDA graph, p50 of `repeats` replays.
+
+    Eager timings of a small kernel measure its host-side launch (Python, the custom op's
+    dispatch, Triton's launcher) as much as the kernel; inside the runtime's CUDA graphs
+    only the device time is left, and this measures that."""
+    fn()  # compiles, autotunes, picks algorithms: nothing of that may happen in a capture
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(calls):
+            fn()
+    t = kernels_bench.time_ms(graph.replay, 3, repeats, device)
+    del graph
+    return t["p50"] / calls
+
+
+def sdpa_backends(q, k, v, warmup, repeats, device) -> dict[str, dict]:
+    """F.scaled_dot_product_attention under each fused backend it accepts: eager and graphed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    best: tuple[str, dict] | None = None
+    rows = {}
     for backend in (
         SDPBackend.FLASH_ATTENTION,
         SDPBackend.EFFICIENT_ATTENTION,
@@ -371,12 +393,11 @@ def sdpa_best(q, k, v, warmup, repeats, device) -> tuple[str, dict]:
             call()
         except RuntimeError:  # this backend does not take these inputs
             continue
-        t = timed(call, warmup, repeats, device)
-        if best is None or t["p50"] < best[1]["p50"]:
-            best = (backend.name.lower(), t)
-    if best is None:
-        return "default", timed(lambda: F.scaled_dot_product_attention(q, k, v), warmup, 3, device)
-    return best
+        rows[backend.name.lower()] = {
+            "eager_ms": timed(call, warmup, repeats, device),
+            "graphed_ms": graphed_ms(call, device, repeats),
+        }
+    return rows
 
 
 def copy_gb_per_s(x: torch.Tensor, warmup: int, repeats: int) -> float:
@@ -403,31 +424,67 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
     group_norm_rows = kernels_bench.bench_group_norm(gn_cases, dtype, device, warmup, repeats)
     attention_rows = kernels_bench.bench_attention(attn_cases, dtype, device, warmup, repeats)
     copy = copy_bandwidth(device, warmup, repeats)
-    for row, (_, shape, _, _) in zip(group_norm_rows, gn_cases, strict=True):
+    cuda = device.type == "cuda"
+    for row, (_, shape, groups, channels_last) in zip(group_norm_rows, gn_cases, strict=True):
         # GroupNorm+SiLU must move 3 bytes per byte of x (x twice, y once): its ceiling is a
         # copy's rate. Small tensors live in L2, so each row is held against a copy of x itself.
-        same_size = copy_gb_per_s(torch.empty(shape, dtype=dtype, device=device), warmup, repeats)
+        x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        w, b = _randn(shape[1], dtype, device, seed=1), _randn(shape[1], dtype, device, seed=2)
+        same_size = copy_gb_per_s(x, warmup, repeats)
         row["copy_same_size_gb_per_s"] = same_size
         row["fraction_of_copy_same_size"] = row["kernel_gb_per_s"] / same_size
         row["fraction_of_copy_large"] = row["kernel_gb_per_s"] / copy["gb_per_s"]
-    if device.type == "cuda":
+        if cuda:
+            gbytes = 3 * x.numel() * x.element_size() / 1e9
+            y = torch.empty_like(x)
+
+            def fused(x=x, groups=groups, w=w, b=b):
+                return group_norm(x, groups, w, b, activation="silu")
+
+            def eager(x=x, groups=groups, w=w, b=b):
+                return F.silu(F.group_norm(x, groups, w, b))
+
+            graphed = {
+                "kernel": graphed_ms(fused, device, repeats),
+                "torch": graphed_ms(eager, device, repeats),
+                "copy_same_size": graphed_ms(lambda x=x, y=y: y.copy_(x), device, repeats),
+            }
+            row["graphed_ms"] = graphed
+            row["graphed_kernel_gb_per_s"] = gbytes / (graphed["kernel"] / 1e3)
+            row["graphed_speedup"] = graphed["torch"] / graphed["kernel"]
+            # a copy of x moves 2 bytes per byte of x, the kernel 3: same rate = same bandwidth
+            row["graphed_fraction_of_copy"] = 1.5 * graphed["copy_same_size"] / graphed["kernel"]
+    tuned: dict[str, Any] = {}
+    if cuda:
+        from fewstep.kernels.attention import tuned_configs
+
         for row, (_, b, h, lq, lkv, d) in zip(attention_rows, attn_cases, strict=True):
             q, k, v = (
                 _randn((b, n, h, d), dtype, device, seed=s).transpose(1, 2)
                 for s, n in ((0, lq), (1, lkv), (2, lkv))
             )
-            name, t = sdpa_best(q, k, v, warmup, repeats, device)
             tflop = 4 * b * h * lq * lkv * d / 1e12
-            row["sdpa_best_backend"] = name
-            row["sdpa_best_ms"] = t
-            row["sdpa_best_tflop_per_s"] = tflop / (t["p50"] / 1e3)
-            row["speedup_vs_sdpa_best"] = t["p50"] / row["kernel_ms"]["p50"]
+            backends = sdpa_backends(q, k, v, warmup, repeats, device)
+            best = min(backends, key=lambda name: backends[name]["graphed_ms"])
+            kernel_ms = graphed_ms(lambda q=q, k=k, v=v: attention(q, k, v), device, repeats)
+            sdpa_ms = backends[best]["graphed_ms"]
+            row["sdpa_backends"] = backends
+            row["sdpa_best_backend"] = best
+            row["sdpa_best_ms"] = backends[best]["eager_ms"]
+            row["graphed_ms"] = {"kernel": kernel_ms, "sdpa_best": sdpa_ms}
+            row["graphed_kernel_tflop_per_s"] = tflop / (kernel_ms / 1e3)
+            row["graphed_sdpa_best_tflop_per_s"] = tflop / (sdpa_ms / 1e3)
+            row["graphed_speedup_vs_sdpa_best"] = sdpa_ms / kernel_ms
+        tuned = tuned_configs()
     _free()
     return {
         "dtype": str(dtype).removeprefix("torch."),
         "copy": copy,
         "group_norm": group_norm_rows,
         "attention": attention_rows,
+        "attention_tuned_configs": tuned,
     }
 
 
@@ -437,9 +494,10 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    kernels: bool
+    kernels: bool | tuple[str, ...]
     cuda_graphs: bool
     channels_last: bool = True
+    compile: bool = False
     timed: bool = True  # False: checked only (interpreted kernels are too slow to time)
     profiled: bool = False  # its kernels' time, by kernel: what to speed up next
 
@@ -449,6 +507,9 @@ GPU_VARIANTS = (
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs: the profiler sees a graph replay as one event
     Variant("fewstep-no-cuda-graphs", kernels=True, cuda_graphs=False, profiled=True),
+    Variant("fewstep-group-norm-kernel-only", kernels=("group_norm",), cuda_graphs=True),
+    Variant("fewstep-compile", kernels=True, cuda_graphs=True, compile=True),
+    Variant("fewstep-compile-group-norm-kernel-only", ("group_norm",), True, compile=True),
 )
 SMALL_VARIANTS = (
     Variant("fewstep", kernels=False, cuda_graphs=False, profiled=True),
@@ -459,7 +520,7 @@ SMALL_VARIANTS = (
 def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode) -> dict:
     import diffusers
 
-    from fewstep.backends.torch_backend import TorchBackend, diffusers_dtype_kwargs
+    from fewstep.backends.torch_backend import diffusers_dtype_kwargs
 
     batch, side = 2, (8 if small else 64)
     cfg = json.loads((folder / "unet" / "config.json").read_text())
@@ -494,32 +555,26 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
         result["variants"]["diffusers_eager"] = timed(eager_call, warmup, repeats, device)
 
     for variant in SMALL_VARIANTS if small else GPU_VARIANTS:
-        backend = TorchBackend(
-            folder,
-            device=device,
-            dtype=dtype,
-            kernels=variant.kernels,
-            cuda_graphs=variant.cuda_graphs,
-            channels_last=variant.channels_last,
-        )
-        inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
-
-        def backend_call(backend=backend, inputs=inputs):
-            return backend.run("unet", **inputs)["out_sample"]
-
-        out = backend_call()  # captures the CUDA graph (when on)
-        result["checks"][variant.name] = accuracy(out.to(dtype), out_eager, ref64)
-        if variant.timed:
-            row = timed(backend_call, warmup, repeats, device)
-            row["capture_ms"] = dict(backend.capture_ms)
-            row["patched"] = {k: dataclasses.asdict(v) for k, v in backend.patch_report.items()}
-            result["variants"][variant.name] = row
-        if variant.profiled:
-            try:
-                result["profile"] = {"variant": variant.name, **profile_top(backend_call, device)}
-            except Exception as e:  # a profiler that cannot run costs only its table
-                result["profile"] = {"variant": variant.name, "error": f"{type(e).__name__}: {e}"}
-        del backend, backend_call, out
+        try:
+            bench_variant(
+                variant,
+                folder,
+                device,
+                dtype,
+                sample,
+                timestep,
+                hidden,
+                out_eager,
+                ref64,
+                warmup,
+                repeats,
+                result,
+            )
+        except Exception as e:  # one variant that fails is a result, not the end of the section
+            result.setdefault("variant_errors", {})[variant.name] = f"{type(e).__name__}: {e}"[
+                :2000
+            ]
+            print(f"variant {variant.name} failed: {traceback.format_exc()[-3000:]}", flush=True)
         _free()
 
     if compile_mode != "none":  # last: a long or failed compile costs no other variant
@@ -540,6 +595,55 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
         if not small:
             row["tflop_per_s"] = GFLOP["sd15_unet_64x64_b2"] / row["p50"]  # GFLOP/ms = TFLOP/s
     return result
+
+
+def bench_variant(
+    variant,
+    folder,
+    device,
+    dtype,
+    sample,
+    timestep,
+    hidden,
+    out_eager,
+    ref64,
+    warmup,
+    repeats,
+    result,
+) -> None:
+    from fewstep.backends.torch_backend import TorchBackend
+
+    t0 = time.perf_counter()
+    backend = TorchBackend(
+        folder,
+        device=device,
+        dtype=dtype,
+        kernels=variant.kernels,
+        cuda_graphs=variant.cuda_graphs,
+        channels_last=variant.channels_last,
+        compile=variant.compile,
+    )
+    inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
+
+    def backend_call():
+        return backend.run("unet", **inputs)["out_sample"]
+
+    out = backend_call()  # compiles, autotunes, captures the CUDA graph (each when on)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    first_call_s = time.perf_counter() - t0
+    result["checks"][variant.name] = accuracy(out.to(dtype), out_eager, ref64)
+    if variant.timed:
+        row = timed(backend_call, warmup, repeats, device)
+        row["load_and_first_call_s"] = first_call_s
+        row["capture_ms"] = dict(backend.capture_ms)
+        row["patched"] = {k: dataclasses.asdict(v) for k, v in backend.patch_report.items()}
+        result["variants"][variant.name] = row
+    if variant.profiled:
+        try:
+            result["profile"] = {"variant": variant.name, **profile_top(backend_call, device)}
+        except Exception as e:  # a profiler that cannot run costs only its table
+            result["profile"] = {"variant": variant.name, "error": f"{type(e).__name__}: {e}"}
 
 
 def profile_top(fn: Callable[[], Any], device: torch.device, calls: int = 3, n: int = 20) -> dict:
@@ -658,6 +762,14 @@ def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
             if name != "diffusers_eager"
         }
         result["batches"][str(batch)] = rows
+    # The VAE decoder at batch 8 dominates; where its time goes, kernel by kernel (eager).
+    profiled = list(ours)[-1]
+    latent = torch.from_numpy(latents).to(device)
+    try:
+        decode = functools.partial(ours[profiled].backend.run, "vae_decoder", latent_sample=latent)
+        result["vae_decoder_profile"] = {"variant": profiled, **profile_top(decode, device)}
+    except Exception as e:  # a profiler that cannot run costs only its table
+        result["vae_decoder_profile"] = {"variant": profiled, "error": f"{type(e).__name__}: {e}"}
     return result
 
 
@@ -684,22 +796,33 @@ def format_table(results: dict[str, Any]) -> str:
         )
         for r in kern["group_norm"]:
             lines.append(
-                f"  group_norm+silu {r['name']:<26} kernel {r['kernel_ms']['p50']:8.3f} "
-                f"({r['kernel_gb_per_s']:7.1f} GB/s, {r['fraction_of_copy_same_size']:.0%} of "
-                f"a copy of x)  torch {r['torch_ms']['p50']:8.3f} "
-                f"({r['torch_gb_per_s']:7.1f} GB/s)  x{r['speedup']:.2f}"
+                f"  group_norm+silu {r['name']:<26} eager launch: kernel "
+                f"{r['kernel_ms']['p50']:7.3f}"
+                f" ({r['kernel_gb_per_s']:6.0f} GB/s)  torch {r['torch_ms']['p50']:7.3f}"
+                f"  x{r['speedup']:.2f}"
             )
+            if "graphed_ms" in r:
+                g = r["graphed_ms"]
+                lines.append(
+                    f"  {'':<16}{'':<26} in a graph:   kernel {g['kernel']:7.3f}"
+                    f" ({r['graphed_kernel_gb_per_s']:6.0f} GB/s, "
+                    f"{r['graphed_fraction_of_copy']:.0%} of a copy)  torch {g['torch']:7.3f}"
+                    f"  x{r['graphed_speedup']:.2f}"
+                )
         for r in kern["attention"]:
-            best = (
-                f"  best SDPA ({r['sdpa_best_backend']}) {r['sdpa_best_ms']['p50']:.3f}"
-                if "sdpa_best_ms" in r
-                else ""
-            )
             lines.append(
-                f"  attention {r['name']:<32} kernel {r['kernel_ms']['p50']:8.3f} "
-                f"({r['kernel_tflop_per_s']:6.1f} TFLOP/s)  sdpa {r['torch_ms']['p50']:8.3f}"
-                f"{best}"
+                f"  attention {r['name']:<32} eager launch: kernel {r['kernel_ms']['p50']:7.3f}"
+                f"  sdpa {r['torch_ms']['p50']:7.3f}"
             )
+            if "graphed_ms" in r:
+                g = r["graphed_ms"]
+                lines.append(
+                    f"  {'':<10}{'':<32} in a graph:   kernel {g['kernel']:7.3f}"
+                    f" ({r['graphed_kernel_tflop_per_s']:5.0f} TFLOP/s)  best SDPA"
+                    f" ({r['sdpa_best_backend']}) {g['sdpa_best']:7.3f}"
+                    f" ({r['graphed_sdpa_best_tflop_per_s']:5.0f} TFLOP/s)"
+                    f"  x{r['graphed_speedup_vs_sdpa_best']:.2f}"
+                )
     unet = results.get("unet")
     if unet:
         lines.append(f"U-Net step {unet['latent']} {unet['dtype']}, p50 / p90 ms:")
@@ -737,6 +860,16 @@ def format_table(results: dict[str, Any]) -> str:
                     f"  b{batch:<3} {name:<16} {r['p50']:9.2f} ({r['images_per_s']:7.1f} img/s)"
                     f"  x{r['speedup_vs_diffusers']:.2f}{stage_text}"
                 )
+    vae_prof = (turbo or {}).get("vae_decoder_profile", {})
+    if "top" in vae_prof:
+        lines.append(
+            f"  VAE decoder, batch 8, {vae_prof['variant']}: {vae_prof['ms_per_call']:.1f} ms "
+            f"{vae_prof['time']} time; largest:"
+        )
+        for k in vae_prof["top"][:8]:
+            lines.append(f"    {k['share']:5.1%} {k['ms_per_call']:7.3f} ms  {k['name'][:90]}")
+    for name, error in results.get("unet", {}).get("variant_errors", {}).items():
+        lines.append(f"ERROR in U-Net variant {name}: {error.strip().splitlines()[-1]}")
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR in section {section}: {error.strip().splitlines()[-1]}")
     lines.append(f"sections (s): {results['section_s']}; all checks ok: {results['checks_ok']}")
@@ -748,6 +881,7 @@ def all_checks_ok(results: dict[str, Any]) -> bool:
     oks = [not results.get("errors")]
     oks += [c["ok"] for c in results.get("checks", {}).get("kernels", [])]
     oks += [c["ok"] for c in results.get("unet", {}).get("checks", {}).values()]
+    oks += [not results.get("unet", {}).get("variant_errors")]
     return all(oks)
 
 

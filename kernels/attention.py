@@ -27,6 +27,7 @@ Deviations and limits:
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import triton
@@ -67,6 +68,8 @@ def _attention_fwd_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,  # see _interpreter.py
+    EVEN_N: tl.constexpr,  # L_KV % BLOCK_N == 0: no key block needs a mask
+    EVEN_D: tl.constexpr,  # D == BLOCK_D: no head-dim padding to mask
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -81,7 +84,7 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < L_Q
-    mask_d = offs_d < D
+    mask_d = (offs_d < D) if not EVEN_D else tl.full([BLOCK_D], 1, tl.int1)
 
     # [BLOCK_M, BLOCK_D]; padded rows and head-dim lanes are 0, so they add 0 to QKᵀ.
     q = tl.load(
@@ -96,7 +99,7 @@ def _attention_fwd_kernel(
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, L_KV, BLOCK_N):
         offs_kv = start_n + offs_n
-        mask_n = offs_kv < L_KV
+        mask_n = (offs_kv < L_KV) if not EVEN_N else tl.full([BLOCK_N], 1, tl.int1)
         # Kᵀ block [BLOCK_D, BLOCK_N]
         k = tl.load(
             k_base + offs_kv[None, :] * stride_kn + offs_d[:, None],
@@ -106,7 +109,8 @@ def _attention_fwd_kernel(
         if INTERPRETER_BF16:
             k = k.to(tl.float32)
         s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
-        s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past L_KV get probability 0
+        if not EVEN_N:
+            s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past L_KV get probability 0
         # FlashAttention-2, Alg. 1 lines 8-10: new row max, rescale factor, probabilities.
         m_new = tl.maximum(m_i, tl.max(s, 1))
         alpha = tl.exp2(m_i - m_new)
@@ -162,28 +166,53 @@ def attention_output_like(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
-# GPU launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by (element size, BLOCK_D):
-# starting points after the Triton tutorial's forward configs, sized so that shared
-# memory fits an A100 (164 KB) as well as an H100; not yet tuned on SD shapes.
+# Launch shapes derived from the block sizes: a constant mask is no mask at all.
+_attention_fwd = triton.heuristics(
+    {
+        "EVEN_N": lambda args: args["L_KV"] % args["BLOCK_N"] == 0,
+        "EVEN_D": lambda args: args["D"] == args["BLOCK_D"],
+    }
+)(_attention_fwd_kernel)
+
+# GPU launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by (element size, BLOCK_D),
+# autotuned per (L_q, L_kv, dtype) at the first call of each shape (a CUDA graph's warm-up in
+# the torch backend). The first of each list is the Triton tutorial's forward config, sized to
+# fit an A100's shared memory (164 KB); the others may need an H100's (227 KB), and the
+# autotuner skips any that a card cannot run.
 GPU_CONFIGS = {
-    (2, 64): (128, 64, 4, 3),
-    (2, 128): (128, 64, 8, 3),
-    (2, 256): (64, 32, 8, 2),
-    (4, 64): (64, 32, 4, 2),
-    (4, 128): (64, 32, 4, 2),
-    (4, 256): (32, 32, 4, 1),
+    (2, 64): [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3), (64, 128, 4, 3)],
+    (2, 128): [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 128, 8, 2), (64, 32, 4, 2)],
+    (2, 256): [(64, 32, 8, 2), (64, 64, 8, 2), (128, 32, 8, 2), (32, 64, 4, 2), (64, 32, 4, 3)],
+    (4, 64): [(64, 32, 4, 2)],
+    (4, 128): [(64, 32, 4, 2)],
+    (4, 256): [(32, 32, 4, 1)],
 }
 # The interpreter pays per program: one big block.
 _INTERPRETER_CONFIG = (128, 128, 4, 1)
+_TUNED: dict[tuple[int, int], Any] = {}
 
 
-def _launch_config(q: torch.Tensor, block_d: int, l_kv: int) -> tuple[int, int, int, int]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for q's device and dtype and the padded D."""
-    if INTERPRETED or q.device.type != "cuda":
-        block_m, block_n, warps, stages = _INTERPRETER_CONFIG
-    else:
-        block_m, block_n, warps, stages = GPU_CONFIGS[(q.element_size(), max(64, block_d))]
-    return block_m, min(block_n, max(16, triton.next_power_of_2(l_kv))), warps, stages
+def _tuned_kernel(element_size: int, block_d: int) -> Any:
+    """The autotuned launcher over GPU_CONFIGS[(element_size, block_d)], made once."""
+    key = (element_size, block_d)
+    if key not in _TUNED:
+        configs = [
+            triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
+            for bm, bn, warps, stages in GPU_CONFIGS[key]
+        ]
+        _TUNED[key] = triton.autotune(configs, key=["L_Q", "L_KV"])(_attention_fwd)
+    return _TUNED[key]
+
+
+def tuned_configs() -> dict[str, dict[str, Any]]:
+    """What the autotuner chose so far, by (element size, BLOCK_D, L_q, L_kv, dtypes): reports."""
+    chosen = {}
+    for (element_size, block_d), tuner in _TUNED.items():
+        for shape_key, config in tuner.cache.items():
+            label = f"bytes={element_size} BLOCK_D={block_d} key={list(shape_key)}"
+            chosen[label] = {**config.kwargs, "num_warps": config.num_warps}
+            chosen[label]["num_stages"] = config.num_stages
+    return chosen
 
 
 def attention(
@@ -214,10 +243,7 @@ def attention(
         scale = 1.0 / math.sqrt(head_dim)
 
     block_d = max(16, triton.next_power_of_2(head_dim))
-    block_m, block_n, warps, stages = _launch_config(q, block_d, l_kv)
-    interpreter_bf16 = INTERPRETED and q.dtype == torch.bfloat16
-    grid = (triton.cdiv(l_q, block_m), batch * heads)
-    _attention_fwd_kernel[grid](
+    args = (
         q,
         k,
         v,
@@ -239,14 +265,22 @@ def attention(
         out.stride(0),
         out.stride(1),
         out.stride(2),
-        BLOCK_M=block_m,
-        BLOCK_N=block_n,
-        BLOCK_D=block_d,
-        DOT_PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        INTERPRETER_BF16=interpreter_bf16,
-        num_warps=warps,
-        num_stages=stages,
     )
+    constants = {
+        "BLOCK_D": block_d,
+        "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "INTERPRETER_BF16": INTERPRETED and q.dtype == torch.bfloat16,
+    }
+    if INTERPRETED or q.device.type != "cuda":
+        block_m, block_n, warps, stages = _INTERPRETER_CONFIG
+        block_n = min(block_n, max(16, triton.next_power_of_2(l_kv)))
+        grid = (triton.cdiv(l_q, block_m), batch * heads)
+        _attention_fwd[grid](
+            *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constants
+        )
+    else:
+        kernel = _tuned_kernel(q.element_size(), max(64, block_d))
+        kernel[lambda meta: (triton.cdiv(l_q, meta["BLOCK_M"]), batch * heads)](*args, **constants)
     return out
 
 

@@ -29,6 +29,7 @@ from fewstep.backends.torch_backend import (  # noqa: E402
 )
 from fewstep.package import PackageError  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
+from fewstep.testing import make_tiny_model  # noqa: E402
 
 FAMILIES = ("sd1", "sd2", "lcm", "turbo")
 kernel_calls = test_kernels_patch.kernel_calls  # the fixture: counts Triton launches
@@ -262,7 +263,9 @@ def test_kernels_without_interpreter_fall_back_with_a_log(tiny_model, monkeypatc
         (dict(device="tpu"), "device must be one of"),
         (dict(device="gpu:0"), "device must be one of"),
         (dict(device="cuda:99"), "device="),
-        (dict(kernels="yes"), "kernels must be True or False"),
+        (dict(kernels="yes"), "kernels must be True, False or some of"),
+        (dict(kernels=("group_norm", "flash")), "kernels must be True, False or some of"),
+        (dict(compile="yes"), "compile must be True or False"),
         (dict(cuda_graphs=1), "cuda_graphs must be True or False"),
         (dict(precision="fp16"), "takes no option \\['precision'\\]"),
     ],
@@ -322,3 +325,22 @@ def test_cuda_graphs_and_kernels_match_eager_fp16(tiny_model, family):
     again = fast("a red cat", **kwargs).images  # replays the captured graphs
     assert fast.backend.capture_ms and np.array_equal(got, again)
     assert np.abs(got - expected).max() <= 2e-2  # fp16: one image step is 1/255
+
+
+def test_compile_matches_eager_on_cpu(tmp_path):
+    """compile=True (Inductor on the CPU here) computes the same U-Net step and decode."""
+    folder = make_tiny_model(tmp_path / "tiny", "sd1")
+    rng = np.random.default_rng(0)
+    inputs = {
+        "sample": rng.standard_normal((2, 4, 8, 8), dtype=np.float32),
+        "timestep": np.array(500.0, dtype=np.float32),
+        "encoder_hidden_states": rng.standard_normal((2, 77, 32), dtype=np.float32),
+    }
+    latent = rng.standard_normal((1, 4, 8, 8), dtype=np.float32)
+    eager = TorchBackend(folder, device="cpu")
+    compiled = TorchBackend(folder, device="cpu", compile=True)
+    for graph, graph_inputs in (("unet", inputs), ("vae_decoder", {"latent_sample": latent})):
+        want = next(iter(eager.run(graph, **graph_inputs).values()))
+        got = next(iter(compiled.run(graph, **graph_inputs).values()))
+        # fp32; Inductor reorders sums: a few ulps of the outputs' scale
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=0, atol=2e-5)

@@ -120,6 +120,20 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
     )
 
 
+KERNEL_NAMES = ("group_norm", "attention")
+
+
+def parse_kernels(kernels: Any) -> tuple[str, ...] | None:
+    """None (the device's default), or the kernels to use: True = all, False = none."""
+    if kernels is None:
+        return None
+    if isinstance(kernels, bool):
+        return KERNEL_NAMES if kernels else ()
+    if isinstance(kernels, (tuple, list)) and all(k in KERNEL_NAMES for k in kernels):
+        return tuple(k for k in KERNEL_NAMES if k in kernels)
+    raise ValueError(f"kernels must be True, False or some of {KERNEL_NAMES}, got {kernels!r}")
+
+
 def diffusers_dtype_kwargs(dtype: Any) -> dict[str, Any]:
     """`from_pretrained`'s dtype argument: `dtype` where diffusers has it (it deprecated
     `torch_dtype` in favour of it, huggingface/diffusers#14205), else `torch_dtype`."""
@@ -197,31 +211,37 @@ class TorchBackend:
         package_dir: str | Path,
         device: Any = None,
         dtype: Any = None,
-        kernels: bool | None = None,
+        kernels: bool | None | tuple[str, ...] | list[str] = None,
         cuda_graphs: bool = True,
         channels_last: bool = True,
+        compile: bool = False,
     ):
         """package_dir: a diffusers folder (model_index.json, unet/, vae/, text_encoder/).
 
         device: "cpu", "cuda" or "cuda:N"; None: CUDA when torch sees a GPU, else the CPU.
         dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the torch dtype; fp64 is a reference
         precision); None: fp16 on CUDA, fp32 on the CPU.
-        kernels: swap in fewstep.kernels; None: on CUDA only. cuda_graphs: capture the U-Net
-        step and VAE decoder (CUDA only). channels_last: U-Net and VAE in channels_last.
+        kernels: swap in fewstep.kernels (True, or some of KERNEL_NAMES); None: on CUDA only.
+        cuda_graphs: capture the U-Net step and VAE decoder (CUDA only). channels_last: U-Net
+        and VAE in channels_last. compile: torch.compile the U-Net and the VAE decoder
+        (Inductor fuses the elementwise work around convs and matmuls; the kernels are custom
+        ops it keeps; the first call of each shape compiles, before any CUDA graph capture).
         """
         torch = _torch()
         # 1. Arguments first: a bad value is an error before anything loads.
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         for name, value in (
-            ("kernels", kernels),
             ("cuda_graphs", cuda_graphs),
             ("channels_last", channels_last),
+            ("compile", compile),
         ):
-            if value is not None and not isinstance(value, bool):
+            if not isinstance(value, bool):
                 raise ValueError(f"{name} must be True or False, got {value!r}")
+        names = parse_kernels(kernels)
         cuda = self.device.type == "cuda"
-        self.kernels = self._resolve_kernels(kernels, cuda)
+        self.kernels = self._resolve_kernels(names, cuda)
+        self.compile = compile
         self.cuda_graphs = bool(cuda_graphs) and cuda
         if cuda_graphs and not cuda:
             logger.debug("cuda_graphs applies to CUDA devices only; running eagerly on %s", device)
@@ -275,9 +295,21 @@ class TorchBackend:
             from fewstep.kernels import patch
 
             for name in ("unet", "vae"):
-                _, report = patch(getattr(self, name))
+                _, report = patch(
+                    getattr(self, name),
+                    group_norm="group_norm" in self.kernels,
+                    attention="attention" in self.kernels,
+                )
                 self.patch_report[name] = report
             logger.info("fewstep.kernels patched in: %s", self.patch_report)
+        if compile:
+            # The modules stay as they are (LoRA folding and reports reach their weights);
+            # only the calls go through the compiled forwards.
+            self._unet_call = torch.compile(self.unet, dynamic=False)
+            self._vae_decode_call = torch.compile(self.vae.decoder, dynamic=False)
+        else:
+            self._unet_call = self.unet
+            self._vae_decode_call = self.vae.decoder
 
         self._graphs: dict[tuple, _CudaGraph] = {}
         self.capture_ms: dict[str, float] = {}  # per captured signature, for reports
@@ -298,25 +330,26 @@ class TorchBackend:
 
     # -- setup ---------------------------------------------------------------------------
 
-    def _resolve_kernels(self, kernels: bool | None, cuda: bool) -> bool:
+    def _resolve_kernels(self, kernels: tuple[str, ...] | None, cuda: bool) -> tuple[str, ...]:
+        """The kernels to patch in: all by default on CUDA, none by default on the CPU."""
         if kernels is None:
-            kernels = cuda
+            kernels = KERNEL_NAMES if cuda else ()
         if not kernels:
-            return False
+            return ()
         try:  # triton comes with torch's CUDA wheels; on the CPU, with the dev extra
             from fewstep.kernels._interpreter import INTERPRETED
         except ImportError as e:
             raise missing_extra_error(e.name or "triton", "dev") from e
         if cuda:
-            return True
+            return kernels
         if not INTERPRETED:
             logger.warning(
                 "kernels=True on the CPU: the Triton kernels run on the CPU only in Triton's "
                 "interpreter (TRITON_INTERPRET=1 before import, for tests); using torch's ops"
             )
-            return False
+            return ()
         logger.info("kernels=True on the CPU: the Triton kernels run in the interpreter (slow)")
-        return True
+        return kernels
 
     @staticmethod
     def _vae_overflows_in_fp16(unet_config: dict[str, Any], vae_config: dict[str, Any]) -> bool:
@@ -355,7 +388,7 @@ class TorchBackend:
         sample = sample.to(self.dtype).contiguous(memory_format=memory_format)  # [B, C, h, w]
         if timestep_cond is not None:
             timestep_cond = timestep_cond.to(self.dtype)
-        out = self.unet(
+        out = self._unet_call(
             sample,
             timestep,  # [] float32: the sinusoidal embedding is computed in float32
             encoder_hidden_states.to(self.dtype),
@@ -368,7 +401,10 @@ class TorchBackend:
         torch = _torch()
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         z = latent_sample.to(self.vae_dtype).contiguous(memory_format=memory_format)
-        out = self.vae.decode(z, return_dict=False)[0]  # [B, 3, H, W]
+        # AutoencoderKL._decode (tiling and slicing, off by default, are not used)
+        if getattr(self.vae, "post_quant_conv", None) is not None:
+            z = self.vae.post_quant_conv(z)
+        out = self._vae_decode_call(z)  # [B, 3, H, W]
         return out.to(torch.float32, memory_format=torch.contiguous_format)
 
     def _vae_encoder(self, sample: Any) -> Any:
