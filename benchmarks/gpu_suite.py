@@ -238,7 +238,10 @@ def _driver() -> str | None:
 
 
 def _commit() -> str | None:
-    # The GPU machine gets a copy of the working tree without .git: FEWSTEP_COMMIT names it.
+    # The GPU machine gets a copy of the working tree whose .git may be older than the tree:
+    # FEWSTEP_COMMIT, where set, names the commit that was sent.
+    if os.environ.get("FEWSTEP_COMMIT"):
+        return os.environ["FEWSTEP_COMMIT"]
     try:
         out = subprocess.run(
             ["git", "rev-parse", "--short", "HEAD"],
@@ -249,7 +252,7 @@ def _commit() -> str | None:
         )
         return out.stdout.strip()
     except (OSError, subprocess.CalledProcessError):
-        return os.environ.get("FEWSTEP_COMMIT")
+        return None
 
 
 # -- accuracy ------------------------------------------------------------------------------------
@@ -374,6 +377,40 @@ def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls:
     return t["p50"] / calls
 
 
+# (programs per SM over the whole grid, elements per tile): group_norm's `split` and `tile`
+# knobs. The default is (4, 2048): fewstep.kernels.group_norm._default_split, _TILE_GPU.
+GROUP_NORM_SWEEP = [(k, t) for k in (2, 4, 8, 16) for t in (1024, 2048, 4096)]
+
+
+def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, Any]:
+    """Device time of GroupNorm+SiLU for each (programs per SM, tile) in GROUP_NORM_SWEEP."""
+    _, shape, groups, channels_last = case
+    x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w, b = _randn(shape[1], dtype, device, seed=1), _randn(shape[1], dtype, device, seed=2)
+    cuda = device.type == "cuda"
+    sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
+    want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float())).to(dtype)
+    rows = []
+    for per_sm, tile in GROUP_NORM_SWEEP:
+        split = max(1, -(-per_sm * sms // (shape[0] * groups)))
+
+        def call(split=split, tile=tile):
+            return group_norm(x, groups, w, b, activation="silu", split=split, tile=tile)
+
+        err = float((call().float() - want.float()).abs().max())  # a launch must stay correct
+        ms = graphed_ms(call, device, repeats) if cuda else timed(call, 0, 1, device)["p50"]
+        rows.append({"programs_per_sm": per_sm, "tile": tile, "graphed_ms": ms, "max_err": err})
+    best = min(rows, key=lambda r: r["graphed_ms"])
+    default = next(r for r in rows if (r["programs_per_sm"], r["tile"]) == (4, 2048))
+    return {
+        "rows": rows,
+        "best": best,
+        "default_over_best": default["graphed_ms"] / best["graphed_ms"],
+    }
+
+
 def sdpa_backends(q, k, v, warmup, repeats, device) -> dict[str, dict]:
     """F.scaled_dot_product_attention under each fused backend it accepts: eager and graphed."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
@@ -456,6 +493,9 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
             row["graphed_speedup"] = graphed["torch"] / graphed["kernel"]
             # a copy of x moves 2 bytes per byte of x, the kernel 3: same rate = same bandwidth
             row["graphed_fraction_of_copy"] = 1.5 * graphed["copy_same_size"] / graphed["kernel"]
+    # (on the CPU one case, for the code path: interpreted launches time only the interpreter)
+    for row, case in list(zip(group_norm_rows, gn_cases, strict=True))[: None if cuda else 1]:
+        row["launch_sweep"] = group_norm_launch_sweep(case, dtype, device, warmup, repeats)
     tuned: dict[str, Any] = {}
     if cuda:
         from fewstep.kernels.attention import tuned_configs
@@ -494,7 +534,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    kernels: bool | tuple[str, ...]
+    kernels: bool | None  # None: the backend's default for the device
     cuda_graphs: bool
     channels_last: bool = True
     compile: bool = False
@@ -503,13 +543,13 @@ class Variant:
 
 
 GPU_VARIANTS = (
-    Variant("fewstep", kernels=True, cuda_graphs=True),
+    Variant("fewstep", kernels=None, cuda_graphs=True),  # the defaults: GroupNorm kernel, graphs
+    Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs: the profiler sees a graph replay as one event
-    Variant("fewstep-no-cuda-graphs", kernels=True, cuda_graphs=False, profiled=True),
-    Variant("fewstep-group-norm-kernel-only", kernels=("group_norm",), cuda_graphs=True),
-    Variant("fewstep-compile", kernels=True, cuda_graphs=True, compile=True),
-    Variant("fewstep-compile-group-norm-kernel-only", ("group_norm",), True, compile=True),
+    Variant("fewstep-all-kernels-no-cuda-graphs", True, cuda_graphs=False, profiled=True),
+    Variant("fewstep-compile", kernels=None, cuda_graphs=True, compile=True),
+    Variant("fewstep-compile-all-kernels", kernels=True, cuda_graphs=True, compile=True),
 )
 SMALL_VARIANTS = (
     Variant("fewstep", kernels=False, cuda_graphs=False, profiled=True),
@@ -701,7 +741,7 @@ def _bench_compiled(unet, args, out_eager, ref64, mode, warmup, repeats, device)
 def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
     import diffusers
 
-    from fewstep.backends.torch_backend import diffusers_dtype_kwargs
+    from fewstep.backends.torch_backend import TorchBackend, diffusers_dtype_kwargs
     from fewstep.pipeline import Pipeline
 
     side = 64 if small else 512
@@ -762,11 +802,13 @@ def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
             if name != "diffusers_eager"
         }
         result["batches"][str(batch)] = rows
-    # The VAE decoder at batch 8 dominates; where its time goes, kernel by kernel (eager).
-    profiled = list(ours)[-1]
+    # The VAE decoder at batch 8 dominates: where its time goes, kernel by kernel, with the
+    # defaults but without CUDA graphs (the profiler sees a replay as one event).
+    profiled = "fewstep-no-cuda-graphs"
     latent = torch.from_numpy(latents).to(device)
     try:
-        decode = functools.partial(ours[profiled].backend.run, "vae_decoder", latent_sample=latent)
+        backend = TorchBackend(folder, device=device, dtype=dtype, cuda_graphs=False)
+        decode = functools.partial(backend.run, "vae_decoder", latent_sample=latent)
         result["vae_decoder_profile"] = {"variant": profiled, **profile_top(decode, device)}
     except Exception as e:  # a profiler that cannot run costs only its table
         result["vae_decoder_profile"] = {"variant": profiled, "error": f"{type(e).__name__}: {e}"}
@@ -808,6 +850,13 @@ def format_table(results: dict[str, Any]) -> str:
                     f" ({r['graphed_kernel_gb_per_s']:6.0f} GB/s, "
                     f"{r['graphed_fraction_of_copy']:.0%} of a copy)  torch {g['torch']:7.3f}"
                     f"  x{r['graphed_speedup']:.2f}"
+                )
+            if "launch_sweep" in r:
+                best = r["launch_sweep"]["best"]
+                lines.append(
+                    f"  {'':<42} best launch: {best['programs_per_sm']} programs/SM, tile "
+                    f"{best['tile']}: {best['graphed_ms']:.4f} ms (default "
+                    f"x{r['launch_sweep']['default_over_best']:.2f} slower)"
                 )
         for r in kern["attention"]:
             lines.append(

@@ -12,7 +12,8 @@ On a CUDA device, by default:
   `keeps_fp32_vae_decoder` and of diffusers' SDXL pipelines (`force_upcast`, SDXL family),
   so SD 1.x/2.x VAEs run in fp16 as in diffusers' SD pipelines;
 - channels_last U-Net and VAE;
-- fewstep.kernels swapped in (`fewstep.kernels.patch`: fused GroupNorm+SiLU, attention);
+- fewstep's fused GroupNorm+SiLU kernel swapped in (`fewstep.kernels.patch`); its attention
+  kernel with `kernels=True` (slower than cuDNN's SDPA on an H200, see DEFAULT_CUDA_KERNELS);
 - the U-Net step and the VAE decoder captured as CUDA graphs, one per static input
   signature (shapes and dtypes), on first use: two warm-up runs on a side stream, then the
   capture; later calls copy into the static inputs, replay and copy the output out. All
@@ -22,6 +23,10 @@ On the CPU the defaults are fp32, no CUDA graphs and no kernels: the Triton kern
 the CPU only in Triton's interpreter (TRITON_INTERPRET=1, for tests); `kernels=True`
 without it logs that and runs torch's ops. With `kernels=False, cuda_graphs=False` this
 backend is plain "diffusers eager" (SDPA attention), the baseline of benchmarks.
+`compile=True` adds torch.compile (Inductor) of the U-Net and VAE decoder under the same
+CUDA graphs: the fastest U-Net step measured (6.20 ms against 6.44 ms for torch.compile's
+own reduce-overhead mode, SD1.5 512² batch 2 fp16, H200), at the cost of a compile of about
+half a minute per shape on first use.
 
 Limits: SDXL (a second text encoder, `text_embeds`/`time_ids`) is not wired yet:
 NotImplementedError. Weights load from safetensors only (pickle runs code; see
@@ -121,6 +126,11 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
 
 
 KERNEL_NAMES = ("group_norm", "attention")
+# On CUDA by default: the kernels that made the U-Net step faster in the GPU suite. The fused
+# GroupNorm+SiLU did (SD1.5 512² batch 2 fp16, H200, CUDA graphs: 7.97 ms against 10.27 ms
+# with none); the attention kernel did not (8.96 ms with it): cuDNN's SDPA is faster at D=40
+# (benchmarks/results/gpu-suite-h200.json). kernels=True still patches both.
+DEFAULT_CUDA_KERNELS = ("group_norm",)
 
 
 def parse_kernels(kernels: Any) -> tuple[str, ...] | None:
@@ -221,7 +231,8 @@ class TorchBackend:
         device: "cpu", "cuda" or "cuda:N"; None: CUDA when torch sees a GPU, else the CPU.
         dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the torch dtype; fp64 is a reference
         precision); None: fp16 on CUDA, fp32 on the CPU.
-        kernels: swap in fewstep.kernels (True, or some of KERNEL_NAMES); None: on CUDA only.
+        kernels: swap in fewstep.kernels (True: all; or some of KERNEL_NAMES); None:
+        DEFAULT_CUDA_KERNELS on CUDA, none on the CPU.
         cuda_graphs: capture the U-Net step and VAE decoder (CUDA only). channels_last: U-Net
         and VAE in channels_last. compile: torch.compile the U-Net and the VAE decoder
         (Inductor fuses the elementwise work around convs and matmuls; the kernels are custom
@@ -331,9 +342,9 @@ class TorchBackend:
     # -- setup ---------------------------------------------------------------------------
 
     def _resolve_kernels(self, kernels: tuple[str, ...] | None, cuda: bool) -> tuple[str, ...]:
-        """The kernels to patch in: all by default on CUDA, none by default on the CPU."""
+        """The kernels to patch in: DEFAULT_CUDA_KERNELS on CUDA, none on the CPU."""
         if kernels is None:
-            kernels = KERNEL_NAMES if cuda else ()
+            kernels = DEFAULT_CUDA_KERNELS if cuda else ()
         if not kernels:
             return ()
         try:  # triton comes with torch's CUDA wheels; on the CPU, with the dev extra
