@@ -5,19 +5,23 @@ One run, in order (each section writes the JSON so far, so a run cut short still
 0. checks: fewstep.kernels against fp64 references at full-size SD1.5/SD2 shapes (fp16 and
    bf16, NCHW and channels_last; the rule of tests/test_kernels.py: err_kernel <=
    2 · err_torch_same_precision + one rounding step).
-1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s), fused
-   attention vs F.scaled_dot_product_attention with its best backend (each of flash,
-   memory-efficient and cuDNN timed, the fastest reported; TFLOP/s), SD1.5 512² shapes,
-   fp16 (benchmarks/kernels_bench.py's cases and timer).
-2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
-   (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), torch.compile of the same
-   module (channels_last; compile time reported apart), and fewstep's torch backend
-   (kernels + CUDA graphs + channels_last, and each of those off, to split the gain). Every
-   variant's output is also checked against the U-Net in fp64 with the rule above.
-3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
+1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s, against
+   a copy of the same tensor and a 1 GiB copy; a sweep of its launch knobs), fused attention
+   vs F.scaled_dot_product_attention under each of its flash, memory-efficient and cuDNN
+   backends (TFLOP/s), SD1.5 512² shapes, fp16 (benchmarks/kernels_bench.py's cases). Each
+   is timed twice: launched eagerly, and 20 calls captured in a CUDA graph (device time,
+   what the runtime's graphs see).
+2. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
    random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
    and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
-   backend, eager and fast; per-stage times from fewstep's own timings.
+   backend, eager and fast; per-stage times from fewstep's own timings; a profile of the
+   VAE decoder at batch 8.
+3. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
+   (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
+   (its defaults, then with all kernels, none, no CUDA graphs, compile=True; a device-time
+   profile by kernel of one of them) and last torch.compile of the same module
+   (channels_last; compile time reported apart). Every variant's output is also checked
+   against the U-Net in fp64 with the rule above.
 
 Timing (STYLE.md): CUDA events around each call, `--warmup` untimed calls first (Triton
 compiles, CUDA graph capture and torch.compile happen there and are reported apart), p50 and
@@ -69,7 +73,7 @@ import kernels_bench  # noqa: E402
 
 from fewstep.kernels import attention, attention_ref, group_norm, group_norm_ref  # noqa: E402
 
-SECTIONS = ("checks", "kernels", "unet", "turbo")
+SECTIONS = ("checks", "kernels", "turbo", "unet")  # torch.compile, the longest, last
 REPO = Path(__file__).resolve().parents[1]
 
 # GFLOP per forward (REFERENCE.md, "Performance anchors"): for achieved TFLOP/s.
@@ -594,27 +598,22 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
         result["checks"]["diffusers_eager"] = accuracy(out_eager, out_eager, ref64)
         result["variants"]["diffusers_eager"] = timed(eager_call, warmup, repeats, device)
 
+    inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
     for variant in SMALL_VARIANTS if small else GPU_VARIANTS:
         try:
-            bench_variant(
-                variant,
-                folder,
-                device,
-                dtype,
-                sample,
-                timestep,
-                hidden,
-                out_eager,
-                ref64,
-                warmup,
-                repeats,
-                result,
+            row, check, profile = bench_variant(
+                variant, folder, device, dtype, inputs, warmup, repeats
             )
         except Exception as e:  # one variant that fails is a result, not the end of the section
-            result.setdefault("variant_errors", {})[variant.name] = f"{type(e).__name__}: {e}"[
-                :2000
-            ]
+            error = f"{type(e).__name__}: {e}"[:2000]
+            result.setdefault("variant_errors", {})[variant.name] = error
             print(f"variant {variant.name} failed: {traceback.format_exc()[-3000:]}", flush=True)
+        else:
+            result["checks"][variant.name] = accuracy(check.to(dtype), out_eager, ref64)
+            if row is not None:
+                result["variants"][variant.name] = row
+            if profile is not None:
+                result["profile"] = profile
         _free()
 
     if compile_mode != "none":  # last: a long or failed compile costs no other variant
@@ -637,20 +636,9 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
     return result
 
 
-def bench_variant(
-    variant,
-    folder,
-    device,
-    dtype,
-    sample,
-    timestep,
-    hidden,
-    out_eager,
-    ref64,
-    warmup,
-    repeats,
-    result,
-) -> None:
+def bench_variant(variant, folder, device, dtype, inputs, warmup, repeats):
+    """One torch-backend configuration on the U-Net step: (timing row or None, its output,
+    profile or None)."""
     from fewstep.backends.torch_backend import TorchBackend
 
     t0 = time.perf_counter()
@@ -663,7 +651,6 @@ def bench_variant(
         channels_last=variant.channels_last,
         compile=variant.compile,
     )
-    inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
 
     def backend_call():
         return backend.run("unet", **inputs)["out_sample"]
@@ -672,18 +659,18 @@ def bench_variant(
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     first_call_s = time.perf_counter() - t0
-    result["checks"][variant.name] = accuracy(out.to(dtype), out_eager, ref64)
+    row = profile = None
     if variant.timed:
         row = timed(backend_call, warmup, repeats, device)
         row["load_and_first_call_s"] = first_call_s
         row["capture_ms"] = dict(backend.capture_ms)
         row["patched"] = {k: dataclasses.asdict(v) for k, v in backend.patch_report.items()}
-        result["variants"][variant.name] = row
     if variant.profiled:
         try:
-            result["profile"] = {"variant": variant.name, **profile_top(backend_call, device)}
+            profile = {"variant": variant.name, **profile_top(backend_call, device)}
         except Exception as e:  # a profiler that cannot run costs only its table
-            result["profile"] = {"variant": variant.name, "error": f"{type(e).__name__}: {e}"}
+            profile = {"variant": variant.name, "error": f"{type(e).__name__}: {e}"}
+    return row, out, profile
 
 
 def profile_top(fn: Callable[[], Any], device: torch.device, calls: int = 3, n: int = 20) -> dict:

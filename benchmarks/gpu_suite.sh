@@ -7,8 +7,8 @@
 # $FEWSTEP_WHEELS, shared/wheels/ and .whl/ that holds one (fetch it where there is a
 # network: `pip download --no-deps diffusers==0.42.1 -d .whl`). Then fewstep itself,
 # editable and without dependencies. Both steps are skipped when the imports already work.
-# The JSON and the log go to $OUT (else benchmarks/results/); FEWSTEP_COMMIT names the
-# commit where the tree has no .git. Arguments go to gpu_suite.py (--small: CPU, tiny
+# The JSON and the log go to $OUT (else benchmarks/results/); FEWSTEP_COMMIT names the commit
+# sent (a copy's .git may be older than its tree). Arguments go to gpu_suite.py (--small: CPU, tiny
 # models; --sections unet,turbo; --compile-mode none; ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
