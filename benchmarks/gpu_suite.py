@@ -11,12 +11,15 @@ One run, in order (each section writes the JSON so far, so a run cut short still
    backends (TFLOP/s), SD1.5 512² shapes, fp16 (benchmarks/kernels_bench.py's cases). Each
    is timed twice: launched eagerly, and 20 calls captured in a CUDA graph (device time,
    what the runtime's graphs see).
-2. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
+2. quality (d): the shipped default model through the torch backend on the device, fp32 and
+   fp16 with the default and with all kernels, scored by fewstep.scenes' analyzer on its
+   evaluation prompts (the quality yardstick of every precision and kernel change).
+3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
    random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
    and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
    backend, eager and fast; per-stage times from fewstep's own timings; a profile of the
    VAE decoder at batch 8.
-3. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
+4. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
    (its defaults, then with all kernels, none, no CUDA graphs, compile=True; a device-time
    profile by kernel of one of them) and last torch.compile of the same module
@@ -73,7 +76,7 @@ import kernels_bench  # noqa: E402
 
 from fewstep.kernels import attention, attention_ref, group_norm, group_norm_ref  # noqa: E402
 
-SECTIONS = ("checks", "kernels", "turbo", "unet")  # torch.compile, the longest, last
+SECTIONS = ("checks", "kernels", "quality", "turbo", "unet")  # torch.compile last
 REPO = Path(__file__).resolve().parents[1]
 
 # GFLOP per forward (REFERENCE.md, "Performance anchors"): for achieved TFLOP/s.
@@ -802,6 +805,74 @@ def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
     return result
 
 
+# -- (d) the default model's quality on the device -----------------------------------------------
+
+
+def bench_quality(device: torch.device, small: bool) -> dict[str, Any]:
+    """The shipped default model (LCM, 4 steps, guidance 8.5) on fewstep.scenes'
+    evaluation prompts through the torch backend: fp32, then fp16 with the default kernels
+    and with all kernels; each image scored by the analyzer. Prompt i starts from the latents
+    of seed i and prompts go 20 to a call, as in training/evaluate.py, so the fp32 row is
+    comparable with benchmarks/results/quality-default-model.json."""
+    from fewstep import scenes
+    from fewstep.package import default_model
+    from fewstep.pipeline import Pipeline
+
+    prompts = list(scenes.evaluation_prompts())
+    if small:  # a few of each kind: the code path, not a measurement
+        prompts = [p for p in prompts if p.kind == "single"][:3] + [
+            p for p in prompts if p.kind == "two"
+        ][:3]
+    side = scenes.IMAGE_SIZE // 4
+    latents = np.concatenate(
+        [
+            np.random.default_rng(i).standard_normal((1, 4, side, side), dtype=np.float32)
+            for i in range(len(prompts))
+        ]
+    )
+    settings = [("fp32", {"dtype": torch.float32, "kernels": False})]
+    if not small:
+        settings += [
+            ("fp16", {"dtype": torch.float16}),
+            ("fp16-all-kernels", {"dtype": torch.float16, "kernels": True}),
+        ]
+    result: dict[str, Any] = {
+        "what": "default model, LCM 4 steps, guidance 8.5, torch backend: analyzer accuracy",
+        "prompts": len(prompts),
+        "rows": {},
+    }
+    images: dict[str, np.ndarray] = {}
+    for name, options in settings:
+        pipe = Pipeline.from_pretrained(
+            default_model("diffusers"), backend="torch", device=device, **options
+        )
+        chunks = []
+        for i in range(0, len(prompts), 20):
+            out = pipe(
+                [p.prompt for p in prompts[i : i + 20]],
+                num_inference_steps=4,
+                guidance_scale=8.5,
+                latents=latents[i : i + 20],
+                seed=i,
+                scheduler="lcm",
+                output_type="np",
+            ).images
+            chunks.append(np.asarray(out, dtype=np.float32))
+        images[name] = np.concatenate(chunks)
+        uint8 = (np.clip(images[name], 0, 1) * 255).round().astype(np.uint8)
+        scores = [scenes.score(im, p.target) for im, p in zip(uint8, prompts, strict=True)]
+        row: dict[str, Any] = {}
+        for kind in ("single", "two"):
+            kind_scores = [sc for sc, p in zip(scores, prompts, strict=True) if p.kind == kind]
+            accuracy = scenes.attribute_accuracy(kind_scores)
+            row[kind] = {"n": len(kind_scores), **{k: round(v, 4) for k, v in accuracy.items()}}
+        row["max_abs_image_diff_vs_fp32"] = float(np.abs(images[name] - images["fp32"]).max())
+        result["rows"][name] = row
+        del pipe
+        _free()
+    return result
+
+
 # -- report ---------------------------------------------------------------------------------------
 
 
@@ -896,6 +967,15 @@ def format_table(results: dict[str, Any]) -> str:
                     f"  b{batch:<3} {name:<16} {r['p50']:9.2f} ({r['images_per_s']:7.1f} img/s)"
                     f"  x{r['speedup_vs_diffusers']:.2f}{stage_text}"
                 )
+    quality = results.get("quality")
+    if quality:
+        lines.append(f"default model, LCM 4 steps, {quality['prompts']} prompts, fully correct:")
+        for name, row in quality["rows"].items():
+            lines.append(
+                f"  torch {name:<18} single {row['single']['correct']:.1%}  two "
+                f"{row['two']['correct']:.1%}  max |image - fp32| "
+                f"{row['max_abs_image_diff_vs_fp32']:.3f}"
+            )
     vae_prof = (turbo or {}).get("vae_decoder_profile", {})
     if "top" in vae_prof:
         lines.append(
@@ -993,6 +1073,8 @@ def run_section(section, results, workdir, device, dtype, small, warmup, repeats
             )
         finally:
             shutil.rmtree(folder, ignore_errors=True)
+    elif section == "quality":
+        results["quality"] = bench_quality(device, small)
     elif section == "turbo":
         folder = make_model_folder(workdir / "turbo", "sd_turbo", small, device)
         try:

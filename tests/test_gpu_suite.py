@@ -37,7 +37,7 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     log = (tmp_path / "gpu_suite.log").read_text()
 
     assert results["mode"] == "small-cpu" and results["checks_ok"]
-    assert list(results["section_s"]) == ["checks", "kernels", "turbo", "unet"]
+    assert list(results["section_s"]) == ["checks", "kernels", "quality", "turbo", "unet"]
     assert {"torch", "triton", "diffusers"} <= set(results["env"]["versions"])
     assert all(c["ok"] for c in results["checks"]["kernels"])
     assert results["kernels"]["group_norm"] and results["kernels"]["attention"]
@@ -49,4 +49,6 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
         assert rows["fewstep"]["p50"] > 0 and rows["diffusers_eager"]["p50"] > 0
         # same latents, 1 Euler step, fp32: the same image as diffusers
         assert rows["max_abs_image_diff_vs_diffusers"]["fewstep"] <= 1e-3
+    quality = results["quality"]["rows"]["fp32"]
+    assert quality["single"]["n"] == quality["two"]["n"] == 3  # every image was scored
     assert "U-Net step" in log and "SD-Turbo end to end" in log
