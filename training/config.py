@@ -126,6 +126,9 @@ PRESETS: dict[str, dict[str, Any]] = {
         },
         "lcm": {},
     },
+    # A distillation experiment on the fifth run's teacher (not shipped, README): twice the
+    # batch, the same steps.
+    "lcm-batch64": {"vae": {}, "unet": {}, "lcm": {"batch_size": 64}},
     # the default models with a small latent cache: for minute-long timing runs
     "smoke": {"vae": {}, "unet": {"num_scenes": 4096}, "lcm": {}},
     "tiny": {
