@@ -46,4 +46,10 @@ fi
 echo "gpu_suite.sh: setup took $((SECONDS - start)) s"
 
 export PYTHONUNBUFFERED=1
+# The test suite's GPU tests first (CUDA graphs, fp16, kernels against eager on tiny models);
+# their result is logged, and the suite runs either way.
+if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
+  TRITON_INTERPRET=0 "$py" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
+    | tee "$out/gpu_tests.log" || echo "gpu_suite.sh: GPU tests failed (see gpu_tests.log)"
+fi
 "$py" benchmarks/gpu_suite.py --output "$out/gpu_suite.json" "$@" 2>&1 | tee "$out/gpu_suite.log"
