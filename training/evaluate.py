@@ -316,7 +316,8 @@ def main(argv: list[str] | None = None) -> None:
         }
     if teacher is not None and student is not None:
         for kind in ("single", "two"):
-            points = 100 * (teacher[kind]["correct"] - student[kind]["correct"])
+            # rounded: fractions of 60 or 40 prompts, so 2 prompts of 40 are 5 points, not 5.000…1
+            points = round(100 * (teacher[kind]["correct"] - student[kind]["correct"]), 6)
             gates[f"student_lcm4_{kind}_points_below_teacher"] = {
                 "value": round(points, 2),
                 "max": GATE_STUDENT_POINTS,
