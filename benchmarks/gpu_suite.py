@@ -285,6 +285,23 @@ def _randn(shape, dtype, device, seed=0, scale=1.0, shift=0.0) -> torch.Tensor:
     return (torch.randn(shape, generator=gen) * scale + shift).to(device, dtype)
 
 
+def _group_norm_inputs(shape, channels_last, dtype, device, weight_shift=0.0):
+    """x (mean 0.5, std 2; channels_last if asked), weight and bias for GroupNorm checks."""
+    x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    w = _randn(shape[1], dtype, device, seed=1, shift=weight_shift)
+    return x, w, _randn(shape[1], dtype, device, seed=2)
+
+
+def _qkv(b, h, lq, lkv, d, dtype, device):
+    """q, k, v as diffusers' attention builds them: [B, L, H, D] viewed as [B, H, L, D]."""
+    return tuple(
+        _randn((b, n, h, d), dtype, device, seed=s).transpose(1, 2)
+        for s, n in ((0, lq), (1, lkv), (2, lkv))
+    )
+
+
 # (name, shape, groups, channels_last, dtype)
 GN_CHECKS_GPU = [
     ("unet-down0", (2, 320, 64, 64), 32, False, torch.float16),
@@ -316,11 +333,7 @@ ATTN_CHECKS_SMALL = [
 def check_kernels(device: torch.device, small: bool) -> list[dict]:
     out = []
     for name, shape, groups, channels_last, dtype in GN_CHECKS_SMALL if small else GN_CHECKS_GPU:
-        x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        w = _randn(shape[1], dtype, device, seed=1, shift=1.0)
-        b = _randn(shape[1], dtype, device, seed=2)
+        x, w, b = _group_norm_inputs(shape, channels_last, dtype, device, weight_shift=1.0)
         got = group_norm(x, groups, w, b, activation="silu")
         same = F.silu(F.group_norm(x.contiguous(), groups, w, b))
         ref64 = group_norm_ref(x.double(), groups, w.double(), b.double(), activation="silu")
@@ -328,11 +341,7 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
         out.append({"op": "group_norm_silu", "name": name, "shape": list(shape), **result})
         del x, got, same, ref64
     for name, b, h, lq, lkv, d, dtype in ATTN_CHECKS_SMALL if small else ATTN_CHECKS_GPU:
-        # [B, L, H, D] viewed as [B, H, L, D], as diffusers' attention builds q, k, v
-        q, k, v = (
-            _randn((b, n, h, d), dtype, device, seed=s).transpose(1, 2)
-            for s, n in ((0, lq), (1, lkv), (2, lkv))
-        )
+        q, k, v = _qkv(b, h, lq, lkv, d, dtype, device)
         got = attention(q, k, v)
         same = F.scaled_dot_product_attention(q, k, v)
         ref64 = attention_ref(q.double(), k.double(), v.double())
@@ -392,10 +401,7 @@ GROUP_NORM_SWEEP = [(k, t) for k in (2, 4, 8, 16) for t in (1024, 2048, 4096)]
 def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, Any]:
     """Device time of GroupNorm+SiLU for each (programs per SM, tile) in GROUP_NORM_SWEEP."""
     _, shape, groups, channels_last = case
-    x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    w, b = _randn(shape[1], dtype, device, seed=1), _randn(shape[1], dtype, device, seed=2)
+    x, w, b = _group_norm_inputs(shape, channels_last, dtype, device)
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float())).to(dtype)
@@ -472,10 +478,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
     for row, (_, shape, groups, channels_last) in zip(group_norm_rows, gn_cases, strict=True):
         # GroupNorm+SiLU must move 3 bytes per byte of x (x twice, y once): its ceiling is a
         # copy's rate. Small tensors live in L2, so each row is held against a copy of x itself.
-        x = _randn(shape, dtype, device, scale=2.0, shift=0.5)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        w, b = _randn(shape[1], dtype, device, seed=1), _randn(shape[1], dtype, device, seed=2)
+        x, w, b = _group_norm_inputs(shape, channels_last, dtype, device)
         same_size = copy_gb_per_s(x, warmup, repeats)
         row["copy_same_size_gb_per_s"] = same_size
         row["fraction_of_copy_same_size"] = row["kernel_gb_per_s"] / same_size
@@ -508,10 +511,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
         from fewstep.kernels.attention import tuned_configs
 
         for row, (_, b, h, lq, lkv, d) in zip(attention_rows, attn_cases, strict=True):
-            q, k, v = (
-                _randn((b, n, h, d), dtype, device, seed=s).transpose(1, 2)
-                for s, n in ((0, lq), (1, lkv), (2, lkv))
-            )
+            q, k, v = _qkv(b, h, lq, lkv, d, dtype, device)
             tflop = 4 * b * h * lq * lkv * d / 1e12
             backends = sdpa_backends(q, k, v, warmup, repeats, device)
             best = min(backends, key=lambda name: backends[name]["graphed_ms"])

@@ -210,8 +210,11 @@ def tuned_configs() -> dict[str, dict[str, Any]]:
     for (element_size, block_d), tuner in _TUNED.items():
         for shape_key, config in tuner.cache.items():
             label = f"bytes={element_size} BLOCK_D={block_d} key={list(shape_key)}"
-            chosen[label] = {**config.kwargs, "num_warps": config.num_warps}
-            chosen[label]["num_stages"] = config.num_stages
+            chosen[label] = {
+                **config.kwargs,
+                "num_warps": config.num_warps,
+                "num_stages": config.num_stages,
+            }
     return chosen
 
 

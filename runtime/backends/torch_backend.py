@@ -217,7 +217,7 @@ class _CudaGraph:
             # Warm-up: Triton compiles, cuDNN picks algorithms, the allocator fills up;
             # none of that may happen during capture.
             for _ in range(CUDA_GRAPH_WARMUP_RUNS):
-                expected = _map_tensors(torch.Tensor.clone, fn(**self.static_inputs))
+                expected = fn(**self.static_inputs)  # fresh tensors, outside the graph's pool
         torch.cuda.current_stream().wait_stream(side)
         self.graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(self.graph, pool=pool):
@@ -274,7 +274,6 @@ class TorchBackend:
         names = parse_kernels(kernels)
         cuda = self.device.type == "cuda"
         self.kernels = self._resolve_kernels(names, cuda)
-        self.compile = compile
         self.cuda_graphs = bool(cuda_graphs) and cuda
         if cuda_graphs and not cuda:
             logger.debug("cuda_graphs applies to CUDA devices only; running eagerly on %s", device)
@@ -339,10 +338,10 @@ class TorchBackend:
             # The modules stay as they are (LoRA folding and reports reach their weights);
             # only the calls go through the compiled forwards.
             self._unet_call = torch.compile(self.unet, dynamic=False)
-            self._vae_decode_call = torch.compile(self.vae.decoder, dynamic=False)
+            self._vae_decode_call = torch.compile(self.vae.decode, dynamic=False)
         else:
             self._unet_call = self.unet
-            self._vae_decode_call = self.vae.decoder
+            self._vae_decode_call = self.vae.decode
 
         self._graphs: dict[tuple, _CudaGraph] = {}
         self.capture_ms: dict[str, float] = {}  # per captured signature, for reports
@@ -436,10 +435,7 @@ class TorchBackend:
         torch = _torch()
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
         z = latent_sample.to(self.vae_dtype).contiguous(memory_format=memory_format)
-        # AutoencoderKL._decode (tiling and slicing, off by default, are not used)
-        if getattr(self.vae, "post_quant_conv", None) is not None:
-            z = self.vae.post_quant_conv(z)
-        out = self._vae_decode_call(z)  # [B, 3, H, W]
+        out = self._vae_decode_call(z, return_dict=False)[0]  # [B, 3, H, W]
         return out.to(torch.float32, memory_format=torch.contiguous_format)
 
     def _vae_encoder(self, sample: Any) -> Any:
