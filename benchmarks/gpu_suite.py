@@ -467,6 +467,28 @@ def copy_bandwidth(device: torch.device, warmup: int, repeats: int) -> dict:
     return result
 
 
+def head_dim_comparison(case, dtype, device, warmup: int, repeats: int) -> dict:
+    """The attention kernel with its head dim in two blocks (the default) against one padded
+    block (SD's 40 = 32 + 16 against 64): device time in a graph on a GPU; on the CPU the
+    interpreter's time (the code path only)."""
+    from fewstep.kernels.attention import head_dim_blocks
+
+    _, b, h, lq, lkv, d = case
+    q, k, v = _qkv(b, h, lq, lkv, d, dtype, device)
+    result: dict[str, Any] = {"split": head_dim_blocks(d), "padded": head_dim_blocks(d, True)}
+    for name, pad in (("split", False), ("padded", True)):
+
+        def run(q=q, k=k, v=v, pad=pad):
+            return attention(q, k, v, pad_head_dim=pad)
+
+        if device.type == "cuda":
+            result[f"{name}_ms"] = graphed_ms(run, device, repeats)
+        else:
+            result[f"{name}_ms"] = timed(run, warmup, repeats, device)["p50"]
+    result["padded_over_split"] = result["padded_ms"] / result["split_ms"]
+    return result
+
+
 def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
     dtype = torch.float32 if small else torch.float16
     gn_cases = kernels_bench.GROUP_NORM_CPU if small else kernels_bench.GROUP_NORM_CUDA
@@ -525,6 +547,8 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
             row["graphed_sdpa_best_tflop_per_s"] = tflop / (sdpa_ms / 1e3)
             row["graphed_speedup_vs_sdpa_best"] = sdpa_ms / kernel_ms
         tuned = tuned_configs()
+    for row, case in zip(attention_rows, attn_cases, strict=True):
+        row["head_dim_blocks"] = head_dim_comparison(case, dtype, device, warmup, repeats)
     _free()
     return {
         "dtype": str(dtype).removeprefix("torch."),
@@ -930,6 +954,12 @@ def format_table(results: dict[str, Any]) -> str:
                     f" ({r['graphed_sdpa_best_tflop_per_s']:5.0f} TFLOP/s)"
                     f"  x{r['graphed_speedup_vs_sdpa_best']:.2f}"
                 )
+            split = r["head_dim_blocks"]
+            lines.append(
+                f"  {'':<42} head dim as {split['split']}: {split['split_ms']:7.3f}, one padded "
+                f"block {split['padded']}: {split['padded_ms']:7.3f}"
+                f"  x{split['padded_over_split']:.2f}"
+            )
     unet = results.get("unet")
     if unet:
         lines.append(f"U-Net step {unet['latent']} {unet['dtype']}, p50 / p90 ms:")

@@ -16,8 +16,10 @@ any strides with a unit stride on D (so the transposed views diffusers makes,
 Deviations and limits:
 - No mask, no dropout, no causal path (SD's U-Net attention has none). Cross
   attention's 77 keys are handled by masking the tail of the last key block.
-- D is padded to BLOCK_D = next_power_of_2(D) with masked loads (SD: 40 → 64,
-  80 → 128, 160 → 256); the padded lanes cost FLOPs, not bytes. D ≤ 256.
+- The head dim is covered by two power-of-2 blocks, BLOCK_D + BLOCK_DR, each a
+  separate dot (`head_dim_blocks`): SD's 80 = 64 + 16 and 160 = 128 + 32 exactly,
+  40 = 32 + 16 with 8 masked lanes, where one padded block (64, 128, 256) would
+  spend 37.5% of the dots' FLOPs on zeros. Padded lanes cost FLOPs, not bytes. D ≤ 256.
 - fp32 inputs use IEEE fp32 dots (no TF32), to match torch's fp32 default.
 - In Triton's interpreter, bf16 dot operands are widened to fp32 and bf16
   rounding is done by hand (INTERPRETER_BF16; why: _interpreter.py).
@@ -65,11 +67,12 @@ def _attention_fwd_kernel(
     stride_om,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    BLOCK_D: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # head-dim lanes [0, BLOCK_D)
+    BLOCK_DR: tl.constexpr,  # the rest, lanes [BLOCK_D, BLOCK_D + BLOCK_DR); 0: none
     DOT_PRECISION: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,  # see _interpreter.py
     EVEN_N: tl.constexpr,  # L_KV % BLOCK_N == 0: no key block needs a mask
-    EVEN_D: tl.constexpr,  # D == BLOCK_D: no head-dim padding to mask
+    EVEN_D: tl.constexpr,  # D == BLOCK_D + BLOCK_DR: no head-dim padding to mask
 ):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -84,7 +87,8 @@ def _attention_fwd_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     mask_m = offs_m < L_Q
-    mask_d = (offs_d < D) if not EVEN_D else tl.full([BLOCK_D], 1, tl.int1)
+    # With a rest block, BLOCK_D <= D (head_dim_blocks), so only the rest has padding.
+    mask_d = tl.full([BLOCK_D], 1, tl.int1) if EVEN_D or BLOCK_DR > 0 else offs_d < D
 
     # [BLOCK_M, BLOCK_D]; padded rows and head-dim lanes are 0, so they add 0 to QKᵀ.
     q = tl.load(
@@ -94,9 +98,20 @@ def _attention_fwd_kernel(
     )
     if INTERPRETER_BF16:
         q = q.to(tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
+    if BLOCK_DR > 0:  # the same for the rest of the head dim (a compile-time branch)
+        offs_dr = BLOCK_D + tl.arange(0, BLOCK_DR)
+        mask_dr = (offs_dr < D) if not EVEN_D else tl.full([BLOCK_DR], 1, tl.int1)
+        q_r = tl.load(
+            q_base + offs_m[:, None] * stride_qm + offs_dr[None, :],
+            mask=mask_m[:, None] & mask_dr[None, :],
+            other=0.0,
+        )
+        if INTERPRETER_BF16:
+            q_r = q_r.to(tl.float32)
+        acc_r = tl.zeros([BLOCK_M, BLOCK_DR], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for start_n in range(0, L_KV, BLOCK_N):
         offs_kv = start_n + offs_n
         mask_n = (offs_kv < L_KV) if not EVEN_N else tl.full([BLOCK_N], 1, tl.int1)
@@ -108,7 +123,17 @@ def _attention_fwd_kernel(
         )
         if INTERPRETER_BF16:
             k = k.to(tl.float32)
-        s = tl.dot(q, k, input_precision=DOT_PRECISION) * qk_scale  # [BLOCK_M, BLOCK_N] fp32
+        s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
+        if BLOCK_DR > 0:
+            k_r = tl.load(
+                k_base + offs_kv[None, :] * stride_kn + offs_dr[:, None],
+                mask=mask_dr[:, None] & mask_n[None, :],
+                other=0.0,
+            )
+            if INTERPRETER_BF16:
+                k_r = k_r.to(tl.float32)
+            s = tl.dot(q_r, k_r, s, input_precision=DOT_PRECISION)
+        s = s * qk_scale
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past L_KV get probability 0
         # FlashAttention-2, Alg. 1 lines 8-10: new row max, rescale factor, probabilities.
@@ -127,6 +152,15 @@ def _attention_fwd_kernel(
         else:
             p = p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
+        if BLOCK_DR > 0:
+            v_r = tl.load(
+                v_base + offs_kv[:, None] * stride_vn + offs_dr[None, :],
+                mask=mask_n[:, None] & mask_dr[None, :],
+                other=0.0,
+            )
+            if INTERPRETER_BF16:
+                v_r = v_r.to(tl.float32)
+            acc_r = acc_r * alpha[:, None] + tl.dot(p, v_r, input_precision=DOT_PRECISION)
         m_i = m_new
     out = acc / l_i[:, None]  # Alg. 1 line 12
     if INTERPRETER_BF16:
@@ -136,6 +170,15 @@ def _attention_fwd_kernel(
         out.to(o_ptr.dtype.element_ty),
         mask=mask_m[:, None] & mask_d[None, :],
     )
+    if BLOCK_DR > 0:
+        out_r = acc_r / l_i[:, None]
+        if INTERPRETER_BF16:
+            out_r = round_to_bf16(out_r)
+        tl.store(
+            o_base + offs_m[:, None] * stride_om + offs_dr[None, :],
+            out_r.to(o_ptr.dtype.element_ty),
+            mask=mask_m[:, None] & mask_dr[None, :],
+        )
 
 
 def check_attention_args(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
@@ -166,15 +209,31 @@ def attention_output_like(q: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def head_dim_blocks(head_dim: int, pad: bool = False) -> tuple[int, int]:
+    """(BLOCK_D, BLOCK_DR): two power-of-2 blocks (each >= 16, a dot's minimum; BLOCK_DR 0
+    for none) covering `head_dim`, with BLOCK_D <= head_dim when there is a rest; one padded
+    block where a split would not save lanes, or with `pad`.
+
+    SD's head dims: 40 → (32, 16), 80 → (64, 16), 160 → (128, 32); 64 → (64, 0).
+    """
+    padded = max(16, triton.next_power_of_2(head_dim))
+    if pad or padded == head_dim or head_dim <= 16:
+        return padded, 0
+    main = padded // 2
+    rest = max(16, triton.next_power_of_2(head_dim - main))
+    return (main, rest) if main + rest < padded else (padded, 0)
+
+
 # Launch shapes derived from the block sizes: a constant mask is no mask at all.
 _attention_fwd = triton.heuristics(
     {
         "EVEN_N": lambda args: args["L_KV"] % args["BLOCK_N"] == 0,
-        "EVEN_D": lambda args: args["D"] == args["BLOCK_D"],
+        "EVEN_D": lambda args: args["D"] == args["BLOCK_D"] + args["BLOCK_DR"],
     }
 )(_attention_fwd_kernel)
 
-# GPU launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by (element size, BLOCK_D),
+# GPU launch configs (BLOCK_M, BLOCK_N, num_warps, num_stages) by (element size, head-dim
+# lanes BLOCK_D + BLOCK_DR rounded up to 64, 128 or 256),
 # autotuned per (L_q, L_kv, dtype) at the first call of each shape (a CUDA graph's warm-up in
 # the torch backend). The first of each list is the Triton tutorial's forward config, sized to
 # fit an A100's shared memory (164 KB); the others may need an H100's (227 KB), and the
@@ -192,9 +251,9 @@ _INTERPRETER_CONFIG = (128, 128, 4, 1)
 _TUNED: dict[tuple[int, int], Any] = {}
 
 
-def _tuned_kernel(element_size: int, block_d: int) -> Any:
-    """The autotuned launcher over GPU_CONFIGS[(element_size, block_d)], made once."""
-    key = (element_size, block_d)
+def _tuned_kernel(element_size: int, lanes: int) -> Any:
+    """The autotuned launcher over GPU_CONFIGS[(element_size, lanes)], made once."""
+    key = (element_size, lanes)
     if key not in _TUNED:
         configs = [
             triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=warps, num_stages=stages)
@@ -205,11 +264,11 @@ def _tuned_kernel(element_size: int, block_d: int) -> Any:
 
 
 def tuned_configs() -> dict[str, dict[str, Any]]:
-    """What the autotuner chose so far, by (element size, BLOCK_D, L_q, L_kv, dtypes): reports."""
+    """What the autotuner chose so far, by (element size, lanes, L_q, L_kv, dtypes): reports."""
     chosen = {}
-    for (element_size, block_d), tuner in _TUNED.items():
+    for (element_size, lanes), tuner in _TUNED.items():
         for shape_key, config in tuner.cache.items():
-            label = f"bytes={element_size} BLOCK_D={block_d} key={list(shape_key)}"
+            label = f"bytes={element_size} lanes={lanes} key={list(shape_key)}"
             chosen[label] = {
                 **config.kwargs,
                 "num_warps": config.num_warps,
@@ -219,13 +278,19 @@ def tuned_configs() -> dict[str, dict[str, Any]]:
 
 
 def attention(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    *,
+    pad_head_dim: bool = False,
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v without materializing the [L_q, L_kv] scores.
 
     q [B, H, L_q, D], k and v [B, H, L_kv, D]; fp32/fp16/bf16; D ≤ 256; unit
     stride on D. scale defaults to 1/sqrt(D), as SDPA's. Returns [B, H, L_q, D]
-    in q's dtype and layout.
+    in q's dtype and layout. `pad_head_dim`: one padded head-dim block instead of
+    two (`head_dim_blocks`), for the benchmark's comparison.
     """
     check_attention_args(q, k, v)
     if q.dtype not in DTYPES:
@@ -245,7 +310,7 @@ def attention(
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
 
-    block_d = max(16, triton.next_power_of_2(head_dim))
+    block_d, block_dr = head_dim_blocks(head_dim, pad=pad_head_dim)
     args = (
         q,
         k,
@@ -271,6 +336,7 @@ def attention(
     )
     constants = {
         "BLOCK_D": block_d,
+        "BLOCK_DR": block_dr,
         "DOT_PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
         "INTERPRETER_BF16": INTERPRETED and q.dtype == torch.bfloat16,
     }
@@ -282,7 +348,8 @@ def attention(
             *args, BLOCK_M=block_m, BLOCK_N=block_n, num_warps=warps, num_stages=stages, **constants
         )
     else:
-        kernel = _tuned_kernel(q.element_size(), max(64, block_d))
+        lanes = max(64, triton.next_power_of_2(block_d + block_dr))
+        kernel = _tuned_kernel(q.element_size(), lanes)
         kernel[lambda meta: (triton.cdiv(l_q, meta["BLOCK_M"]), batch * heads)](*args, **constants)
     return out
 

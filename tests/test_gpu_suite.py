@@ -41,6 +41,9 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     assert {"torch", "triton", "diffusers"} <= set(results["env"]["versions"])
     assert all(c["ok"] for c in results["checks"]["kernels"])
     assert results["kernels"]["group_norm"] and results["kernels"]["attention"]
+    for row in results["kernels"]["attention"]:  # d 40: 32 + 16 lanes against 64
+        assert row["head_dim_blocks"]["split"] == [32, 16]
+        assert row["head_dim_blocks"]["padded_ms"] > 0
     unet = results["unet"]
     assert {"diffusers_eager", "fewstep"} <= set(unet["variants"])
     assert "fewstep-kernels-interpreted" in unet["checks"]  # the kernels ran in the model

@@ -22,6 +22,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import triton
 
 import fewstep.kernels.ops as kernel_ops
 from fewstep.kernels import (
@@ -34,6 +35,7 @@ from fewstep.kernels import (
     group_norm_op,
     group_norm_ref,
 )
+from fewstep.kernels.attention import head_dim_blocks
 
 # The interpreter evaluates masked-off lanes too (x = 0 there, so SiLU's exp overflows
 # after normalization by a large mean; NaN inputs make NaN arithmetic): numpy warns,
@@ -245,6 +247,9 @@ ATTENTION_CASES = [
     pytest.param(1, 2, 63, 77, 160, id="sd15-down2-cross-d160-63queries"),  # (2, 8, 256, 160)
     pytest.param(1, 1, 200, 200, 64, id="sd2-self-d64-200tokens"),  # tails in q and k blocks
     pytest.param(1, 3, 1, 77, 40, id="one-query-77keys"),
+    pytest.param(1, 2, 40, 40, 96, id="d96-two-blocks-unpadded"),
+    pytest.param(1, 2, 40, 77, 24, id="d24-one-padded-block"),
+    pytest.param(1, 2, 33, 33, 8, id="d8-below-a-dot"),
 ]
 
 
@@ -265,6 +270,30 @@ def test_attention_matches_fp64(b, h, l_q, l_kv, d, dtype):
     expected = F.scaled_dot_product_attention(q, k, v)
     assert got.stride() == q.stride()  # output in q's [B, L, H, D] memory layout
     assert_matches_ref(got, expected, ref64, f"attention {(b, h, l_q, l_kv, d)} {dtype}")
+
+
+def test_head_dim_blocks_cover_the_head_dim_with_fewer_padded_lanes():
+    sd = {d: head_dim_blocks(d) for d in (40, 64, 80, 160)}
+    assert sd == {40: (32, 16), 64: (64, 0), 80: (64, 16), 160: (128, 32)}
+    for d in range(1, 257):
+        main, rest = head_dim_blocks(d)
+        padded = head_dim_blocks(d, pad=True)
+        assert padded == (max(16, triton.next_power_of_2(d)), 0)
+        assert main + rest >= d and main + rest <= padded[0]
+        for block in (main, rest):
+            assert block == 0 or (block >= 16 and block & (block - 1) == 0)
+        assert rest == 0 or main <= d  # only the rest block is ever masked
+
+
+@pytest.mark.parametrize("d", [40, 80, 160])
+def test_attention_padded_head_dim_agrees_with_two_blocks(d):
+    """The benchmark's baseline (one padded block) and the default (two blocks) both match."""
+    q, k, v = _attention_inputs(1, 2, 48, 77, d, torch.float16, seed=5)
+    ref64 = attention_ref(q.double(), k.double(), v.double())
+    expected = F.scaled_dot_product_attention(q, k, v)
+    for pad in (False, True):
+        got = attention(q, k, v, pad_head_dim=pad)
+        assert_matches_ref(got, expected, ref64, f"attention d={d} pad_head_dim={pad}")
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
@@ -485,11 +514,14 @@ def build(fn, dtype, consts, cc, **options):
 
 for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     size = 4 if dtype == "fp32" else 2
-    for (elem, block_d), configs in GPU_CONFIGS.items():
+    # SD's head dims (40, 80, 160) as two blocks, and each bucket's one padded block
+    blocks = {64: [(32, 16), (64, 0)], 128: [(64, 16), (128, 0)], 256: [(128, 32), (256, 0)]}
+    for (elem, lanes), configs in GPU_CONFIGS.items():
         # the first config must fit an A100; the autotuner skips the others where they don't
         for i, (bm, bn, warps, stages) in enumerate(configs if cc == 90 else configs[:1]):
-            for even in (True, False):
-                consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, INTERPRETER_BF16=False,
+            for (block_d, block_dr), even in itertools.product(blocks[lanes], (True, False)):
+                consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DR=block_dr,
+                              INTERPRETER_BF16=False,
                               DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                               EVEN_N=even, EVEN_D=even)
                 if elem == size:

@@ -81,6 +81,32 @@ def test_resume_refuses_another_config(tmp_path, runs):
         train_vae.main(["--run", str(run), "--preset", "default", "--stop-at-step", "1"])
 
 
+def test_lr_restart_continues_the_schedule_of_the_run_that_ended_there():
+    """A run with a restart at step 6000 follows, before it, exactly the schedule of a run of
+    6000 steps (so it can continue that run's checkpoint), then decays again from half the
+    peak to the same final rate."""
+    peak, warmup, final = 5e-4, 200, 0.1
+    restarted = [common.lr_at(s, peak, warmup, 11000, final, ((6000, 0.5),)) for s in range(11000)]
+    ended = [common.lr_at(s, peak, warmup, 6000, final) for s in range(6000)]
+    assert restarted[:6000] == ended
+    assert restarted[6000] == pytest.approx(0.5 * peak) and ended[-1] == pytest.approx(final * peak)
+    assert restarted[-1] == pytest.approx(final * peak, rel=1e-6)
+    assert all(a >= b for a, b in zip(restarted[6000:], restarted[6001:], strict=False))
+    for bad in (((100, 0.5),), ((11000, 0.5),), ((8000, 0.5), (7000, 0.5))):
+        with pytest.raises(ValueError, match="restart steps"):
+            common.lr_at(0, peak, warmup, 11000, final, bad)
+
+
+def test_a_config_with_nested_tuples_resumes_in_its_run_folder(tmp_path):
+    from training import config as configs
+
+    cfg = configs.from_name("unet", "sixth")
+    common.Run(tmp_path, "unet", cfg, inputs={})
+    common.Run(tmp_path, "unet", cfg, inputs={})  # the stored config.json reads back equal
+    with pytest.raises(ValueError, match=r"\['lr_restarts', 'max_steps'\]"):
+        common.Run(tmp_path, "unet", configs.from_name("unet", "default"), inputs={})
+
+
 def test_unfinished_upstream_is_refused(tmp_path, runs):
     train_vae.main(_stage_args(train_vae, tmp_path / "vae", None) + ["--stop-at-step", "1"])
     with pytest.raises(ValueError, match="stopped at step 1 of 4"):

@@ -318,12 +318,35 @@ def ema_decay_at(step: int, decay: float) -> float:
     return min(decay, (1.0 + step) / (10.0 + step))
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, final_fraction: float) -> float:
-    """Linear warm-up to `peak`, then cosine decay to `final_fraction * peak` at `total`."""
+def lr_at(
+    step: int,
+    peak: float,
+    warmup: int,
+    total: int,
+    final_fraction: float,
+    restarts: tuple[tuple[int, float], ...] = (),
+) -> float:
+    """Linear warm-up to `peak`, then cosine decay to `final_fraction * peak` at `total`.
+
+    `restarts` ((step, peak fraction), ...) end the cosine early and start it again (SGDR,
+    Loshchilov & Hutter 2017): from each restart step the rate falls from `fraction * peak`
+    to the same final rate at the next restart or at `total`. Steps before the first restart
+    follow the schedule of a run that ends there, so a finished run can be continued exactly.
+    """
+    starts = [s for s, _ in restarts]
+    if starts != sorted(starts) or any(not warmup < s < total for s in starts):
+        raise ValueError(f"restart steps must increase within ({warmup}, {total}): {starts}")
     if step < warmup:
         return peak * (step + 1) / warmup
-    progress = min(1.0, (step - warmup) / max(1, total - warmup))
-    return peak * (final_fraction + (1 - final_fraction) * 0.5 * (1 + math.cos(math.pi * progress)))
+    begin, end, top = warmup, total, 1.0
+    for start, fraction in restarts:
+        if step < start:
+            end = start
+            break
+        begin, top = start, fraction
+    progress = min(1.0, (step - begin) / max(1, end - begin))
+    wave = 1 + math.cos(math.pi * progress)
+    return peak * (final_fraction + (top - final_fraction) * 0.5 * wave)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -332,10 +355,8 @@ def lr_at(step: int, peak: float, warmup: int, total: int, final_fraction: float
 
 
 def config_dict(config: Any) -> dict[str, Any]:
-    out = {}
-    for key, value in dataclasses.asdict(config).items():
-        out[key] = list(value) if isinstance(value, tuple) else value
-    return out
+    """The config as stored in config.json (tuples become lists, at any depth)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 class Run:

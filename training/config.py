@@ -71,6 +71,9 @@ class UNetConfig:
     learning_rate: float = 5e-4
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1
+    # (step, fraction of the peak) where the cosine starts again (common.lr_at); a run with a
+    # restart at its old max_steps continues that run's checkpoint exactly
+    lr_restarts: tuple[tuple[int, float], ...] = ()
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     caption_dropout: float = 0.1  # empty caption: the unconditional branch of CFG
@@ -132,6 +135,9 @@ PRESETS: dict[str, dict[str, Any]] = {
     # and that with twice the batch.
     "lcm-w2-10": {"vae": {}, "unet": {}, "lcm": {"w_min": 2.0}},
     "lcm-batch64": {"vae": {}, "unet": {}, "lcm": {"w_min": 2.0, "batch_size": 64}},
+    # The fifth run continued from its step-6000 checkpoint: the cosine restarted at half the
+    # peak and decayed over 5000 more steps.
+    "sixth": {"vae": {}, "unet": {"max_steps": 11000, "lr_restarts": ((6000, 0.5),)}, "lcm": {}},
     # the default models with a small latent cache: for minute-long timing runs
     "smoke": {"vae": {}, "unet": {"num_scenes": 4096}, "lcm": {}},
     "tiny": {

@@ -308,7 +308,12 @@ def main(argv: list[str] | None = None) -> None:
     with stop:
         while step < cfg.max_steps and not stop(step):
             lr = common.lr_at(
-                step, cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.final_lr_fraction
+                step,
+                cfg.learning_rate,
+                cfg.warmup_steps,
+                cfg.max_steps,
+                cfg.final_lr_fraction,
+                cfg.lr_restarts,
             )
             for group in optimizer.param_groups:
                 group["lr"] = lr
