@@ -395,26 +395,42 @@ def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls:
 
 # (programs per SM over the whole grid, elements per tile): group_norm's `split` and `tile`
 # knobs. The default is (4, 2048): fewstep.kernels.group_norm._default_split, _TILE_GPU.
-GROUP_NORM_SWEEP = [(k, t) for k in (2, 4, 8, 16) for t in (1024, 2048, 4096)]
+# (programs per SM, tile, warps): two launches with about that many programs per SM; 0: one
+# program per group, one launch (`_group_norm_one_pass_kernel`), where more warps may hide
+# the latency of the few programs' loads.
+GROUP_NORM_SWEEP = [(k, t, 4) for k in (2, 4, 8, 16) for t in (1024, 2048, 4096)]
+GROUP_NORM_SWEEP += [(0, t, w) for t in (2048, 4096, 8192) for w in (4, 8, 16)]
 
 
 def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, Any]:
-    """Device time of GroupNorm+SiLU for each (programs per SM, tile) in GROUP_NORM_SWEEP."""
+    """Device time of GroupNorm+SiLU for each (programs per SM, tile, warps) in
+    GROUP_NORM_SWEEP."""
     _, shape, groups, channels_last = case
     x, w, b = _group_norm_inputs(shape, channels_last, dtype, device)
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float())).to(dtype)
     rows = []
-    for per_sm, tile in GROUP_NORM_SWEEP:
+    for per_sm, tile, warps in GROUP_NORM_SWEEP:
         split = max(1, -(-per_sm * sms // (shape[0] * groups)))
 
-        def call(split=split, tile=tile):
-            return group_norm(x, groups, w, b, activation="silu", split=split, tile=tile)
+        def call(split=split, tile=tile, warps=warps):
+            return group_norm(
+                x, groups, w, b, activation="silu", split=split, tile=tile, warps=warps
+            )
 
         err = float((call().float() - want.float()).abs().max())  # a launch must stay correct
         ms = graphed_ms(call, device, repeats) if cuda else timed(call, 0, 1, device)["p50"]
-        rows.append({"programs_per_sm": per_sm, "tile": tile, "graphed_ms": ms, "max_err": err})
+        rows.append(
+            {
+                "programs_per_sm": per_sm,
+                "split": split,
+                "tile": tile,
+                "warps": warps,
+                "graphed_ms": ms,
+                "max_err": err,
+            }
+        )
     best = min(rows, key=lambda r: r["graphed_ms"])
     default = next(r for r in rows if (r["programs_per_sm"], r["tile"]) == (4, 2048))
     return {
@@ -936,8 +952,9 @@ def format_table(results: dict[str, Any]) -> str:
             if "launch_sweep" in r:
                 best = r["launch_sweep"]["best"]
                 lines.append(
-                    f"  {'':<42} best launch: {best['programs_per_sm']} programs/SM, tile "
-                    f"{best['tile']}: {best['graphed_ms']:.4f} ms (default "
+                    f"  {'':<42} best launch: split {best['split']} "
+                    f"({best['programs_per_sm']} programs/SM), tile {best['tile']}, "
+                    f"{best['warps']} warps: {best['graphed_ms']:.4f} ms (default "
                     f"x{r['launch_sweep']['default_over_best']:.2f} slower)"
                 )
         for r in kern["attention"]:

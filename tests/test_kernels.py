@@ -419,6 +419,9 @@ def test_ops_reject_bad_arguments():
         group_norm_op(x, 32, None, None, 1e-5, "gelu")
     with pytest.raises(ValueError, match="weight must have shape"):
         group_norm_op(x, 32, torch.ones(32))
+    for knob, message in (({"split": 0}, "split must be"), ({"warps": 3}, "warps must be")):
+        with pytest.raises(ValueError, match=message):
+            group_norm(x, 32, **knob)
     q = torch.randn(1, 2, 8, 40)
     with pytest.raises(ValueError, match="must agree"):
         attention_op(q, torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64))
@@ -494,7 +497,8 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fewstep.kernels._interpreter import INTERPRETED
 from fewstep.kernels.attention import GPU_CONFIGS, _attention_fwd_kernel
-from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group_norm_stats_kernel
+from fewstep.kernels.group_norm import (_TILE_GPU, _group_norm_fwd_kernel,
+                                       _group_norm_one_pass_kernel, _group_norm_stats_kernel)
 
 assert not INTERPRETED
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block, bytes (A100, H100)
@@ -533,6 +537,9 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
         consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
                       BLOCK_SPLIT=16, **tile)
         build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=4)
+        consts.pop("BLOCK_SPLIT")
+        for warps in (4, 16):
+            build(_group_norm_one_pass_kernel, dtype, consts, cc, num_warps=warps)
 print("compiled")
 """
 
