@@ -282,6 +282,25 @@ def test_cuda_without_a_gpu_is_a_value_error(tiny_model):
         create_backend("torch", tiny_model("sd1"), device="cuda")
 
 
+def test_cudnn_benchmark_is_on_only_inside_and_restored(monkeypatch):
+    """CUDA calls autotune convolutions (static shapes); the caller's setting comes back, even
+    after an error, and CPU calls leave it alone."""
+    from fewstep.backends.torch_backend import cudnn_benchmark
+
+    monkeypatch.setattr(torch.backends.cudnn, "benchmark", False)
+    with cudnn_benchmark(True):
+        assert torch.backends.cudnn.benchmark
+    assert not torch.backends.cudnn.benchmark
+    with pytest.raises(RuntimeError), cudnn_benchmark(True):
+        raise RuntimeError("a failing call")
+    assert not torch.backends.cudnn.benchmark
+    with cudnn_benchmark(False):
+        assert not torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = True  # a caller's own choice is kept
+    with cudnn_benchmark(False):
+        assert torch.backends.cudnn.benchmark
+
+
 @pytest.mark.parametrize(
     ("canonical", "expected"),
     [("fp32", torch.float32), ("fp16", torch.float16), ("bf16", torch.bfloat16)],

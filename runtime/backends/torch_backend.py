@@ -12,6 +12,8 @@ On a CUDA device, by default:
   `keeps_fp32_vae_decoder` and of diffusers' SDXL pipelines (`force_upcast`, SDXL family),
   so SD 1.x/2.x VAEs run in fp16 as in diffusers' SD pipelines;
 - channels_last U-Net and VAE;
+- cuDNN picks each convolution's algorithm by timing it once per shape (`cudnn.benchmark`,
+  set during this backend's calls only and restored after: its shapes are static);
 - fewstep's fused GroupNorm+SiLU kernel swapped in (`fewstep.kernels.patch`); its attention
   kernel with `kernels=True` (slower than cuDNN's SDPA on an H200, see DEFAULT_CUDA_KERNELS);
 - the text encoder, the U-Net step and the VAE decoder captured as CUDA graphs, one per
@@ -37,6 +39,7 @@ fewstep.export.source). Inference only.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -187,6 +190,19 @@ class TorchArrayOps:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             self._torch.cuda.synchronize(self.device)
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Any:
+    """torch.backends.cudnn.benchmark on inside when `enabled` (else left alone), the caller's
+    value restored after."""
+    cudnn = _torch().backends.cudnn
+    before = cudnn.benchmark
+    cudnn.benchmark = before or enabled
+    try:
+        yield
+    finally:
+        cudnn.benchmark = before
 
 
 def _map_tensors(fn: Callable[[Any], Any], out: Any) -> Any:
@@ -480,7 +496,7 @@ class TorchBackend:
                 f"(unknown {unknown}, missing {missing})"
             )
         try:
-            with torch.inference_mode():
+            with torch.inference_mode(), cudnn_benchmark(self.device.type == "cuda"):
                 tensors = {n: self._to_tensor(graph, n, v) for n, v in inputs.items()}
                 if graph in self._captured:
                     out = self._replay(graph, tensors)
