@@ -22,6 +22,7 @@ from fewstep import scenes  # noqa: E402
 # plain `pytest` does not put the root on sys.path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from training import common, distill_lcm, ship, train_unet, train_vae  # noqa: E402
+from training import config as configs  # noqa: E402
 
 
 def _stage_args(stage, run, upstream):
@@ -98,13 +99,18 @@ def test_lr_restart_continues_the_schedule_of_the_run_that_ended_there():
 
 
 def test_a_config_with_nested_tuples_resumes_in_its_run_folder(tmp_path):
-    from training import config as configs
-
-    cfg = configs.from_name("unet", "sixth")
+    cfg = configs.from_name("unet", "default")
     common.Run(tmp_path, "unet", cfg, inputs={})
     common.Run(tmp_path, "unet", cfg, inputs={})  # the stored config.json reads back equal
     with pytest.raises(ValueError, match=r"\['lr_restarts', 'max_steps'\]"):
-        common.Run(tmp_path, "unet", configs.from_name("unet", "default"), inputs={})
+        common.Run(tmp_path, "unet", configs.from_name("unet", "fifth"), inputs={})
+
+
+@pytest.mark.parametrize("preset", sorted(configs.PRESETS))
+def test_every_preset_has_a_valid_learning_rate_schedule(preset):
+    cfg = configs.from_name("unet", preset)
+    args = (cfg.learning_rate, cfg.warmup_steps, cfg.max_steps, cfg.final_lr_fraction)
+    assert common.lr_at(cfg.max_steps - 1, *args, cfg.lr_restarts) > 0
 
 
 def test_unfinished_upstream_is_refused(tmp_path, runs):

@@ -1,14 +1,15 @@
 """Configs of the default model's training stages: frozen dataclasses and one presets dict.
 
-`default` is the full run (training/README.md has its time budget); `smoke` is the same models
-with a small latent cache, for minute-long timing runs (`--stop-after-minutes`); `tiny` is a
-toy model for the tests (a few seconds per stage). A run folder stores the config it started
-with, and a resumed run must use the same one.
+`default` is the full run (training/README.md has its time budget); `fifth` and `third` are
+earlier runs' U-Nets; `smoke` is the same models with a small latent cache, for minute-long
+timing runs (`--stop-after-minutes`); `tiny` is a toy model for the tests (a few seconds per
+stage). A run folder stores the config it started with, and a resumed run must use the same
+one.
 
 Sizes (the shipping budget is <= 12 MB of weight files; the shipped folder is both the
 diffusers folder and the package and stores each fp16 weight once, training/ship.py):
 
-    U-Net (32, 64, 64), cross-attention at 16x16, 8x8, 4x4     1.80 M
+    U-Net (48, 96, 96), cross-attention at 8x8 and 4x4         3.78 M
     VAE (32, 48, 64), x4 downsampling, 4 latent channels        0.84 M
     CLIP text encoder, hidden 96, 2 layers                      0.21 M
 """
@@ -67,13 +68,15 @@ class UNetConfig:
     # training
     num_scenes: int = 65_536  # encoded once (common.LatentCache), then cycled: ~4 epochs
     batch_size: int = 64
-    max_steps: int = 6000  # the fifth run's sample checks still rose at 6000 (README)
+    # the fifth run's 6000 steps, whose sample checks still rose at the end, continued for
+    # 5000 more from half the peak rate: the sixth run (README)
+    max_steps: int = 11000
     learning_rate: float = 5e-4
     warmup_steps: int = 200
     final_lr_fraction: float = 0.1
     # (step, fraction of the peak) where the cosine starts again (common.lr_at); a run with a
     # restart at its old max_steps continues that run's checkpoint exactly
-    lr_restarts: tuple[tuple[int, float], ...] = ()
+    lr_restarts: tuple[tuple[int, float], ...] = ((6000, 0.5),)
     weight_decay: float = 0.01
     grad_clip: float = 1.0
     caption_dropout: float = 0.1  # empty caption: the unconditional branch of CFG
@@ -118,8 +121,12 @@ class LCMConfig:
     checkpoint_minutes: float = 5.0
 
 
+# The fifth run's U-Net: the default's first 6000 steps, without the restart.
+FIFTH_UNET: dict[str, Any] = {"max_steps": 6000, "lr_restarts": ()}
+
 PRESETS: dict[str, dict[str, Any]] = {
     "default": {"vae": {}, "unet": {}, "lcm": {}},
+    "fifth": {"vae": {}, "unet": FIFTH_UNET, "lcm": {}},
     # The third run's U-Net (shipped before the fifth's): attention at every level, 1.8 M
     # parameters, 5000 steps.
     "third": {
@@ -128,16 +135,14 @@ PRESETS: dict[str, dict[str, Any]] = {
             "block_out_channels": (32, 64, 64),
             "cross_attention_levels": (True, True, True),
             "max_steps": 5000,
+            "lr_restarts": (),
         },
         "lcm": {},
     },
     # Distillations of the fifth run's teacher that were not shipped (README): w ~ U[2, 10],
     # and that with twice the batch.
-    "lcm-w2-10": {"vae": {}, "unet": {}, "lcm": {"w_min": 2.0}},
-    "lcm-batch64": {"vae": {}, "unet": {}, "lcm": {"w_min": 2.0, "batch_size": 64}},
-    # The fifth run continued from its step-6000 checkpoint: the cosine restarted at half the
-    # peak and decayed over 5000 more steps.
-    "sixth": {"vae": {}, "unet": {"max_steps": 11000, "lr_restarts": ((6000, 0.5),)}, "lcm": {}},
+    "lcm-w2-10": {"vae": {}, "unet": FIFTH_UNET, "lcm": {"w_min": 2.0}},
+    "lcm-batch64": {"vae": {}, "unet": FIFTH_UNET, "lcm": {"w_min": 2.0, "batch_size": 64}},
     # the default models with a small latent cache: for minute-long timing runs
     "smoke": {"vae": {}, "unet": {"num_scenes": 4096}, "lcm": {}},
     "tiny": {
@@ -167,6 +172,7 @@ PRESETS: dict[str, dict[str, Any]] = {
             "warmup_steps": 2,
             "sample_prompts": 4,
             "sample_steps": 2,
+            "lr_restarts": (),
         },
         "lcm": {
             "time_cond_proj_dim": 8,
