@@ -60,3 +60,13 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     quality = results["quality"]["rows"]["fp32"]
     assert quality["single"]["n"] == quality["two"]["n"] == 3  # every image was scored
     assert "U-Net step" in log and "SD-Turbo end to end" in log
+
+
+def test_gpu_only_selections_name_real_cases(monkeypatch):
+    """What runs only on a GPU can still be checked here: the sweep's cases exist."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_suite
+    import kernels_bench
+
+    names = {case[0] for case in kernels_bench.GROUP_NORM_CUDA}
+    assert set(gpu_suite.GROUP_NORM_SWEEP_CASES) <= names
