@@ -133,13 +133,14 @@ def _attention_fwd_kernel(
             if INTERPRETER_BF16:
                 k_r = k_r.to(tl.float32)
             s = tl.dot(q_r, k_r, s, input_precision=DOT_PRECISION)
-        s = s * qk_scale
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past L_KV get probability 0
-        # FlashAttention-2, Alg. 1 lines 8-10: new row max, rescale factor, probabilities.
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        # FlashAttention-2, Alg. 1 lines 8-10: new row max, rescale factor, probabilities. The
+        # scale (> 0) is applied to the row max, then inside one FMA per score: at SD's small
+        # head dims the softmax's per-score work, not the dots, bounds the kernel.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         alpha = tl.exp2(m_i - m_new)
-        p = tl.exp2(s - m_new[:, None])
+        p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(
             v_base + offs_kv[:, None] * stride_vn + offs_d[None, :],
@@ -288,7 +289,7 @@ def attention(
     """softmax(q·kᵀ·scale)·v without materializing the [L_q, L_kv] scores.
 
     q [B, H, L_q, D], k and v [B, H, L_kv, D]; fp32/fp16/bf16; D ≤ 256; unit
-    stride on D. scale defaults to 1/sqrt(D), as SDPA's. Returns [B, H, L_q, D]
+    stride on D. scale (> 0) defaults to 1/sqrt(D), as SDPA's. Returns [B, H, L_q, D]
     in q's dtype and layout. `pad_head_dim`: one padded head-dim block instead of
     two (`head_dim_blocks`), for the benchmark's comparison.
     """
@@ -309,6 +310,8 @@ def attention(
         raise ValueError("k and v must have at least one key (L_kv >= 1), got 0")
     if scale is None:
         scale = 1.0 / math.sqrt(head_dim)
+    if not scale > 0:
+        raise ValueError(f"scale must be > 0, got {scale}")
 
     block_d, block_dr = head_dim_blocks(head_dim, pad=pad_head_dim)
     args = (

@@ -148,11 +148,15 @@ def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, activation
 # Attention ------------------------------------------------------------------
 
 
-def attention_fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> str | None:
+def attention_fallback_reason(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> str | None:
     """Why `fewstep::attention` would run torch's SDPA instead of the kernel; None if it won't."""
     reason = _common_reason({"q": q, "k": k, "v": v}, ATTENTION_DTYPES)
     if reason is not None:
         return reason
+    if scale is not None and not scale > 0:
+        return "scale <= 0 (the kernel scales the row max)"
     if q.shape[-1] > MAX_HEAD_DIM:
         return f"head dim > {MAX_HEAD_DIM}"
     for name, t in (("q", q), ("k", k), ("v", v)):
@@ -167,9 +171,11 @@ def attention_fallback_reason(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor)
     return None
 
 
-def attention_supported(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+def attention_supported(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+) -> bool:
     """True if `fewstep::attention` runs the Triton kernel for these inputs."""
-    return attention_fallback_reason(q, k, v) is None
+    return attention_fallback_reason(q, k, v, scale) is None
 
 
 @torch.library.custom_op("fewstep::attention", mutates_args=())
@@ -178,7 +184,7 @@ def attention_op(
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v in SDPA's [B, H, L, D]: the fused kernel, or SDPA if unsupported."""
     check_attention_args(q, k, v)
-    reason = attention_fallback_reason(q, k, v)
+    reason = attention_fallback_reason(q, k, v, scale)
     if reason is None:
         return attention(q, k, v, scale)
     _log_fallback_once("attention", reason)

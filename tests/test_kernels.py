@@ -398,17 +398,27 @@ def test_group_norm_unsupported_inputs_fall_back(monkeypatch, fresh_fallback_log
 
 @pytest.mark.parametrize(
     ("case", "reason"),
-    [("head-dim-320", "head dim > 256"), ("strided-head-dim", "non-unit stride")],
+    [
+        ("head-dim-320", "head dim > 256"),
+        ("strided-head-dim", "non-unit stride"),
+        ("negative-scale", "scale <= 0"),
+    ],
 )
 def test_attention_unsupported_inputs_fall_back(monkeypatch, fresh_fallback_log, case, reason):
+    scale = -0.2 if case == "negative-scale" else None
     if case == "head-dim-320":
         q, k, v = _attention_inputs(1, 1, 8, 8, 320, torch.float32)
-    else:
+    elif case == "strided-head-dim":
         q, k, v = (t[..., ::2] for t in _attention_inputs(1, 2, 8, 77, 80, torch.float32))
-    assert reason in attention_fallback_reason(q, k, v)
+    else:
+        q, k, v = _attention_inputs(1, 2, 8, 77, 40, torch.float32)
+        with pytest.raises(ValueError, match="scale must be > 0"):
+            attention(q, k, v, scale)
+    assert reason in attention_fallback_reason(q, k, v, scale)
     _forbid_kernels(monkeypatch)
-    got = attention_op(q, k, v)
-    torch.testing.assert_close(got, F.scaled_dot_product_attention(q, k, v), rtol=0, atol=0)
+    got = attention_op(q, k, v, scale)
+    expected = F.scaled_dot_product_attention(q, k, v, scale=scale)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 def test_ops_reject_bad_arguments():
