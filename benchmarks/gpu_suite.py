@@ -397,7 +397,7 @@ def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls:
 # (programs per SM over the whole grid, elements per tile): group_norm's `split` and `tile`
 # knobs. The default is (4, 2048): fewstep.kernels.group_norm._default_split, _TILE_GPU.
 # (programs per SM, tile, warps): two launches with about that many programs per SM; 0: one
-# program per group, one launch (`_group_norm_one_pass_kernel`), where more warps may hide
+# program per group, one launch (the forward kernel's ONE_PASS), where more warps may hide
 # the latency of the few programs' loads.
 GROUP_NORM_SWEEP = [(k, t, 4) for k in (2, 4, 8, 16) for t in (1024, 2048, 4096)]
 GROUP_NORM_SWEEP += [(0, t, w) for t in (2048, 4096, 8192) for w in (4, 8)]

@@ -12,8 +12,8 @@ of Chan, Golub & LeVeque (1979), never E[x²] − E[x]².
 
 Two launches, x read twice and y written once (the byte model of
 `group_norm_ref` and of the benchmark's GB/s); with one program per group
-(split 1: the interpreter's choice, and small or many groups) one launch,
-`_group_norm_one_pass_kernel`, does both passes over its group:
+(split 1: the interpreter's choice, and small or many groups) step 2 alone, one
+launch, computing its group's statistics itself (ONE_PASS):
 
 1. `_group_norm_stats_kernel`, grid (N·G, SPLIT): program (ng, p) reads its
    slice of the group's spatial range in [BLOCK_C, BLOCK_S] tiles, computes
@@ -96,62 +96,6 @@ def _slice_statistics(
 
 
 @triton.jit
-def _normalize_slice(
-    x_base,
-    y_base,
-    w_ptr,
-    b_ptr,
-    channel0,  # the group's first channel
-    mean,
-    rstd,
-    s_start,
-    s_end,
-    CPG,
-    stride_xc,
-    stride_xs,
-    stride_yc,
-    stride_ys,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
-    INTERPRETER_BF16: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """y = act((x − mean)·rstd·w[c] + b[c]) over one group's spatial range, in y's dtype."""
-    offs_c = tl.arange(0, BLOCK_C)
-    offs_s = tl.arange(0, BLOCK_S)
-    for c0 in range(0, CPG, BLOCK_C):
-        c = c0 + offs_c
-        mask_c = c < CPG
-        # y = (x − mean)·(rstd·w) + b. Not folded into x·scale + shift: when |mean| >> std
-        # that form cancels two large terms and loses the low bits.
-        scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
-        if HAS_WEIGHT:
-            w = tl.load(w_ptr + channel0 + c, mask=mask_c, other=0.0)
-            scale = scale * w.to(tl.float32)
-        shift = tl.zeros([BLOCK_C], tl.float32)
-        if HAS_BIAS:
-            shift = tl.load(b_ptr + channel0 + c, mask=mask_c, other=0.0).to(tl.float32)
-        for s0 in range(s_start, s_end, BLOCK_S):
-            s = s0 + offs_s
-            mask = mask_c[:, None] & (s < s_end)[None, :]
-            x = tl.load(
-                x_base + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0
-            ).to(tl.float32)
-            y = (x - mean) * scale[:, None] + shift[:, None]
-            if SILU:
-                y = y / (1.0 + tl.exp(-y))
-            if INTERPRETER_BF16:
-                y = round_to_bf16(y)
-            tl.store(
-                y_base + c[:, None] * stride_yc + s[None, :] * stride_ys,
-                y.to(y_base.dtype.element_ty),
-                mask=mask,
-            )
-
-
-@triton.jit
 def _group_norm_stats_kernel(
     x_ptr,
     partial_ptr,  # [N·G, SPLIT, 3] fp32: count, mean, M2
@@ -188,7 +132,7 @@ def _group_norm_fwd_kernel(
     y_ptr,
     w_ptr,
     b_ptr,
-    partial_ptr,
+    partial_ptr,  # unused with ONE_PASS
     G,
     HW,
     CPG,
@@ -208,112 +152,70 @@ def _group_norm_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
+    ONE_PASS: tl.constexpr,  # SPLIT == 1: the statistics from x here, no stats launch
 ):
     pid_ng = tl.program_id(0)
     pid_s = tl.program_id(1)
     n = pid_ng // G
     g = pid_ng % G
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
+    y_base = y_ptr + n.to(tl.int64) * stride_yn + (g * CPG).to(tl.int64) * stride_yc
 
-    # Merge the group's SPLIT partials: mean = Σ nᵢ·meanᵢ / Σ nᵢ (relative to the
-    # first partial's mean), M2 = Σ M2ᵢ + Σ nᵢ·(meanᵢ − mean)².
-    offs_p = tl.arange(0, BLOCK_SPLIT)
-    mask_p = offs_p < SPLIT
-    part = partial_ptr + (pid_ng * SPLIT + offs_p) * 3
-    cnt = tl.load(part, mask=mask_p, other=0.0)
-    mean_p = tl.load(part + 1, mask=mask_p, other=0.0)
-    m2_p = tl.load(part + 2, mask=mask_p, other=0.0)
-    total = tl.sum(cnt)
-    mean_0 = tl.load(partial_ptr + pid_ng * SPLIT * 3 + 1)
-    shifted = tl.where(mask_p, mean_p - mean_0, 0.0)
-    mean_shifted = tl.sum(cnt * shifted) / total
-    mean = mean_0 + mean_shifted
-    dm = tl.where(mask_p, shifted - mean_shifted, 0.0)
-    var = (tl.sum(m2_p) + tl.sum(cnt * dm * dm)) / total  # biased, as torch
+    if ONE_PASS:  # the whole group, read again below (mostly from L2)
+        count, mean, m2 = _slice_statistics(
+            x_base, 0, HW, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+        )
+        var = m2 / count  # biased, as torch
+    else:
+        # Merge the group's SPLIT partials: mean = Σ nᵢ·meanᵢ / Σ nᵢ (relative to the
+        # first partial's mean), M2 = Σ M2ᵢ + Σ nᵢ·(meanᵢ − mean)².
+        offs_p = tl.arange(0, BLOCK_SPLIT)
+        mask_p = offs_p < SPLIT
+        part = partial_ptr + (pid_ng * SPLIT + offs_p) * 3
+        cnt = tl.load(part, mask=mask_p, other=0.0)
+        mean_p = tl.load(part + 1, mask=mask_p, other=0.0)
+        m2_p = tl.load(part + 2, mask=mask_p, other=0.0)
+        total = tl.sum(cnt)
+        mean_0 = tl.load(partial_ptr + pid_ng * SPLIT * 3 + 1)
+        shifted = tl.where(mask_p, mean_p - mean_0, 0.0)
+        mean_shifted = tl.sum(cnt * shifted) / total
+        mean = mean_0 + mean_shifted
+        dm = tl.where(mask_p, shifted - mean_shifted, 0.0)
+        var = (tl.sum(m2_p) + tl.sum(cnt * dm * dm)) / total  # biased, as torch
     # IEEE sqrt and division (tl.sqrt / '/' may be approximate on GPU); scalar, so free.
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
 
-    x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
-    y_base = y_ptr + n.to(tl.int64) * stride_yn + (g * CPG).to(tl.int64) * stride_yc
     s_start = pid_s * S_PER_PROG
     s_end = tl.minimum(s_start + S_PER_PROG, HW)
-    _normalize_slice(
-        x_base,
-        y_base,
-        w_ptr,
-        b_ptr,
-        g * CPG,
-        mean,
-        rstd,
-        s_start,
-        s_end,
-        CPG,
-        stride_xc,
-        stride_xs,
-        stride_yc,
-        stride_ys,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        SILU,
-        INTERPRETER_BF16,
-        BLOCK_C,
-        BLOCK_S,
-    )
-
-
-@triton.jit
-def _group_norm_one_pass_kernel(
-    x_ptr,
-    y_ptr,
-    w_ptr,
-    b_ptr,
-    G,
-    HW,
-    CPG,
-    eps,
-    stride_xn,
-    stride_xc,
-    stride_xs,
-    stride_yn,
-    stride_yc,
-    stride_ys,
-    HAS_WEIGHT: tl.constexpr,
-    HAS_BIAS: tl.constexpr,
-    SILU: tl.constexpr,
-    INTERPRETER_BF16: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    BLOCK_S: tl.constexpr,
-):
-    """split = 1 in one launch: program ng reads its whole group for the statistics, then
-    again (mostly from L2) for the output; no partials, no second launch."""
-    pid_ng = tl.program_id(0)
-    n = pid_ng // G
-    g = pid_ng % G
-    x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
-    y_base = y_ptr + n.to(tl.int64) * stride_yn + (g * CPG).to(tl.int64) * stride_yc
-    count, mean, m2 = _slice_statistics(x_base, 0, HW, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S)
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(m2 / count + eps))  # biased variance, as torch
-    _normalize_slice(
-        x_base,
-        y_base,
-        w_ptr,
-        b_ptr,
-        g * CPG,
-        mean,
-        rstd,
-        0,
-        HW,
-        CPG,
-        stride_xc,
-        stride_xs,
-        stride_yc,
-        stride_ys,
-        HAS_WEIGHT,
-        HAS_BIAS,
-        SILU,
-        INTERPRETER_BF16,
-        BLOCK_C,
-        BLOCK_S,
-    )
+    offs_c = tl.arange(0, BLOCK_C)
+    offs_s = tl.arange(0, BLOCK_S)
+    for c0 in range(0, CPG, BLOCK_C):
+        c = c0 + offs_c
+        mask_c = c < CPG
+        # y = (x − mean)·(rstd·w) + b. Not folded into x·scale + shift: when |mean| >> std
+        # that form cancels two large terms and loses the low bits.
+        scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
+        if HAS_WEIGHT:
+            scale = scale * tl.load(w_ptr + g * CPG + c, mask=mask_c, other=0.0).to(tl.float32)
+        shift = tl.zeros([BLOCK_C], tl.float32)
+        if HAS_BIAS:
+            shift = tl.load(b_ptr + g * CPG + c, mask=mask_c, other=0.0).to(tl.float32)
+        for s0 in range(s_start, s_end, BLOCK_S):
+            s = s0 + offs_s
+            mask = mask_c[:, None] & (s < s_end)[None, :]
+            x = tl.load(
+                x_base + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0
+            ).to(tl.float32)
+            y = (x - mean) * scale[:, None] + shift[:, None]
+            if SILU:
+                y = y / (1.0 + tl.exp(-y))
+            if INTERPRETER_BF16:
+                y = round_to_bf16(y)
+            tl.store(
+                y_base + c[:, None] * stride_yc + s[None, :] * stride_ys,
+                y.to(y_ptr.dtype.element_ty),
+                mask=mask,
+            )
 
 
 def spatial_stride(x: torch.Tensor) -> int | None:
@@ -380,7 +282,7 @@ def group_norm(
     x: [N, C, *spatial] fp32/fp16/bf16 with collapsible spatial strides (NCHW,
     channels_last, [N, C, L]); weight, bias: [C] or None. Returns y with x's
     shape, dtype and layout. Tuning knobs (None: chosen from the device): `split`,
-    programs per group (1: one launch, `_group_norm_one_pass_kernel`); `tile`, elements
+    programs per group (1: one launch, ONE_PASS); `tile`, elements
     per [BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program.
     """
     check_group_norm_args(x, num_groups, weight, bias, activation)
@@ -414,44 +316,34 @@ def group_norm(
     s_per_prog = triton.cdiv(tiles_per_group, min(split, tiles_per_group)) * block_s
     split = triton.cdiv(hw, s_per_prog)
 
-    # placeholder pointers when absent, never read
-    w_arg = weight if weight is not None else x
-    b_arg = bias if bias is not None else x
-    strides = (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), spatial_stride(y))
-    flags = {
-        "HAS_WEIGHT": weight is not None,
-        "HAS_BIAS": bias is not None,
-        "SILU": activation == "silu",
-        "INTERPRETER_BF16": INTERPRETED and x.dtype == torch.bfloat16,
-        "BLOCK_C": block_c,
-        "BLOCK_S": block_s,
-        "num_warps": warps,
-    }
-    if split == 1:
-        _group_norm_one_pass_kernel[(groups_total,)](
-            x, y, w_arg, b_arg, num_groups, hw, cpg, eps, *strides, **flags
-        )
-        return y
-    partials = torch.empty((groups_total, split, 3), device=x.device, dtype=torch.float32)
-    grid = (groups_total, split)
-    _group_norm_stats_kernel[grid](
-        x,
-        partials,
-        num_groups,
-        hw,
-        cpg,
-        s_per_prog,
-        split,
-        *strides[:3],
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
-        num_warps=warps,
+    one_pass = split == 1
+    partials = (
+        x  # placeholder pointer, never read
+        if one_pass
+        else torch.empty((groups_total, split, 3), device=x.device, dtype=torch.float32)
     )
+    grid = (groups_total, split)
+    if not one_pass:
+        _group_norm_stats_kernel[grid](
+            x,
+            partials,
+            num_groups,
+            hw,
+            cpg,
+            s_per_prog,
+            split,
+            x.stride(0),
+            x.stride(1),
+            stride_s,
+            BLOCK_C=block_c,
+            BLOCK_S=block_s,
+            num_warps=warps,
+        )
     _group_norm_fwd_kernel[grid](
         x,
         y,
-        w_arg,
-        b_arg,
+        weight if weight is not None else x,  # placeholder pointer, never read
+        bias if bias is not None else x,
         partials,
         num_groups,
         hw,
@@ -459,9 +351,21 @@ def group_norm(
         s_per_prog,
         split,
         eps,
-        *strides,
+        x.stride(0),
+        x.stride(1),
+        stride_s,
+        y.stride(0),
+        y.stride(1),
+        spatial_stride(y),
+        HAS_WEIGHT=weight is not None,
+        HAS_BIAS=bias is not None,
+        SILU=activation == "silu",
+        INTERPRETER_BF16=INTERPRETED and x.dtype == torch.bfloat16,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
         BLOCK_SPLIT=triton.next_power_of_2(split),
-        **flags,
+        ONE_PASS=one_pass,
+        num_warps=warps,
     )
     return y
 

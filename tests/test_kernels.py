@@ -507,8 +507,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fewstep.kernels._interpreter import INTERPRETED
 from fewstep.kernels.attention import GPU_CONFIGS, _attention_fwd_kernel
-from fewstep.kernels.group_norm import (_TILE_GPU, _group_norm_fwd_kernel,
-                                       _group_norm_one_pass_kernel, _group_norm_stats_kernel)
+from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group_norm_stats_kernel
 
 assert not INTERPRETED
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block, bytes (A100, H100)
@@ -544,12 +543,10 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     for block_c, affine, silu in ((16, True, True), (4, False, False)):
         tile = dict(BLOCK_C=block_c, BLOCK_S=_TILE_GPU // block_c)
         build(_group_norm_stats_kernel, dtype, tile, cc, num_warps=4)
-        consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
-                      BLOCK_SPLIT=16, **tile)
-        build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=4)
-        consts.pop("BLOCK_SPLIT")
-        for warps in (4, 16):
-            build(_group_norm_one_pass_kernel, dtype, consts, cc, num_warps=warps)
+        for one_pass, warps in ((False, 4), (True, 4), (True, 8)):
+            consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
+                          BLOCK_SPLIT=1 if one_pass else 16, ONE_PASS=one_pass, **tile)
+            build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps)
 print("compiled")
 """
 
