@@ -3,8 +3,9 @@
 One run, in order (each section writes the JSON so far, so a run cut short still reports):
 
 0. checks: fewstep.kernels against fp64 references at full-size SD1.5/SD2 shapes (fp16 and
-   bf16, NCHW and channels_last; the rule of tests/test_kernels.py: err_kernel <=
-   2 · err_torch_same_precision + one rounding step).
+   bf16, NCHW and channels_last, GroupNorm in its default form and in two launches; the
+   rule of tests/test_kernels.py: err_kernel <= 2 · err_torch_same_precision + one
+   rounding step).
 1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s, against
    a copy of the same tensor and a 1 GiB copy; a sweep of its launch knobs), fused attention
    vs F.scaled_dot_product_attention under each of its flash, memory-efficient and cuDNN
@@ -22,7 +23,8 @@ One run, in order (each section writes the JSON so far, so a run cut short still
    VAE decoder at batch 8.
 4. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
-   (its defaults, then with all kernels, none, no CUDA graphs, compile=True; a device-time
+   (its defaults, then with GroupNorm in two launches, with all kernels, none, no CUDA
+   graphs, compile=True; a device-time
    profile by kernel of one of them) and last torch.compile of the same module
    (channels_last; compile time reported apart). Every variant's output is also checked
    against the U-Net in fp64 with the rule above.
@@ -50,6 +52,7 @@ import contextlib
 import dataclasses
 import functools
 import gc
+import importlib
 import json
 import os
 import platform
@@ -76,6 +79,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels_bench  # noqa: E402
 
 from fewstep.kernels import attention, attention_ref, group_norm, group_norm_ref  # noqa: E402
+
+# the module, whose name the package gives to its function
+group_norm_module = importlib.import_module("fewstep.kernels.group_norm")
 
 SECTIONS = ("checks", "kernels", "quality", "turbo", "unet")  # torch.compile last
 REPO = Path(__file__).resolve().parents[1]
@@ -335,11 +341,13 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
     out = []
     for name, shape, groups, channels_last, dtype in GN_CHECKS_SMALL if small else GN_CHECKS_GPU:
         x, w, b = _group_norm_inputs(shape, channels_last, dtype, device, weight_shift=1.0)
-        got = group_norm(x, groups, w, b, activation="silu")
         same = F.silu(F.group_norm(x.contiguous(), groups, w, b))
         ref64 = group_norm_ref(x.double(), groups, w.double(), b.double(), activation="silu")
-        result = accuracy(got, same, ref64)
-        out.append({"op": "group_norm_silu", "name": name, "shape": list(shape), **result})
+        for form, one_launch in (("", None), ("-two-launch", False)):
+            got = group_norm(x, groups, w, b, activation="silu", one_launch=one_launch)
+            result = accuracy(got, same, ref64)
+            out.append({"op": "group_norm_silu", "name": name + form, "shape": list(shape)})
+            out[-1].update(result)
         del x, got, same, ref64
     for name, b, h, lq, lkv, d, dtype in ATTN_CHECKS_SMALL if small else ATTN_CHECKS_GPU:
         q, k, v = _qkv(b, h, lq, lkv, d, dtype, device)
@@ -394,55 +402,54 @@ def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls:
     return t["p50"] / calls
 
 
-# (programs per SM over the whole grid, elements per tile): group_norm's `split` and `tile`
-# knobs. The default is (4, 2048): fewstep.kernels.group_norm._default_split, _TILE_GPU.
-# (programs per SM, tile, warps): two launches with about that many programs per SM; 0: one
-# program per group, one launch (the forward kernel's ONE_PASS), where more warps may hide
-# the latency of the few programs' loads.
-GROUP_NORM_SWEEP = [(k, t, 4) for k in (2, 4, 8, 16) for t in (1024, 2048, 4096)]
-GROUP_NORM_SWEEP += [(0, t, w) for t in (2048, 4096, 8192) for w in (4, 8)]
-# Each (tile, warps) is one more Triton compile per case (the split is a runtime argument), so
-# the sweep runs on these cases only: the U-Net's largest and smallest, and the VAE's largest
-# (on the CPU, the first case).
+# (form, programs per SM over the whole grid, elements per tile, warps): group_norm's `split`,
+# `tile`, `warps` and `one_launch` knobs. Forms: two launches (statistics, then normalize);
+# one pass (one program per group, one launch: programs per SM unused); the grid sync (one
+# launch, a barrier between the statistics and the output; the grid must be resident).
+GROUP_NORM_SWEEP = [
+    ("two-launch", k, t, 4) for k, t in ((4, 1024), (4, 2048), (8, 2048), (4, 4096), (16, 2048))
+]
+GROUP_NORM_SWEEP += [("one-pass", 0, t, w) for t, w in ((4096, 4), (4096, 8), (8192, 8))]
+GROUP_NORM_SWEEP += [("grid-sync", k, t, 4) for k in (2, 4, 8) for t in (2048, 4096)]
+GROUP_NORM_SWEEP += [("grid-sync", 2, 4096, 8), ("grid-sync", 1, 8192, 8)]
+# Each (form, tile, warps) is one more Triton compile per case (the split is a runtime
+# argument), so the sweep runs on these cases only: the U-Net's largest and smallest, and the
+# VAE's largest (on the CPU, the first case).
 GROUP_NORM_SWEEP_CASES = ("unet-down0", "unet-down0-channels_last", "unet-mid", "vae-up3")
 
 
 def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, Any]:
-    """Device time of GroupNorm+SiLU for each (programs per SM, tile, warps) in
-    GROUP_NORM_SWEEP."""
+    """Device time of GroupNorm+SiLU with the default knobs and for each (form, programs
+    per SM, tile, warps) in GROUP_NORM_SWEEP; a launch that cannot run is a row with its
+    error (a grid sync whose grid does not fit on the GPU at once)."""
     _, shape, groups, channels_last = case
     x, w, b = _group_norm_inputs(shape, channels_last, dtype, device)
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float())).to(dtype)
     rows = []
-    for per_sm, tile, warps in GROUP_NORM_SWEEP:
-        split = max(1, -(-per_sm * sms // (shape[0] * groups)))
+    for form, per_sm, tile, warps in [("default", None, None, None), *GROUP_NORM_SWEEP]:
+        knobs: dict[str, Any] = {}
+        if form != "default":
+            split = 1 if form == "one-pass" else max(1, -(-per_sm * sms // (shape[0] * groups)))
+            knobs = dict(split=split, tile=tile, warps=warps, one_launch=form == "grid-sync")
 
-        def call(split=split, tile=tile, warps=warps):
-            return group_norm(
-                x, groups, w, b, activation="silu", split=split, tile=tile, warps=warps
+        def call(knobs=knobs):
+            return group_norm(x, groups, w, b, activation="silu", **knobs)
+
+        row = {"form": form, "programs_per_sm": per_sm, **knobs}
+        try:
+            row["max_err"] = float((call().float() - want.float()).abs().max())
+            row["graphed_ms"] = (
+                graphed_ms(call, device, repeats) if cuda else timed(call, 0, 1, device)["p50"]
             )
-
-        err = float((call().float() - want.float()).abs().max())  # a launch must stay correct
-        ms = graphed_ms(call, device, repeats) if cuda else timed(call, 0, 1, device)["p50"]
-        rows.append(
-            {
-                "programs_per_sm": per_sm,
-                "split": split,
-                "tile": tile,
-                "warps": warps,
-                "graphed_ms": ms,
-                "max_err": err,
-            }
-        )
-    best = min(rows, key=lambda r: r["graphed_ms"])
-    default = next(r for r in rows if (r["programs_per_sm"], r["tile"]) == (4, 2048))
-    return {
-        "rows": rows,
-        "best": best,
-        "default_over_best": default["graphed_ms"] / best["graphed_ms"],
-    }
+        except ValueError as e:  # fewstep's own refusal, before any launch
+            row["error"] = str(e)
+        rows.append(row)
+    ran = [r for r in rows if "graphed_ms" in r]
+    best = min(ran, key=lambda r: r["graphed_ms"])
+    default_over_best = ran[0]["graphed_ms"] / best["graphed_ms"]
+    return {"rows": rows, "best": best, "default_over_best": default_over_best}
 
 
 def sdpa_backends(q, k, v, warmup, repeats, device) -> dict[str, dict]:
@@ -594,10 +601,12 @@ class Variant:
     compile: bool = False
     timed: bool = True  # False: checked only (interpreted kernels are too slow to time)
     profiled: bool = False  # its kernels' time, by kernel: what to speed up next
+    two_launch_group_norm: bool = False  # the GroupNorm kernel's two-launch form everywhere
 
 
 GPU_VARIANTS = (
     Variant("fewstep", kernels=None, cuda_graphs=True),  # the defaults: GroupNorm kernel, graphs
+    Variant("fewstep-two-launch-group-norm", None, cuda_graphs=True, two_launch_group_norm=True),
     Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs: the profiler sees a graph replay as one event
@@ -689,6 +698,16 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
 def bench_variant(variant, folder, device, dtype, inputs, warmup, repeats):
     """One torch-backend configuration on the U-Net step: (timing row or None, its output,
     profile or None)."""
+    one_launch_max = group_norm_module.ONE_LAUNCH_MAX_ELEMENTS
+    if variant.two_launch_group_norm:
+        group_norm_module.ONE_LAUNCH_MAX_ELEMENTS = 0
+    try:
+        return _bench_variant(variant, folder, device, dtype, inputs, warmup, repeats)
+    finally:
+        group_norm_module.ONE_LAUNCH_MAX_ELEMENTS = one_launch_max
+
+
+def _bench_variant(variant, folder, device, dtype, inputs, warmup, repeats):
     from fewstep.backends.torch_backend import TorchBackend
 
     t0 = time.perf_counter()
@@ -930,7 +949,7 @@ def format_table(results: dict[str, Any]) -> str:
         lines.append("checks (err <= 2·err_torch + floor):")
         for c in checks["kernels"]:
             lines.append(
-                f"  {c['op']:<16} {c['name']:<30} err {c['err']:.3g}  torch "
+                f"  {c['op']:<16} {c['name']:<40} err {c['err']:.3g}  torch "
                 f"{c['err_torch_same_precision']:.3g}  tol {c['tol']:.3g}  "
                 f"{'ok' if c['ok'] else 'FAIL'}"
             )
@@ -959,9 +978,9 @@ def format_table(results: dict[str, Any]) -> str:
             if "launch_sweep" in r:
                 best = r["launch_sweep"]["best"]
                 lines.append(
-                    f"  {'':<42} best launch: split {best['split']} "
-                    f"({best['programs_per_sm']} programs/SM), tile {best['tile']}, "
-                    f"{best['warps']} warps: {best['graphed_ms']:.4f} ms (default "
+                    f"  {'':<42} best launch: {best['form']}, split {best.get('split')} "
+                    f"({best['programs_per_sm']} programs/SM), tile {best.get('tile')}, "
+                    f"{best.get('warps')} warps: {best['graphed_ms']:.4f} ms (default "
                     f"x{r['launch_sweep']['default_over_best']:.2f} slower)"
                 )
         for r in kern["attention"]:

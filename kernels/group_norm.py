@@ -10,19 +10,29 @@ to groups that are too large for one program (an SD VAE at 512² normalizes
 groups to spread over >100 SMs). Statistics use the parallel variance update
 of Chan, Golub & LeVeque (1979), never E[x²] − E[x]².
 
-Two launches, x read twice and y written once (the byte model of
-`group_norm_ref` and of the benchmark's GB/s); with one program per group
-(split 1: the interpreter's choice, and small or many groups) step 2 alone, one
-launch, computing its group's statistics itself (ONE_PASS):
+x is read twice (statistics, then normalize) and y written once (the byte
+model of `group_norm_ref` and of the benchmark's GB/s). A group gets SPLIT
+programs, in one of three modes:
 
-1. `_group_norm_stats_kernel`, grid (N·G, SPLIT): program (ng, p) reads its
-   slice of the group's spatial range in [BLOCK_C, BLOCK_S] tiles, computes
-   each tile's mean and centred sum of squares in fp32 (a two-pass over
-   registers, so x is read once) and merges tiles with Chan's update. It writes
-   one partial (count, mean, M2) per program: [N·G, SPLIT, 3] fp32.
-2. `_group_norm_fwd_kernel`, grid (N·G, SPLIT): each program merges the SPLIT
-   partials of its group (exactly, in fp32), then normalizes its slice:
-   y = act((x − mean)·rstd·w[c] + b[c]), cast to x's dtype.
+1. Two launches (any SPLIT): `_group_norm_stats_kernel`, grid (N·G, SPLIT):
+   program (ng, p) reads its slice of the group's spatial range in
+   [BLOCK_C, BLOCK_S] tiles, computes each tile's mean and centred sum of
+   squares in fp32 (a two-pass over registers, so x is read once) and merges
+   tiles with Chan's update; it writes one partial (count, mean, M2) per
+   program: [N·G, SPLIT, 3] fp32. Then `_group_norm_fwd_kernel`, same grid:
+   each program merges its group's SPLIT partials (exactly, in fp32) and
+   normalizes its slice: y = act((x − mean)·rstd·w[c] + b[c]), cast to x's dtype.
+2. One pass (SPLIT 1: the interpreter's choice, and small or many groups): the
+   forward kernel alone, each program computing its whole group's statistics.
+3. Grid sync (CUDA, SPLIT > 1, the whole grid resident at once): the forward
+   kernel alone; each program writes its slice's partial as in 1, waits at a
+   barrier for the group's other programs, then merges and normalizes (with
+   SPLIT 1, a barrier of one: the form of it that the interpreter can run). At SD
+   sizes a launch costs more than the bytes (a 5 MB GroupNorm reads in about
+   2 µs), so this saves a launch without giving up the parallelism of a split.
+   The launch is cooperative (the driver refuses a grid that cannot be resident
+   at once, rather than letting the barrier wait forever), and the barrier
+   needs no reset between calls, so it runs in a CUDA graph.
 
 Layouts: any x whose spatial dims collapse to one stride, which covers
 contiguous NCHW (stride_s = 1, stride_c = H·W), channels_last NHWC
@@ -32,14 +42,18 @@ without integer division.
 
 Limits: fp32/fp16/bf16; each sample must have < 2**31 elements (per-sample
 offsets are int32, the batch offset is int64); empty tensors are not launched
-(ops.py falls back to torch for them). `split` (programs per group) and `tile`
-(elements per tile) are tuning knobs: on CUDA `split` comes from the SM count and
-tiles hold 2048 elements; in the interpreter, split 1 and 16384-element tiles.
+(ops.py falls back to torch for them). `split` (programs per group), `tile`
+(elements per tile), `warps` and `one_launch` are tuning knobs: on CUDA `split`
+comes from the SM count, tiles hold 2048 elements, and tensors up to
+ONE_LAUNCH_MAX_ELEMENTS run as one launch; in the interpreter, split 1 and
+16384-element tiles. The grid sync cannot run in the interpreter, which runs
+programs one after another.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -57,6 +71,18 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_GPU = 2048
 _TILE_INTERPRETER = 16384
 _MAX_BLOCK_C = 64
+# Tensors up to this many elements run as one launch on CUDA (grid sync); larger ones
+# as two, where a launch is a small part of the time and the barrier's resident grid
+# (fewer programs in flight) could cost bandwidth. 0: always two launches.
+ONE_LAUNCH_MAX_ELEMENTS = 2**23
+# A barrier that has waited this many polls gives up rather than hang the GPU: with a
+# resident grid it cannot happen, and if it did, the output would be wrong, not late.
+_MAX_BARRIER_POLLS = 1 << 20
+
+# The forward kernel's modes (see the module docstring).
+_FROM_PARTIALS = tl.constexpr(0)
+_ONE_PASS = tl.constexpr(1)
+_GRID_SYNC = tl.constexpr(2)
 
 
 @triton.jit
@@ -96,6 +122,53 @@ def _slice_statistics(
 
 
 @triton.jit
+def _store_partial(partial_ptr, pid_ng, pid_s, SPLIT, count, mean, m2):
+    out = partial_ptr + (pid_ng * SPLIT + pid_s) * 3
+    tl.store(out, count)
+    tl.store(out + 1, mean)
+    tl.store(out + 2, m2)
+
+
+@triton.jit
+def _merge_partials(partial_ptr, pid_ng, SPLIT, BLOCK_SPLIT: tl.constexpr):
+    """The group's (mean, biased variance) from its SPLIT partials: mean = Σ nᵢ·meanᵢ / Σ nᵢ
+    (relative to the first partial's mean), M2 = Σ M2ᵢ + Σ nᵢ·(meanᵢ − mean)².
+    Loaded past L1 (.cg): in the grid sync other SMs wrote them during this launch."""
+    offs_p = tl.arange(0, BLOCK_SPLIT)
+    mask_p = offs_p < SPLIT
+    part = partial_ptr + (pid_ng * SPLIT + offs_p) * 3
+    cnt = tl.load(part, mask=mask_p, other=0.0, cache_modifier=".cg")
+    mean_p = tl.load(part + 1, mask=mask_p, other=0.0, cache_modifier=".cg")
+    m2_p = tl.load(part + 2, mask=mask_p, other=0.0, cache_modifier=".cg")
+    total = tl.sum(cnt)
+    mean_0 = tl.sum(tl.where(offs_p == 0, mean_p, 0.0))
+    shifted = tl.where(mask_p, mean_p - mean_0, 0.0)
+    mean_shifted = tl.sum(cnt * shifted) / total
+    dm = tl.where(mask_p, shifted - mean_shifted, 0.0)
+    return mean_0 + mean_shifted, (tl.sum(m2_p) + tl.sum(cnt * dm * dm)) / total
+
+
+@triton.jit
+def _group_barrier(sem_ptr, arrivals, is_first, MAX_POLLS: tl.constexpr):
+    """Return once all `arrivals` programs sharing the uint32 at sem_ptr have called this.
+
+    A sense-reversing barrier that needs no reset: the first program adds
+    2³¹ − (arrivals − 1), each other one 1, so the arrivals sum to 2³¹: the top bit
+    flips and the low bits come back to where they were. Each program polls until
+    the top bit differs from the one it saw on arriving."""
+    tl.debug_barrier()  # the whole program's stores are issued before it arrives
+    top = tl.full([], 0x80000000, tl.uint32)
+    add = tl.where(is_first, top - (arrivals - 1).to(tl.uint32), tl.full([], 1, tl.uint32))
+    seen = tl.atomic_add(sem_ptr, add, sem="release")  # publishes this program's partial
+    polls = 0
+    flipped = False
+    while (not flipped) and (polls < MAX_POLLS):
+        flipped = (seen ^ tl.atomic_add(sem_ptr, 0, sem="acquire")) >= top
+        polls += 1
+    tl.debug_barrier()  # no thread reads the partials before the barrier is passed
+
+
+@triton.jit
 def _group_norm_stats_kernel(
     x_ptr,
     partial_ptr,  # [N·G, SPLIT, 3] fp32: count, mean, M2
@@ -120,10 +193,7 @@ def _group_norm_stats_kernel(
     count, mean, m2 = _slice_statistics(
         x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
     )
-    out = partial_ptr + (pid_ng * SPLIT + pid_s) * 3
-    tl.store(out, count)
-    tl.store(out + 1, mean)
-    tl.store(out + 2, m2)
+    _store_partial(partial_ptr, pid_ng, pid_s, SPLIT, count, mean, m2)
 
 
 @triton.jit
@@ -132,7 +202,8 @@ def _group_norm_fwd_kernel(
     y_ptr,
     w_ptr,
     b_ptr,
-    partial_ptr,  # unused with ONE_PASS
+    partial_ptr,  # [N·G, SPLIT, 3] fp32; unused with _ONE_PASS
+    sem_ptr,  # [N·G] int32 (read as uint32), the barriers of _GRID_SYNC; unused otherwise
     G,
     HW,
     CPG,
@@ -152,7 +223,8 @@ def _group_norm_fwd_kernel(
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
-    ONE_PASS: tl.constexpr,  # SPLIT == 1: the statistics from x here, no stats launch
+    MODE: tl.constexpr,  # _FROM_PARTIALS, _ONE_PASS or _GRID_SYNC
+    MAX_POLLS: tl.constexpr,
 ):
     pid_ng = tl.program_id(0)
     pid_s = tl.program_id(1)
@@ -161,32 +233,25 @@ def _group_norm_fwd_kernel(
     x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
     y_base = y_ptr + n.to(tl.int64) * stride_yn + (g * CPG).to(tl.int64) * stride_yc
 
-    if ONE_PASS:  # the whole group, read again below (mostly from L2)
+    s_start = pid_s * S_PER_PROG
+    s_end = tl.minimum(s_start + S_PER_PROG, HW)
+    if MODE == _ONE_PASS:  # the whole group, read again below (mostly from L2)
         count, mean, m2 = _slice_statistics(
             x_base, 0, HW, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
         )
         var = m2 / count  # biased, as torch
     else:
-        # Merge the group's SPLIT partials: mean = Σ nᵢ·meanᵢ / Σ nᵢ (relative to the
-        # first partial's mean), M2 = Σ M2ᵢ + Σ nᵢ·(meanᵢ − mean)².
-        offs_p = tl.arange(0, BLOCK_SPLIT)
-        mask_p = offs_p < SPLIT
-        part = partial_ptr + (pid_ng * SPLIT + offs_p) * 3
-        cnt = tl.load(part, mask=mask_p, other=0.0)
-        mean_p = tl.load(part + 1, mask=mask_p, other=0.0)
-        m2_p = tl.load(part + 2, mask=mask_p, other=0.0)
-        total = tl.sum(cnt)
-        mean_0 = tl.load(partial_ptr + pid_ng * SPLIT * 3 + 1)
-        shifted = tl.where(mask_p, mean_p - mean_0, 0.0)
-        mean_shifted = tl.sum(cnt * shifted) / total
-        mean = mean_0 + mean_shifted
-        dm = tl.where(mask_p, shifted - mean_shifted, 0.0)
-        var = (tl.sum(m2_p) + tl.sum(cnt * dm * dm)) / total  # biased, as torch
+        if MODE == _GRID_SYNC:  # this slice's partial, then wait for the group's others
+            count, mean, m2 = _slice_statistics(
+                x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+            )
+            _store_partial(partial_ptr, pid_ng, pid_s, SPLIT, count, mean, m2)
+            sem = sem_ptr.to(tl.pointer_type(tl.uint32)) + pid_ng
+            _group_barrier(sem, SPLIT, pid_s == 0, MAX_POLLS)
+        mean, var = _merge_partials(partial_ptr, pid_ng, SPLIT, BLOCK_SPLIT)
     # IEEE sqrt and division (tl.sqrt / '/' may be approximate on GPU); scalar, so free.
     rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
 
-    s_start = pid_s * S_PER_PROG
-    s_end = tl.minimum(s_start + S_PER_PROG, HW)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     for c0 in range(0, CPG, BLOCK_C):
@@ -264,6 +329,39 @@ def _default_split(x: torch.Tensor, groups_total: int, tiles_per_group: int) -> 
     return max(1, min(tiles_per_group, math.ceil(4 * sms / groups_total)))
 
 
+def resident_programs(n_regs: int, shared: int, warps: int, props: Any) -> int:
+    """How many programs of a compiled kernel a GPU holds at once: SMs × the fewest per
+    SM that registers, threads, shared memory and the 32-block cap allow. The driver
+    makes this check for a cooperative launch and refuses a grid past it."""
+    regs_per_warp = -(-max(n_regs, 1) * 32 // 256) * 256  # allocated 256 at a time
+    per_sm = min(
+        getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),
+        props.max_threads_per_multi_processor // (32 * warps),
+        props.shared_memory_per_multiprocessor // shared if shared else 32,
+        32,
+    )
+    return props.multi_processor_count * per_sm
+
+
+_resident: dict[tuple, int] = {}  # compile-time arguments → resident programs
+_barriers: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) → barrier words
+_outgrown: list[torch.Tensor] = []  # kept: CUDA graphs captured with them still use them
+
+
+def _barrier_words(device: torch.device, count: int) -> torch.Tensor:
+    """`count` barrier words for the grid sync, zeroed once and then reused (a barrier
+    leaves its word ready for the next call). One set per stream, so launches that
+    may run at the same time never share a word."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.index or 0, stream)
+    words = _barriers.get(key)
+    if words is None or words.numel() < count:
+        if words is not None:
+            _outgrown.append(words)
+        words = _barriers[key] = torch.zeros(max(count, 1024), device=device, dtype=torch.int32)
+    return words
+
+
 def group_norm(
     x: torch.Tensor,
     num_groups: int,
@@ -275,6 +373,7 @@ def group_norm(
     split: int | None = None,
     tile: int | None = None,
     warps: int = 4,
+    one_launch: bool | None = None,
 ) -> torch.Tensor:
     """GroupNorm(num_groups)(x) then `activation` (None or "silu"), fused: x is read once
     for the statistics and once for the output, y written once.
@@ -282,8 +381,10 @@ def group_norm(
     x: [N, C, *spatial] fp32/fp16/bf16 with collapsible spatial strides (NCHW,
     channels_last, [N, C, L]); weight, bias: [C] or None. Returns y with x's
     shape, dtype and layout. Tuning knobs (None: chosen from the device): `split`,
-    programs per group (1: one launch, ONE_PASS); `tile`, elements
-    per [BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program.
+    programs per group (1: one pass, one launch); `tile`, elements per
+    [BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program; `one_launch`, the
+    grid sync instead of two launches (for split > 1 CUDA only: the whole grid must
+    fit on the GPU at once, and a default split is cut down until it does).
     """
     check_group_norm_args(x, num_groups, weight, bias, activation)
     if x.dtype not in DTYPES:
@@ -291,6 +392,20 @@ def group_norm(
     stride_s = spatial_stride(x)
     if stride_s is None:
         raise ValueError(f"x's spatial dims must collapse to one stride, got {x.stride()}")
+    if split is not None and split < 1:
+        raise ValueError(f"split must be >= 1, got {split}")
+    if warps not in (1, 2, 4, 8, 16):
+        raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {warps}")
+    cuda = x.device.type == "cuda" and not INTERPRETED
+    if tile is None:
+        tile = _TILE_GPU if cuda else _TILE_INTERPRETER
+    if tile < 16 or tile & (tile - 1):
+        raise ValueError(f"tile must be a power of 2 >= 16, got {tile}")
+    if one_launch and not cuda and split not in (None, 1):
+        raise ValueError(
+            "one_launch with split > 1 needs a CUDA GPU: its barrier waits for programs "
+            "running side by side, and the interpreter runs them one after another"
+        )  # (split 1 runs the grid sync's code with a barrier of one: what CI can check)
     y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
     if x.numel() == 0:
         return y
@@ -298,75 +413,100 @@ def group_norm(
     hw = x[0, 0].numel()
     cpg = channels // num_groups
     groups_total = batch * num_groups
-
-    if tile is None:
-        tile = _TILE_INTERPRETER if INTERPRETED or x.device.type != "cuda" else _TILE_GPU
-    if tile < 16 or tile & (tile - 1):
-        raise ValueError(f"tile must be a power of 2 >= 16, got {tile}")
     block_c = min(triton.next_power_of_2(cpg), _MAX_BLOCK_C)
     block_s = min(max(tile // block_c, 16), triton.next_power_of_2(hw))
     tiles_per_group = triton.cdiv(hw, block_s)
-    if split is None:
-        split = _default_split(x, groups_total, tiles_per_group)
-    if split < 1:
-        raise ValueError(f"split must be >= 1, got {split}")
-    if warps not in (1, 2, 4, 8, 16):
-        raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {warps}")
-    # Whole tiles per program, and no program without work.
-    s_per_prog = triton.cdiv(tiles_per_group, min(split, tiles_per_group)) * block_s
-    split = triton.cdiv(hw, s_per_prog)
 
-    one_pass = split == 1
-    partials = (
-        x  # placeholder pointer, never read
-        if one_pass
-        else torch.empty((groups_total, split, 3), device=x.device, dtype=torch.float32)
-    )
-    grid = (groups_total, split)
-    if not one_pass:
-        _group_norm_stats_kernel[grid](
-            x,
-            partials,
-            num_groups,
-            hw,
-            cpg,
-            s_per_prog,
-            split,
-            x.stride(0),
-            x.stride(1),
-            stride_s,
-            BLOCK_C=block_c,
-            BLOCK_S=block_s,
-            num_warps=warps,
-        )
-    _group_norm_fwd_kernel[grid](
-        x,
-        y,
-        weight if weight is not None else x,  # placeholder pointer, never read
-        bias if bias is not None else x,
-        partials,
-        num_groups,
-        hw,
-        cpg,
-        s_per_prog,
-        split,
-        eps,
-        x.stride(0),
-        x.stride(1),
-        stride_s,
-        y.stride(0),
-        y.stride(1),
-        spatial_stride(y),
+    def programs(wanted: int) -> tuple[int, int]:
+        """(split, spatial elements per program): whole tiles per program, none idle."""
+        s_per_prog = triton.cdiv(tiles_per_group, min(wanted, tiles_per_group)) * block_s
+        return triton.cdiv(hw, s_per_prog), s_per_prog
+
+    new_split, s_per_prog = programs(split or _default_split(x, groups_total, tiles_per_group))
+    meta: dict = dict(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         SILU=activation == "silu",
         INTERPRETER_BF16=INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
-        BLOCK_SPLIT=triton.next_power_of_2(split),
-        ONE_PASS=one_pass,
+        MAX_POLLS=_MAX_BARRIER_POLLS,
         num_warps=warps,
     )
+    requested = one_launch
+    if one_launch is None:  # the grid sync where it saves a launch
+        one_launch = cuda and new_split > 1 and x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
+    partials = words = x  # placeholder pointers, never read
+
+    def allocate() -> None:
+        nonlocal partials, words
+        partials = torch.empty((groups_total, new_split, 3), device=x.device, dtype=torch.float32)
+        if one_launch:
+            words = _barrier_words(x.device, groups_total)
+
+    def forward(mode: int, warmup: bool = False):
+        grid = (groups_total, new_split)
+        args = (x, y, weight if weight is not None else x, bias if bias is not None else x)
+        args += (partials, words, num_groups, hw, cpg, s_per_prog, new_split, eps)
+        args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), spatial_stride(y))
+        kwargs = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(new_split), MODE=mode)
+        if mode == _GRID_SYNC.value:
+            kwargs["launch_cooperative_grid"] = True
+        if warmup:  # compiles without running
+            return _group_norm_fwd_kernel.warmup(*args, grid=grid, **kwargs)
+        return _group_norm_fwd_kernel[grid](*args, **kwargs)
+
+    if one_launch and cuda:
+        # The grid sync needs the whole grid resident: how much fits depends on the
+        # compiled kernel's registers, so compile it once per set of constants.
+        key = (x.device.index, x.dtype, *meta.values())
+        if key not in _resident:
+            allocate()
+            compiled = forward(_GRID_SYNC.value, warmup=True)
+            init = getattr(compiled, "_init_handles", None)  # loads it: sets its n_regs
+            if init is not None:
+                init()
+            _resident[key] = resident_programs(
+                getattr(compiled, "n_regs", 0) or 255,  # unknown: the most a thread has
+                compiled.metadata.shared,
+                warps,
+                torch.cuda.get_device_properties(x.device),
+            )
+        fits = _resident[key] // groups_total
+        if new_split > fits:
+            if split is None and fits >= (1 if requested else 2):
+                new_split, s_per_prog = programs(fits)
+            elif requested:
+                raise ValueError(
+                    f"one_launch: {groups_total} groups × split {new_split} programs do not "
+                    f"fit on the GPU at once ({_resident[key]} do); pass a smaller split"
+                )
+            else:
+                one_launch = False
+    if one_launch:
+        allocate()
+        forward(_GRID_SYNC.value)
+        return y
+    if new_split == 1:
+        forward(_ONE_PASS.value)
+        return y
+    allocate()
+    _group_norm_stats_kernel[(groups_total, new_split)](
+        x,
+        partials,
+        num_groups,
+        hw,
+        cpg,
+        s_per_prog,
+        new_split,
+        x.stride(0),
+        x.stride(1),
+        stride_s,
+        BLOCK_C=block_c,
+        BLOCK_S=block_s,
+        num_warps=warps,
+    )
+    forward(_FROM_PARTIALS.value)
     return y
 
 

@@ -12,12 +12,14 @@ costs about a millisecond per program), plus odd ones.
 
 from __future__ import annotations
 
+import importlib
 import json
 import logging
 import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -36,6 +38,9 @@ from fewstep.kernels import (
     group_norm_ref,
 )
 from fewstep.kernels.attention import head_dim_blocks
+
+# the module (fewstep.kernels.group_norm is also the function's name in the package)
+group_norm_module = importlib.import_module("fewstep.kernels.group_norm")
 
 # The interpreter evaluates masked-off lanes too (x = 0 there, so SiLU's exp overflows
 # after normalization by a large mean; NaN inputs make NaN arithmetic): numpy warns,
@@ -181,6 +186,39 @@ def test_group_norm_split_statistics_large_mean(dtype, channels_last):
     assert_matches_ref(got, expected, ref64, f"group_norm split {dtype}")
     single = group_norm(x, 8, weight, bias, activation="silu", split=1)
     assert_matches_ref(single, expected, ref64, f"group_norm unsplit {dtype}")
+    # the grid sync's code (partial, barrier, merge), with one program per group: the most
+    # the interpreter, which runs programs one after another, can check of it
+    synced = group_norm(x, 8, weight, bias, activation="silu", split=1, one_launch=True)
+    assert_matches_ref(synced, expected, ref64, f"group_norm grid sync {dtype}")
+
+
+def test_group_norm_barrier_leaves_its_words_ready_for_the_next_call():
+    """Each grid sync flips the top bit of its groups' barrier words and nothing else, so
+    the words need no reset between calls (or CUDA graph replays)."""
+    x, weight, bias = _group_norm_inputs((2, 64, 5, 6), False, torch.float32)
+    words = group_norm_module._barrier_words(x.device, 16)
+    words.zero_()
+    flipped = torch.full((16,), -(2**31), dtype=torch.int32)  # 0x80000000 as int32
+    untouched = words[16:].clone()
+    for expected in (flipped, torch.zeros(16, dtype=torch.int32), flipped):
+        group_norm(x, 8, weight, bias, one_launch=True)  # 2 · 8 groups, one program each
+        assert torch.equal(words[:16], expected)
+        assert torch.equal(words[16:], untouched)
+
+
+def test_resident_programs_takes_the_tightest_limit():
+    h100 = SimpleNamespace(
+        multi_processor_count=132,
+        regs_per_multiprocessor=65536,
+        max_threads_per_multi_processor=2048,
+        shared_memory_per_multiprocessor=233472,
+    )
+    resident = group_norm_module.resident_programs
+    assert resident(40, 0, 4, h100) == 132 * 12  # registers: 65536 // (1280 · 4)
+    assert resident(255, 0, 8, h100) == 132 * 1  # 255 → 256 per thread: one 8-warp program
+    assert resident(16, 0, 4, h100) == 132 * 16  # threads: 2048 // 128
+    assert resident(16, 100_000, 4, h100) == 132 * 2  # shared memory
+    assert resident(8, 0, 1, h100) == 132 * 32  # at most 32 programs per SM
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
@@ -232,6 +270,8 @@ def test_group_norm_writes_every_output(monkeypatch, channels_last):
     x, weight, bias = _group_norm_inputs((1, 64, 7, 9), channels_last, torch.float32)
     _poison_allocations(monkeypatch)
     got = group_norm(x, 8, weight, bias, activation="silu", split=2, tile=128)  # [8, 16] tiles
+    assert not torch.isnan(got).any()
+    got = group_norm(x, 8, weight, bias, activation="silu", tile=128, one_launch=True)
     assert not torch.isnan(got).any()
     got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
     assert not torch.isnan(got).any()
@@ -429,7 +469,11 @@ def test_ops_reject_bad_arguments():
         group_norm_op(x, 32, None, None, 1e-5, "gelu")
     with pytest.raises(ValueError, match="weight must have shape"):
         group_norm_op(x, 32, torch.ones(32))
-    for knob, message in (({"split": 0}, "split must be"), ({"warps": 3}, "warps must be")):
+    for knob, message in (
+        ({"split": 0}, "split must be"),
+        ({"warps": 3}, "warps must be"),
+        ({"split": 2, "one_launch": True}, "needs a CUDA GPU"),
+    ):
         with pytest.raises(ValueError, match=message):
             group_norm(x, 32, **knob)
     q = torch.randn(1, 2, 8, 40)
@@ -518,7 +562,7 @@ def build(fn, dtype, consts, cc, **options):
         if name in consts:
             sig[name] = "constexpr"
         elif name.endswith("_ptr"):
-            sig[name] = "*fp32" if name == "partial_ptr" else "*" + dtype
+            sig[name] = {"partial_ptr": "*fp32", "sem_ptr": "*i32"}.get(name, "*" + dtype)
         else:
             sig[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32),
@@ -543,10 +587,12 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     for block_c, affine, silu in ((16, True, True), (4, False, False)):
         tile = dict(BLOCK_C=block_c, BLOCK_S=_TILE_GPU // block_c)
         build(_group_norm_stats_kernel, dtype, tile, cc, num_warps=4)
-        for one_pass, warps in ((False, 4), (True, 4), (True, 8)):
+        # modes: from partials, one pass, grid sync (a cooperative launch)
+        for mode, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8)):
             consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
-                          BLOCK_SPLIT=1 if one_pass else 16, ONE_PASS=one_pass, **tile)
-            build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps)
+                          BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 20, **tile)
+            build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps,
+                  launch_cooperative_grid=mode == 2)
 print("compiled")
 """
 
