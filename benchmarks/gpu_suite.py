@@ -362,6 +362,32 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
     return out
 
 
+def check_grid_sync_in_graph(device: torch.device) -> dict[str, Any]:
+    """The default GroupNorm at an SD shape (one cooperative launch with a barrier inside)
+    captured in a CUDA graph must replay to its eager output bit for bit, replay after
+    replay (the barrier words are reused without a reset). If it cannot, the rest of the
+    run uses the two-launch form, so the sections after still measure."""
+    x, w, b = _group_norm_inputs((2, 320, 64, 64), False, torch.float16, device)
+    eager = group_norm(x, 32, w, b, activation="silu")
+    result: dict[str, Any] = {"shape": list(x.shape), "replays": 3, "error": None}
+    try:
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            out = group_norm(x, 32, w, b, activation="silu")
+        for _ in range(result["replays"]):
+            out.zero_()
+            graph.replay()
+            torch.cuda.synchronize(device)
+            if not torch.equal(out, eager):
+                result["error"] = "a replay differs from the eager output"
+    except RuntimeError as e:  # e.g. a driver that cannot capture a cooperative launch
+        result["error"] = f"{type(e).__name__}: {e}"
+    result["ok"] = result["error"] is None
+    if not result["ok"]:
+        group_norm_module.ONE_LAUNCH_MAX_ELEMENTS = 0
+    return result
+
+
 # -- timing --------------------------------------------------------------------------------------
 
 
@@ -421,7 +447,8 @@ GROUP_NORM_SWEEP_CASES = ("unet-down0", "unet-down0-channels_last", "unet-mid", 
 def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, Any]:
     """Device time of GroupNorm+SiLU with the default knobs and for each (form, programs
     per SM, tile, warps) in GROUP_NORM_SWEEP; a launch that cannot run is a row with its
-    error (a grid sync whose grid does not fit on the GPU at once)."""
+    error (a grid sync whose grid does not fit on the GPU at once, or that cannot be
+    captured in a CUDA graph)."""
     _, shape, groups, channels_last = case
     x, w, b = _group_norm_inputs(shape, channels_last, dtype, device)
     cuda = device.type == "cuda"
@@ -443,8 +470,8 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
             row["graphed_ms"] = (
                 graphed_ms(call, device, repeats) if cuda else timed(call, 0, 1, device)["p50"]
             )
-        except ValueError as e:  # fewstep's own refusal, before any launch
-            row["error"] = str(e)
+        except (ValueError, RuntimeError) as e:  # a grid that cannot all be resident
+            row["error"] = f"{type(e).__name__}: {e}"
         rows.append(row)
     ran = [r for r in rows if "graphed_ms" in r]
     best = min(ran, key=lambda r: r["graphed_ms"])
@@ -953,6 +980,12 @@ def format_table(results: dict[str, Any]) -> str:
                 f"{c['err_torch_same_precision']:.3g}  tol {c['tol']:.3g}  "
                 f"{'ok' if c['ok'] else 'FAIL'}"
             )
+        in_graph = checks.get("grid_sync_in_cuda_graph")
+        if in_graph:
+            lines.append(
+                f"  group_norm_silu  grid sync in a CUDA graph, {in_graph['replays']} replays "
+                f"= eager: {'ok' if in_graph['ok'] else 'FAIL: ' + in_graph['error']}"
+            )
     kern = results.get("kernels")
     if kern:
         copy = kern["copy"]
@@ -1069,6 +1102,7 @@ def all_checks_ok(results: dict[str, Any]) -> bool:
     """Every check passed and no section failed."""
     oks = [not results.get("errors")]
     oks += [c["ok"] for c in results.get("checks", {}).get("kernels", [])]
+    oks += [results.get("checks", {}).get("grid_sync_in_cuda_graph", {}).get("ok", True)]
     oks += [c["ok"] for c in results.get("unet", {}).get("checks", {}).values()]
     oks += [not results.get("unet", {}).get("variant_errors")]
     return all(oks)
@@ -1136,6 +1170,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 def run_section(section, results, workdir, device, dtype, small, warmup, repeats, compile_mode):
     if section == "checks":
         results["checks"] = {"kernels": check_kernels(device, small)}
+        if device.type == "cuda":
+            results["checks"]["grid_sync_in_cuda_graph"] = check_grid_sync_in_graph(device)
     elif section == "kernels":
         results["kernels"] = bench_kernels(device, small, warmup, max(repeats, 3))
     elif section == "unet":

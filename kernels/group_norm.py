@@ -337,7 +337,7 @@ def resident_programs(n_regs: int, shared: int, warps: int, props: Any) -> int:
     per_sm = min(
         getattr(props, "regs_per_multiprocessor", 65536) // (regs_per_warp * warps),
         props.max_threads_per_multi_processor // (32 * warps),
-        props.shared_memory_per_multiprocessor // shared if shared else 32,
+        props.shared_memory_per_multiprocessor // (shared + 1024),  # 1 KiB reserved per block
         32,
     )
     return props.multi_processor_count * per_sm
