@@ -453,10 +453,18 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float())).to(dtype)
     rows = []
-    for form, per_sm, tile, warps in [("default", None, None, None), *GROUP_NORM_SWEEP]:
+    forms: list[tuple] = [("default", None, None, None), *GROUP_NORM_SWEEP]
+    if channels_last:  # the default's rows of whole groups against one group per program
+        forms.insert(1, ("default, one group per program", None, None, None))
+    for form, per_sm, tile, warps in forms:
         knobs: dict[str, Any] = {}
-        if form != "default":
-            split = 1 if form == "one-pass" else max(1, -(-per_sm * sms // (shape[0] * groups)))
+        if form.startswith("default,"):
+            knobs = dict(groups_per_program=1)
+        elif form != "default":
+            stride_s = group_norm_module.spatial_stride(x)
+            gpp = group_norm_module.default_groups_per_program(groups, shape[1] // groups, stride_s)
+            blocks = shape[0] * groups // gpp  # programs per slice of the spatial range
+            split = 1 if form == "one-pass" else max(1, -(-per_sm * sms // blocks))
             knobs = dict(split=split, tile=tile, warps=warps, one_launch=form == "grid-sync")
 
         def call(knobs=knobs):
@@ -579,9 +587,10 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
             row["graphed_speedup"] = graphed["torch"] / graphed["kernel"]
             # a copy of x moves 2 bytes per byte of x, the kernel 3: same rate = same bandwidth
             row["graphed_fraction_of_copy"] = 1.5 * graphed["copy_same_size"] / graphed["kernel"]
-    # (on the CPU one case, for the code path: interpreted launches time only the interpreter)
-    for i, (row, case) in enumerate(zip(group_norm_rows, gn_cases, strict=True)):
-        if (case[0] in GROUP_NORM_SWEEP_CASES) if cuda else i == 0:
+    # (on the CPU every tiny case, for the code paths: interpreted launches time only the
+    # interpreter)
+    for row, case in zip(group_norm_rows, gn_cases, strict=True):
+        if case[0] in GROUP_NORM_SWEEP_CASES or not cuda:
             row["launch_sweep"] = group_norm_launch_sweep(case, dtype, device, warmup, repeats)
     tuned: dict[str, Any] = {}
     if cuda:

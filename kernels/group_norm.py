@@ -11,23 +11,26 @@ groups to spread over >100 SMs). Statistics use the parallel variance update
 of Chan, Golub & LeVeque (1979), never E[x²] − E[x]².
 
 x is read twice (statistics, then normalize) and y written once (the byte
-model of `group_norm_ref` and of the benchmark's GB/s). A group gets SPLIT
-programs, in one of three modes:
+model of `group_norm_ref` and of the benchmark's GB/s). A program covers
+BLOCK_G consecutive groups of one sample (a group block: 1 group in NCHW, whose
+channels are planes; in channels_last, where channels interleave, enough groups
+for rows of up to 128 channels, so a pixel's loads fill whole 32-byte sectors)
+and one of SPLIT slices of the spatial range, in one of three modes:
 
-1. Two launches (any SPLIT): `_group_norm_stats_kernel`, grid (N·G, SPLIT):
-   program (ng, p) reads its slice of the group's spatial range in
-   [BLOCK_C, BLOCK_S] tiles, computes each tile's mean and centred sum of
+1. Two launches (any SPLIT): `_group_norm_stats_kernel`, grid (N·G / BLOCK_G,
+   SPLIT): program (b, p) reads its slice of its groups in [BLOCK_G, BLOCK_C,
+   BLOCK_S] tiles, computes each tile's per-group mean and centred sum of
    squares in fp32 (a two-pass over registers, so x is read once) and merges
-   tiles with Chan's update; it writes one partial (count, mean, M2) per
-   program: [N·G, SPLIT, 3] fp32. Then `_group_norm_fwd_kernel`, same grid:
-   each program merges its group's SPLIT partials (exactly, in fp32) and
+   tiles with Chan's update; it writes one partial (count, mean, M2) per group
+   and slice: [N·G, SPLIT, 3] fp32. Then `_group_norm_fwd_kernel`, same grid:
+   each program merges its groups' SPLIT partials (exactly, in fp32) and
    normalizes its slice: y = act((x − mean)·rstd·w[c] + b[c]), cast to x's dtype.
 2. One pass (SPLIT 1: the interpreter's choice, and small or many groups): the
-   forward kernel alone, each program computing its whole group's statistics.
+   forward kernel alone, each program computing its whole groups' statistics.
 3. Grid sync (CUDA, SPLIT > 1, the whole grid resident at once): the forward
-   kernel alone; each program writes its slice's partial as in 1, waits at a
-   barrier for the group's other programs, then merges and normalizes (with
-   SPLIT 1, a barrier of one: the form of it that the interpreter can run). At SD
+   kernel alone; each program writes its slice's partials as in 1, waits at a
+   barrier for its group block's other programs, then merges and normalizes
+   (with SPLIT 1, a barrier of one: the form of it that the interpreter can run). At SD
    sizes a launch costs more than the bytes (a 5 MB GroupNorm reads in about
    2 µs), so this saves a launch without giving up the parallelism of a split.
    The launch is cooperative (the driver refuses a grid that cannot be resident
@@ -37,16 +40,16 @@ programs, in one of three modes:
 Layouts: any x whose spatial dims collapse to one stride, which covers
 contiguous NCHW (stride_s = 1, stride_c = H·W), channels_last NHWC
 (stride_s = C, stride_c = 1) and 3-D [N, C, L]. The output has x's layout
-(`torch.empty_like`). Tiles are 2-D (channel × spatial) so both layouts load
-without integer division.
+(`torch.empty_like`). Tiles are 3-D (group × channel × spatial) so both layouts
+load without integer division.
 
 Limits: fp32/fp16/bf16; each sample must have < 2**31 elements (per-sample
 offsets are int32, the batch offset is int64); empty tensors are not launched
-(ops.py falls back to torch for them). `split` (programs per group), `tile`
-(elements per tile), `warps` and `one_launch` are tuning knobs: on CUDA `split`
-comes from the SM count, tiles hold 2048 elements, and tensors up to
-ONE_LAUNCH_MAX_ELEMENTS run as one launch; in the interpreter, split 1 and
-16384-element tiles. The grid sync cannot run in the interpreter, which runs
+(ops.py falls back to torch for them). `split` (programs per group block),
+`tile` (elements per tile), `warps`, `one_launch` and `groups_per_program` are
+tuning knobs: on CUDA `split` comes from the SM count, tiles hold 2048 elements,
+and tensors up to ONE_LAUNCH_MAX_ELEMENTS run as one launch; in the interpreter,
+split 1 and 16384-element tiles. The grid sync cannot run in the interpreter, which runs
 programs one after another.
 """
 
@@ -65,7 +68,7 @@ from ._interpreter import INTERPRETED, round_to_bf16
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Elements per [BLOCK_C, BLOCK_S] tile. The interpreter pays per tile (one numpy
+# Elements per [BLOCK_G, BLOCK_C, BLOCK_S] tile. The interpreter pays per tile (one numpy
 # call per op), so it gets big tiles; a GPU program holds 2048 elements in
 # registers with 4 warps (16 per thread).
 _TILE_GPU = 2048
@@ -87,31 +90,44 @@ _GRID_SYNC = tl.constexpr(2)
 
 @triton.jit
 def _slice_statistics(
-    x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_C: tl.constexpr, BLOCK_S: tl.constexpr
+    x_base,
+    s_start,
+    s_end,
+    CPG,
+    stride_xc,
+    stride_xs,
+    BLOCK_G: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    BLOCK_S: tl.constexpr,
 ):
-    """(count, mean, M2) of one group's channels over spatial range [s_start, s_end), in fp32
-    [BLOCK_C, BLOCK_S] tiles merged with Chan's update."""
+    """(count, mean, M2) of BLOCK_G consecutive groups (x_base: the first one's first channel)
+    over spatial range [s_start, s_end), in fp32 [BLOCK_G, BLOCK_C, BLOCK_S] tiles merged
+    with Chan's update: count is a scalar (every group has as many elements), mean and M2
+    are [BLOCK_G]."""
+    offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
-    # Statistics are kept relative to a pivot (the slice's first element), so sums
-    # stay small when |mean| >> std and their fp32 rounding does not swamp the mean.
-    pivot = tl.load(x_base + s_start * stride_xs).to(tl.float32)
+    group_start = offs_g * CPG * stride_xc  # each group's first channel
+    # Statistics are kept relative to a pivot (each group's first element of the slice), so
+    # sums stay small when |mean| >> std and their fp32 rounding does not swamp the mean.
+    pivot = tl.load(x_base + group_start + s_start * stride_xs).to(tl.float32)
     count = 0.0
-    mean = 0.0  # of x - pivot
-    m2 = 0.0
+    mean = tl.zeros([BLOCK_G], tl.float32)  # of x - pivot
+    m2 = tl.zeros([BLOCK_G], tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         c = c0 + offs_c
         n_c = tl.minimum(CPG - c0, BLOCK_C)
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + offs_s
-            mask = (c < CPG)[:, None] & (s < s_end)[None, :]
-            ptrs = x_base + c[:, None] * stride_xc + s[None, :] * stride_xs
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)  # [BLOCK_C, BLOCK_S]
-            x = tl.where(mask, x - pivot, 0.0)
+            mask = (c < CPG)[None, :, None] & (s < s_end)[None, None, :]
+            ptrs = x_base + group_start[:, None, None]
+            ptrs += c[None, :, None] * stride_xc + s[None, None, :] * stride_xs
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            x = tl.where(mask, x - pivot[:, None, None], 0.0)  # [BLOCK_G, BLOCK_C, BLOCK_S]
             n_b = (n_c * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
-            mean_b = tl.sum(x) / n_b
-            d = tl.where(mask, x - mean_b, 0.0)
-            m2_b = tl.sum(d * d)
+            mean_b = tl.sum(tl.sum(x, axis=2), axis=1) / n_b
+            d = tl.where(mask, x - mean_b[:, None, None], 0.0)
+            m2_b = tl.sum(tl.sum(d * d, axis=2), axis=1)
             # Chan et al.: merge (count, mean, m2) with the tile's (n_b, mean_b, m2_b).
             n_ab = count + n_b
             delta = mean_b - mean
@@ -122,30 +138,35 @@ def _slice_statistics(
 
 
 @triton.jit
-def _store_partial(partial_ptr, pid_ng, pid_s, SPLIT, count, mean, m2):
-    out = partial_ptr + (pid_ng * SPLIT + pid_s) * 3
-    tl.store(out, count)
+def _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G: tl.constexpr):
+    """Partials (count, mean, M2) of groups ng0 .. ng0 + BLOCK_G - 1 for slice pid_s."""
+    out = partial_ptr + ((ng0 + tl.arange(0, BLOCK_G)) * SPLIT + pid_s) * 3
+    tl.store(out, tl.zeros([BLOCK_G], tl.float32) + count)
     tl.store(out + 1, mean)
     tl.store(out + 2, m2)
 
 
 @triton.jit
-def _merge_partials(partial_ptr, pid_ng, SPLIT, BLOCK_SPLIT: tl.constexpr):
-    """The group's (mean, biased variance) from its SPLIT partials: mean = Σ nᵢ·meanᵢ / Σ nᵢ
-    (relative to the first partial's mean), M2 = Σ M2ᵢ + Σ nᵢ·(meanᵢ − mean)².
-    Loaded past L1 (.cg): in the grid sync other SMs wrote them during this launch."""
+def _merge_partials(
+    partial_ptr, ng0, SPLIT, BLOCK_G: tl.constexpr, BLOCK_SPLIT: tl.constexpr
+):  # fmt: skip
+    """Groups ng0 .. ng0 + BLOCK_G - 1: (mean, biased variance), [BLOCK_G] each, from their
+    SPLIT partials: mean = Σ nᵢ·meanᵢ / Σ nᵢ (relative to the first partial's mean),
+    M2 = Σ M2ᵢ + Σ nᵢ·(meanᵢ − mean)². Loaded past L1 (.cg): in the grid sync other SMs
+    wrote them during this launch."""
     offs_p = tl.arange(0, BLOCK_SPLIT)
-    mask_p = offs_p < SPLIT
-    part = partial_ptr + (pid_ng * SPLIT + offs_p) * 3
-    cnt = tl.load(part, mask=mask_p, other=0.0, cache_modifier=".cg")
+    mask_p = (offs_p < SPLIT)[None, :]
+    part = partial_ptr + ((ng0 + tl.arange(0, BLOCK_G))[:, None] * SPLIT + offs_p[None, :]) * 3
+    cnt = tl.load(part, mask=mask_p, other=0.0, cache_modifier=".cg")  # [BLOCK_G, BLOCK_SPLIT]
     mean_p = tl.load(part + 1, mask=mask_p, other=0.0, cache_modifier=".cg")
     m2_p = tl.load(part + 2, mask=mask_p, other=0.0, cache_modifier=".cg")
-    total = tl.sum(cnt)
-    mean_0 = tl.sum(tl.where(offs_p == 0, mean_p, 0.0))
-    shifted = tl.where(mask_p, mean_p - mean_0, 0.0)
-    mean_shifted = tl.sum(cnt * shifted) / total
-    dm = tl.where(mask_p, shifted - mean_shifted, 0.0)
-    return mean_0 + mean_shifted, (tl.sum(m2_p) + tl.sum(cnt * dm * dm)) / total
+    total = tl.sum(cnt, axis=1)
+    mean_0 = tl.sum(tl.where(offs_p[None, :] == 0, mean_p, 0.0), axis=1)
+    shifted = tl.where(mask_p, mean_p - mean_0[:, None], 0.0)
+    mean_shifted = tl.sum(cnt * shifted, axis=1) / total
+    dm = tl.where(mask_p, shifted - mean_shifted[:, None], 0.0)
+    var = (tl.sum(m2_p, axis=1) + tl.sum(cnt * dm * dm, axis=1)) / total
+    return mean_0 + mean_shifted, var
 
 
 @triton.jit
@@ -159,7 +180,7 @@ def _group_barrier(sem_ptr, arrivals, is_first, MAX_POLLS: tl.constexpr):
     tl.debug_barrier()  # the whole program's stores are issued before it arrives
     top = tl.full([], 0x80000000, tl.uint32)
     add = tl.where(is_first, top - (arrivals - 1).to(tl.uint32), tl.full([], 1, tl.uint32))
-    seen = tl.atomic_add(sem_ptr, add, sem="release")  # publishes this program's partial
+    seen = tl.atomic_add(sem_ptr, add, sem="release")  # publishes this program's partials
     polls = 0
     flipped = False
     while (not flipped) and (polls < MAX_POLLS):
@@ -180,20 +201,20 @@ def _group_norm_stats_kernel(
     stride_xn,
     stride_xc,
     stride_xs,
+    BLOCK_G: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    pid_ng = tl.program_id(0)
+    ng0 = tl.program_id(0) * BLOCK_G  # the program's first group, counted over the batch
     pid_s = tl.program_id(1)
-    n = pid_ng // G
-    g = pid_ng % G
-    x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
+    n = ng0 // G
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + ((ng0 % G) * CPG).to(tl.int64) * stride_xc
     s_start = pid_s * S_PER_PROG
     s_end = tl.minimum(s_start + S_PER_PROG, HW)
     count, mean, m2 = _slice_statistics(
-        x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+        x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_G, BLOCK_C, BLOCK_S
     )
-    _store_partial(partial_ptr, pid_ng, pid_s, SPLIT, count, mean, m2)
+    _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G)
 
 
 @triton.jit
@@ -203,7 +224,7 @@ def _group_norm_fwd_kernel(
     w_ptr,
     b_ptr,
     partial_ptr,  # [N·G, SPLIT, 3] fp32; unused with _ONE_PASS
-    sem_ptr,  # [N·G] int32 (read as uint32), the barriers of _GRID_SYNC; unused otherwise
+    sem_ptr,  # [N·G / BLOCK_G] int32 (read as uint32): _GRID_SYNC's barriers; else unused
     G,
     HW,
     CPG,
@@ -220,64 +241,70 @@ def _group_norm_fwd_kernel(
     HAS_BIAS: tl.constexpr,
     SILU: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,  # see _interpreter.py
+    BLOCK_G: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
     MODE: tl.constexpr,  # _FROM_PARTIALS, _ONE_PASS or _GRID_SYNC
     MAX_POLLS: tl.constexpr,
 ):
-    pid_ng = tl.program_id(0)
+    ng0 = tl.program_id(0) * BLOCK_G  # the program's first group, counted over the batch
     pid_s = tl.program_id(1)
-    n = pid_ng // G
-    g = pid_ng % G
-    x_base = x_ptr + n.to(tl.int64) * stride_xn + (g * CPG).to(tl.int64) * stride_xc
-    y_base = y_ptr + n.to(tl.int64) * stride_yn + (g * CPG).to(tl.int64) * stride_yc
+    n = ng0 // G
+    g0 = ng0 % G
+    x_base = x_ptr + n.to(tl.int64) * stride_xn + (g0 * CPG).to(tl.int64) * stride_xc
+    y_base = y_ptr + n.to(tl.int64) * stride_yn + (g0 * CPG).to(tl.int64) * stride_yc
 
     s_start = pid_s * S_PER_PROG
     s_end = tl.minimum(s_start + S_PER_PROG, HW)
-    if MODE == _ONE_PASS:  # the whole group, read again below (mostly from L2)
+    if MODE == _ONE_PASS:  # the whole groups, read again below (mostly from L2)
         count, mean, m2 = _slice_statistics(
-            x_base, 0, HW, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+            x_base, 0, HW, CPG, stride_xc, stride_xs, BLOCK_G, BLOCK_C, BLOCK_S
         )
         var = m2 / count  # biased, as torch
     else:
-        if MODE == _GRID_SYNC:  # this slice's partial, then wait for the group's others
+        if MODE == _GRID_SYNC:  # this slice's partials, then wait for the groups' others
             count, mean, m2 = _slice_statistics(
-                x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_C, BLOCK_S
+                x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_G, BLOCK_C, BLOCK_S
             )
-            _store_partial(partial_ptr, pid_ng, pid_s, SPLIT, count, mean, m2)
-            sem = sem_ptr.to(tl.pointer_type(tl.uint32)) + pid_ng
+            _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G)
+            sem = sem_ptr.to(tl.pointer_type(tl.uint32)) + tl.program_id(0)
             _group_barrier(sem, SPLIT, pid_s == 0, MAX_POLLS)
-        mean, var = _merge_partials(partial_ptr, pid_ng, SPLIT, BLOCK_SPLIT)
-    # IEEE sqrt and division (tl.sqrt / '/' may be approximate on GPU); scalar, so free.
-    rstd = tl.div_rn(1.0, tl.sqrt_rn(var + eps))
+        mean, var = _merge_partials(partial_ptr, ng0, SPLIT, BLOCK_G, BLOCK_SPLIT)
+    # IEEE sqrt and division (tl.sqrt / '/' may be approximate on GPU); [BLOCK_G], so free.
+    rstd = tl.div_rn(tl.full([BLOCK_G], 1.0, tl.float32), tl.sqrt_rn(var + eps))
 
+    offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     for c0 in range(0, CPG, BLOCK_C):
         c = c0 + offs_c
-        mask_c = c < CPG
+        mask_c = (c < CPG)[None, :]
+        local = offs_g[:, None] * CPG + c[None, :]  # [BLOCK_G, BLOCK_C]: channel - g0·CPG
+        channel = g0 * CPG + local
+        x_offs = local[:, :, None] * stride_xc
+        y_offs = local[:, :, None] * stride_yc
         # y = (x − mean)·(rstd·w) + b. Not folded into x·scale + shift: when |mean| >> std
         # that form cancels two large terms and loses the low bits.
-        scale = tl.full([BLOCK_C], 1.0, tl.float32) * rstd
+        scale = tl.zeros([BLOCK_G, BLOCK_C], tl.float32) + rstd[:, None]
         if HAS_WEIGHT:
-            scale = scale * tl.load(w_ptr + g * CPG + c, mask=mask_c, other=0.0).to(tl.float32)
-        shift = tl.zeros([BLOCK_C], tl.float32)
+            scale = scale * tl.load(w_ptr + channel, mask=mask_c, other=0.0).to(tl.float32)
+        shift = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
         if HAS_BIAS:
-            shift = tl.load(b_ptr + g * CPG + c, mask=mask_c, other=0.0).to(tl.float32)
+            shift = tl.load(b_ptr + channel, mask=mask_c, other=0.0).to(tl.float32)
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + offs_s
-            mask = mask_c[:, None] & (s < s_end)[None, :]
-            x = tl.load(
-                x_base + c[:, None] * stride_xc + s[None, :] * stride_xs, mask=mask, other=0.0
-            ).to(tl.float32)
-            y = (x - mean) * scale[:, None] + shift[:, None]
+            mask = mask_c[:, :, None] & (s < s_end)[None, None, :]
+            x = tl.load(x_base + x_offs + s[None, None, :] * stride_xs, mask=mask, other=0.0).to(
+                tl.float32
+            )
+            y = (x - mean[:, None, None]) * scale[:, :, None] + shift[:, :, None]
             if SILU:
                 y = y / (1.0 + tl.exp(-y))
             if INTERPRETER_BF16:
                 y = round_to_bf16(y)
             tl.store(
-                y_base + c[:, None] * stride_yc + s[None, :] * stride_ys,
+                y_base + y_offs + s[None, None, :] * stride_ys,
                 y.to(y_ptr.dtype.element_ty),
                 mask=mask,
             )
@@ -320,13 +347,25 @@ def check_group_norm_args(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def _default_split(x: torch.Tensor, groups_total: int, tiles_per_group: int) -> int:
+def _default_split(x: torch.Tensor, blocks: int, tiles_per_group: int) -> int:
     """Programs per group: about 4 per SM over the whole grid (a GPU at batch 1-2 has
     only 32-64 groups); 1 in the interpreter (fewest programs)."""
     if INTERPRETED or x.device.type != "cuda":
         return 1
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(tiles_per_group, math.ceil(4 * sms / groups_total)))
+    return max(1, min(tiles_per_group, math.ceil(4 * sms / blocks)))
+
+
+def default_groups_per_program(num_groups: int, channels_per_group: int, stride_s: int) -> int:
+    """1 where a group's channels are planes of their own (NCHW: stride_s 1); where channels
+    interleave (channels_last), as many consecutive groups as make rows of up to 128
+    channels, a power of 2 dividing num_groups. One group of 10 channels reads 20 bytes
+    per pixel in fp16, less than a 32-byte sector; 8 such groups read 160."""
+    gpp = 1
+    if stride_s != 1:
+        while num_groups % (2 * gpp) == 0 and 2 * gpp * channels_per_group <= 128:
+            gpp *= 2
+    return gpp
 
 
 def resident_programs(n_regs: int, shared: int, warps: int, props: Any) -> int:
@@ -374,6 +413,7 @@ def group_norm(
     tile: int | None = None,
     warps: int = 4,
     one_launch: bool | None = None,
+    groups_per_program: int | None = None,
 ) -> torch.Tensor:
     """GroupNorm(num_groups)(x) then `activation` (None or "silu"), fused: x is read once
     for the statistics and once for the output, y written once.
@@ -382,9 +422,11 @@ def group_norm(
     channels_last, [N, C, L]); weight, bias: [C] or None. Returns y with x's
     shape, dtype and layout. Tuning knobs (None: chosen from the device): `split`,
     programs per group (1: one pass, one launch); `tile`, elements per
-    [BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program; `one_launch`, the
-    grid sync instead of two launches (for split > 1 CUDA only: the whole grid must
-    fit on the GPU at once, and a default split is cut down until it does).
+    [BLOCK_G, BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program; `one_launch`,
+    the grid sync instead of two launches (for split > 1 CUDA only: the whole grid must
+    fit on the GPU at once, and a default split is cut down until it does);
+    `groups_per_program`, a power of 2 dividing num_groups (see
+    default_groups_per_program).
     """
     check_group_norm_args(x, num_groups, weight, bias, activation)
     if x.dtype not in DTYPES:
@@ -412,9 +454,14 @@ def group_norm(
     batch, channels = x.shape[:2]
     hw = x[0, 0].numel()
     cpg = channels // num_groups
-    groups_total = batch * num_groups
+    gpp = groups_per_program or default_groups_per_program(num_groups, cpg, stride_s)
+    if gpp < 1 or gpp & (gpp - 1) or num_groups % gpp:
+        raise ValueError(
+            f"groups_per_program must be a power of 2 dividing num_groups={num_groups}, got {gpp}"
+        )
+    blocks = batch * num_groups // gpp  # programs along the grid's first axis
     block_c = min(triton.next_power_of_2(cpg), _MAX_BLOCK_C)
-    block_s = min(max(tile // block_c, 16), triton.next_power_of_2(hw))
+    block_s = min(max(tile // (gpp * block_c), 16), triton.next_power_of_2(hw))
     tiles_per_group = triton.cdiv(hw, block_s)
 
     def programs(wanted: int) -> tuple[int, int]:
@@ -422,12 +469,13 @@ def group_norm(
         s_per_prog = triton.cdiv(tiles_per_group, min(wanted, tiles_per_group)) * block_s
         return triton.cdiv(hw, s_per_prog), s_per_prog
 
-    new_split, s_per_prog = programs(split or _default_split(x, groups_total, tiles_per_group))
+    new_split, s_per_prog = programs(split or _default_split(x, blocks, tiles_per_group))
     meta: dict = dict(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         SILU=activation == "silu",
         INTERPRETER_BF16=INTERPRETED and x.dtype == torch.bfloat16,
+        BLOCK_G=gpp,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         MAX_POLLS=_MAX_BARRIER_POLLS,
@@ -440,12 +488,12 @@ def group_norm(
 
     def allocate() -> None:
         nonlocal partials, words
-        partials = torch.empty((groups_total, new_split, 3), device=x.device, dtype=torch.float32)
+        partials = torch.empty((blocks * gpp, new_split, 3), device=x.device, dtype=torch.float32)
         if one_launch:
-            words = _barrier_words(x.device, groups_total)
+            words = _barrier_words(x.device, blocks)
 
     def forward(mode: int, warmup: bool = False):
-        grid = (groups_total, new_split)
+        grid = (blocks, new_split)
         args = (x, y, weight if weight is not None else x, bias if bias is not None else x)
         args += (partials, words, num_groups, hw, cpg, s_per_prog, new_split, eps)
         args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), spatial_stride(y))
@@ -472,13 +520,13 @@ def group_norm(
                 warps,
                 torch.cuda.get_device_properties(x.device),
             )
-        fits = _resident[key] // groups_total
+        fits = _resident[key] // blocks
         if new_split > fits:
             if split is None and fits >= (1 if requested else 2):
                 new_split, s_per_prog = programs(fits)
             elif requested:
                 raise ValueError(
-                    f"one_launch: {groups_total} groups × split {new_split} programs do not "
+                    f"one_launch: {blocks} group blocks × split {new_split} programs do not "
                     f"fit on the GPU at once ({_resident[key]} do); pass a smaller split"
                 )
             else:
@@ -491,7 +539,7 @@ def group_norm(
         forward(_ONE_PASS.value)
         return y
     allocate()
-    _group_norm_stats_kernel[(groups_total, new_split)](
+    _group_norm_stats_kernel[(blocks, new_split)](
         x,
         partials,
         num_groups,
@@ -502,6 +550,7 @@ def group_norm(
         x.stride(0),
         x.stride(1),
         stride_s,
+        BLOCK_G=gpp,
         BLOCK_C=block_c,
         BLOCK_S=block_s,
         num_warps=warps,

@@ -174,20 +174,23 @@ def test_group_norm_split_statistics_large_mean(dtype, channels_last):
     A mean of 300 with unit std: E[x²] − E[x]² in fp32 would lose ~1e-2 of the
     variance to cancellation; the merged two-pass statistics must not.
     """
-    # 8 channels per group; tile=1024 → [8, 128] tiles, 960 positions → 8 tiles per
-    # group; split 3 → 3, 3 and 2 tiles per program.
+    # 8 channels per group; tile=1024·gpp → [gpp, 8, 128] tiles, 960 positions → 8 tiles
+    # per group; split 3 → 3, 3 and 2 tiles per program.
     shape = (1, 64, 24, 40)
     x, weight, bias = _group_norm_inputs(
         shape, channels_last, dtype, seed=1, scale=1.0, shift=300.0
     )
-    got = group_norm(x, 8, weight, bias, activation="silu", split=3, tile=1024)
     ref64 = group_norm_ref(x.double(), 8, weight.double(), bias.double(), activation="silu")
     expected = _group_norm_torch(x, 8, weight, bias, "silu")
-    assert_matches_ref(got, expected, ref64, f"group_norm split {dtype}")
+    for gpp in (1, 4):  # one group per program, and 4 (the channels_last form)
+        got = group_norm(
+            x, 8, weight, bias, activation="silu", split=3, tile=1024 * gpp, groups_per_program=gpp
+        )
+        assert_matches_ref(got, expected, ref64, f"group_norm split {dtype}, {gpp} groups")
     single = group_norm(x, 8, weight, bias, activation="silu", split=1)
     assert_matches_ref(single, expected, ref64, f"group_norm unsplit {dtype}")
-    # the grid sync's code (partial, barrier, merge), with one program per group: the most
-    # the interpreter, which runs programs one after another, can check of it
+    # the grid sync's code (partials, barrier, merge) with one program per group block: the
+    # most the interpreter, which runs programs one after another, can check of it
     synced = group_norm(x, 8, weight, bias, activation="silu", split=1, one_launch=True)
     assert_matches_ref(synced, expected, ref64, f"group_norm grid sync {dtype}")
 
@@ -204,6 +207,15 @@ def test_group_norm_barrier_leaves_its_words_ready_for_the_next_call():
         group_norm(x, 8, weight, bias, one_launch=True)  # 2 · 8 groups, one program each
         assert torch.equal(words[:16], expected)
         assert torch.equal(words[16:], untouched)
+
+
+def test_channels_last_programs_take_rows_of_whole_groups():
+    per_program = group_norm_module.default_groups_per_program
+    # SD's GroupNorm(32) at 320, 640, 1280 channels (U-Net) and 128, 512 (VAE)
+    assert [per_program(32, c // 32, c) for c in (320, 640, 1280, 128, 512)] == [8, 4, 2, 32, 8]
+    assert per_program(32, 10, 1) == 1  # NCHW: a group's channels are planes already
+    assert per_program(6, 10, 60) == 2  # a power of 2 that divides the groups
+    assert per_program(32, 200, 6400) == 1
 
 
 def test_resident_programs_takes_the_tightest_limit():
@@ -473,6 +485,8 @@ def test_ops_reject_bad_arguments():
         ({"split": 0}, "split must be"),
         ({"warps": 3}, "warps must be"),
         ({"split": 2, "one_launch": True}, "needs a CUDA GPU"),
+        ({"groups_per_program": 3}, "power of 2 dividing num_groups=32"),
+        ({"groups_per_program": 64}, "power of 2 dividing num_groups=32"),
     ):
         with pytest.raises(ValueError, match=message):
             group_norm(x, 32, **knob)
@@ -584,8 +598,9 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
                 if elem == size:
                     build(_attention_fwd_kernel, dtype, consts, cc, num_warps=warps,
                           num_stages=stages)
-    for block_c, affine, silu in ((16, True, True), (4, False, False)):
-        tile = dict(BLOCK_C=block_c, BLOCK_S=_TILE_GPU // block_c)
+    # (groups per program, channels): NCHW's one group, channels_last's rows of groups
+    for (block_g, block_c), affine, silu in (((1, 16), True, True), ((8, 16), False, False)):
+        tile = dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_S=_TILE_GPU // (block_g * block_c))
         build(_group_norm_stats_kernel, dtype, tile, cc, num_warps=4)
         # modes: from partials, one pass, grid sync (a cooperative launch)
         for mode, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8)):
