@@ -117,11 +117,14 @@ GROUP_NORM_CASES = [
     pytest.param((2, 320, 16, 16), 32, False, id="sd15-down0-scaled"),  # (2, 320, 64, 64) at 512²
     pytest.param((1, 320, 16, 16), 32, True, id="sd15-down0-scaled-channels_last"),
     pytest.param((1, 1280, 4, 4), 32, False, id="sd15-mid-scaled"),  # 40 channels per group
+    pytest.param((1, 1280, 4, 4), 32, True, id="sd15-mid-scaled-channels_last"),  # 2 per program
     pytest.param((1, 128, 32, 32), 32, True, id="vae-up3-scaled-channels_last"),  # 4 per group
     pytest.param((1, 64, 7, 9), 32, False, id="odd-7x9-batch1"),
     pytest.param((1, 64, 7, 9), 32, True, id="odd-7x9-channels_last"),
     pytest.param((2, 96, 20), 3, False, id="3d-ncl"),
     pytest.param((1, 96, 5, 6), 1, False, id="one-group-96-channels"),  # > BLOCK_C: channel loop
+    pytest.param((1, 256, 5, 6), 2, True, id="channels_last-128-per-group"),  # channel loop too
+    pytest.param((1, 96, 5, 6), 4, True, id="channels_last-24-per-group"),  # padded, 4 per program
 ]
 
 
