@@ -421,7 +421,7 @@ def group_norm(
     x: [N, C, *spatial] fp32/fp16/bf16 with collapsible spatial strides (NCHW,
     channels_last, [N, C, L]); weight, bias: [C] or None. Returns y with x's
     shape, dtype and layout. Tuning knobs (None: chosen from the device): `split`,
-    programs per group (1: one pass, one launch); `tile`, elements per
+    programs per group block (1: one pass, one launch); `tile`, elements per
     [BLOCK_G, BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program; `one_launch`,
     the grid sync instead of two launches (for split > 1 CUDA only: the whole grid must
     fit on the GPU at once, and a default split is cut down until it does);
