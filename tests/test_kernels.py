@@ -563,7 +563,7 @@ def test_kernels_bench_runs_on_cpu(tmp_path):
 # Compiles for real GPUs (no GPU needed) ------------------------------------------
 
 _COMPILE_FOR_GPU = r"""
-import itertools, triton
+import itertools, re, triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fewstep.kernels._interpreter import INTERPRETED
@@ -585,6 +585,7 @@ def build(fn, dtype, consts, cc, **options):
     kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32),
                             options=options)
     assert kernel.metadata.shared <= SHARED_LIMIT[cc], (fn.__name__, dtype, consts, cc)
+    return kernel.asm["ptx"]
 
 for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     size = 4 if dtype == "fp32" else 2
@@ -609,8 +610,13 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
         for mode, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8)):
             consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
                           BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 20, **tile)
-            build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps,
-                  launch_cooperative_grid=mode == 2)
+            ptx = build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps,
+                        launch_cooperative_grid=mode == 2)
+            if mode == 2:  # the barrier: one arrival per program (an atomic under a predicate:
+                # one thread's), released on arriving, acquired on polling
+                arrivals = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.release\.add\.u32", ptx)
+                assert len(arrivals) == 1 and all(arrivals), arrivals
+                assert re.search(r"@%p\d+ (ld|atom)\.global\.gpu\.acquire", ptx)
 print("compiled")
 """
 
