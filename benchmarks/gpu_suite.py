@@ -453,6 +453,8 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
     cuda = device.type == "cuda"
     sms = torch.cuda.get_device_properties(device).multi_processor_count if cuda else 1
     want = F.silu(F.group_norm(x.float(), groups, w.float(), b.float())).to(dtype)
+    stride_s = group_norm_module.spatial_stride(x)
+    default_tile = group_norm_module._TILE_GPU if cuda else group_norm_module._TILE_INTERPRETER
     rows = []
     forms: list[tuple] = [("default", None, None, None), *GROUP_NORM_SWEEP]
     if channels_last:  # the default's rows of whole groups against one group per program
@@ -462,16 +464,25 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
         if form.startswith("default,"):
             knobs = dict(groups_per_program=1)
         elif form != "default":
-            stride_s = group_norm_module.spatial_stride(x)
-            gpp = group_norm_module.default_groups_per_program(groups, shape[1] // groups, stride_s)
-            blocks = shape[0] * groups // gpp  # programs per slice of the spatial range
-            split = 1 if form == "one-pass" else max(1, -(-per_sm * sms // blocks))
+            # per_sm programs per SM over the default's group blocks
+            default = group_norm_module.plan_launch(x.shape, groups, stride_s, tile, sms)
+            split = 1 if form == "one-pass" else max(1, -(-per_sm * sms // default.blocks))
             knobs = dict(split=split, tile=tile, warps=warps, one_launch=form == "grid-sync")
+        # what runs (a grid sync may cut a split to fit; this is before any cut)
+        plan = group_norm_module.plan_launch(
+            x.shape,
+            groups,
+            stride_s,
+            knobs.get("tile") or default_tile,
+            sms if cuda else None,
+            knobs.get("split"),
+            knobs.get("groups_per_program"),
+        )
 
         def call(knobs=knobs):
             return group_norm(x, groups, w, b, activation="silu", **knobs)
 
-        row = {"form": form, "programs_per_sm": per_sm, **knobs}
+        row = {"form": form, "programs_per_sm": per_sm, **knobs, "plan": dataclasses.asdict(plan)}
         try:
             row["max_err"] = float((call().float() - want.float()).abs().max())
             row["graphed_ms"] = (

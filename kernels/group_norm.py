@@ -55,6 +55,7 @@ programs one after another.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -74,6 +75,9 @@ DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _TILE_GPU = 2048
 _TILE_INTERPRETER = 16384
 _MAX_BLOCK_C = 64
+# The most partials one program merges (a program merges its groups' partials of every
+# slice: groups per program × split); past it, default group blocks get smaller.
+_MAX_MERGED_PARTIALS = 512
 # Tensors up to this many elements run as one launch on CUDA (grid sync); larger ones
 # as two, where a launch is a small part of the time and the barrier's resident grid
 # (fewer programs in flight) could cost bandwidth. 0: always two launches.
@@ -347,13 +351,53 @@ def check_group_norm_args(
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
 
 
-def _default_split(x: torch.Tensor, blocks: int, tiles_per_group: int) -> int:
-    """Programs per group: about 4 per SM over the whole grid (a GPU at batch 1-2 has
-    only 32-64 groups); 1 in the interpreter (fewest programs)."""
-    if INTERPRETED or x.device.type != "cuda":
-        return 1
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    return max(1, min(tiles_per_group, math.ceil(4 * sms / blocks)))
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    """How group_norm covers x: a grid (blocks, split) of programs, each on
+    `groups_per_program` consecutive groups and `s_per_prog` spatial positions."""
+
+    groups_per_program: int
+    blocks: int  # group blocks: the grid's first axis
+    split: int  # programs per group block: the grid's second axis
+    block_c: int
+    block_s: int
+    s_per_prog: int  # a multiple of block_s
+
+
+def plan_launch(
+    shape: tuple[int, ...],
+    num_groups: int,
+    stride_s: int,
+    tile: int,
+    sms: int | None,
+    split: int | None = None,
+    groups_per_program: int | None = None,
+) -> LaunchPlan:
+    """The launch for x of `shape` on a GPU with `sms` SMs (None: the interpreter).
+
+    Defaults: about 4 programs per SM over the whole grid (a GPU at batch 1-2 has only
+    32-64 groups), 1 per group block in the interpreter (fewest programs); groups per
+    program from default_groups_per_program, halved while a program would merge more
+    than _MAX_MERGED_PARTIALS partials (its groups' partials of every slice)."""
+    batch, channels = shape[:2]
+    hw = math.prod(shape[2:])
+    cpg = channels // num_groups
+    gpp = groups_per_program or default_groups_per_program(num_groups, cpg, stride_s)
+    if gpp < 1 or gpp & (gpp - 1) or num_groups % gpp:
+        raise ValueError(
+            f"groups_per_program must be a power of 2 dividing num_groups={num_groups}, got {gpp}"
+        )
+    block_c = min(triton.next_power_of_2(cpg), _MAX_BLOCK_C)
+    while True:
+        blocks = batch * num_groups // gpp
+        block_s = min(max(tile // (gpp * block_c), 16), triton.next_power_of_2(hw))
+        tiles = triton.cdiv(hw, block_s)
+        wanted = split or (1 if sms is None else math.ceil(4 * sms / blocks))
+        s_per_prog = triton.cdiv(tiles, min(wanted, tiles)) * block_s  # whole tiles, none idle
+        plan = LaunchPlan(gpp, blocks, triton.cdiv(hw, s_per_prog), block_c, block_s, s_per_prog)
+        if groups_per_program or gpp == 1 or gpp * plan.split <= _MAX_MERGED_PARTIALS:
+            return plan
+        gpp //= 2
 
 
 def default_groups_per_program(num_groups: int, channels_per_group: int, stride_s: int) -> int:
@@ -448,56 +492,41 @@ def group_norm(
             "one_launch with split > 1 needs a CUDA GPU: its barrier waits for programs "
             "running side by side, and the interpreter runs them one after another"
         )  # (split 1 runs the grid sync's code with a barrier of one: what CI can check)
-    y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
     if x.numel() == 0:
-        return y
-    batch, channels = x.shape[:2]
-    hw = x[0, 0].numel()
-    cpg = channels // num_groups
-    gpp = groups_per_program or default_groups_per_program(num_groups, cpg, stride_s)
-    if gpp < 1 or gpp & (gpp - 1) or num_groups % gpp:
-        raise ValueError(
-            f"groups_per_program must be a power of 2 dividing num_groups={num_groups}, got {gpp}"
-        )
-    blocks = batch * num_groups // gpp  # programs along the grid's first axis
-    block_c = min(triton.next_power_of_2(cpg), _MAX_BLOCK_C)
-    block_s = min(max(tile // (gpp * block_c), 16), triton.next_power_of_2(hw))
-    tiles_per_group = triton.cdiv(hw, block_s)
-
-    def programs(wanted: int) -> tuple[int, int]:
-        """(split, spatial elements per program): whole tiles per program, none idle."""
-        s_per_prog = triton.cdiv(tiles_per_group, min(wanted, tiles_per_group)) * block_s
-        return triton.cdiv(hw, s_per_prog), s_per_prog
-
-    new_split, s_per_prog = programs(split or _default_split(x, blocks, tiles_per_group))
+        return torch.empty_like(x)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else None
+    plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, split, groups_per_program)
+    hw, cpg = x[0, 0].numel(), x.shape[1] // num_groups
+    y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
     meta: dict = dict(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
         SILU=activation == "silu",
         INTERPRETER_BF16=INTERPRETED and x.dtype == torch.bfloat16,
-        BLOCK_G=gpp,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
+        BLOCK_G=plan.groups_per_program,
+        BLOCK_C=plan.block_c,
+        BLOCK_S=plan.block_s,
         MAX_POLLS=_MAX_BARRIER_POLLS,
         num_warps=warps,
     )
     requested = one_launch
     if one_launch is None:  # the grid sync where it saves a launch
-        one_launch = cuda and new_split > 1 and x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
+        one_launch = cuda and plan.split > 1 and x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
     partials = words = x  # placeholder pointers, never read
 
     def allocate() -> None:
         nonlocal partials, words
-        partials = torch.empty((blocks * gpp, new_split, 3), device=x.device, dtype=torch.float32)
+        shape = (plan.blocks * plan.groups_per_program, plan.split, 3)
+        partials = torch.empty(shape, device=x.device, dtype=torch.float32)
         if one_launch:
-            words = _barrier_words(x.device, blocks)
+            words = _barrier_words(x.device, plan.blocks)
 
     def forward(mode: int, warmup: bool = False):
-        grid = (blocks, new_split)
+        grid = (plan.blocks, plan.split)
         args = (x, y, weight if weight is not None else x, bias if bias is not None else x)
-        args += (partials, words, num_groups, hw, cpg, s_per_prog, new_split, eps)
+        args += (partials, words, num_groups, hw, cpg, plan.s_per_prog, plan.split, eps)
         args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), spatial_stride(y))
-        kwargs = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(new_split), MODE=mode)
+        kwargs = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(plan.split), MODE=mode)
         if mode == _GRID_SYNC.value:
             kwargs["launch_cooperative_grid"] = True
         if warmup:  # compiles without running
@@ -520,14 +549,15 @@ def group_norm(
                 warps,
                 torch.cuda.get_device_properties(x.device),
             )
-        fits = _resident[key] // blocks
-        if new_split > fits:
+        fits = _resident[key] // plan.blocks
+        if plan.split > fits:
             if split is None and fits >= (1 if requested else 2):
-                new_split, s_per_prog = programs(fits)
+                gpp = plan.groups_per_program
+                plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, fits, gpp)
             elif requested:
                 raise ValueError(
-                    f"one_launch: {blocks} group blocks × split {new_split} programs do not "
-                    f"fit on the GPU at once ({_resident[key]} do); pass a smaller split"
+                    f"one_launch: {plan.blocks} group blocks × split {plan.split} programs do "
+                    f"not fit on the GPU at once ({_resident[key]} do); pass a smaller split"
                 )
             else:
                 one_launch = False
@@ -535,24 +565,24 @@ def group_norm(
         allocate()
         forward(_GRID_SYNC.value)
         return y
-    if new_split == 1:
+    if plan.split == 1:
         forward(_ONE_PASS.value)
         return y
     allocate()
-    _group_norm_stats_kernel[(blocks, new_split)](
+    _group_norm_stats_kernel[(plan.blocks, plan.split)](
         x,
         partials,
         num_groups,
         hw,
         cpg,
-        s_per_prog,
-        new_split,
+        plan.s_per_prog,
+        plan.split,
         x.stride(0),
         x.stride(1),
         stride_s,
-        BLOCK_G=gpp,
-        BLOCK_C=block_c,
-        BLOCK_S=block_s,
+        BLOCK_G=plan.groups_per_program,
+        BLOCK_C=plan.block_c,
+        BLOCK_S=plan.block_s,
         num_warps=warps,
     )
     forward(_FROM_PARTIALS.value)

@@ -12,9 +12,11 @@ costs about a millisecond per program), plus odd ones.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 import json
 import logging
+import math
 import os
 import subprocess
 import sys
@@ -219,6 +221,47 @@ def test_channels_last_programs_take_rows_of_whole_groups():
     assert per_program(32, 10, 1) == 1  # NCHW: a group's channels are planes already
     assert per_program(6, 10, 60) == 2  # a power of 2 that divides the groups
     assert per_program(32, 200, 6400) == 1
+
+
+def test_launch_plans_for_sd_shapes_on_an_h100():
+    plan = group_norm_module.plan_launch
+    h100 = 132  # SMs
+    # (groups per program, group blocks, split, BLOCK_C, BLOCK_S, spatial per program)
+    down0 = plan((2, 320, 64, 64), 32, 1, 2048, h100)
+    assert dataclasses.astuple(down0) == (1, 64, 8, 16, 128, 512)  # 512 programs
+    down0_cl = plan((2, 320, 64, 64), 32, 320, 2048, h100)
+    assert dataclasses.astuple(down0_cl) == (8, 8, 64, 16, 16, 64)  # merges 8 · 64 partials
+    # the VAE's largest: 32 groups per program would leave one block split 512 ways, each
+    # program merging 16384 partials; the default halves it to 4 groups per program
+    vae_cl = plan((1, 128, 512, 512), 32, 128, 2048, h100)
+    assert dataclasses.astuple(vae_cl) == (4, 8, 64, 4, 128, 4096)
+    assert dataclasses.astuple(plan((1, 128, 512, 512), 32, 128, 2048, h100, 64, 32)) == (
+        32,
+        1,
+        64,
+        4,
+        16,
+        4096,  # an explicit groups_per_program is kept
+    )
+    assert plan((2, 320, 64, 64), 32, 320, 16384, None).split == 1  # the interpreter
+
+
+@pytest.mark.parametrize("stride_s", [1, 0], ids=["nchw", "channels_last"])
+def test_launch_plans_cover_every_position_once(stride_s):
+    for shape, groups in (
+        ((2, 320, 64, 64), 32),
+        ((2, 1280, 8, 8), 32),
+        ((8, 512, 128, 128), 32),
+        ((1, 96, 7, 9), 3),
+        ((1, 64, 1, 1), 32),
+    ):
+        for sms, split in ((132, None), (132, 5), (None, None), (16, None)):
+            p = group_norm_module.plan_launch(shape, groups, stride_s or shape[1], 2048, sms, split)
+            hw = math.prod(shape[2:])
+            assert p.blocks * p.groups_per_program == shape[0] * groups
+            assert p.s_per_prog % p.block_s == 0
+            assert (p.split - 1) * p.s_per_prog < hw <= p.split * p.s_per_prog  # none idle
+            assert p.groups_per_program * p.split <= 512 or p.groups_per_program == 1
 
 
 def test_resident_programs_takes_the_tightest_limit():
