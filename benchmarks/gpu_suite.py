@@ -364,23 +364,26 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
 
 
 def check_grid_sync_in_graph(device: torch.device) -> dict[str, Any]:
-    """The default GroupNorm at an SD shape (one cooperative launch with a barrier inside)
-    captured in a CUDA graph must replay to its eager output bit for bit, replay after
-    replay (the barrier words are reused without a reset). If it cannot, the rest of the
-    run uses the two-launch form, so the sections after still measure."""
-    x, w, b = _group_norm_inputs((2, 320, 64, 64), False, torch.float16, device)
-    eager = group_norm(x, 32, w, b, activation="silu")
-    result: dict[str, Any] = {"shape": list(x.shape), "replays": 3, "error": None}
+    """The default GroupNorm at an SD shape (one cooperative launch with a barrier inside),
+    NCHW and channels_last, captured in a CUDA graph must replay to its eager output bit
+    for bit, replay after replay (the barrier words are reused without a reset). If it
+    cannot, the rest of the run uses the two-launch form, so the sections after still
+    measure."""
+    result: dict[str, Any] = {"shape": [2, 320, 64, 64], "replays": 3, "error": None}
     try:
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            out = group_norm(x, 32, w, b, activation="silu")
-        for _ in range(result["replays"]):
-            out.zero_()
-            graph.replay()
-            torch.cuda.synchronize(device)
-            if not torch.equal(out, eager):
-                result["error"] = "a replay differs from the eager output"
+        for channels_last in (False, True):
+            x, w, b = _group_norm_inputs(result["shape"], channels_last, torch.float16, device)
+            eager = group_norm(x, 32, w, b, activation="silu")
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                out = group_norm(x, 32, w, b, activation="silu")
+            for _ in range(result["replays"]):
+                out.zero_()
+                graph.replay()
+                torch.cuda.synchronize(device)
+                if not torch.equal(out, eager):
+                    layout = "channels_last" if channels_last else "NCHW"
+                    result["error"] = f"{layout}: a replay differs from the eager output"
     except RuntimeError as e:  # e.g. a driver that cannot capture a cooperative launch
         result["error"] = f"{type(e).__name__}: {e}"
     result["ok"] = result["error"] is None
