@@ -652,7 +652,7 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
         # modes: from partials, one pass, grid sync (a cooperative launch)
         for mode, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8)):
             consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
-                          BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 20, **tile)
+                          BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 16, **tile)
             ptx = build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps,
                         launch_cooperative_grid=mode == 2)
             if mode == 2:  # the barrier: one arrival per program (an atomic under a predicate:
