@@ -96,39 +96,48 @@ _GRID_SYNC = tl.constexpr(2)
 @triton.jit
 def _slice_statistics(
     x_base,
+    ib_base,  # the first group's first channel's input bias; unused without HAS_INPUT_BIAS
     s_start,
     s_end,
     CPG,
     stride_xc,
     stride_xs,
+    HAS_INPUT_BIAS: tl.constexpr,
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
 ):
-    """(count, mean, M2) of BLOCK_G consecutive groups (x_base: the first one's first channel)
-    over spatial range [s_start, s_end), in fp32 [BLOCK_G, BLOCK_C, BLOCK_S] tiles merged
-    with Chan's update: count is a scalar (every group has as many elements), mean and M2
-    are [BLOCK_G]."""
+    """(count, mean, M2) of x + input_bias for BLOCK_G consecutive groups (x_base: the first
+    one's first channel) over spatial range [s_start, s_end), in fp32 [BLOCK_G, BLOCK_C,
+    BLOCK_S] tiles merged with Chan's update: count is a scalar (every group has as many
+    elements), mean and M2 are [BLOCK_G]."""
     offs_g = tl.arange(0, BLOCK_G)
     offs_c = tl.arange(0, BLOCK_C)
     offs_s = tl.arange(0, BLOCK_S)
     group_start = offs_g * CPG * stride_xc  # each group's first channel
     # Statistics are kept relative to a pivot (each group's first element of the slice), so
     # sums stay small when |mean| >> std and their fp32 rounding does not swamp the mean.
+    # (An input bias shifts the pivot with the data: it is a channel's constant.)
     pivot = tl.load(x_base + group_start + s_start * stride_xs).to(tl.float32)
+    if HAS_INPUT_BIAS:
+        pivot += tl.load(ib_base + offs_g * CPG).to(tl.float32)
     count = 0.0
     mean = tl.zeros([BLOCK_G], tl.float32)  # of x - pivot
     m2 = tl.zeros([BLOCK_G], tl.float32)
     for c0 in range(0, CPG, BLOCK_C):
         c = c0 + offs_c
         n_c = tl.minimum(CPG - c0, BLOCK_C)
+        shift = pivot[:, None]  # [BLOCK_G, BLOCK_C]: subtracted from x
+        if HAS_INPUT_BIAS:
+            ib = tl.load(ib_base + offs_g[:, None] * CPG + c[None, :], mask=(c < CPG)[None, :])
+            shift -= ib.to(tl.float32)
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + offs_s
             mask = (c < CPG)[None, :, None] & (s < s_end)[None, None, :]
             ptrs = x_base + group_start[:, None, None]
             ptrs += c[None, :, None] * stride_xc + s[None, None, :] * stride_xs
             x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            x = tl.where(mask, x - pivot[:, None, None], 0.0)  # [BLOCK_G, BLOCK_C, BLOCK_S]
+            x = tl.where(mask, x - shift[:, :, None], 0.0)  # [BLOCK_G, BLOCK_C, BLOCK_S]
             n_b = (n_c * tl.minimum(s_end - s0, BLOCK_S)).to(tl.float32)
             mean_b = tl.sum(tl.sum(x, axis=2), axis=1) / n_b
             d = tl.where(mask, x - mean_b[:, None, None], 0.0)
@@ -197,6 +206,7 @@ def _group_barrier(sem_ptr, arrivals, is_first, MAX_POLLS: tl.constexpr):
 @triton.jit
 def _group_norm_stats_kernel(
     x_ptr,
+    ib_ptr,  # [N, C] input bias (added to x first); unused without HAS_INPUT_BIAS
     partial_ptr,  # [N·G, SPLIT, 3] fp32: count, mean, M2
     G,
     HW,
@@ -206,6 +216,7 @@ def _group_norm_stats_kernel(
     stride_xn,
     stride_xc,
     stride_xs,
+    HAS_INPUT_BIAS: tl.constexpr,
     BLOCK_G: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
@@ -214,11 +225,13 @@ def _group_norm_stats_kernel(
     pid_s = tl.program_id(1)
     n = ng0 // G
     x_base = x_ptr + n.to(tl.int64) * stride_xn + ((ng0 % G) * CPG).to(tl.int64) * stride_xc
+    ib_base = ib_ptr + ng0 * CPG  # [N, C] contiguous: sample n's channel (ng0 % G)·CPG
     s_start = pid_s * S_PER_PROG
     s_end = tl.minimum(s_start + S_PER_PROG, HW)
     count, mean, m2 = _slice_statistics(
-        x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_G, BLOCK_C, BLOCK_S
-    )
+        x_base, ib_base, s_start, s_end, CPG, stride_xc, stride_xs,
+        HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S,
+    )  # fmt: skip
     _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G)
 
 
@@ -228,6 +241,7 @@ def _group_norm_fwd_kernel(
     y_ptr,
     w_ptr,
     b_ptr,
+    ib_ptr,  # [N, C] input bias (added to x first); unused without HAS_INPUT_BIAS
     partial_ptr,  # [N·G, SPLIT, 3] fp32; unused with _ONE_PASS
     sem_ptr,  # [N·G / BLOCK_G] int32 (read as uint32): _GRID_SYNC's barriers; else unused
     G,
@@ -244,6 +258,7 @@ def _group_norm_fwd_kernel(
     stride_ys,
     HAS_WEIGHT: tl.constexpr,
     HAS_BIAS: tl.constexpr,
+    HAS_INPUT_BIAS: tl.constexpr,
     SILU: tl.constexpr,
     INTERPRETER_BF16: tl.constexpr,  # see _interpreter.py
     BLOCK_G: tl.constexpr,  # groups per program
@@ -259,19 +274,22 @@ def _group_norm_fwd_kernel(
     g0 = ng0 % G
     x_base = x_ptr + n.to(tl.int64) * stride_xn + (g0 * CPG).to(tl.int64) * stride_xc
     y_base = y_ptr + n.to(tl.int64) * stride_yn + (g0 * CPG).to(tl.int64) * stride_yc
+    ib_base = ib_ptr + ng0 * CPG  # [N, C] contiguous: sample n's channel g0·CPG
 
     s_start = pid_s * S_PER_PROG
     s_end = tl.minimum(s_start + S_PER_PROG, HW)
     if MODE == _ONE_PASS:  # the whole groups, read again below (mostly from L2)
         count, mean, m2 = _slice_statistics(
-            x_base, 0, HW, CPG, stride_xc, stride_xs, BLOCK_G, BLOCK_C, BLOCK_S
-        )
+            x_base, ib_base, 0, HW, CPG, stride_xc, stride_xs,
+            HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S,
+        )  # fmt: skip
         var = m2 / count  # biased, as torch
     else:
         if MODE == _GRID_SYNC:  # this slice's partials, then wait for the groups' others
             count, mean, m2 = _slice_statistics(
-                x_base, s_start, s_end, CPG, stride_xc, stride_xs, BLOCK_G, BLOCK_C, BLOCK_S
-            )
+                x_base, ib_base, s_start, s_end, CPG, stride_xc, stride_xs,
+                HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S,
+            )  # fmt: skip
             _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G)
             sem = sem_ptr.to(tl.pointer_type(tl.uint32)) + tl.program_id(0)
             _group_barrier(sem, SPLIT, pid_s == 0, MAX_POLLS)
@@ -297,13 +315,16 @@ def _group_norm_fwd_kernel(
         shift = tl.zeros([BLOCK_G, BLOCK_C], tl.float32)
         if HAS_BIAS:
             shift = tl.load(b_ptr + channel, mask=mask_c, other=0.0).to(tl.float32)
+        centre = tl.zeros([BLOCK_G, BLOCK_C], tl.float32) + mean[:, None]  # x's, less the bias
+        if HAS_INPUT_BIAS:
+            centre -= tl.load(ib_base + local, mask=mask_c, other=0.0).to(tl.float32)
         for s0 in range(s_start, s_end, BLOCK_S):
             s = s0 + offs_s
             mask = mask_c[:, :, None] & (s < s_end)[None, None, :]
             x = tl.load(x_base + x_offs + s[None, None, :] * stride_xs, mask=mask, other=0.0).to(
                 tl.float32
             )
-            y = (x - mean[:, None, None]) * scale[:, :, None] + shift[:, :, None]
+            y = (x - centre[:, :, None]) * scale[:, :, None] + shift[:, :, None]
             if SILU:
                 y = y / (1.0 + tl.exp(-y))
             if INTERPRETER_BF16:
@@ -336,6 +357,7 @@ def check_group_norm_args(
     weight: torch.Tensor | None,
     bias: torch.Tensor | None,
     activation: str | None,
+    input_bias: torch.Tensor | None = None,
 ) -> None:
     """ValueError for bad input (what torch would also reject), before any device work."""
     if x.dim() < 2:
@@ -350,6 +372,11 @@ def check_group_norm_args(
             raise ValueError(f"{name} must have shape ({channels},), got {tuple(t.shape)}")
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {ACTIVATIONS}, got {activation!r}")
+    if input_bias is not None and tuple(input_bias.shape) != tuple(x.shape[:2]):
+        raise ValueError(
+            f"input_bias must have shape {tuple(x.shape[:2])} ([N, C]), "
+            f"got {tuple(input_bias.shape)}"
+        )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -459,21 +486,24 @@ def group_norm(
     warps: int = 4,
     one_launch: bool | None = None,
     groups_per_program: int | None = None,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm(num_groups)(x) then `activation` (None or "silu"), fused: x is read once
     for the statistics and once for the output, y written once.
 
     x: [N, C, *spatial] fp32/fp16/bf16 with collapsible spatial strides (NCHW,
-    channels_last, [N, C, L]); weight, bias: [C] or None. Returns y with x's
-    shape, dtype and layout. Tuning knobs (None: chosen from the device): `split`,
-    programs per group block (1: one pass, one launch); `tile`, elements per
-    [BLOCK_G, BLOCK_C, BLOCK_S] tile (a power of 2); `warps` per program; `one_launch`,
-    the grid sync instead of two launches (for split > 1 CUDA only: the whole grid must
-    fit on the GPU at once, and a default split is cut down until it does);
-    `groups_per_program`, a power of 2 dividing num_groups (see
-    default_groups_per_program).
+    channels_last, [N, C, L]); weight, bias: [C] or None; input_bias: [N, C] or None,
+    added to x (in fp32) before anything else: a ResNet block's time embedding, whose
+    add then costs no pass of its own. Returns y with x's shape, dtype and layout.
+
+    Tuning knobs (None: chosen from the device): `split`, programs per group block (1:
+    one pass, one launch); `tile`, elements per [BLOCK_G, BLOCK_C, BLOCK_S] tile (a power
+    of 2); `warps` per program; `one_launch`, the grid sync instead of two launches (for
+    split > 1 CUDA only: the whole grid must fit on the GPU at once, and a default split
+    is cut down until it does); `groups_per_program`, a power of 2 dividing num_groups
+    (see default_groups_per_program).
     """
-    check_group_norm_args(x, num_groups, weight, bias, activation)
+    check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     if x.dtype not in DTYPES:
         raise ValueError(f"x.dtype must be one of {DTYPES}, got {x.dtype}")
     stride_s = spatial_stride(x)
@@ -499,9 +529,11 @@ def group_norm(
     plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, split, groups_per_program)
     hw, cpg = x[0, 0].numel(), x.shape[1] // num_groups
     y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
+    ib = x if input_bias is None else input_bias.contiguous()  # x: a placeholder, never read
     meta: dict = dict(
         HAS_WEIGHT=weight is not None,
         HAS_BIAS=bias is not None,
+        HAS_INPUT_BIAS=input_bias is not None,
         SILU=activation == "silu",
         INTERPRETER_BF16=INTERPRETED and x.dtype == torch.bfloat16,
         BLOCK_G=plan.groups_per_program,
@@ -524,7 +556,7 @@ def group_norm(
 
     def forward(mode: int, warmup: bool = False):
         grid = (plan.blocks, plan.split)
-        args = (x, y, weight if weight is not None else x, bias if bias is not None else x)
+        args = (x, y, weight if weight is not None else x, bias if bias is not None else x, ib)
         args += (partials, words, num_groups, hw, cpg, plan.s_per_prog, plan.split, eps)
         args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), spatial_stride(y))
         kwargs = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(plan.split), MODE=mode)
@@ -572,6 +604,7 @@ def group_norm(
     allocate()
     _group_norm_stats_kernel[(plan.blocks, plan.split)](
         x,
+        ib,
         partials,
         num_groups,
         hw,
@@ -581,6 +614,7 @@ def group_norm(
         x.stride(0),
         x.stride(1),
         stride_s,
+        HAS_INPUT_BIAS=input_bias is not None,
         BLOCK_G=plan.groups_per_program,
         BLOCK_C=plan.block_c,
         BLOCK_S=plan.block_s,
@@ -597,21 +631,26 @@ def group_norm_ref(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     activation: str | None = None,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """torch's GroupNorm (+ SiLU) computed in fp32 (fp64 stays fp64), cast back to x's dtype.
+    """torch's GroupNorm (+ SiLU) of x (+ input_bias[:, :, None, ...]) computed in fp32 (fp64
+    stays fp64), cast back to x's dtype.
 
     Bytes: a fused implementation reads x twice (statistics, then normalize) and
     writes y once: 3 · x.numel() · x.element_size(); weight and bias (2·C) are
     negligible. This is the model for the benchmark's GB/s. (This reference
     itself moves more: casts, the norm, and the activation are separate passes.)
     """
-    check_group_norm_args(x, num_groups, weight, bias, activation)
+    check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
 
     def up(t: torch.Tensor | None) -> torch.Tensor | None:
         return None if t is None else t.to(compute)
 
-    y = F.group_norm(x.to(compute), num_groups, up(weight), up(bias), eps)
+    shifted = x.to(compute)
+    if input_bias is not None:
+        shifted = shifted + input_bias.to(compute).view(*x.shape[:2], *[1] * (x.dim() - 2))
+    y = F.group_norm(shifted, num_groups, up(weight), up(bias), eps)
     if activation == "silu":
         y = F.silu(y)
     return y.to(x.dtype)

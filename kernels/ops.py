@@ -92,9 +92,11 @@ def group_norm_fallback_reason(
     num_groups: int,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    input_bias: torch.Tensor | None = None,
 ) -> str | None:
     """Why `fewstep::group_norm` would run torch instead of the kernel; None if it won't."""
-    tensors = {"x": x} | {n: t for n, t in (("weight", weight), ("bias", bias)) if t is not None}
+    optional = (("weight", weight), ("bias", bias), ("input_bias", input_bias))
+    tensors = {"x": x} | {n: t for n, t in optional if t is not None}
     reason = _common_reason(tensors, GROUP_NORM_DTYPES)
     if reason is not None:
         return reason
@@ -113,9 +115,10 @@ def group_norm_supported(
     num_groups: int,
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
+    input_bias: torch.Tensor | None = None,
 ) -> bool:
     """True if `fewstep::group_norm` runs the Triton kernel for these inputs."""
-    return group_norm_fallback_reason(x, num_groups, weight, bias) is None
+    return group_norm_fallback_reason(x, num_groups, weight, bias, input_bias) is None
 
 
 @torch.library.custom_op("fewstep::group_norm", mutates_args=())
@@ -126,22 +129,29 @@ def group_norm_op(
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
     activation: str | None = None,
+    input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """GroupNorm (+ SiLU) of x [N, C, *spatial]: the fused kernel, or torch where unsupported."""
-    check_group_norm_args(x, num_groups, weight, bias, activation)
-    reason = group_norm_fallback_reason(x, num_groups, weight, bias)
+    """GroupNorm (+ SiLU) of x [N, C, *spatial] (+ input_bias [N, C] first): the fused
+    kernel, or torch where unsupported."""
+    check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
+    reason = group_norm_fallback_reason(x, num_groups, weight, bias, input_bias)
     if reason is None:
-        return group_norm(x, num_groups, weight, bias, eps, activation)
+        return group_norm(x, num_groups, weight, bias, eps, activation, input_bias=input_bias)
     _log_fallback_once("group_norm", reason)
-    y = F.group_norm(x, num_groups, weight, bias, eps)
+    shifted = x
+    if input_bias is not None:  # as diffusers adds a time embedding: in x's dtype
+        shifted = x + input_bias.view(*x.shape[:2], *[1] * (x.dim() - 2))
+    y = F.group_norm(shifted, num_groups, weight, bias, eps)
     if activation == "silu":
         y = F.silu(y, inplace=True)
     return _as_layout(y, torch.empty_like(x, device="meta"))
 
 
 @group_norm_op.register_fake
-def _group_norm_fake(x, num_groups, weight=None, bias=None, eps=1e-5, activation=None):
-    check_group_norm_args(x, num_groups, weight, bias, activation)
+def _group_norm_fake(
+    x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, input_bias=None
+):
+    check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     return torch.empty_like(x)
 
 

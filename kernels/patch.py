@@ -11,6 +11,9 @@ this file imports torch only):
   `Decoder` (autoencoders/vae.py). The block's `nonlinearity` becomes an identity; it also
   activates the time embedding (`temb = nonlinearity(temb)` before `time_emb_proj`), so
   `time_emb_proj` becomes `SiLULinear`, a linear layer that applies SiLU to its input first.
+  Blocks with the "default" time-embedding norm and no up- or downsampling (all of an SD
+  U-Net's) then become `FusedResnetBlock`, which adds the time embedding inside norm2's
+  kernel (its `input_bias`) rather than in a pass of its own.
 - Every other `nn.GroupNorm` (the transformer blocks' `norm`, the VAE attention's
   `group_norm`) → the same op without activation.
 - `Attention` modules whose processor is diffusers' `AttnProcessor2_0` (or `AttnProcessor`)
@@ -58,10 +61,11 @@ class PatchReport:
     group_norm_silu: int = 0  # GroupNorm → SiLU pairs now one fused op
     group_norm: int = 0  # standalone GroupNorms now the kernel without activation
     attention: int = 0  # attention processors now calling fewstep::attention
+    time_embedding_adds: int = 0  # ResNet blocks adding their time embedding in norm2's kernel
 
     @property
     def total(self) -> int:
-        return self.group_norm_silu + self.group_norm + self.attention
+        return self.group_norm_silu + self.group_norm + self.attention + self.time_embedding_adds
 
 
 class FusedGroupNorm(nn.Module):
@@ -76,8 +80,10 @@ class FusedGroupNorm(nn.Module):
         self.weight = norm.weight  # shared Parameter (None when not affine)
         self.bias = norm.bias
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return group_norm_op(x, self.num_groups, self.weight, self.bias, self.eps, self.activation)
+    def forward(self, x: torch.Tensor, input_bias: torch.Tensor | None = None) -> torch.Tensor:
+        return group_norm_op(
+            x, self.num_groups, self.weight, self.bias, self.eps, self.activation, input_bias
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -98,6 +104,30 @@ class SiLULinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(F.silu(x), self.weight, self.bias)
+
+
+class FusedResnetBlock(nn.Module):
+    """diffusers' ResnetBlock2D (models/resnet.py) with the "default" time-embedding norm and
+    no up- or downsampling, once its GroupNorm → SiLU pairs are fused: the projected time
+    embedding is added inside norm2's kernel, not by an add of its own, and a division by
+    an output_scale_factor of 1 is skipped (exact). The block's own modules, under their
+    own names (the state dict is unchanged)."""
+
+    def __init__(self, block: nn.Module):
+        super().__init__()
+        for name in ("norm1", "conv1", "time_emb_proj", "norm2", "dropout", "conv2"):
+            setattr(self, name, getattr(block, name))
+        self.conv_shortcut = block.conv_shortcut  # a module or None
+        self.output_scale_factor = block.output_scale_factor
+        self.train(block.training)
+
+    def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
+        hidden = self.conv1(self.norm1(input_tensor))  # norm1: GroupNorm → SiLU
+        projected = None if temb is None else self.time_emb_proj(temb)  # [N, C]
+        hidden = self.conv2(self.dropout(self.norm2(hidden, projected)))
+        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+        out = shortcut + hidden
+        return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
 class FewstepAttnProcessor:
@@ -202,6 +232,17 @@ def _fusable_resnet(block: nn.Module) -> bool:
     )
 
 
+def _adds_time_embedding_in_norm2(block: nn.Module) -> bool:
+    """A fused ResnetBlock2D (norm2 now a FusedGroupNorm) that FusedResnetBlock computes."""
+    return (
+        isinstance(getattr(block, "norm2", None), FusedGroupNorm)
+        and block.time_embedding_norm == "default"
+        and block.time_emb_proj is not None
+        and block.upsample is None
+        and block.downsample is None
+    )
+
+
 def patch(
     module: nn.Module, group_norm: bool = True, attention: bool = True
 ) -> tuple[nn.Module, PatchReport]:
@@ -235,6 +276,9 @@ def patch(
                 if isinstance(child, nn.GroupNorm):
                     _swap(record, sub, attr, FusedGroupNorm(child, None))
                     report.group_norm += 1
+                elif _name(child) in RESNET_CLASSES and _adds_time_embedding_in_norm2(child):
+                    _swap(record, sub, attr, FusedResnetBlock(child))
+                    report.time_embedding_adds += 1
     if attention:
         for sub in module.modules():
             processor = getattr(sub, "processor", None)

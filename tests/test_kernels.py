@@ -200,6 +200,24 @@ def test_group_norm_split_statistics_large_mean(dtype, channels_last):
     assert_matches_ref(synced, expected, ref64, f"group_norm grid sync {dtype}")
 
 
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_adds_the_input_bias_first(dtype, channels_last):
+    """A ResNet block's time embedding [N, C], added inside the kernel: against torch adding it
+    in the same precision, then GroupNorm + SiLU."""
+    x, weight, bias = _group_norm_inputs((2, 320, 6, 10), channels_last, dtype, seed=2)
+    temb = randn(2, 320, gen=torch.Generator().manual_seed(3), dtype=dtype, scale=3.0)
+    ref64 = group_norm_ref(
+        x.double(), 32, weight.double(), bias.double(), activation="silu", input_bias=temb.double()
+    )
+    expected = _group_norm_torch(x + temb[:, :, None, None], 32, weight, bias, "silu")
+    for knobs in ({}, {"split": 3, "tile": 1024}, {"one_launch": True}):
+        got = group_norm(x, 32, weight, bias, activation="silu", input_bias=temb, **knobs)
+        assert_matches_ref(got, expected, ref64, f"group_norm + input bias {dtype} {knobs}")
+    with pytest.raises(ValueError, match=r"input_bias must have shape \(2, 320\)"):
+        group_norm(x, 32, weight, bias, input_bias=temb[:, :, None, None])
+
+
 def test_group_norm_barrier_leaves_its_words_ready_for_the_next_call():
     """Each grid sync flips the top bit of its groups' barrier words and nothing else, so
     the words need no reset between calls (or CUDA graph replays)."""
@@ -465,6 +483,10 @@ def test_disable_env_falls_back_to_torch(monkeypatch, fresh_fallback_log, caplog
     assert torch.equal(got, F.silu(F.group_norm(x, 32, weight, bias)))
     assert got.stride() == x.stride()
     assert len([r for r in caplog.records if "FEWSTEP_DISABLE_KERNELS" in r.getMessage()]) == 1
+    temb = torch.randn(1, 64)  # added as diffusers adds it, in x's dtype: the same numbers
+    got = group_norm_op(x, 32, weight, bias, 1e-5, "silu", temb)
+    assert torch.equal(got, F.silu(F.group_norm(x + temb[:, :, None, None], 32, weight, bias)))
+    assert got.stride() == x.stride()
     q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float32)
     got = attention_op(q, k, v)
     assert torch.equal(got, F.scaled_dot_product_attention(q, k, v))
@@ -560,6 +582,7 @@ def test_opcheck_group_norm():
     x, weight, bias = _group_norm_inputs((1, 16, 4, 5), True, torch.float32)
     torch.library.opcheck(group_norm_op, (x, 4, weight, bias, 1e-5, "silu"))
     torch.library.opcheck(group_norm_op, (x.contiguous(), 4, None, None, 1e-6, None))
+    torch.library.opcheck(group_norm_op, (x, 4, weight, bias, 1e-5, "silu", torch.randn(1, 16)))
 
 
 def test_opcheck_attention():
@@ -647,7 +670,8 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
                           num_stages=stages)
     # (groups per program, channels): NCHW's one group, channels_last's rows of groups
     for (block_g, block_c), affine, silu in (((1, 16), True, True), ((8, 16), False, False)):
-        tile = dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_S=_TILE_GPU // (block_g * block_c))
+        tile = dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_S=_TILE_GPU // (block_g * block_c),
+                    HAS_INPUT_BIAS=affine)
         build(_group_norm_stats_kernel, dtype, tile, cc, num_warps=4)
         # modes: from partials, one pass, grid sync (a cooperative launch)
         for mode, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8)):

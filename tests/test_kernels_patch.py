@@ -39,13 +39,16 @@ def one_torch_thread():
 
 @pytest.fixture
 def kernel_calls(monkeypatch):
-    """Counts of Triton launches (not fallbacks) through the custom ops."""
+    """Counts of Triton launches (not fallbacks) through the custom ops, and of GroupNorm
+    launches with an input bias (a time embedding added inside the kernel)."""
     calls = {"group_norm": 0, "attention": 0}
-    for name in calls:
+    for name in list(calls):
         launcher = getattr(kernel_ops, name)
 
         def counted(*args, _name=name, _launcher=launcher, **kwargs):
             calls[_name] += 1
+            if kwargs.get("input_bias") is not None:
+                calls["input_bias"] = calls.get("input_bias", 0) + 1
             return _launcher(*args, **kwargs)
 
         monkeypatch.setattr(kernel_ops, name, counted)
@@ -53,16 +56,28 @@ def kernel_calls(monkeypatch):
 
 
 def expected_counts(module: torch.nn.Module) -> dict[str, int]:
-    """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules."""
-    pairs = 0
+    """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules, ResNet
+    blocks adding a time embedding before norm2 (without up- or downsampling)."""
+    pairs = adds = 0
     for m in module.modules():
         if type(m).__name__ == "ResnetBlock2D":
             pairs += 1 + (m.time_embedding_norm != "scale_shift")
+            adds += (
+                m.time_embedding_norm == "default"
+                and m.time_emb_proj is not None
+                and m.upsample is None
+                and m.downsample is None
+            )
         if isinstance(getattr(m, "conv_norm_out", None), torch.nn.GroupNorm):
             pairs += 1
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
     attention = sum(type(m).__name__ == "Attention" for m in module.modules())
-    return {"group_norm_silu": pairs, "group_norm": norms - pairs, "attention": attention}
+    return {
+        "group_norm_silu": pairs,
+        "group_norm": norms - pairs,
+        "attention": attention,
+        "time_embedding_adds": adds,
+    }
 
 
 def load(tiny_model, family: str, component: str, dtype=torch.float32) -> torch.nn.Module:
@@ -112,10 +127,11 @@ def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype,
     assert patched_module is module and is_patched(module)
     got = run_unet(module, inputs)
 
-    assert vars(report) == counts
+    assert vars(report) == counts and report.time_embedding_adds > 0
     # Every swapped op ran the Triton kernel, none fell back to torch.
     assert kernel_calls["group_norm"] == report.group_norm_silu + report.group_norm
     assert kernel_calls["attention"] == report.attention
+    assert kernel_calls["input_bias"] == report.time_embedding_adds  # each block's norm2
     assert_matches_ref(got, unpatched, ref64, f"{family} U-Net {dtype}")
 
 
