@@ -11,9 +11,10 @@ this file imports torch only):
   `Decoder` (autoencoders/vae.py). The block's `nonlinearity` becomes an identity; it also
   activates the time embedding (`temb = nonlinearity(temb)` before `time_emb_proj`), so
   `time_emb_proj` becomes `SiLULinear`, a linear layer that applies SiLU to its input first.
-  Blocks with the "default" time-embedding norm and no up- or downsampling (all of an SD
-  U-Net's) then become `FusedResnetBlock`, which adds the time embedding inside norm2's
-  kernel (its `input_bias`) rather than in a pass of its own.
+  Blocks without up- or downsampling (all of an SD U-Net's and VAE's) then become
+  `FusedResnetBlock`, which adds the time embedding ("default" norm) inside norm2's kernel
+  (its `input_bias`) rather than in a pass of its own, and skips the division of the
+  output by an `output_scale_factor` of 1 (a pass over the output that changes nothing).
 - Every other `nn.GroupNorm` (the transformer blocks' `norm`, the VAE attention's
   `group_norm`) → the same op without activation.
 - `Attention` modules whose processor is diffusers' `AttnProcessor2_0` (or `AttnProcessor`)
@@ -61,11 +62,11 @@ class PatchReport:
     group_norm_silu: int = 0  # GroupNorm → SiLU pairs now one fused op
     group_norm: int = 0  # standalone GroupNorms now the kernel without activation
     attention: int = 0  # attention processors now calling fewstep::attention
-    time_embedding_adds: int = 0  # ResNet blocks adding their time embedding in norm2's kernel
+    resnet_blocks: int = 0  # ResNet blocks now FusedResnetBlock
 
     @property
     def total(self) -> int:
-        return self.group_norm_silu + self.group_norm + self.attention + self.time_embedding_adds
+        return self.group_norm_silu + self.group_norm + self.attention + self.resnet_blocks
 
 
 class FusedGroupNorm(nn.Module):
@@ -107,23 +108,29 @@ class SiLULinear(nn.Module):
 
 
 class FusedResnetBlock(nn.Module):
-    """diffusers' ResnetBlock2D (models/resnet.py) with the "default" time-embedding norm and
-    no up- or downsampling, once its GroupNorm → SiLU pairs are fused: the projected time
-    embedding is added inside norm2's kernel, not by an add of its own, and a division by
-    an output_scale_factor of 1 is skipped (exact). The block's own modules, under their
-    own names (the state dict is unchanged)."""
+    """diffusers' ResnetBlock2D (models/resnet.py) without up- or downsampling, once its
+    GroupNorm → SiLU pairs are fused: a projected time embedding ("default" norm) is added
+    inside norm2's kernel, not by an add of its own, and a division by an
+    output_scale_factor of 1 is skipped (exact). The block's own modules, under their own
+    names (the state dict is unchanged)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
         for name in ("norm1", "conv1", "time_emb_proj", "norm2", "dropout", "conv2"):
-            setattr(self, name, getattr(block, name))
+            setattr(self, name, getattr(block, name))  # time_emb_proj: a module or None
         self.conv_shortcut = block.conv_shortcut  # a module or None
         self.output_scale_factor = block.output_scale_factor
+        # other norms ("group", in VAEs) project no time embedding into the block
+        self.adds_time_embedding = (
+            block.time_embedding_norm == "default" and block.time_emb_proj is not None
+        )
         self.train(block.training)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
         hidden = self.conv1(self.norm1(input_tensor))  # norm1: GroupNorm → SiLU
-        projected = None if temb is None else self.time_emb_proj(temb)  # [N, C]
+        projected = None
+        if self.adds_time_embedding and temb is not None:
+            projected = self.time_emb_proj(temb)  # [N, C]
         hidden = self.conv2(self.dropout(self.norm2(hidden, projected)))
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         out = shortcut + hidden
@@ -232,12 +239,12 @@ def _fusable_resnet(block: nn.Module) -> bool:
     )
 
 
-def _adds_time_embedding_in_norm2(block: nn.Module) -> bool:
-    """A fused ResnetBlock2D (norm2 now a FusedGroupNorm) that FusedResnetBlock computes."""
+def _runs_as_fused_block(block: nn.Module) -> bool:
+    """A ResnetBlock2D with its GroupNorm → SiLU pairs fused (so not "scale_shift", whose
+    norm2 keeps its own module) and no up- or downsampling: what FusedResnetBlock computes."""
     return (
         isinstance(getattr(block, "norm2", None), FusedGroupNorm)
-        and block.time_embedding_norm == "default"
-        and block.time_emb_proj is not None
+        and block.norm2.activation == "silu"
         and block.upsample is None
         and block.downsample is None
     )
@@ -276,9 +283,9 @@ def patch(
                 if isinstance(child, nn.GroupNorm):
                     _swap(record, sub, attr, FusedGroupNorm(child, None))
                     report.group_norm += 1
-                elif _name(child) in RESNET_CLASSES and _adds_time_embedding_in_norm2(child):
+                elif _name(child) in RESNET_CLASSES and _runs_as_fused_block(child):
                     _swap(record, sub, attr, FusedResnetBlock(child))
-                    report.time_embedding_adds += 1
+                    report.resnet_blocks += 1
     if attention:
         for sub in module.modules():
             processor = getattr(sub, "processor", None)
