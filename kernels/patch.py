@@ -213,6 +213,8 @@ class FewstepAttnProcessor:
             )
         if attn.residual_connection:
             hidden_states = hidden_states + residual
+        if attn.rescale_output_factor == 1:  # dividing by 1 is a pass that changes nothing
+            return hidden_states
         return hidden_states / attn.rescale_output_factor
 
 
