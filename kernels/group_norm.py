@@ -11,11 +11,13 @@ groups to spread over >100 SMs). Statistics use the parallel variance update
 of Chan, Golub & LeVeque (1979), never E[x²] − E[x]².
 
 x is read twice (statistics, then normalize) and y written once (the byte
-model of `group_norm_ref` and of the benchmark's GB/s). A program covers
-BLOCK_G consecutive groups of one sample (a group block: 1 group in NCHW, whose
-channels are planes; in channels_last, where channels interleave, enough groups
-for rows of up to 128 channels, so a pixel's loads fill whole 32-byte sectors)
-and one of SPLIT slices of the spatial range, in one of three modes:
+model of `group_norm_ref` and of the benchmark's GB/s). An optional input bias
+[N, C] is added to x first (a ResNet block's time embedding: its add then costs
+no pass of its own). A program covers BLOCK_G consecutive groups of one sample
+(a group block: 1 group in NCHW, whose channels are planes; in channels_last,
+where channels interleave, enough groups for rows of up to 128 channels, so a
+pixel's loads fill whole 32-byte sectors; `plan_launch`) and one of SPLIT
+slices of the spatial range, in one of three modes:
 
 1. Two launches (any SPLIT): `_group_norm_stats_kernel`, grid (N·G / BLOCK_G,
    SPLIT): program (b, p) reads its slice of its groups in [BLOCK_G, BLOCK_C,
@@ -30,9 +32,10 @@ and one of SPLIT slices of the spatial range, in one of three modes:
 3. Grid sync (CUDA, SPLIT > 1, the whole grid resident at once): the forward
    kernel alone; each program writes its slice's partials as in 1, waits at a
    barrier for its group block's other programs, then merges and normalizes
-   (with SPLIT 1, a barrier of one: the form of it that the interpreter can run). At SD
-   sizes a launch costs more than the bytes (a 5 MB GroupNorm reads in about
-   2 µs), so this saves a launch without giving up the parallelism of a split.
+   (with SPLIT 1, a barrier of one: the form of it that the interpreter can
+   run). At SD sizes a launch costs more than the bytes (a 5 MB GroupNorm reads
+   in about 2 µs), so this saves a launch without giving up the parallelism of
+   a split.
    The launch is cooperative (the driver refuses a grid that cannot be resident
    at once, rather than letting the barrier wait forever), and the barrier
    needs no reset between calls, so it runs in a CUDA graph.
@@ -49,8 +52,8 @@ offsets are int32, the batch offset is int64); empty tensors are not launched
 `tile` (elements per tile), `warps`, `one_launch` and `groups_per_program` are
 tuning knobs: on CUDA `split` comes from the SM count, tiles hold 2048 elements,
 and tensors up to ONE_LAUNCH_MAX_ELEMENTS run as one launch; in the interpreter,
-split 1 and 16384-element tiles. The grid sync cannot run in the interpreter, which runs
-programs one after another.
+split 1 and 16384-element tiles. The grid sync cannot run in the interpreter,
+which runs programs one after another.
 """
 
 from __future__ import annotations
@@ -69,8 +72,8 @@ from ._interpreter import INTERPRETED, round_to_bf16
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
-# Elements per [BLOCK_G, BLOCK_C, BLOCK_S] tile. The interpreter pays per tile (one numpy
-# call per op), so it gets big tiles; a GPU program holds 2048 elements in
+# Elements per [BLOCK_G, BLOCK_C, BLOCK_S] tile. The interpreter pays per tile (one
+# numpy call per op), so it gets big tiles; a GPU program holds 2048 elements in
 # registers with 4 warps (16 per thread).
 _TILE_GPU = 2048
 _TILE_INTERPRETER = 16384
