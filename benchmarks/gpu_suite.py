@@ -75,6 +75,7 @@ if SMALL:  # before triton is imported: the kernels run in its interpreter on th
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import torch.nn.functional as F  # noqa: E402
+import triton  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels_bench  # noqa: E402
@@ -459,18 +460,23 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
     stride_s = group_norm_module.spatial_stride(x)
     default_tile = group_norm_module._TILE_GPU if cuda else group_norm_module._TILE_INTERPRETER
     rows = []
-    forms: list[tuple] = [("default", None, None, None), *GROUP_NORM_SWEEP]
+    # (form, programs per SM, tile, warps, knobs the form adds)
+    forms: list[tuple] = [("default", None, None, None, {})]
+    forms += [(*row, {}) for row in GROUP_NORM_SWEEP]
+    cpg = shape[1] // groups
     if channels_last:  # the default's rows of whole groups against one group per program
-        forms.insert(1, ("default, one group per program", None, None, None))
-    for form, per_sm, tile, warps in forms:
-        knobs: dict[str, Any] = {}
-        if form.startswith("default,"):
-            knobs = dict(groups_per_program=1)
-        elif form != "default":
+        forms.insert(1, ("default", None, None, None, {"groups_per_program": 1}))
+    elif cpg & -cpg != min(triton.next_power_of_2(cpg), 64):
+        # tiles of whole channels (a power of 2 dividing the group's) against padded ones
+        whole = {"channel_block": min(cpg & -cpg, 64)}
+        forms += [("two-launch", 4, 2048, 4, whole), ("grid-sync", 4, 2048, 4, whole)]
+    for form, per_sm, tile, warps, extra in forms:
+        knobs: dict[str, Any] = dict(extra)
+        if form != "default":
             # per_sm programs per SM over the default's group blocks
             default = group_norm_module.plan_launch(x.shape, groups, stride_s, tile, sms)
             split = 1 if form == "one-pass" else max(1, -(-per_sm * sms // default.blocks))
-            knobs = dict(split=split, tile=tile, warps=warps, one_launch=form == "grid-sync")
+            knobs |= dict(split=split, tile=tile, warps=warps, one_launch=form == "grid-sync")
         # what runs (a grid sync may cut a split to fit; this is before any cut)
         plan = group_norm_module.plan_launch(
             x.shape,
@@ -480,6 +486,7 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
             sms if cuda else None,
             knobs.get("split"),
             knobs.get("groups_per_program"),
+            knobs.get("channel_block"),
         )
 
         def call(knobs=knobs):
@@ -1029,11 +1036,14 @@ def format_table(results: dict[str, Any]) -> str:
                 )
             if "launch_sweep" in r:
                 best = r["launch_sweep"]["best"]
+                plan = best["plan"]
+                per_sm = best["programs_per_sm"]
                 lines.append(
-                    f"  {'':<42} best launch: {best['form']}, split {best.get('split')} "
-                    f"({best['programs_per_sm']} programs/SM), tile {best.get('tile')}, "
-                    f"{best.get('warps')} warps: {best['graphed_ms']:.4f} ms (default "
-                    f"x{r['launch_sweep']['default_over_best']:.2f} slower)"
+                    f"  {'':<42} best launch: {best['form']}, split {plan['split']}"
+                    f"{f' ({per_sm} programs/SM)' if per_sm else ''}, {plan['groups_per_program']} "
+                    f"groups × {plan['block_c']} channels × {plan['block_s']} positions per "
+                    f"tile, {best.get('warps') or 4} warps: {best['graphed_ms']:.4f} ms "
+                    f"(default x{r['launch_sweep']['default_over_best']:.2f} slower)"
                 )
         for r in kern["attention"]:
             lines.append(

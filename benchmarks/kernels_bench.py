@@ -49,7 +49,8 @@ GROUP_NORM_CUDA = [
     ("vae-mid", (1, 512, 64, 64), 32, False),  # VAE decoder mid block
     ("vae-up3", (1, 128, 512, 512), 32, False),  # VAE decoder last up block: 1 M elements/group
 ]
-GROUP_NORM_CPU = [("tiny", (1, 32, 8, 8), 8, False), ("tiny-channels_last", (1, 32, 8, 8), 8, True)]
+# 10 channels per group, as SD's: padded tiles and rows of groups on the CPU too
+GROUP_NORM_CPU = [("tiny", (1, 40, 8, 8), 4, False), ("tiny-channels_last", (1, 40, 8, 8), 4, True)]
 # (name, B, H, L_q, L_kv, D)
 ATTENTION_CUDA = [
     ("unet-down0-self", 2, 8, 4096, 4096, 40),  # SD1.5 down block 0 transformer

@@ -403,13 +403,18 @@ def plan_launch(
     sms: int | None,
     split: int | None = None,
     groups_per_program: int | None = None,
+    channel_block: int | None = None,
 ) -> LaunchPlan:
     """The launch for x of `shape` on a GPU with `sms` SMs (None: the interpreter).
 
     Defaults: about 4 programs per SM over the whole grid (a GPU at batch 1-2 has only
     32-64 groups), 1 per group block in the interpreter (fewest programs); groups per
     program from default_groups_per_program, halved while a program would merge more
-    than _MAX_MERGED_PARTIALS partials (its groups' partials of every slice)."""
+    than _MAX_MERGED_PARTIALS partials (its groups' partials of every slice); channels
+    per tile (BLOCK_C): the group's, padded to a power of 2 (at most 64), unless
+    `channel_block` says otherwise (a power of 2 that divides the group's channels
+    leaves no lane of a tile masked: SD's 10, 20 and 40 padded to 16, 32 and 64 mask
+    37.5%)."""
     batch, channels = shape[:2]
     hw = math.prod(shape[2:])
     cpg = channels // num_groups
@@ -418,7 +423,9 @@ def plan_launch(
         raise ValueError(
             f"groups_per_program must be a power of 2 dividing num_groups={num_groups}, got {gpp}"
         )
-    block_c = min(triton.next_power_of_2(cpg), _MAX_BLOCK_C)
+    block_c = channel_block or min(triton.next_power_of_2(cpg), _MAX_BLOCK_C)
+    if block_c & (block_c - 1):
+        raise ValueError(f"channel_block must be a power of 2, got {channel_block}")
     while True:
         blocks = batch * num_groups // gpp
         block_s = min(max(tile // (gpp * block_c), 16), triton.next_power_of_2(hw))
@@ -489,6 +496,7 @@ def group_norm(
     warps: int = 4,
     one_launch: bool | None = None,
     groups_per_program: int | None = None,
+    channel_block: int | None = None,
     input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm(num_groups)(x) then `activation` (None or "silu"), fused: x is read once
@@ -504,7 +512,8 @@ def group_norm(
     of 2); `warps` per program; `one_launch`, the grid sync instead of two launches (for
     split > 1 CUDA only: the whole grid must fit on the GPU at once, and a default split
     is cut down until it does); `groups_per_program`, a power of 2 dividing num_groups
-    (see default_groups_per_program).
+    (see default_groups_per_program); `channel_block`, channels per tile (see
+    plan_launch).
     """
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     if x.dtype not in DTYPES:
@@ -529,7 +538,9 @@ def group_norm(
     if x.numel() == 0:
         return torch.empty_like(x)
     sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else None
-    plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, split, groups_per_program)
+    plan = plan_launch(
+        x.shape, num_groups, stride_s, tile, sms, split, groups_per_program, channel_block
+    )
     hw, cpg = x[0, 0].numel(), x.shape[1] // num_groups
     y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
     ib = x if input_bias is None else input_bias.contiguous()  # x: a placeholder, never read
@@ -588,8 +599,8 @@ def group_norm(
         fits = _resident[key] // plan.blocks
         if plan.split > fits:
             if split is None and fits >= (1 if requested else 2):
-                gpp = plan.groups_per_program
-                plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, fits, gpp)
+                gpp, block_c = plan.groups_per_program, plan.block_c
+                plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, fits, gpp, block_c)
             elif requested:
                 raise ValueError(
                     f"one_launch: {plan.blocks} group blocks × split {plan.split} programs do "

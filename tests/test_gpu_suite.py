@@ -43,13 +43,16 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     assert results["kernels"]["group_norm"] and results["kernels"]["attention"]
     nchw, channels_last = (r["launch_sweep"]["rows"] for r in results["kernels"]["group_norm"])
     assert {r["form"] for r in nchw} == {"default", "two-launch", "one-pass", "grid-sync"}
-    assert channels_last[1]["form"] == "default, one group per program"
+    assert channels_last[1]["form"] == "default" and channels_last[1]["groups_per_program"] == 1
+    assert [r.get("channel_block") for r in nchw[-2:]] == [2, 2]  # 10 = 2 · 5: whole channels
     for row in nchw + channels_last:  # fp32: every launch shape stays exact
-        if "error" in row:  # a grid sync with a split > 1 (one group block here) needs a GPU
+        if "error" in row:  # a grid sync with a split > 1 needs a GPU
             assert row["form"] == "grid-sync" and "needs a CUDA GPU" in row["error"], row
         else:
             assert row["max_err"] < 1e-4, row
-    assert all("max_err" in row for row in nchw)  # one SM here: every split is 1
+    ran = [r for r in nchw + channels_last if "max_err" in r]
+    assert all(r in ran for r in nchw + channels_last if r.get("split", 1) == 1)
+    assert {r["form"] for r in ran} == {"default", "two-launch", "one-pass", "grid-sync"}
     for row in results["kernels"]["attention"]:  # d 40: 32 + 16 lanes against 64
         assert row["head_dim_blocks"]["split"] == [32, 16]
         assert row["head_dim_blocks"]["padded_ms"] > 0

@@ -218,6 +218,22 @@ def test_group_norm_adds_the_input_bias_first(dtype, channels_last):
         group_norm(x, 32, weight, bias, input_bias=temb[:, :, None, None])
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_channel_blocks(channels_last):
+    """Tiles of 2 channels (a power of 2 that divides SD's 10: no masked lane), 1, and 16
+    (the default's padded block), with and without a split."""
+    x, weight, bias = _group_norm_inputs((1, 40, 6, 10), channels_last, torch.float16, seed=4)
+    ref64 = group_norm_ref(x.double(), 4, weight.double(), bias.double(), activation="silu")
+    expected = _group_norm_torch(x, 4, weight, bias, "silu")
+    for block, split in ((2, None), (2, 3), (1, 2), (16, 3)):
+        got = group_norm(
+            x, 4, weight, bias, activation="silu", channel_block=block, split=split, tile=1024
+        )
+        assert_matches_ref(got, expected, ref64, f"group_norm, {block}-channel tiles")
+    with pytest.raises(ValueError, match="channel_block must be a power of 2"):
+        group_norm(x, 4, weight, bias, channel_block=6)
+
+
 def test_group_norm_barrier_leaves_its_words_ready_for_the_next_call():
     """Each grid sync flips the top bit of its groups' barrier words and nothing else, so
     the words need no reset between calls (or CUDA graph replays)."""
