@@ -43,6 +43,36 @@ _LOG2E = 1.4426950408889634
 
 
 @triton.jit
+def _load_block(base, offs_a, stride_a, offs_b, stride_b, mask_a, mask_b, WIDEN: tl.constexpr):
+    """The [len(offs_a), len(offs_b)] block at base + a·stride_a + b·stride_b, 0 where masked;
+    widened to fp32 when WIDEN (INTERPRETER_BF16, see _interpreter.py)."""
+    block = tl.load(
+        base + offs_a[:, None] * stride_a + offs_b[None, :] * stride_b,
+        mask=mask_a[:, None] & mask_b[None, :],
+        other=0.0,
+    )
+    if WIDEN:
+        block = block.to(tl.float32)
+    return block
+
+
+@triton.jit
+def _store_output(
+    base, offs_m, stride_m, offs_d, mask_m, mask_d, acc, l_i, ROUND_BF16: tl.constexpr
+):
+    """acc / l_i (FlashAttention-2, Alg. 1 line 12) stored at base + m·stride_m + d, in base's
+    dtype (rounded to bf16 by hand when ROUND_BF16, see _interpreter.py)."""
+    out = acc / l_i[:, None]
+    if ROUND_BF16:
+        out = round_to_bf16(out)
+    tl.store(
+        base + offs_m[:, None] * stride_m + offs_d[None, :],
+        out.to(base.dtype.element_ty),
+        mask=mask_m[:, None] & mask_d[None, :],
+    )
+
+
+@triton.jit
 def _attention_fwd_kernel(
     q_ptr,
     k_ptr,
@@ -91,24 +121,12 @@ def _attention_fwd_kernel(
     mask_d = tl.full([BLOCK_D], 1, tl.int1) if EVEN_D or BLOCK_DR > 0 else offs_d < D
 
     # [BLOCK_M, BLOCK_D]; padded rows and head-dim lanes are 0, so they add 0 to QKᵀ.
-    q = tl.load(
-        q_base + offs_m[:, None] * stride_qm + offs_d[None, :],
-        mask=mask_m[:, None] & mask_d[None, :],
-        other=0.0,
-    )
-    if INTERPRETER_BF16:
-        q = q.to(tl.float32)
+    q = _load_block(q_base, offs_m, stride_qm, offs_d, 1, mask_m, mask_d, INTERPRETER_BF16)
     acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     if BLOCK_DR > 0:  # the same for the rest of the head dim (a compile-time branch)
         offs_dr = BLOCK_D + tl.arange(0, BLOCK_DR)
         mask_dr = (offs_dr < D) if not EVEN_D else tl.full([BLOCK_DR], 1, tl.int1)
-        q_r = tl.load(
-            q_base + offs_m[:, None] * stride_qm + offs_dr[None, :],
-            mask=mask_m[:, None] & mask_dr[None, :],
-            other=0.0,
-        )
-        if INTERPRETER_BF16:
-            q_r = q_r.to(tl.float32)
+        q_r = _load_block(q_base, offs_m, stride_qm, offs_dr, 1, mask_m, mask_dr, INTERPRETER_BF16)
         acc_r = tl.zeros([BLOCK_M, BLOCK_DR], tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
@@ -116,22 +134,12 @@ def _attention_fwd_kernel(
         offs_kv = start_n + offs_n
         mask_n = (offs_kv < L_KV) if not EVEN_N else tl.full([BLOCK_N], 1, tl.int1)
         # Kᵀ block [BLOCK_D, BLOCK_N]
-        k = tl.load(
-            k_base + offs_kv[None, :] * stride_kn + offs_d[:, None],
-            mask=mask_d[:, None] & mask_n[None, :],
-            other=0.0,
-        )
-        if INTERPRETER_BF16:
-            k = k.to(tl.float32)
+        k = _load_block(k_base, offs_d, 1, offs_kv, stride_kn, mask_d, mask_n, INTERPRETER_BF16)
         s = tl.dot(q, k, input_precision=DOT_PRECISION)  # [BLOCK_M, BLOCK_N] fp32
         if BLOCK_DR > 0:
-            k_r = tl.load(
-                k_base + offs_kv[None, :] * stride_kn + offs_dr[:, None],
-                mask=mask_dr[:, None] & mask_n[None, :],
-                other=0.0,
+            k_r = _load_block(
+                k_base, offs_dr, 1, offs_kv, stride_kn, mask_dr, mask_n, INTERPRETER_BF16
             )
-            if INTERPRETER_BF16:
-                k_r = k_r.to(tl.float32)
             s = tl.dot(q_r, k_r, s, input_precision=DOT_PRECISION)
         if not EVEN_N:
             s = tl.where(mask_n[None, :], s, float("-inf"))  # keys past L_KV get probability 0
@@ -142,43 +150,21 @@ def _attention_fwd_kernel(
         alpha = tl.exp2(m_i - m_new)
         p = tl.exp2(tl.fma(s, qk_scale, -m_new[:, None]))
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(
-            v_base + offs_kv[:, None] * stride_vn + offs_d[None, :],
-            mask=mask_n[:, None] & mask_d[None, :],
-            other=0.0,
-        )  # [BLOCK_N, BLOCK_D]
-        if INTERPRETER_BF16:
-            p = round_to_bf16(p)  # P rounded to bf16, as on GPU, but kept in fp32
-            v = v.to(tl.float32)
-        else:
-            p = p.to(v.dtype)
+        # [BLOCK_N, BLOCK_D]
+        v = _load_block(v_base, offs_kv, stride_vn, offs_d, 1, mask_n, mask_d, INTERPRETER_BF16)
+        # P in V's dtype; in the interpreter's bf16, rounded to bf16 but kept in fp32 (as v)
+        p = round_to_bf16(p) if INTERPRETER_BF16 else p.to(v.dtype)
         acc = acc * alpha[:, None] + tl.dot(p, v, input_precision=DOT_PRECISION)
         if BLOCK_DR > 0:
-            v_r = tl.load(
-                v_base + offs_kv[:, None] * stride_vn + offs_dr[None, :],
-                mask=mask_n[:, None] & mask_dr[None, :],
-                other=0.0,
+            v_r = _load_block(
+                v_base, offs_kv, stride_vn, offs_dr, 1, mask_n, mask_dr, INTERPRETER_BF16
             )
-            if INTERPRETER_BF16:
-                v_r = v_r.to(tl.float32)
             acc_r = acc_r * alpha[:, None] + tl.dot(p, v_r, input_precision=DOT_PRECISION)
         m_i = m_new
-    out = acc / l_i[:, None]  # Alg. 1 line 12
-    if INTERPRETER_BF16:
-        out = round_to_bf16(out)
-    tl.store(
-        o_base + offs_m[:, None] * stride_om + offs_d[None, :],
-        out.to(o_ptr.dtype.element_ty),
-        mask=mask_m[:, None] & mask_d[None, :],
-    )
+    _store_output(o_base, offs_m, stride_om, offs_d, mask_m, mask_d, acc, l_i, INTERPRETER_BF16)
     if BLOCK_DR > 0:
-        out_r = acc_r / l_i[:, None]
-        if INTERPRETER_BF16:
-            out_r = round_to_bf16(out_r)
-        tl.store(
-            o_base + offs_m[:, None] * stride_om + offs_dr[None, :],
-            out_r.to(o_ptr.dtype.element_ty),
-            mask=mask_m[:, None] & mask_dr[None, :],
+        _store_output(
+            o_base, offs_m, stride_om, offs_dr, mask_m, mask_dr, acc_r, l_i, INTERPRETER_BF16
         )
 
 
