@@ -72,15 +72,11 @@ def rescale_noise_cfg(
     return rescale * rescaled + (1.0 - rescale) * noise_cfg
 
 
-def latents_to_images(decoded: np.ndarray) -> np.ndarray:
-    """VAE output [B, 3, H, W] in -1..1 → float32 [B, H, W, 3] in 0..1."""
-    return np.clip(decoded / 2 + 0.5, 0.0, 1.0).transpose(0, 2, 3, 1).astype(np.float32)
-
-
 def numpy_to_pil(images: np.ndarray) -> list[Any]:
+    """uint8 images [B, H, W, 3] → PIL images."""
     from PIL import Image
 
-    return [Image.fromarray((img * 255).round().astype(np.uint8)) for img in images]
+    return [Image.fromarray(img) for img in images]
 
 
 class Pipeline:
@@ -130,17 +126,18 @@ class Pipeline:
         )
         return out["out_sample"]
 
-    def decode(self, latents: Any) -> np.ndarray:
-        """Latents [B, C, h, w] (a backend array) → images float32 [B, H, W, 3] in 0..1."""
+    def decode(self, latents: Any, as_uint8: bool = False) -> np.ndarray:
+        """Latents [B, C, h, w] (a backend array) → host images [B, H, W, 3]: float32 in
+        0..1, or uint8 with `as_uint8`."""
         ops = array_ops(self.backend)
         scaled = ops.float32(latents / self.info.vae_scaling_factor)
-        decoded = ops.to_numpy(self.backend.run("vae_decoder", latent_sample=scaled)["sample"])
-        if not np.isfinite(decoded).all():
+        decoded = self.backend.run("vae_decoder", latent_sample=scaled)["sample"]
+        if not ops.all_finite(decoded):
             raise FloatingPointError(
                 "vae_decoder produced non-finite values (an fp16 VAE overflows on some "
                 "models; export the VAE in fp32)"
             )
-        return latents_to_images(decoded)
+        return ops.to_images(decoded, as_uint8)
 
     # -- the call -------------------------------------------------------------------------
 
@@ -294,7 +291,7 @@ class Pipeline:
         # 5. Decode. (LCM's last step returns its denoised estimate, which is what its
         # pipeline decodes.)
         t0 = time.perf_counter()
-        images = self.decode(latents)
+        images = self.decode(latents, as_uint8=output_type == "pil")
         timings["vae_decoder"] = (time.perf_counter() - t0) * 1e3
         timings["total"] = (time.perf_counter() - t_start) * 1e3
         seed_used = seed if generator is None else None

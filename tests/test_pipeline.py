@@ -83,6 +83,9 @@ def test_same_seed_same_image_and_other_seed_differs(sd1):
 def test_family_defaults_and_pil_output(sd1, lcm):
     out = sd1("a cat", num_inference_steps=2, seed=0)
     assert out.images[0].size == (sd1.info.default_width, sd1.info.default_height)
+    floats = sd1("a cat", num_inference_steps=2, seed=0, output_type="np").images
+    # diffusers' numpy_to_pil of the float images
+    np.testing.assert_array_equal(np.asarray(out.images[0]), (floats[0] * 255).round())
     assert out.settings["guidance_scale"] == 7.5
     assert lcm.info.default_num_inference_steps == 4
     assert lcm.info.guidance_embedding_dim is not None

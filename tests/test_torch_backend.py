@@ -325,6 +325,8 @@ def test_timings_and_outputs_are_host_side(pipelines):
     out = pipelines("turbo", "torch")("a red circle", seed=3, output_type="np")
     assert isinstance(out.images, np.ndarray) and out.images.dtype == np.float32
     assert len(out.timings_ms["unet_call"]) == 1 and out.timings_ms["total"] > 0
+    pil = pipelines("turbo", "torch")("a red circle", seed=3).images  # made on the device
+    np.testing.assert_array_equal(np.asarray(pil[0]), (out.images[0] * 255).round())
 
 
 # -- GPU: CUDA graphs, fp16, kernels (run by benchmarks/gpu_suite.py's checks too) --------------

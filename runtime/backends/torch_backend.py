@@ -170,11 +170,6 @@ class TorchArrayOps:
     def asarray(self, array: np.ndarray) -> Any:
         return self._torch.from_numpy(np.ascontiguousarray(array)).to(self.device)
 
-    def to_numpy(self, x: Any) -> np.ndarray:
-        if not isinstance(x, self._torch.Tensor):
-            return np.asarray(x)
-        return x.detach().to("cpu").numpy()
-
     def float32(self, x: Any) -> Any:
         return x.float()
 
@@ -190,6 +185,16 @@ class TorchArrayOps:
     def synchronize(self) -> None:
         if self.device.type == "cuda":
             self._torch.cuda.synchronize(self.device)
+
+    def all_finite(self, x: Any) -> bool:
+        return bool(self._torch.isfinite(x).all())
+
+    def to_images(self, decoded: Any, as_uint8: bool) -> np.ndarray:
+        # On the device, transposition included: the host copies out finished images.
+        images = (decoded.float() / 2 + 0.5).clamp_(0.0, 1.0)
+        if as_uint8:
+            images = images.mul_(255).round_().to(self._torch.uint8)
+        return images.permute(0, 2, 3, 1).contiguous().cpu().numpy()  # [B, H, W, 3]
 
 
 @contextlib.contextmanager
