@@ -13,18 +13,18 @@ One run, in order (each section writes the JSON so far, so a run cut short still
    SD1.5 512² shapes, fp16 (benchmarks/kernels_bench.py's cases). Each
    is timed twice: launched eagerly, and 20 calls captured in a CUDA graph (device time,
    what the runtime's graphs see).
-2. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
-   random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
-   and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
-   backend, eager and fast; per-stage times from fewstep's own timings; a profile of the
-   VAE decoder at batch 8.
-3. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
+2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
    (its defaults, then with GroupNorm in two launches, with all kernels, none, no CUDA
    graphs, compile=True; a device-time profile by kernel of the defaults without CUDA
    graphs) and last torch.compile of the same module (channels_last; compile time
    reported apart). Every variant's output is also checked against the U-Net in fp64
    with the rule above.
+3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
+   random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
+   and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
+   backend, eager and fast; per-stage times from fewstep's own timings; a profile of the
+   VAE decoder at batch 8.
 4. quality (d): the shipped default model through the torch backend on the device, fp32 and
    fp16 with the default kernels, scored by fewstep.scenes' analyzer on its evaluation
    prompts (the quality yardstick of every precision and kernel change). Last because it
@@ -85,7 +85,7 @@ from fewstep.kernels import attention, attention_ref, group_norm, group_norm_ref
 # the module, whose name the package gives to its function
 group_norm_module = importlib.import_module("fewstep.kernels.group_norm")
 
-SECTIONS = ("checks", "kernels", "turbo", "unet", "quality")  # timed ones first
+SECTIONS = ("checks", "kernels", "unet", "turbo", "quality")  # the targets first, untimed last
 REPO = Path(__file__).resolve().parents[1]
 
 # GFLOP per forward (REFERENCE.md, "Performance anchors"): for achieved TFLOP/s.

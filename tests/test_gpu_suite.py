@@ -37,7 +37,7 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     log = (tmp_path / "gpu_suite.log").read_text()
 
     assert results["mode"] == "small-cpu" and results["checks_ok"]
-    assert list(results["section_s"]) == ["checks", "kernels", "turbo", "unet", "quality"]
+    assert list(results["section_s"]) == ["checks", "kernels", "unet", "turbo", "quality"]
     assert {"torch", "triton", "diffusers"} <= set(results["env"]["versions"])
     assert all(c["ok"] for c in results["checks"]["kernels"])
     assert results["kernels"]["group_norm"] and results["kernels"]["attention"]
