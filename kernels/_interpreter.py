@@ -13,6 +13,8 @@ before a cast to bf16 (which is then exact). Compiled GPU code never takes it.
 
 from __future__ import annotations
 
+from typing import Any
+
 import triton
 import triton.language as tl
 
@@ -28,3 +30,15 @@ def round_to_bf16(x):
 
 # The interpreter replaces @triton.jit with its own class when TRITON_INTERPRET=1 at import.
 INTERPRETED = not isinstance(round_to_bf16, triton.runtime.JITFunction)
+
+# Devices the kernels run on: compiled for CUDA GPUs; the interpreter also takes CPU tensors
+# (that is how CI runs them).
+KERNEL_DEVICES = ("cpu", "cuda") if INTERPRETED else ("cuda",)
+
+
+def device_problem(x: Any) -> str | None:
+    """Why the kernels cannot run on x's device, or None when they can."""
+    if x.device.type in KERNEL_DEVICES:
+        return None
+    hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1 before import)"
+    return f"device type {x.device.type} not in {KERNEL_DEVICES}{hint}"

@@ -67,7 +67,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRETED, round_to_bf16
+from ._interpreter import INTERPRETED, device_problem, round_to_bf16
 
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -516,6 +516,8 @@ def group_norm(
     plan_launch).
     """
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
+    if device_problem(x):
+        raise ValueError(f"x: {device_problem(x)}")
     if x.dtype not in DTYPES:
         raise ValueError(f"x.dtype must be one of {DTYPES}, got {x.dtype}")
     stride_s = spatial_stride(x)

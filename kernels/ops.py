@@ -27,7 +27,7 @@ import os
 import torch
 import torch.nn.functional as F
 
-from ._interpreter import INTERPRETED
+from ._interpreter import device_problem
 from .attention import DTYPES as ATTENTION_DTYPES
 from .attention import MAX_HEAD_DIM, attention, attention_output_like, check_attention_args
 from .group_norm import DTYPES as GROUP_NORM_DTYPES
@@ -36,9 +36,6 @@ from .group_norm import check_group_norm_args, group_norm, spatial_stride
 logger = logging.getLogger("fewstep.kernels")
 
 DISABLE_ENV = "FEWSTEP_DISABLE_KERNELS"
-# Devices the Triton kernels run on: compiled for CUDA GPUs; the interpreter also
-# takes CPU tensors (that is how CI runs them).
-KERNEL_DEVICES = ("cpu", "cuda") if INTERPRETED else ("cuda",)
 _INT32_MAX = 2**31 - 1
 _GRID_Y_MAX = 65535  # attention's grid is (query blocks, B·H)
 
@@ -55,9 +52,9 @@ def _common_reason(tensors: dict[str, torch.Tensor], dtypes: tuple[torch.dtype, 
     if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
         return f"kernels disabled by {DISABLE_ENV}=1"
     first = next(iter(tensors.values()))
-    if first.device.type not in KERNEL_DEVICES:
-        hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1)"
-        return f"device type {first.device.type} not in {KERNEL_DEVICES}{hint}"
+    problem = device_problem(first)
+    if problem:
+        return problem
     for name, t in tensors.items():
         if t.device != first.device:
             return f"{name} is on {t.device}, not on {first.device}"

@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 import triton
 
+import fewstep.kernels._interpreter as kernel_interpreter
 import fewstep.kernels.ops as kernel_ops
 from fewstep.kernels import (
     attention,
@@ -524,7 +525,7 @@ def test_group_norm_unsupported_inputs_fall_back(monkeypatch, fresh_fallback_log
     elif case == "transposed-spatial":
         x = x.transpose(2, 3)  # strides (576, 72, 1, 9): no single spatial stride
     else:
-        monkeypatch.setattr(kernel_ops, "KERNEL_DEVICES", ("cuda",))
+        monkeypatch.setattr(kernel_interpreter, "KERNEL_DEVICES", ("cuda",))
     assert reason in group_norm_fallback_reason(x, 32, weight, bias)
     _forbid_kernels(monkeypatch)
     got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
@@ -577,6 +578,18 @@ def test_ops_reject_bad_arguments():
     q = torch.randn(1, 2, 8, 40)
     with pytest.raises(ValueError, match="must agree"):
         attention_op(q, torch.randn(1, 2, 8, 64), torch.randn(1, 2, 8, 64))
+
+
+def test_kernels_called_directly_name_a_device_they_cannot_run_on(monkeypatch):
+    # A CPU tensor without the interpreter: a ValueError naming the fix, not Triton's
+    # "0 active drivers" from inside the launch.
+    monkeypatch.setattr(kernel_interpreter, "INTERPRETED", False)
+    monkeypatch.setattr(kernel_interpreter, "KERNEL_DEVICES", ("cuda",))
+    with pytest.raises(ValueError, match=r"x: device type cpu .*TRITON_INTERPRET=1"):
+        group_norm(torch.randn(1, 64, 4, 4), 32)
+    q = torch.randn(1, 2, 8, 40)
+    with pytest.raises(ValueError, match=r"q: device type cpu .*TRITON_INTERPRET=1"):
+        attention(q, q, q)
 
 
 def test_fake_impls_promise_the_real_layouts():
