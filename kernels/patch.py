@@ -19,15 +19,21 @@ this file imports torch only):
   `group_norm`) → the same op without activation.
 - `Attention` modules whose processor is diffusers' `AttnProcessor2_0` (or `AttnProcessor`)
   → `FewstepAttnProcessor`: AttnProcessor2_0's math step for step, with SDPA replaced by
-  `fewstep::attention`. Custom processors (IP-adapter, LoRA, …) are left alone.
+  `fewstep::attention` (or, with `attention=False`, SDPA still), and no division of its
+  output by a `rescale_output_factor` of 1 (a pass that changes nothing). Custom processors
+  (IP-adapter, LoRA, …) are left alone.
+- `Transformer2DModel`s (continuous inputs) give their output in the residual's memory
+  format: in a channels_last model their tokens [B, H·W, C] already are channels_last
+  [B, C, H, W], and diffusers' `.contiguous()` made an NCHW copy that the next convolution
+  (or the residual add) turned back, two transposing copies per block for no change of value.
 
 Replacements share the original parameters (same `Parameter` objects under the same names),
 so state dicts, in-place weight updates (LoRA folding) and CUDA graphs see one set of weights.
 The custom ops fall back to torch where a kernel does not apply (ops.py), so a patched model
 runs anywhere; it is only fast where the Triton kernels run (CUDA).
 
-`patch` is idempotent (a second call swaps nothing) and `unpatch` restores the original
-modules and processors.
+`patch` is idempotent (a second call swaps nothing, but for processors it upgrades to the
+kernel) and `unpatch` restores the original modules, processors and methods.
 
 Deviations: a call with an `attention_mask` runs SDPA with the mask, as AttnProcessor2_0
 (the kernel has no mask; SD's U-Net passes none). AttnProcessor2_0 ignores `attn.scale`
@@ -37,6 +43,7 @@ Deviations: a call with an `attention_mask` runs SDPA with the mask, as AttnProc
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Any
 
 import torch
@@ -49,6 +56,7 @@ RESNET_CLASSES = ("ResnetBlock2D",)
 # Classes whose forward runs `conv_norm_out` then `conv_act` back to back.
 NORM_OUT_CLASSES = ("UNet2DConditionModel", "Encoder", "Decoder")
 ATTENTION_CLASSES = ("Attention",)
+TRANSFORMER_CLASSES = ("Transformer2DModel",)
 # Processors whose math FewstepAttnProcessor reproduces.
 REPLACEABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
@@ -61,12 +69,13 @@ class PatchReport:
 
     group_norm_silu: int = 0  # GroupNorm → SiLU pairs now one fused op
     group_norm: int = 0  # standalone GroupNorms now the kernel without activation
-    attention: int = 0  # attention processors now calling fewstep::attention
+    attention: int = 0  # attention processors now FewstepAttnProcessor
     resnet_blocks: int = 0  # ResNet blocks now FusedResnetBlock
+    transformer_outputs: int = 0  # Transformer2DModels now keeping their residual's layout
 
     @property
     def total(self) -> int:
-        return self.group_norm_silu + self.group_norm + self.attention + self.resnet_blocks
+        return sum(dataclasses.astuple(self))
 
 
 class FusedGroupNorm(nn.Module):
@@ -139,9 +148,12 @@ class FusedResnetBlock(nn.Module):
 
 class FewstepAttnProcessor:
     """diffusers' AttnProcessor2_0 (models/attention_processor.py) with `fewstep::attention`
-    in place of F.scaled_dot_product_attention: self- and cross-attention, 3-D and 4-D
-    inputs, spatial_norm / group_norm / norm_cross / norm_q / norm_k when the module has
-    them, residual connection and rescale_output_factor."""
+    in place of F.scaled_dot_product_attention (`kernel=False`: SDPA still): self- and
+    cross-attention, 3-D and 4-D inputs, spatial_norm / group_norm / norm_cross / norm_q /
+    norm_k when the module has them, residual connection and rescale_output_factor."""
+
+    def __init__(self, kernel: bool = True):
+        self.kernel = kernel
 
     def __call__(
         self,
@@ -196,7 +208,7 @@ class FewstepAttnProcessor:
         if attn.norm_k is not None:
             key = attn.norm_k(key)
 
-        if attention_mask is None:
+        if attention_mask is None and self.kernel:
             hidden_states = attention_op(query, key, value)  # [B, H, L_q, D], laid out [B, L, H, D]
         else:
             hidden_states = F.scaled_dot_product_attention(
@@ -216,6 +228,35 @@ class FewstepAttnProcessor:
         if attn.rescale_output_factor == 1:  # dividing by 1 is a pass that changes nothing
             return hidden_states
         return hidden_states / attn.rescale_output_factor
+
+
+def _continuous_output_in_residual_layout(
+    self: Any,
+    hidden_states: torch.Tensor,
+    residual: torch.Tensor,
+    batch_size: int,
+    height: int,
+    width: int,
+    inner_dim: int,
+) -> torch.Tensor:
+    """Transformer2DModel._get_output_for_continuous_inputs (diffusers'
+    models/transformers/transformer_2d.py) with `.contiguous()` in the residual's memory
+    format: for channels_last, the [B, H·W, C] → [B, C, H, W] view is already it."""
+    channels_last = residual.is_contiguous(memory_format=torch.channels_last)
+    layout = torch.channels_last if channels_last and not residual.is_contiguous() else None
+
+    def to_image(tokens: torch.Tensor) -> torch.Tensor:
+        image = tokens.reshape(batch_size, height, width, inner_dim).permute(0, 3, 1, 2)
+        return image.contiguous(memory_format=layout or torch.contiguous_format)
+
+    if self.use_linear_projection:
+        hidden_states = to_image(self.proj_out(hidden_states))
+    else:
+        hidden_states = self.proj_out(to_image(hidden_states))
+    return hidden_states + residual
+
+
+_TRANSFORMER_OUTPUT = "_get_output_for_continuous_inputs"
 
 
 def _name(module: Any) -> str:
@@ -253,12 +294,14 @@ def _runs_as_fused_block(block: nn.Module) -> bool:
 
 
 def patch(
-    module: nn.Module, group_norm: bool = True, attention: bool = True
+    module: nn.Module, group_norm: bool = True, attention: bool = True, passes: bool = True
 ) -> tuple[nn.Module, PatchReport]:
     """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
 
     group_norm: fuse GroupNorm → SiLU pairs and swap the other GroupNorms.
-    attention: replace AttnProcessor2_0 / AttnProcessor processors.
+    attention: AttnProcessor2_0 / AttnProcessor processors on the attention kernel.
+    passes: drop passes that change no value (attention's division by 1, Transformer2D
+    outputs' layout round trip), with `FewstepAttnProcessor` on SDPA where not `attention`.
     Returns (module, what this call swapped). Calling it again swaps nothing.
     """
     record: list = getattr(module, _RECORD, [])
@@ -288,13 +331,31 @@ def patch(
                 elif _name(child) in RESNET_CLASSES and _runs_as_fused_block(child):
                     _swap(record, sub, attr, FusedResnetBlock(child))
                     report.resnet_blocks += 1
-    if attention:
+    if attention or passes:
         for sub in module.modules():
             processor = getattr(sub, "processor", None)
-            if _name(sub) in ATTENTION_CLASSES and _name(processor) in REPLACEABLE_PROCESSORS:
+            if _name(sub) not in ATTENTION_CLASSES:
+                continue
+            replaceable = _name(processor) in REPLACEABLE_PROCESSORS
+            upgrade = (
+                isinstance(processor, FewstepAttnProcessor) and attention and not processor.kernel
+            )
+            if replaceable or upgrade:
                 record.append(("processor", sub, "processor", processor))
-                sub.set_processor(FewstepAttnProcessor())
+                sub.set_processor(FewstepAttnProcessor(kernel=attention))
                 report.attention += 1
+    if passes:
+        for sub in module.modules():
+            if (
+                _name(sub) in TRANSFORMER_CLASSES
+                and getattr(sub, "is_input_continuous", False)
+                and hasattr(sub, _TRANSFORMER_OUTPUT)
+                and _TRANSFORMER_OUTPUT not in vars(sub)
+            ):
+                record.append(("method", sub, _TRANSFORMER_OUTPUT, None))
+                bound = types.MethodType(_continuous_output_in_residual_layout, sub)
+                object.__setattr__(sub, _TRANSFORMER_OUTPUT, bound)
+                report.transformer_outputs += 1
     if record:
         object.__setattr__(module, _RECORD, record)  # a plain attribute, not a submodule
     return module, report
@@ -306,6 +367,8 @@ def unpatch(module: nn.Module) -> nn.Module:
     for kind, owner, attr, original in reversed(record):
         if kind == "processor":
             owner.set_processor(original)
+        elif kind == "method":
+            object.__delattr__(owner, attr)  # the class's own method again
         else:
             setattr(owner, attr, original)
     if hasattr(module, _RECORD):

@@ -57,8 +57,8 @@ def kernel_calls(monkeypatch):
 
 def expected_counts(module: torch.nn.Module) -> dict[str, int]:
     """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules, ResNet
-    blocks with two pairs and no up- or downsampling."""
-    pairs = blocks = 0
+    blocks with two pairs and no up- or downsampling, transformers on continuous inputs."""
+    pairs = blocks = transformers = 0
     for m in module.modules():
         if type(m).__name__ == "ResnetBlock2D":
             pairs += 1 + (m.time_embedding_norm != "scale_shift")
@@ -66,6 +66,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
             blocks += m.time_embedding_norm != "scale_shift" and plain
         if isinstance(getattr(m, "conv_norm_out", None), torch.nn.GroupNorm):
             pairs += 1
+        transformers += type(m).__name__ == "Transformer2DModel" and m.is_input_continuous
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
     attention = sum(type(m).__name__ == "Attention" for m in module.modules())
     return {
@@ -73,6 +74,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
         "group_norm": norms - pairs,
         "attention": attention,
         "resnet_blocks": blocks,
+        "transformer_outputs": transformers,
     }
 
 
@@ -123,7 +125,7 @@ def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype,
     assert patched_module is module and is_patched(module)
     got = run_unet(module, inputs)
 
-    assert vars(report) == counts and report.resnet_blocks > 0
+    assert vars(report) == counts and report.resnet_blocks > 0 and report.transformer_outputs > 0
     # Every swapped op ran the Triton kernel, none fell back to torch.
     assert kernel_calls["group_norm"] == report.group_norm_silu + report.group_norm
     assert kernel_calls["attention"] == report.attention
@@ -182,3 +184,57 @@ def test_patched_ops_fall_back_to_torch_when_disabled(tiny_model, kernel_calls, 
     assert kernel_calls == {"group_norm": 0, "attention": 0}
     # The fallback runs torch's own ops in diffusers' order: the same numbers.
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels_last):
+    """passes only (no kernels): attention without its division by 1, transformer outputs in
+    their residual's layout. NCHW: diffusers' numbers bit for bit. channels_last stays so,
+    and differs only by the rounding of torch's kernels on the other layout (the fp64 rule)."""
+    module = load(tiny_model, "sd2", "unet")  # linear projections: the other output path
+    module64 = load(tiny_model, "sd2", "unet", torch.float64)
+    ref64 = run_unet(module64, unet_inputs(module64, 2, torch.float64))
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    module = module.to(memory_format=memory_format)
+    sample, t, hidden = unet_inputs(module, 2, torch.float32)
+    inputs = (sample.contiguous(memory_format=memory_format), t, hidden)
+    expected = run_unet(module, inputs)
+    outputs = []
+    for m in module.modules():
+        if type(m).__name__ == "Transformer2DModel":
+            m.register_forward_hook(lambda _m, _args, out: outputs.append(out[0]))
+
+    _, report = patch(module, group_norm=False, attention=False)
+    assert report.group_norm == report.group_norm_silu == 0
+    assert report.attention == expected_counts(module)["attention"]
+    assert not any(p.kernel for p in module.attn_processors.values())
+    outputs.clear()
+    got = run_unet(module, inputs)
+    if channels_last:
+        assert_matches_ref(got, expected, ref64, "sd2 U-Net channels_last, passes dropped")
+    else:
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    assert outputs and all(o.is_contiguous(memory_format=memory_format) for o in outputs)
+
+
+def test_a_later_patch_puts_sdpa_processors_on_the_kernel_and_unpatch_undoes_both(tiny_model):
+    module = load(tiny_model, "sd1", "unet")
+    original = {name: type(p) for name, p in module.attn_processors.items()}
+    _, first = patch(module, group_norm=False, attention=False)
+    _, second = patch(module, group_norm=False, attention=True)
+    assert first.attention == second.attention > 0 and second.transformer_outputs == 0
+    assert all(p.kernel for p in module.attn_processors.values())
+    unpatch(module)
+    assert {name: type(p) for name, p in module.attn_processors.items()} == original
+    assert not any("_get_output_for_continuous_inputs" in vars(m) for m in module.modules())
+
+
+def test_patched_unet_compiles_in_one_graph(tiny_model):
+    """torch.compile sees through every swap (custom ops, FusedResnetBlock, the processor,
+    the transformers' output method): no graph break, the same numbers as eager."""
+    module = load(tiny_model, "sd1", "unet").to(memory_format=torch.channels_last)
+    patch(module)
+    sample, t, hidden = unet_inputs(module, 1, torch.float32)
+    inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(run_unet(compiled, inputs), run_unet(module, inputs))

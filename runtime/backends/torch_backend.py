@@ -14,8 +14,9 @@ On a CUDA device, by default:
 - channels_last U-Net and VAE;
 - cuDNN picks each convolution's algorithm by timing it once per shape (`cudnn.benchmark`,
   set during this backend's calls only and restored after: its shapes are static);
-- fewstep's fused GroupNorm+SiLU kernel swapped in (`fewstep.kernels.patch`); its attention
-  kernel with `kernels=True` (slower than cuDNN's SDPA on an H200, see DEFAULT_CUDA_KERNELS);
+- fewstep's fused GroupNorm+SiLU kernel swapped in (`fewstep.kernels.patch`, which also
+  drops passes that change no value); its attention kernel with `kernels=True` (slower than
+  cuDNN's SDPA on an H200, see DEFAULT_CUDA_KERNELS);
 - the text encoder, the U-Net step and the VAE decoder captured as CUDA graphs, one per
   static input signature (shapes and dtypes), on first use: two warm-up runs on a side
   stream, then the capture, checked once against the eager warm-up; later calls copy into
