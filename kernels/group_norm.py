@@ -59,6 +59,7 @@ which runs programs one after another.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -395,6 +396,7 @@ class LaunchPlan:
     s_per_prog: int  # a multiple of block_s
 
 
+@functools.lru_cache(maxsize=4096)  # a pure function of its arguments, on every eager call
 def plan_launch(
     shape: tuple[int, ...],
     num_groups: int,
@@ -545,6 +547,7 @@ def group_norm(
     )
     hw, cpg = x[0, 0].numel(), x.shape[1] // num_groups
     y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
+    stride_ys = spatial_stride(y)  # x's, unless x is not dense (a slice of channels)
     ib = x if input_bias is None else input_bias.contiguous()  # x: a placeholder, never read
     meta: dict = dict(
         HAS_WEIGHT=weight is not None,
@@ -574,8 +577,8 @@ def group_norm(
         grid = (plan.blocks, plan.split)
         args = (x, y, weight if weight is not None else x, bias if bias is not None else x, ib)
         args += (partials, words, num_groups, hw, cpg, plan.s_per_prog, plan.split, eps)
-        args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), spatial_stride(y))
-        kwargs = dict(meta, BLOCK_SPLIT=triton.next_power_of_2(plan.split), MODE=mode)
+        args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), stride_ys)
+        kwargs = dict(meta, BLOCK_SPLIT=1 << (plan.split - 1).bit_length(), MODE=mode)
         if mode == _GRID_SYNC.value:
             kwargs["launch_cooperative_grid"] = True
         if warmup:  # compiles without running

@@ -164,6 +164,20 @@ def test_group_norm_silu_matches_fp64(shape, groups, channels_last, dtype):
     assert_matches_ref(got, expected, ref64, f"group_norm {shape} {dtype}")
 
 
+@pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
+def test_group_norm_of_a_channel_slice(channels_last):
+    """x not dense (channels 16..79 of a wider tensor): y is allocated dense, with other
+    strides than x's, and the kernel must write it by its own."""
+    wide, weight, bias = _group_norm_inputs((2, 96, 5, 7), channels_last, torch.float32)
+    x = wide[:, 16:80]
+    got = group_norm(x, 32, weight[:64], bias[:64], activation="silu")
+    ref64 = group_norm_ref(
+        x.double(), 32, weight[:64].double(), bias[:64].double(), activation="silu"
+    )
+    expected = _group_norm_torch(x, 32, weight[:64], bias[:64], "silu")
+    assert_matches_ref(got, expected, ref64, "group_norm of a channel slice")
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_group_norm_plain_no_affine(dtype):
     x, _, _ = _group_norm_inputs((2, 64, 6, 10), False, dtype)
