@@ -682,7 +682,7 @@ from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group
 assert not INTERPRETED
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block, bytes (A100, H100)
 
-def build(fn, dtype, consts, cc, **options):
+def build(fn, dtype, consts, cc, aligned=False, **options):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -691,10 +691,22 @@ def build(fn, dtype, consts, cc, **options):
             sig[name] = {"partial_ptr": "*fp32", "sem_ptr": "*i32"}.get(name, "*" + dtype)
         else:
             sig[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
-    kernel = triton.compile(ASTSource(fn, sig, consts), target=GPUTarget("cuda", cc, 32),
+    # aligned: pointers and strides divisible by 16, as a launch specializes them for SD's
+    # shapes (strides of H·D = 320, 640, 1280 elements)
+    attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
+             if aligned and (name.endswith("_ptr") or name.startswith("stride"))}
+    kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                             options=options)
     assert kernel.metadata.shared <= SHARED_LIMIT[cc], (fn.__name__, dtype, consts, cc)
     return kernel.asm["ptx"]
+
+def key_loop(ptx):  # the PTX between the longest loop's label and its backward branch
+    labels = {m.group(1): m.start() for m in re.finditer(r"^(\$L__\w+):", ptx, re.M)}
+    branches = re.finditer(r"bra(?:\.uni)?\s+(\$L__\w+);", ptx)
+    loops = [(labels[m.group(1)], m.start()) for m in branches
+             if labels.get(m.group(1), len(ptx)) < m.start()]
+    start, end = max(loops, key=lambda loop: loop[1] - loop[0])
+    return ptx[start:end]
 
 for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     size = 4 if dtype == "fp32" else 2
@@ -704,13 +716,19 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
         # the first config must fit an A100; the autotuner skips the others where they don't
         for i, (bm, bn, warps, stages) in enumerate(configs if cc == 90 else configs[:1]):
             for (block_d, block_dr), even in itertools.product(blocks[lanes], (True, False)):
+                # uneven: 8 lanes short of the blocks, as SD's 40 in 32 + 16
+                head_dim = block_d + block_dr - (0 if even else 8)
                 consts = dict(BLOCK_M=bm, BLOCK_N=bn, BLOCK_D=block_d, BLOCK_DR=block_dr,
-                              INTERPRETER_BF16=False,
+                              D=head_dim, INTERPRETER_BF16=False,
                               DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                               EVEN_N=even, EVEN_D=even)
                 if elem == size:
-                    build(_attention_fwd_kernel, dtype, consts, cc, num_warps=warps,
-                          num_stages=stages)
+                    ptx = build(_attention_fwd_kernel, dtype, consts, cc, aligned=True,
+                                num_warps=warps, num_stages=stages)
+                    # pipelined (stages > 1), K and V blocks reach shared memory by
+                    # asynchronous copies, masked lanes too: no load waits in the key loop
+                    loop = key_loop(ptx)
+                    assert stages == 1 or ("cp.async" in loop and "ld.global" not in loop), consts
     # (groups per program, channels): NCHW's one group, channels_last's rows of groups
     for (block_g, block_c), affine, silu in (((1, 16), True, True), ((8, 16), False, False)):
         tile = dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_S=_TILE_GPU // (block_g * block_c),
