@@ -682,7 +682,7 @@ from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group
 assert not INTERPRETED
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block, bytes (A100, H100)
 
-def build(fn, dtype, consts, cc, aligned=False, **options):
+def build(fn, dtype, consts, cc, aligned=(), **options):
     sig = {}
     for name in fn.arg_names:
         if name in consts:
@@ -691,10 +691,14 @@ def build(fn, dtype, consts, cc, aligned=False, **options):
             sig[name] = {"partial_ptr": "*fp32", "sem_ptr": "*i32"}.get(name, "*" + dtype)
         else:
             sig[name] = "fp32" if name in ("eps", "qk_scale") else "i32"
-    # aligned: pointers and strides divisible by 16, as a launch specializes them for SD's
-    # shapes (strides of H·D = 320, 640, 1280 elements)
+    # aligned: name prefixes of the integer arguments that a launch on SD's shapes finds
+    # divisible by 16 and specializes (strides of H·D = 320, 640, 1280 elements; 64² pixels),
+    # pointers too
+    def divisible(name):
+        specialized = name.endswith("_ptr") or name.startswith(aligned)
+        return aligned and name not in consts and specialized
     attrs = {(i,): [["tt.divisibility", 16]] for i, name in enumerate(fn.arg_names)
-             if aligned and (name.endswith("_ptr") or name.startswith("stride"))}
+             if divisible(name)}
     kernel = triton.compile(ASTSource(fn, sig, consts, attrs), target=GPUTarget("cuda", cc, 32),
                             options=options)
     assert kernel.metadata.shared <= SHARED_LIMIT[cc], (fn.__name__, dtype, consts, cc)
@@ -723,23 +727,30 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
                               DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
                               EVEN_N=even, EVEN_D=even)
                 if elem == size:
-                    ptx = build(_attention_fwd_kernel, dtype, consts, cc, aligned=True,
+                    ptx = build(_attention_fwd_kernel, dtype, consts, cc, aligned=("stride",),
                                 num_warps=warps, num_stages=stages)
                     # pipelined (stages > 1), K and V blocks reach shared memory by
                     # asynchronous copies, masked lanes too: no load waits in the key loop
                     loop = key_loop(ptx)
                     assert stages == 1 or ("cp.async" in loop and "ld.global" not in loop), consts
-    # (groups per program, channels): NCHW's one group, channels_last's rows of groups
+    # (groups per program, channels): NCHW's one group, channels_last's rows of groups, with
+    # SD's 10 channels per group and the unit stride a launch specializes
     for (block_g, block_c), affine, silu in (((1, 16), True, True), ((8, 16), False, False)):
+        unit = ("stride_xs", "stride_ys") if block_g == 1 else ("stride_xc", "stride_yc")
         tile = dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_S=_TILE_GPU // (block_g * block_c),
-                    HAS_INPUT_BIAS=affine)
-        build(_group_norm_stats_kernel, dtype, tile, cc, num_warps=4)
+                    HAS_INPUT_BIAS=affine, CPG=10, **{name: 1 for name in unit})
+        stats_tile = {k: v for k, v in tile.items() if k not in ("stride_ys", "stride_yc")}
+        aligned = ("stride", "HW", "S_PER_PROG")
+        build(_group_norm_stats_kernel, dtype, stats_tile, cc, aligned=aligned, num_warps=4)
         # modes: from partials, one pass, grid sync (a cooperative launch)
         for mode, warps in ((0, 4), (1, 4), (1, 8), (2, 4), (2, 8)):
             consts = dict(HAS_WEIGHT=affine, HAS_BIAS=affine, SILU=silu, INTERPRETER_BF16=False,
                           BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 16, **tile)
-            ptx = build(_group_norm_fwd_kernel, dtype, consts, cc, num_warps=warps,
-                        launch_cooperative_grid=mode == 2)
+            ptx = build(_group_norm_fwd_kernel, dtype, consts, cc, aligned=aligned,
+                        num_warps=warps, launch_cooperative_grid=mode == 2)
+            # a group's channels are a constant: y goes out in vectors (channels_last: of a
+            # group's 10 channels, 2 at a time), never one 16-bit element per store
+            assert dtype == "fp32" or not re.search(r"st\.global[\w:.]*\.b16", ptx), consts
             if mode == 2:  # the barrier: one arrival per program (an atomic under a predicate:
                 # one thread's), released on arriving, acquired on polling
                 arrivals = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.release\.add\.u32", ptx)
