@@ -3,22 +3,22 @@
 One run, in order (each section writes the JSON so far, so a run cut short still reports):
 
 0. checks: fewstep.kernels against fp64 references at full-size SD1.5/SD2 shapes (fp16 and
-   bf16, NCHW and channels_last, GroupNorm in its default form and in two launches; the
+   bf16, NCHW and channels_last, GroupNorm in its default form and in two launches, GEGLU; the
    rule of tests/test_kernels.py: err_kernel <= 2 · err_torch_same_precision + one
    rounding step).
 1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s, against
    a copy of the same tensor and a 1 GiB copy; a sweep of its launch knobs), fused attention
    vs F.scaled_dot_product_attention under each of its flash, memory-efficient and cuDNN
    backends (TFLOP/s), and with its head dim as one padded block against two (the default),
-   SD1.5 512² shapes, fp16 (benchmarks/kernels_bench.py's cases). Each
-   is timed twice: launched eagerly, and 20 calls captured in a CUDA graph (device time,
-   what the runtime's graphs see).
+   fused GEGLU vs h * F.gelu(g) (GB/s), SD1.5 512² shapes, fp16 (benchmarks/kernels_bench.py's
+   cases). Each is timed twice: launched eagerly, and 20 calls captured in a CUDA graph
+   (device time, what the runtime's graphs see).
 2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
-   (its defaults, then with GroupNorm in two launches, with all kernels, none, no CUDA
-   graphs, compile=True; a device-time profile by kernel of the defaults without CUDA
-   graphs) and last torch.compile of the same module (channels_last; compile time
-   reported apart). Every variant's output is also checked against the U-Net in fp64
+   (its defaults, then with GroupNorm in two launches, with the fused GEGLU too, with all
+   kernels, none, no CUDA graphs, compile=True; a device-time profile by kernel of the
+   defaults without CUDA graphs) and last torch.compile of the same module (channels_last;
+   compile time reported apart). Every variant's output is also checked against the U-Net in fp64
    with the rule above.
 3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
    random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
@@ -80,7 +80,14 @@ import triton  # noqa: E402
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import kernels_bench  # noqa: E402
 
-from fewstep.kernels import attention, attention_ref, group_norm, group_norm_ref  # noqa: E402
+from fewstep.kernels import (  # noqa: E402
+    attention,
+    attention_ref,
+    geglu,
+    geglu_ref,
+    group_norm,
+    group_norm_ref,
+)
 
 # the module, whose name the package gives to its function
 group_norm_module = importlib.import_module("fewstep.kernels.group_norm")
@@ -337,6 +344,13 @@ ATTN_CHECKS_SMALL = [
     ("self-scaled", 1, 2, 256, 256, 40, torch.float32),
     ("cross-scaled", 1, 2, 256, 77, 40, torch.float16),
 ]
+# (name, shape of the feed-forward projection's output [B, L, 2·I], dtype)
+GEGLU_CHECKS_GPU = [
+    ("sd15-down0", (2, 4096, 2 * 1280), torch.float16),
+    ("sd15-down2", (2, 256, 2 * 5120), torch.float16),
+    ("sd15-down0-bf16", (2, 4096, 2 * 1280), torch.bfloat16),
+]
+GEGLU_CHECKS_SMALL = [("sd15-down0-scaled", (2, 64, 2 * 80), torch.float32)]
 
 
 def check_kernels(device: torch.device, small: bool) -> list[dict]:
@@ -360,6 +374,12 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
         out.append({"op": "attention", "name": name, "shape_bhld": [b, h, lq, d], "l_kv": lkv})
         out[-1].update(dtype=str(dtype).removeprefix("torch."), **result)
         del q, k, v, got, same, ref64
+    for name, shape, dtype in GEGLU_CHECKS_SMALL if small else GEGLU_CHECKS_GPU:
+        x = _randn(shape, dtype, device, scale=2.0)
+        h, g = x.chunk(2, dim=-1)
+        result = accuracy(geglu(x), h * F.gelu(g), geglu_ref(x.double()))
+        out.append({"op": "geglu", "name": name, "shape": list(shape), **result})
+        del x, h, g
     _free()
     return out
 
@@ -571,6 +591,51 @@ def head_dim_comparison(case, dtype, device, warmup: int, repeats: int) -> dict:
     return result
 
 
+# (name, shape [B, L, 2·I]): SD1.5's feed-forward activations at 512², batch 2 (CFG)
+GEGLU_CASES_GPU = [
+    ("unet-down0", (2, 4096, 2 * 1280)),
+    ("unet-down1", (2, 1024, 2 * 2560)),
+    ("unet-down2", (2, 256, 2 * 5120)),
+]
+GEGLU_CASES_SMALL = [("unet-down0-scaled", (2, 64, 2 * 80))]
+
+
+def bench_geglu(device: torch.device, small: bool, warmup: int, repeats: int) -> list[dict]:
+    """The fused GEGLU against diffusers' two ops (h * F.gelu(g)): device time in a CUDA
+    graph and achieved GB/s (x read once, y written once), held against a copy of x; on the
+    CPU the interpreter's time (the code path only)."""
+    dtype = torch.float32 if small else torch.float16
+    rows = []
+    for name, shape in GEGLU_CASES_SMALL if small else GEGLU_CASES_GPU:
+        x = _randn(shape, dtype, device, scale=2.0)
+        h, g = x.chunk(2, dim=-1)
+        y = torch.empty_like(x)
+        calls = {
+            "kernel": lambda x=x: geglu(x),
+            "torch": lambda h=h, g=g: h * F.gelu(g),
+            "copy_of_x": lambda x=x, y=y: y.copy_(x),
+        }
+        if device.type == "cuda":
+            ms = {what: graphed_ms(call, device, repeats) for what, call in calls.items()}
+        else:
+            ms = {what: timed(call, warmup, repeats, device)["p50"] for what, call in calls.items()}
+        gbytes = 1.5 * x.numel() * x.element_size() / 1e9
+        rows.append(
+            {
+                "name": name,
+                "shape": list(shape),
+                "ms": ms,
+                "kernel_gb_per_s": gbytes / (ms["kernel"] / 1e3),
+                "speedup": ms["torch"] / ms["kernel"],
+                # a copy moves 2 bytes per byte of x, the kernel 1.5
+                "fraction_of_copy": 0.75 * ms["copy_of_x"] / ms["kernel"],
+            }
+        )
+        del x, h, g, y
+    _free()
+    return rows
+
+
 def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
     dtype = torch.float32 if small else torch.float16
     gn_cases = kernels_bench.GROUP_NORM_CPU if small else kernels_bench.GROUP_NORM_CUDA
@@ -640,6 +705,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
         "group_norm": group_norm_rows,
         "attention": attention_rows,
         "attention_tuned_configs": tuned,
+        "geglu": bench_geglu(device, small, warmup, repeats),
     }
 
 
@@ -649,7 +715,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    kernels: bool | None  # None: the backend's default for the device
+    kernels: bool | None | tuple[str, ...]  # None: the backend's default for the device
     cuda_graphs: bool
     channels_last: bool = True
     compile: bool = False
@@ -661,6 +727,7 @@ class Variant:
 GPU_VARIANTS = (
     Variant("fewstep", kernels=None, cuda_graphs=True),  # the defaults: GroupNorm kernel, graphs
     Variant("fewstep-two-launch-group-norm", None, cuda_graphs=True, two_launch_group_norm=True),
+    Variant("fewstep-geglu", kernels=("group_norm", "geglu"), cuda_graphs=True),
     Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs (the profiler sees a graph replay as one event): the defaults'
@@ -1062,6 +1129,12 @@ def format_table(results: dict[str, Any]) -> str:
                 f"  {'':<42} head dim as {split['split']}: {split['split_ms']:7.3f}, one padded "
                 f"block {split['padded']}: {split['padded_ms']:7.3f}"
                 f"  x{split['padded_over_split']:.2f}"
+            )
+        for r in kern.get("geglu", []):
+            lines.append(
+                f"  geglu {r['name']:<36} kernel {r['ms']['kernel']:7.3f} "
+                f"({r['kernel_gb_per_s']:6.0f} GB/s, {r['fraction_of_copy']:.0%} of a copy)"
+                f"  torch {r['ms']['torch']:7.3f}  x{r['speedup']:.2f}"
             )
     unet = results.get("unet")
     if unet:

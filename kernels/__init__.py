@@ -2,8 +2,9 @@
 
 - `group_norm` / `group_norm_ref`: fused GroupNorm (+ SiLU), NCHW and channels_last.
 - `attention` / `attention_ref`: flash-style attention forward, SDPA layout.
-- `group_norm_op` / `attention_op`: the same as torch custom ops
-  (`torch.ops.fewstep.group_norm`, `torch.ops.fewstep.attention`) that fall back
+- `geglu` / `geglu_ref`: h · gelu(g) over a projection's two halves, in one pass.
+- `group_norm_op` / `attention_op` / `geglu_op`: the same as torch custom ops
+  (`torch.ops.fewstep.group_norm`, `.attention`, `.geglu`) that fall back
   to torch for unsupported inputs or when FEWSTEP_DISABLE_KERNELS=1; this is
   what models call.
 - `patch` / `unpatch`: swap the ops into a diffusers U-Net or VAE, in place
@@ -24,11 +25,14 @@ if __name__ == "kernels":
     _sys.modules[__name__] = _importlib.import_module("fewstep.kernels")
 else:
     from .attention import attention, attention_ref
+    from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
     from .ops import (
         attention_fallback_reason,
         attention_op,
         attention_supported,
+        geglu_fallback_reason,
+        geglu_op,
         group_norm_fallback_reason,
         group_norm_op,
         group_norm_supported,
@@ -43,6 +47,10 @@ __all__ = [
     "attention_op",
     "attention_ref",
     "attention_supported",
+    "geglu",
+    "geglu_fallback_reason",
+    "geglu_op",
+    "geglu_ref",
     "group_norm",
     "group_norm_fallback_reason",
     "group_norm_op",

@@ -8,7 +8,7 @@ Triton's launcher, and CUDA graphs capture its launches like any other op
 Each op first validates its arguments (a ValueError for input no
 implementation accepts), then asks the guard. Inputs the kernel does not
 support run the plain torch op instead (F.group_norm (+ F.silu),
-F.scaled_dot_product_attention) in their own precision, and the reason is
+F.scaled_dot_product_attention, h * F.gelu(g)) in their own precision, and the reason is
 logged once per distinct reason on the "fewstep.kernels" logger. Setting
 FEWSTEP_DISABLE_KERNELS=1 makes every call take the fallback (read per call).
 
@@ -30,6 +30,8 @@ import torch.nn.functional as F
 from ._interpreter import device_problem
 from .attention import DTYPES as ATTENTION_DTYPES
 from .attention import MAX_HEAD_DIM, attention, attention_output_like, check_attention_args
+from .geglu import DTYPES as GEGLU_DTYPES
+from .geglu import check_geglu_args, geglu
 from .group_norm import DTYPES as GROUP_NORM_DTYPES
 from .group_norm import check_group_norm_args, group_norm, spatial_stride
 
@@ -203,3 +205,34 @@ def attention_op(
 def _attention_fake(q, k, v, scale=None):
     check_attention_args(q, k, v)
     return attention_output_like(q)
+
+
+# GEGLU ----------------------------------------------------------------------
+
+
+def geglu_fallback_reason(x: torch.Tensor) -> str | None:
+    """Why `fewstep::geglu` would run torch instead of the kernel; None if it won't."""
+    reason = _common_reason({"x": x}, GEGLU_DTYPES)
+    if reason is not None:
+        return reason
+    if x.numel() // x.shape[-1] > _INT32_MAX:
+        return "more than 2**31 rows"
+    return None
+
+
+@torch.library.custom_op("fewstep::geglu", mutates_args=())
+def geglu_op(x: torch.Tensor) -> torch.Tensor:
+    """h · gelu(g) for x's halves [h, g] on its last dim: the fused kernel, or torch."""
+    check_geglu_args(x)
+    reason = geglu_fallback_reason(x)
+    if reason is None:
+        return geglu(x)
+    _log_fallback_once("geglu", reason)
+    h, g = x.chunk(2, dim=-1)
+    return h * F.gelu(g)  # diffusers' GEGLU, op for op
+
+
+@geglu_op.register_fake
+def _geglu_fake(x):
+    check_geglu_args(x)
+    return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)

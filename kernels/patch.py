@@ -22,6 +22,9 @@ this file imports torch only):
   `fewstep::attention` (or, with `attention=False`, SDPA still), and no division of its
   output by a `rescale_output_factor` of 1 (a pass that changes nothing). Custom processors
   (IP-adapter, LoRA, …) are left alone.
+- `GEGLU` activations (diffusers' models/activations.py: the transformer blocks'
+  feed-forward) → `FusedGEGLU`: their projection, then `fewstep::geglu` in place of the
+  split, F.gelu and product (two elementwise kernels).
 - `Transformer2DModel`s (continuous inputs) give their output in the residual's memory
   format: in a channels_last model their tokens [B, H·W, C] already are channels_last
   [B, C, H, W], and diffusers' `.contiguous()` made an NCHW copy that the next convolution
@@ -50,13 +53,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention_op, group_norm_op
+from .ops import attention_op, geglu_op, group_norm_op
 
 RESNET_CLASSES = ("ResnetBlock2D",)
 # Classes whose forward runs `conv_norm_out` then `conv_act` back to back.
 NORM_OUT_CLASSES = ("UNet2DConditionModel", "Encoder", "Decoder")
 ATTENTION_CLASSES = ("Attention",)
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
+GEGLU_CLASSES = ("GEGLU",)
 # Processors whose math FewstepAttnProcessor reproduces.
 REPLACEABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
@@ -72,6 +76,7 @@ class PatchReport:
     attention: int = 0  # attention processors now FewstepAttnProcessor
     resnet_blocks: int = 0  # ResNet blocks now FusedResnetBlock
     transformer_outputs: int = 0  # Transformer2DModels now keeping their residual's layout
+    geglu: int = 0  # GEGLU activations now FusedGEGLU
 
     @property
     def total(self) -> int:
@@ -144,6 +149,18 @@ class FusedResnetBlock(nn.Module):
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         out = shortcut + hidden
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+class FusedGEGLU(nn.Module):
+    """diffusers' GEGLU as its own projection, then `fewstep::geglu` (h · gelu(g) in one
+    pass) for the split, GELU and product."""
+
+    def __init__(self, geglu: nn.Module):
+        super().__init__()
+        self.proj = geglu.proj  # the original Linear, under its own name
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return geglu_op(self.proj(hidden_states))
 
 
 class FewstepAttnProcessor:
@@ -294,7 +311,11 @@ def _runs_as_fused_block(block: nn.Module) -> bool:
 
 
 def patch(
-    module: nn.Module, group_norm: bool = True, attention: bool = True, passes: bool = True
+    module: nn.Module,
+    group_norm: bool = True,
+    attention: bool = True,
+    passes: bool = True,
+    geglu: bool = True,
 ) -> tuple[nn.Module, PatchReport]:
     """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
 
@@ -302,6 +323,7 @@ def patch(
     attention: AttnProcessor2_0 / AttnProcessor processors on the attention kernel.
     passes: drop passes that change no value (attention's division by 1, Transformer2D
     outputs' layout round trip), with `FewstepAttnProcessor` on SDPA where not `attention`.
+    geglu: GEGLU activations on the fused kernel.
     Returns (module, what this call swapped). Calling it again swaps nothing.
     """
     record: list = getattr(module, _RECORD, [])
@@ -344,6 +366,13 @@ def patch(
                 record.append(("processor", sub, "processor", processor))
                 sub.set_processor(FewstepAttnProcessor(kernel=attention))
                 report.attention += 1
+    if geglu:
+        for sub in list(module.modules()):
+            for attr, child in list(sub.named_children()):
+                linear = type(getattr(child, "proj", None)) is nn.Linear
+                if _name(child) in GEGLU_CLASSES and linear:
+                    _swap(record, sub, attr, FusedGEGLU(child))
+                    report.geglu += 1
     if passes:
         for sub in module.modules():
             if (

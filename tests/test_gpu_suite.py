@@ -56,6 +56,13 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     for row in results["kernels"]["attention"]:  # d 40: 32 + 16 lanes against 64
         assert row["head_dim_blocks"]["split"] == [32, 16]
         assert row["head_dim_blocks"]["padded_ms"] > 0
+    assert {c["op"] for c in results["checks"]["kernels"]} == {
+        "group_norm_silu",
+        "attention",
+        "geglu",
+    }
+    (geglu_row,) = results["kernels"]["geglu"]
+    assert geglu_row["ms"]["kernel"] > 0 and geglu_row["kernel_gb_per_s"] > 0
     unet = results["unet"]
     assert {"diffusers_eager", "fewstep"} <= set(unet["variants"])
     assert "fewstep-kernels-interpreted" in unet["checks"]  # the kernels ran in the model

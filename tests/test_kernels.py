@@ -35,6 +35,10 @@ from fewstep.kernels import (
     attention_fallback_reason,
     attention_op,
     attention_ref,
+    geglu,
+    geglu_fallback_reason,
+    geglu_op,
+    geglu_ref,
     group_norm,
     group_norm_fallback_reason,
     group_norm_op,
@@ -474,6 +478,45 @@ def test_attention_writes_every_output(monkeypatch):
     assert not torch.isnan(attention(q.contiguous(), k, v)).any()
 
 
+# GEGLU ----------------------------------------------------------------------
+
+GEGLU_CASES = [
+    # x's shape [B, L, 2·I]: a feed-forward's projection output
+    pytest.param((2, 64, 2 * 80), id="sd15-down0-scaled"),  # (2, 4096, 2 * 1280)
+    pytest.param((1, 77, 2 * 24), id="odd-rows-and-width"),
+    pytest.param((3, 2 * 300), id="2d-wider-than-a-tile"),
+]
+
+
+def _geglu_input(shape, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.randn(shape, generator=gen) * 2).to(dtype)  # gates well past ±3
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", GEGLU_CASES)
+def test_geglu_matches_fp64(shape, dtype):
+    x = _geglu_input(shape, dtype)
+    h, g = x.chunk(2, dim=-1)
+    torch_out = h * F.gelu(g)  # diffusers' GEGLU in x's precision
+    got = geglu(x)
+    assert got.is_contiguous() and got.shape == torch_out.shape
+    assert_matches_ref(got, torch_out, geglu_ref(x.double()), f"geglu {shape} {dtype}")
+
+
+def test_geglu_strided_rows_nan_and_every_output(monkeypatch):
+    wide = _geglu_input((2, 9, 2 * 48 + 16), torch.float32)
+    x = wide[..., 8 : 8 + 2 * 48]  # rows strided past their width
+    x[1, 3, 5] = float("nan")  # an h: its output is NaN, the others are not
+    _poison_allocations(monkeypatch)
+    got = geglu(x)
+    expected = geglu_ref(x.double())
+    assert torch.isnan(got[1, 3, 5]) and torch.isnan(got).sum() == 1
+    assert_matches_ref(got, geglu_ref(x), expected, "geglu of strided rows")
+    with pytest.raises(ValueError, match="last dim must be even"):
+        geglu(torch.randn(2, 7))
+
+
 # Custom ops, guard and fallback ----------------------------------------------
 
 
@@ -486,8 +529,8 @@ def _forbid_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton kernel ran; the fallback was expected")
 
-    monkeypatch.setattr(kernel_ops, "group_norm", boom)
-    monkeypatch.setattr(kernel_ops, "attention", boom)
+    for name in ("group_norm", "attention", "geglu"):
+        monkeypatch.setattr(kernel_ops, name, boom)
 
 
 def test_ops_run_the_kernels_when_supported(monkeypatch):
@@ -628,6 +671,30 @@ def test_opcheck_group_norm():
     torch.library.opcheck(group_norm_op, (x, 4, weight, bias, 1e-5, "silu", torch.randn(1, 16)))
 
 
+@pytest.mark.parametrize(
+    ("case", "reason"),
+    [("float64", "dtype torch.float64"), ("disabled", "disabled by FEWSTEP_DISABLE_KERNELS")],
+)
+def test_geglu_op_runs_the_kernel_or_falls_back_to_diffusers_math(
+    monkeypatch, fresh_fallback_log, case, reason
+):
+    x = _geglu_input((2, 5, 2 * 24), torch.float32)
+    assert geglu_fallback_reason(x) is None
+    torch.testing.assert_close(geglu_op(x), geglu(x), rtol=0, atol=0)
+    if case == "float64":
+        x = x.double()
+    else:
+        monkeypatch.setenv(kernel_ops.DISABLE_ENV, "1")
+    assert reason in geglu_fallback_reason(x)
+    _forbid_kernels(monkeypatch)
+    h, g = x.chunk(2, dim=-1)
+    torch.testing.assert_close(geglu_op(x), h * F.gelu(g), rtol=0, atol=0)
+
+
+def test_opcheck_geglu():
+    torch.library.opcheck(geglu_op, (_geglu_input((2, 3, 2 * 16), torch.float32),))
+
+
 def test_opcheck_attention():
     q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float32)
     torch.library.opcheck(attention_op, (q, k, v, None))
@@ -638,11 +705,14 @@ def test_compile_sees_through_the_ops():
     x, weight, bias = _group_norm_inputs((1, 16, 4, 5), True, torch.float32)
     q, k, v = _attention_inputs(1, 2, 16, 77, 40, torch.float32)
 
-    def block(x, q, k, v):
-        return group_norm_op(x, 4, weight, bias, 1e-5, "silu") * 2, attention_op(q, k, v) + 1
+    ff = _geglu_input((1, 8, 2 * 16), torch.float32)
+
+    def block(x, q, k, v, ff):
+        gn = group_norm_op(x, 4, weight, bias, 1e-5, "silu") * 2
+        return gn, attention_op(q, k, v) + 1, geglu_op(ff) - 1
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # no graph break
-    for got, expected in zip(compiled(x, q, k, v), block(x, q, k, v), strict=True):
+    for got, expected in zip(compiled(x, q, k, v, ff), block(x, q, k, v, ff), strict=True):
         assert torch.equal(got, expected)
 
 
@@ -677,6 +747,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 from fewstep.kernels._interpreter import INTERPRETED
 from fewstep.kernels.attention import GPU_CONFIGS, _attention_fwd_kernel
+from fewstep.kernels.geglu import _GPU_TILE, _geglu_kernel
 from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group_norm_stats_kernel
 
 assert not INTERPRETED
@@ -756,6 +827,11 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
                 arrivals = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.release\.add\.u32", ptx)
                 assert len(arrivals) == 1 and all(arrivals), arrivals
                 assert re.search(r"@%p\d+ (ld|atom)\.global\.gpu\.acquire", ptx)
+    # GEGLU on SD's widths: 16-byte vectors in and out (no 16-bit access left)
+    block_m, block_i, warps = _GPU_TILE
+    consts = dict(BLOCK_M=block_m, BLOCK_I=block_i, INTERPRETER_BF16=False)
+    ptx = build(_geglu_kernel, dtype, consts, cc, aligned=("inner", "stride"), num_warps=warps)
+    assert dtype == "fp32" or not re.search(r"(ld|st)\.global[\w:.]*\.b16", ptx), ptx[-2000:]
 print("compiled")
 """
 

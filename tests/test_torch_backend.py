@@ -230,9 +230,9 @@ def test_kernels_in_interpreter_match_within_kernel_error(tiny_model, pipelines,
 
     expected = ref64("a red cat", **kwargs).images
     torch_fp32 = fp32("a red cat", **kwargs).images
-    assert kernel_calls == {"group_norm": 0, "attention": 0}
+    assert kernel_calls == {"group_norm": 0, "attention": 0, "geglu": 0}
     got = patched("a red cat", **kwargs).images
-    assert kernel_calls["group_norm"] > 0 and kernel_calls["attention"] > 0  # no fallbacks
+    assert all(calls > 0 for calls in kernel_calls.values())  # every kernel ran, no fallbacks
 
     err_torch = max_error(torch_fp32, expected)
     err_kernel = max_error(got, expected)
@@ -340,12 +340,15 @@ def test_cuda_graphs_and_kernels_match_eager_fp16(tiny_model, family):
     eager = Pipeline.from_pretrained(
         tiny_model(family), backend="torch", device="cuda", kernels=False, cuda_graphs=False
     )
-    fast = Pipeline.from_pretrained(tiny_model(family), backend="torch", device="cuda")
     expected = eager("a red cat", **kwargs).images
-    got = fast("a red cat", **kwargs).images
-    again = fast("a red cat", **kwargs).images  # replays the captured graphs
-    assert fast.backend.capture_ms and np.array_equal(got, again)
-    assert np.abs(got - expected).max() <= 2e-2  # fp16: one image step is 1/255
+    for kernels in (None, True):  # the defaults, then every kernel
+        fast = Pipeline.from_pretrained(
+            tiny_model(family), backend="torch", device="cuda", kernels=kernels
+        )
+        got = fast("a red cat", **kwargs).images
+        again = fast("a red cat", **kwargs).images  # replays the captured graphs
+        assert fast.backend.capture_ms and np.array_equal(got, again)
+        assert np.abs(got - expected).max() <= 2e-2  # fp16: one image step is 1/255
 
 
 def test_compile_matches_eager_on_cpu(tmp_path):
