@@ -484,7 +484,7 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
     cpg = shape[1] // groups
     if channels_last:  # the default's rows of whole groups against one group per program
         forms.insert(1, ("default", None, None, None, {"groups_per_program": 1}))
-    elif cpg & -cpg != min(triton.next_power_of_2(cpg), 64):
+    if cpg & -cpg != min(triton.next_power_of_2(cpg), 64):
         # tiles of whole channels (a power of 2 dividing the group's) against padded ones
         whole = {"channel_block": min(cpg & -cpg, 64)}
         forms += [("two-launch", 4, 2048, 4, whole), ("grid-sync", 4, 2048, 4, whole)]

@@ -44,7 +44,8 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     nchw, channels_last = (r["launch_sweep"]["rows"] for r in results["kernels"]["group_norm"])
     assert {r["form"] for r in nchw} == {"default", "two-launch", "one-pass", "grid-sync"}
     assert channels_last[1]["form"] == "default" and channels_last[1]["groups_per_program"] == 1
-    assert [r.get("channel_block") for r in nchw[-2:]] == [2, 2]  # 10 = 2 · 5: whole channels
+    for rows in (nchw, channels_last):  # 10 = 2 · 5: whole channels
+        assert [r.get("channel_block") for r in rows[-2:]] == [2, 2]
     for row in nchw + channels_last:  # fp32: every launch shape stays exact
         if "error" in row:  # a grid sync with a split > 1 needs a GPU
             assert row["form"] == "grid-sync" and "needs a CUDA GPU" in row["error"], row
