@@ -470,7 +470,42 @@ def resident_programs(n_regs: int, shared: int, warps: int, props: Any) -> int:
     return props.multi_processor_count * per_sm
 
 
-_resident: dict[tuple, int] = {}  # compile-time arguments → resident programs
+def fit_grid_sync(
+    plan: LaunchPlan,
+    resident: Any,
+    replan: Any,
+    can_cut: bool,
+    requested: bool,
+) -> LaunchPlan | None:
+    """The plan a grid sync runs: `plan` when its whole grid fits on the GPU at once
+    (`resident(plan)` programs do), else one with a split cut to fit (`replan(split)`; only
+    when `can_cut`, the split not being the caller's), checked again (registers, so what
+    fits, can change with the launch). None: run in two launches. ValueError when the grid
+    sync was `requested` and cannot fit."""
+    while True:
+        fits = resident(plan) // plan.blocks
+        if plan.split <= fits:
+            return plan
+        if can_cut and fits >= (1 if requested else 2):
+            plan = replan(fits)  # a split of at most `fits`: strictly smaller, so this ends
+        elif requested:
+            raise ValueError(
+                f"one_launch: {plan.blocks} group blocks × split {plan.split} programs do "
+                f"not fit on the GPU at once ({resident(plan)} do); pass a smaller split"
+            )
+        else:
+            return None
+
+
+def _specialization(args: tuple) -> tuple:
+    """What Triton specializes a kernel on, or more: every number, and each tensor's dtype
+    and 16-byte alignment. Equal keys, equal compiled kernels."""
+    return tuple(
+        (a.dtype, a.data_ptr() % 16 == 0) if isinstance(a, torch.Tensor) else a for a in args
+    )
+
+
+_resident: dict[tuple, int] = {}  # a grid-sync launch's specialization → resident programs
 _barriers: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) → barrier words
 _outgrown: list[torch.Tensor] = []  # kept: CUDA graphs captured with them still use them
 
@@ -569,32 +604,40 @@ def group_norm(
     if one_launch is None:  # the grid sync where it saves a launch
         one_launch = cuda and plan.split > 1 and x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
     partials = words = x  # placeholder pointers, never read
+    allocated_for = None
 
-    def allocate() -> None:
-        nonlocal partials, words
-        shape = (plan.blocks * plan.groups_per_program, plan.split, 3)
-        partials = torch.empty(shape, device=x.device, dtype=torch.float32)
-        if one_launch:
-            words = _barrier_words(x.device, plan.blocks)
+    def allocate() -> None:  # the partials (and barrier words) of the current plan, once
+        nonlocal partials, words, allocated_for
+        if allocated_for is not plan:
+            shape = (plan.blocks * plan.groups_per_program, plan.split, 3)
+            partials = torch.empty(shape, device=x.device, dtype=torch.float32)
+            if one_launch:
+                words = _barrier_words(x.device, plan.blocks)
+            allocated_for = plan
+
+    def launch_args() -> tuple:
+        args = (x, y, weight if weight is not None else x, bias if bias is not None else x, ib)
+        args += (partials, words, num_groups, hw, cpg, plan.s_per_prog, plan.split, eps)
+        return args + (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), stride_ys)
 
     def forward(mode: int, warmup: bool = False):
         grid = (plan.blocks, plan.split)
-        args = (x, y, weight if weight is not None else x, bias if bias is not None else x, ib)
-        args += (partials, words, num_groups, hw, cpg, plan.s_per_prog, plan.split, eps)
-        args += (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), stride_ys)
         kwargs = dict(meta, BLOCK_SPLIT=1 << (plan.split - 1).bit_length(), MODE=mode)
         if mode == _GRID_SYNC.value:
             kwargs["launch_cooperative_grid"] = True
         if warmup:  # compiles without running
-            return _group_norm_fwd_kernel.warmup(*args, grid=grid, **kwargs)
-        return _group_norm_fwd_kernel[grid](*args, **kwargs)
+            return _group_norm_fwd_kernel.warmup(*launch_args(), grid=grid, **kwargs)
+        return _group_norm_fwd_kernel[grid](*launch_args(), **kwargs)
 
-    if one_launch and cuda:
-        # The grid sync needs the whole grid resident: how much fits depends on the
-        # compiled kernel's registers, so compile it once per set of constants.
-        key = (x.device.index, x.dtype, *meta.values())
+    def resident(candidate: LaunchPlan) -> int:
+        """Programs of the grid-sync kernel compiled for this plan's launch that fit at once.
+        Registers decide it, and Triton specializes the kernel on its arguments (channels
+        per group, unit strides, divisibility): found once per distinct launch."""
+        nonlocal plan
+        plan = candidate
+        allocate()
+        key = (x.device.index, tuple(meta.items()), _specialization(launch_args()))
         if key not in _resident:
-            allocate()
             compiled = forward(_GRID_SYNC.value, warmup=True)
             init = getattr(compiled, "_init_handles", None)  # loads it: sets its n_regs
             if init is not None:
@@ -605,18 +648,19 @@ def group_norm(
                 warps,
                 torch.cuda.get_device_properties(x.device),
             )
-        fits = _resident[key] // plan.blocks
-        if plan.split > fits:
-            if split is None and fits >= (1 if requested else 2):
-                gpp, block_c = plan.groups_per_program, plan.block_c
-                plan = plan_launch(x.shape, num_groups, stride_s, tile, sms, fits, gpp, block_c)
-            elif requested:
-                raise ValueError(
-                    f"one_launch: {plan.blocks} group blocks × split {plan.split} programs do "
-                    f"not fit on the GPU at once ({_resident[key]} do); pass a smaller split"
-                )
-            else:
-                one_launch = False
+        return _resident[key]
+
+    if one_launch and cuda:
+        gpp, block_c = plan.groups_per_program, plan.block_c
+        fitted = fit_grid_sync(
+            plan,
+            resident,
+            lambda fits: plan_launch(x.shape, num_groups, stride_s, tile, sms, fits, gpp, block_c),
+            can_cut=split is None,
+            requested=bool(requested),
+        )
+        one_launch = fitted is not None
+        plan = fitted or plan
     if one_launch:
         allocate()
         forward(_GRID_SYNC.value)

@@ -13,6 +13,7 @@ costs about a millisecond per program), plus odd ones.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import importlib
 import json
 import logging
@@ -166,6 +167,33 @@ def test_group_norm_silu_matches_fp64(shape, groups, channels_last, dtype):
     expected = _group_norm_torch(x, groups, weight, bias, "silu")
     assert got.stride() == x.stride()  # output keeps x's layout
     assert_matches_ref(got, expected, ref64, f"group_norm {shape} {dtype}")
+
+
+def test_grid_sync_is_cut_until_its_whole_grid_fits():
+    """SD1.5's down0 GroupNorm on an H100: 64 group blocks × split 9. What fits depends on the
+    kernel compiled for each launch (here: more registers once the split is cut)."""
+    fit = group_norm_module.fit_grid_sync
+    plan = group_norm_module.plan_launch((2, 320, 64, 64), 32, 1, 2048, 132)
+    replan = functools.partial(group_norm_module.plan_launch, (2, 320, 64, 64), 32, 1, 2048, 132)
+    assert (plan.blocks, plan.split) == (64, 8)
+    # fits as it is
+    assert fit(plan, lambda p: 64 * 8, replan, can_cut=True, requested=False) is plan
+    # cut to 4, where the new launch's kernel holds less: cut again, to 3
+    seen = []
+
+    def shrinking(p):
+        seen.append(p.split)
+        return 64 * 4 if p.split == 8 else 64 * 3
+
+    fitted = fit(plan, shrinking, replan, can_cut=True, requested=False)
+    assert seen == [8, 4, 3] and fitted.split == 3
+    # a split of 1 would do no grid sync's work: two launches instead, unless requested
+    assert fit(plan, lambda p: 64, replan, can_cut=True, requested=False) is None
+    assert fit(plan, lambda p: 64, replan, can_cut=True, requested=True).split == 1
+    # the caller's own split is not cut
+    assert fit(plan, lambda p: 64 * 4, replan, can_cut=False, requested=False) is None
+    with pytest.raises(ValueError, match="do not fit on the GPU at once"):
+        fit(plan, lambda p: 64 * 4, replan, can_cut=False, requested=True)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
