@@ -55,7 +55,8 @@ offsets are int32, the batch offset is int64); empty tensors are not launched
 (ops.py falls back to torch for them). `split` (programs per group block),
 `tile` (elements per tile), `warps`, `one_launch` and `groups_per_program` are
 tuning knobs: on CUDA `split` comes from the SM count, tiles hold 2048 elements,
-and tensors up to ONE_LAUNCH_MAX_ELEMENTS run as one launch; in the interpreter,
+and tensors up to ONE_LAUNCH_MAX_ELEMENTS run as one launch where the grid sync
+passed its first-use check on the device (`grid_sync_works`); in the interpreter,
 split 1 and 16384-element tiles. The grid sync cannot run in the interpreter,
 which runs programs one after another.
 """
@@ -64,6 +65,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import math
 from typing import Any
 
@@ -73,6 +75,8 @@ import triton
 import triton.language as tl
 
 from ._interpreter import INTERPRETED, device_problem, round_to_bf16
+
+logger = logging.getLogger("fewstep.kernels")
 
 ACTIVATIONS = (None, "silu")
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -497,6 +501,41 @@ def fit_grid_sync(
             return None
 
 
+def grid_sync_works(device: torch.device) -> bool:
+    """Whether the default may use the grid sync on this device: checked once per device,
+    on first use, by a small fp16 GroupNorm in both forms, which must agree to fp16 rounding
+    (a barrier that let a program read partials before they were written would be off by
+    far more). A driver that refuses cooperative launches, or a barrier that does not hold,
+    costs the speed of one launch, not a failing model: a warning, and two launches from
+    then on. Not checked inside a CUDA graph capture (it waits for the device): two
+    launches there until it has been."""
+    cuda = device.type == "cuda"
+    key = (
+        device.type,
+        torch.cuda.current_device() if cuda and device.index is None else device.index,
+    )
+    if key not in _grid_sync_ok:
+        if cuda and torch.cuda.is_current_stream_capturing():
+            return False
+        try:
+            generator = torch.Generator(device=device).manual_seed(0)  # not the global one
+            x = torch.randn(2, 64, 32, 32, generator=generator, device=device)
+            x = x.to(torch.float16)
+            synced = group_norm(x, 32, activation="silu", split=4, one_launch=True)
+            two = group_norm(x, 32, activation="silu", split=4, one_launch=False)
+            difference = float((synced.float() - two.float()).abs().max())
+            _grid_sync_ok[key] = difference <= 1e-2  # |y| < 5 here: 1e-2 is a few ulps
+            reason = f"its output differs from two launches' by {difference:.3g}"
+        except Exception as e:  # a refused cooperative launch, a compile error, ...
+            _grid_sync_ok[key] = False
+            reason = f"{type(e).__name__}: {e}"
+        if not _grid_sync_ok[key]:
+            logger.warning(
+                "GroupNorm runs in two launches on %s: the grid sync failed (%s)", device, reason
+            )
+    return _grid_sync_ok[key]
+
+
 def _specialization(args: tuple) -> tuple:
     """What Triton specializes a kernel on, or more: every number, and each tensor's dtype
     and 16-byte alignment. Equal keys, equal compiled kernels."""
@@ -505,6 +544,7 @@ def _specialization(args: tuple) -> tuple:
     )
 
 
+_grid_sync_ok: dict[tuple, bool] = {}  # (device type, index) → grid_sync_works
 _resident: dict[tuple, int] = {}  # a grid-sync launch's specialization → resident programs
 _barriers: dict[tuple[int, int], torch.Tensor] = {}  # (device, stream) → barrier words
 _outgrown: list[torch.Tensor] = []  # kept: CUDA graphs captured with them still use them
@@ -601,8 +641,9 @@ def group_norm(
         num_warps=warps,
     )
     requested = one_launch
-    if one_launch is None:  # the grid sync where it saves a launch
+    if one_launch is None:  # the grid sync where it saves a launch, on a GPU where it works
         one_launch = cuda and plan.split > 1 and x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
+        one_launch = one_launch and grid_sync_works(x.device)
     partials = words = x  # placeholder pointers, never read
     allocated_for = None
 

@@ -196,6 +196,37 @@ def test_grid_sync_is_cut_until_its_whole_grid_fits():
         fit(plan, lambda p: 64 * 4, replan, can_cut=False, requested=True)
 
 
+@pytest.mark.parametrize(
+    ("one_launch_offset", "works"),
+    [(0.0, True), (0.5, False), (None, False)],
+    ids=["agrees", "differs", "raises"],
+)
+def test_grid_sync_is_checked_once_per_device_before_the_default_uses_it(
+    monkeypatch, caplog, one_launch_offset, works
+):
+    """A grid sync that fails its first-use check (a refused cooperative launch, a barrier
+    that does not hold) leaves the default in two launches, with one warning."""
+    monkeypatch.setattr(group_norm_module, "_grid_sync_ok", {})
+    calls = []
+
+    def fake_group_norm(x, groups, *args, one_launch, **kwargs):
+        calls.append(one_launch)
+        if one_launch_offset is None and one_launch:
+            raise RuntimeError("cooperative launch too large")
+        return x + (one_launch_offset if one_launch else 0.0)
+
+    monkeypatch.setattr(group_norm_module, "group_norm", fake_group_norm)
+    cpu = torch.device("cpu")
+    with caplog.at_level(logging.WARNING, logger="fewstep.kernels"):
+        assert group_norm_module.grid_sync_works(cpu) is works
+        assert group_norm_module.grid_sync_works(cpu) is works  # cached: no second check
+    assert calls == ([True, False] if one_launch_offset is not None else [True])
+    warnings = [r.getMessage() for r in caplog.records if "two launches" in r.getMessage()]
+    assert len(warnings) == (0 if works else 1)
+    if one_launch_offset is None:
+        assert "cooperative launch too large" in warnings[0]
+
+
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 def test_group_norm_of_a_channel_slice(channels_last):
     """x not dense (channels 16..79 of a wider tensor): y is allocated dense, with other
