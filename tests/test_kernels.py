@@ -808,6 +808,7 @@ from fewstep.kernels._interpreter import INTERPRETED
 from fewstep.kernels.attention import GPU_CONFIGS, _attention_fwd_kernel
 from fewstep.kernels.geglu import _GPU_TILE, _geglu_kernel
 from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group_norm_stats_kernel
+from fewstep.kernels.group_norm import default_groups_per_program
 
 assert not INTERPRETED
 SHARED_LIMIT = {80: 166912, 90: 232448}  # max shared memory per block, bytes (A100, H100)
@@ -886,6 +887,24 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
                 arrivals = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.release\.add\.u32", ptx)
                 assert len(arrivals) == 1 and all(arrivals), arrivals
                 assert re.search(r"@%p\d+ (ld|atom)\.global\.gpu\.acquire", ptx)
+    # SD's other channels per group (U-Net 40; VAE 4, 8, 16), with the tiles plan_launch
+    # gives them (whole groups; channels_last rows of 128 channels), fp16 on sm_90
+    for cpg, layout in itertools.product((40, 4, 8, 16), ("nchw", "channels_last")):
+        if (cc, dtype) != (90, "fp16"):
+            continue
+        block_c = min(triton.next_power_of_2(cpg), 64)
+        block_g = default_groups_per_program(32, cpg, 1 if layout == "nchw" else 32 * cpg)
+        unit = ("stride_xs", "stride_ys") if layout == "nchw" else ("stride_xc", "stride_yc")
+        for mode in (0, 2):
+            consts = dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, INTERPRETER_BF16=False,
+                          HAS_INPUT_BIAS=False, BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 16,
+                          BLOCK_G=block_g, BLOCK_C=block_c,
+                          BLOCK_S=max(16, _TILE_GPU // (block_g * block_c)), CPG=cpg,
+                          **{name: 1 for name in unit})
+            ptx = build(_group_norm_fwd_kernel, dtype, consts, cc,
+                        aligned=("stride", "HW", "S_PER_PROG"), num_warps=4,
+                        launch_cooperative_grid=mode == 2)
+            assert not re.search(r"st\.global[\w:.]*\.b16", ptx), consts
     # GEGLU on SD's widths: 16-byte vectors in and out (no 16-bit access left)
     block_m, block_i, warps = _GPU_TILE
     consts = dict(BLOCK_M=block_m, BLOCK_I=block_i, INTERPRETER_BF16=False)
