@@ -484,6 +484,8 @@ def group_norm_launch_sweep(case, dtype, device, warmup, repeats) -> dict[str, A
     forms: list[tuple] = [("default", None, None, None, {})]
     forms += [(*row, {}) for row in GROUP_NORM_SWEEP]
     cpg = shape[1] // groups
+    # the default without software pipelining (each load waits)
+    forms.insert(1, ("default", None, None, None, {"stages": 1}))
     if channels_last:  # the default's rows of whole groups against one group per program
         forms.insert(1, ("default", None, None, None, {"groups_per_program": 1}))
     if cpg & -cpg != min(triton.next_power_of_2(cpg), 64):

@@ -44,11 +44,15 @@ Layouts: any x whose spatial dims collapse to one stride, which covers
 contiguous NCHW (stride_s = 1, stride_c = H·W), channels_last NHWC
 (stride_s = C, stride_c = 1) and 3-D [N, C, L]. The output has x's layout
 (`torch.empty_like`). Tiles are 3-D (group × channel × spatial) so both layouts
-load without integer division. The channels per group are a compile-time constant
-(one compile per value; SD has six: 10, 20, 40 in U-Nets, 4, 8, 16 in VAEs): in
-channels_last a group's channels are the contiguous run, and only a known run length
-lets loads and stores be vectors (sm_90 code for SD's 10 went from 16-bit accesses and
-120 registers to 32-bit ones and 72; 40 gets 16-byte vectors).
+load without integer division. Each loop over x is software-pipelined (`stages` tiles
+in flight, copied to shared memory ahead of use): without it a program had one tile's
+loads in flight, and at the 4 programs per SM a GroupNorm launches that is about half the
+bytes a GPU's memory needs in flight to stream at full rate (the last H200 run read the
+VAE's 512² GroupNorm at 58% of a copy's rate). The channels per group are a
+compile-time constant (one compile per value; SD has six: 10, 20, 40 in U-Nets, 4, 8,
+16 in VAEs): in channels_last a group's channels are the contiguous run, and only a
+known run length lets loads and stores be vectors (sm_90 code for SD's 10 went from
+16-bit accesses and 120 registers to 32-bit ones and 72; 40 gets 16-byte vectors).
 
 Limits: fp32/fp16/bf16; each sample must have < 2**31 elements (per-sample
 offsets are int32, the batch offset is int64); empty tensors are not launched
@@ -118,6 +122,7 @@ def _slice_statistics(
     BLOCK_G: tl.constexpr,
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    STAGES: tl.constexpr,  # tiles in flight: loads run ahead of the reduction
 ):
     """(count, mean, M2) of x + input_bias for BLOCK_G consecutive groups (x_base: the first
     one's first channel) over spatial range [s_start, s_end), in fp32 [BLOCK_G, BLOCK_C,
@@ -143,7 +148,7 @@ def _slice_statistics(
         if HAS_INPUT_BIAS:
             ib = tl.load(ib_base + offs_g[:, None] * CPG + c[None, :], mask=(c < CPG)[None, :])
             shift -= ib.to(tl.float32)
-        for s0 in range(s_start, s_end, BLOCK_S):
+        for s0 in tl.range(s_start, s_end, BLOCK_S, num_stages=STAGES):
             s = s0 + offs_s
             mask = (c < CPG)[None, :, None] & (s < s_end)[None, None, :]
             ptrs = x_base + group_start[:, None, None]
@@ -232,6 +237,7 @@ def _group_norm_stats_kernel(
     BLOCK_G: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     ng0 = tl.program_id(0) * BLOCK_G  # the program's first group, counted over the batch
     pid_s = tl.program_id(1)
@@ -242,7 +248,7 @@ def _group_norm_stats_kernel(
     s_end = tl.minimum(s_start + S_PER_PROG, HW)
     count, mean, m2 = _slice_statistics(
         x_base, ib_base, s_start, s_end, CPG, stride_xc, stride_xs,
-        HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S,
+        HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S, STAGES,
     )  # fmt: skip
     _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G)
 
@@ -276,6 +282,7 @@ def _group_norm_fwd_kernel(
     BLOCK_G: tl.constexpr,  # groups per program
     BLOCK_C: tl.constexpr,
     BLOCK_S: tl.constexpr,
+    STAGES: tl.constexpr,
     BLOCK_SPLIT: tl.constexpr,
     MODE: tl.constexpr,  # _FROM_PARTIALS, _ONE_PASS or _GRID_SYNC
     MAX_POLLS: tl.constexpr,
@@ -293,14 +300,14 @@ def _group_norm_fwd_kernel(
     if MODE == _ONE_PASS:  # the whole groups, read again below (mostly from L2)
         count, mean, m2 = _slice_statistics(
             x_base, ib_base, 0, HW, CPG, stride_xc, stride_xs,
-            HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S,
+            HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S, STAGES,
         )  # fmt: skip
         var = m2 / count  # biased, as torch
     else:
         if MODE == _GRID_SYNC:  # this slice's partials, then wait for the groups' others
             count, mean, m2 = _slice_statistics(
                 x_base, ib_base, s_start, s_end, CPG, stride_xc, stride_xs,
-                HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S,
+                HAS_INPUT_BIAS, BLOCK_G, BLOCK_C, BLOCK_S, STAGES,
             )  # fmt: skip
             _store_partial(partial_ptr, ng0, pid_s, SPLIT, count, mean, m2, BLOCK_G)
             sem = sem_ptr.to(tl.pointer_type(tl.uint32)) + tl.program_id(0)
@@ -330,7 +337,7 @@ def _group_norm_fwd_kernel(
         centre = tl.zeros([BLOCK_G, BLOCK_C], tl.float32) + mean[:, None]  # x's, less the bias
         if HAS_INPUT_BIAS:
             centre -= tl.load(ib_base + local, mask=mask_c, other=0.0).to(tl.float32)
-        for s0 in range(s_start, s_end, BLOCK_S):
+        for s0 in tl.range(s_start, s_end, BLOCK_S, num_stages=STAGES):
             s = s0 + offs_s
             mask = mask_c[:, :, None] & (s < s_end)[None, None, :]
             x = tl.load(x_base + x_offs + s[None, None, :] * stride_xs, mask=mask, other=0.0).to(
@@ -578,6 +585,7 @@ def group_norm(
     one_launch: bool | None = None,
     groups_per_program: int | None = None,
     channel_block: int | None = None,
+    stages: int = 3,
     input_bias: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """GroupNorm(num_groups)(x) then `activation` (None or "silu"), fused: x is read once
@@ -594,7 +602,9 @@ def group_norm(
     split > 1 CUDA only: the whole grid must fit on the GPU at once, and a default split
     is cut down until it does); `groups_per_program`, a power of 2 dividing num_groups
     (see default_groups_per_program); `channel_block`, channels per tile (see
-    plan_launch).
+    plan_launch); `stages`, tiles in flight in each loop over x (Triton's software
+    pipelining copies the next tiles to shared memory while the current one is reduced;
+    1: each load waits).
     """
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     if device_problem(x):
@@ -608,6 +618,8 @@ def group_norm(
         raise ValueError(f"split must be >= 1, got {split}")
     if warps not in (1, 2, 4, 8, 16):
         raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {warps}")
+    if not 1 <= stages <= 4:
+        raise ValueError(f"stages must be between 1 and 4, got {stages}")
     cuda = x.device.type == "cuda" and not INTERPRETED
     if tile is None:
         tile = _TILE_GPU if cuda else _TILE_INTERPRETER
@@ -637,6 +649,7 @@ def group_norm(
         BLOCK_G=plan.groups_per_program,
         BLOCK_C=plan.block_c,
         BLOCK_S=plan.block_s,
+        STAGES=stages,
         MAX_POLLS=_MAX_BARRIER_POLLS,
         num_warps=warps,
     )
@@ -726,6 +739,7 @@ def group_norm(
         BLOCK_G=plan.groups_per_program,
         BLOCK_C=plan.block_c,
         BLOCK_S=plan.block_s,
+        STAGES=stages,
         num_warps=warps,
     )
     forward(_FROM_PARTIALS.value)

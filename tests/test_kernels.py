@@ -869,7 +869,7 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     for (block_g, block_c), affine, silu in (((1, 16), True, True), ((8, 16), False, False)):
         unit = ("stride_xs", "stride_ys") if block_g == 1 else ("stride_xc", "stride_yc")
         tile = dict(BLOCK_G=block_g, BLOCK_C=block_c, BLOCK_S=_TILE_GPU // (block_g * block_c),
-                    HAS_INPUT_BIAS=affine, CPG=10, **{name: 1 for name in unit})
+                    HAS_INPUT_BIAS=affine, CPG=10, STAGES=3, **{name: 1 for name in unit})
         stats_tile = {k: v for k, v in tile.items() if k not in ("stride_ys", "stride_yc")}
         aligned = ("stride", "HW", "S_PER_PROG")
         build(_group_norm_stats_kernel, dtype, stats_tile, cc, aligned=aligned, num_warps=4)
@@ -882,6 +882,7 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
             # a group's channels are a constant: y goes out in vectors (channels_last: of a
             # group's 10 channels, 2 at a time), never one 16-bit element per store
             assert dtype == "fp32" or not re.search(r"st\.global[\w:.]*\.b16", ptx), consts
+            assert "cp.async" in key_loop(ptx), consts  # x's tiles are loaded ahead of use
             if mode == 2:  # the barrier: one arrival per program (an atomic under a predicate:
                 # one thread's), released on arriving, acquired on polling
                 arrivals = re.findall(r"(@%p\d+ )?atom\.global\.gpu\.release\.add\.u32", ptx)
@@ -899,7 +900,7 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
             consts = dict(HAS_WEIGHT=True, HAS_BIAS=True, SILU=True, INTERPRETER_BF16=False,
                           HAS_INPUT_BIAS=False, BLOCK_SPLIT=16, MODE=mode, MAX_POLLS=1 << 16,
                           BLOCK_G=block_g, BLOCK_C=block_c,
-                          BLOCK_S=max(16, _TILE_GPU // (block_g * block_c)), CPG=cpg,
+                          BLOCK_S=max(16, _TILE_GPU // (block_g * block_c)), CPG=cpg, STAGES=3,
                           **{name: 1 for name in unit})
             ptx = build(_group_norm_fwd_kernel, dtype, consts, cc,
                         aligned=("stride", "HW", "S_PER_PROG"), num_warps=4,
