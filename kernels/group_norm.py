@@ -44,8 +44,8 @@ Layouts: any x whose spatial dims collapse to one stride, which covers
 contiguous NCHW (stride_s = 1, stride_c = H·W), channels_last NHWC
 (stride_s = C, stride_c = 1) and 3-D [N, C, L]. The output has x's layout
 (`torch.empty_like`). Tiles are 3-D (group × channel × spatial) so both layouts
-load without integer division. Each loop over x is software-pipelined (`stages` tiles
-in flight, copied to shared memory ahead of use): without it a program had one tile's
+load without integer division. Each loop over x is software-pipelined (with `stages`
+3, loads run two tiles ahead, copied to shared memory): without it a program had one tile's
 loads in flight, and at the 4 programs per SM a GroupNorm launches that is about half the
 bytes a GPU's memory needs in flight to stream at full rate (the last H200 run read the
 VAE's 512² GroupNorm at 58% of a copy's rate). The channels per group are a
