@@ -3,23 +3,23 @@
 One run, in order (each section writes the JSON so far, so a run cut short still reports):
 
 0. checks: fewstep.kernels against fp64 references at full-size SD1.5/SD2 shapes (fp16 and
-   bf16, NCHW and channels_last, GroupNorm in its default form and in two launches, GEGLU; the
-   rule of tests/test_kernels.py: err_kernel <= 2 · err_torch_same_precision + one
-   rounding step).
+   bf16, NCHW and channels_last, GroupNorm in its default form and in two launches, GEGLU,
+   LayerNorm; the rule of tests/test_kernels.py: err_kernel <= 2 · err_torch_same_precision
+   + one rounding step).
 1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s, against
    a copy of the same tensor and a 1 GiB copy; a sweep of its launch knobs), fused attention
    vs F.scaled_dot_product_attention under each of its flash, memory-efficient and cuDNN
    backends (TFLOP/s), and with its head dim as one padded block against two (the default),
-   fused GEGLU vs h * F.gelu(g) (GB/s), SD1.5 512² shapes, fp16 (benchmarks/kernels_bench.py's
-   cases). Each is timed twice: launched eagerly, and 20 calls captured in a CUDA graph
-   (device time, what the runtime's graphs see).
+   fused GEGLU vs h * F.gelu(g) and LayerNorm vs F.layer_norm (GB/s), SD1.5 512² shapes,
+   fp16 (benchmarks/kernels_bench.py's cases). Each is timed twice: launched eagerly, and
+   20 calls captured in a CUDA graph (device time, what the runtime's graphs see).
 2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
-   (its defaults, then with GroupNorm in two launches, with the fused GEGLU too, with all
-   kernels, none, no CUDA graphs, compile=True; a device-time profile by kernel of the
+   (its defaults, then with GroupNorm in two launches, with GEGLU and LayerNorm too, with
+   all kernels, none, no CUDA graphs, compile=True; a device-time profile by kernel of the
    defaults without CUDA graphs) and last torch.compile of the same module (channels_last;
-   compile time reported apart). Every variant's output is also checked against the U-Net in fp64
-   with the rule above.
+   compile time reported apart). Every variant's output is also checked against the U-Net
+   in fp64 with the rule above.
 3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
    random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
    and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
@@ -87,6 +87,8 @@ from fewstep.kernels import (  # noqa: E402
     geglu_ref,
     group_norm,
     group_norm_ref,
+    layer_norm,
+    layer_norm_ref,
 )
 
 # the module, whose name the package gives to its function
@@ -351,6 +353,13 @@ GEGLU_CHECKS_GPU = [
     ("sd15-down0-bf16", (2, 4096, 2 * 1280), torch.bfloat16),
 ]
 GEGLU_CHECKS_SMALL = [("sd15-down0-scaled", (2, 64, 2 * 80), torch.float32)]
+# (name, shape of a transformer block's tokens [B, L, C], dtype)
+LAYER_NORM_CHECKS_GPU = [
+    ("sd15-down0", (2, 4096, 320), torch.float16),
+    ("sd15-down2", (2, 256, 1280), torch.float16),
+    ("sd15-down0-bf16", (2, 4096, 320), torch.bfloat16),
+]
+LAYER_NORM_CHECKS_SMALL = [("sd15-down0-scaled", (2, 64, 320), torch.float32)]
 
 
 def check_kernels(device: torch.device, small: bool) -> list[dict]:
@@ -380,6 +389,15 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
         result = accuracy(geglu(x), h * F.gelu(g), geglu_ref(x.double()))
         out.append({"op": "geglu", "name": name, "shape": list(shape), **result})
         del x, h, g
+    for name, shape, dtype in LAYER_NORM_CHECKS_SMALL if small else LAYER_NORM_CHECKS_GPU:
+        x = _randn(shape, dtype, device, scale=3.0, shift=5.0)
+        w = _randn(shape[-1:], dtype, device, seed=1, shift=1.0)
+        b = _randn(shape[-1:], dtype, device, seed=2)
+        same = F.layer_norm(x, shape[-1:], w, b)
+        ref64 = layer_norm_ref(x.double(), w.double(), b.double())
+        result = accuracy(layer_norm(x, w, b), same, ref64)
+        out.append({"op": "layer_norm", "name": name, "shape": list(shape), **result})
+        del x, same, ref64
     _free()
     return out
 
@@ -602,42 +620,58 @@ GEGLU_CASES_GPU = [
     ("unet-down2", (2, 256, 2 * 5120)),
 ]
 GEGLU_CASES_SMALL = [("unet-down0-scaled", (2, 64, 2 * 80))]
+# (name, shape [B, L, C]): SD1.5's transformer-block tokens at 512², batch 2 (CFG)
+LAYER_NORM_CASES_GPU = [
+    ("unet-down0", (2, 4096, 320)),
+    ("unet-down1", (2, 1024, 640)),
+    ("unet-down2", (2, 256, 1280)),
+]
+LAYER_NORM_CASES_SMALL = [("unet-down0-scaled", (2, 64, 320))]
 
 
-def bench_geglu(device: torch.device, small: bool, warmup: int, repeats: int) -> list[dict]:
-    """The fused GEGLU against diffusers' two ops (h * F.gelu(g)): device time in a CUDA
-    graph and achieved GB/s (x read once, y written once), held against a copy of x; on the
-    CPU the interpreter's time (the code path only)."""
+def bench_rowwise(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
+    """The fused GEGLU and LayerNorm against diffusers' torch ops (h * F.gelu(g);
+    F.layer_norm): device time in a CUDA graph and achieved GB/s (each reads x once and
+    writes y once), held against a copy of x; on the CPU the interpreter's time (the code
+    path only)."""
     dtype = torch.float32 if small else torch.float16
-    rows = []
-    for name, shape in GEGLU_CASES_SMALL if small else GEGLU_CASES_GPU:
+    out: dict[str, list] = {"geglu": [], "layer_norm": []}
+    cases = [("geglu", c) for c in (GEGLU_CASES_SMALL if small else GEGLU_CASES_GPU)]
+    norms = LAYER_NORM_CASES_SMALL if small else LAYER_NORM_CASES_GPU
+    cases += [("layer_norm", c) for c in norms]
+    for op, (name, shape) in cases:
         x = _randn(shape, dtype, device, scale=2.0)
-        h, g = x.chunk(2, dim=-1)
         y = torch.empty_like(x)
-        calls = {
-            "kernel": lambda x=x: geglu(x),
-            "torch": lambda h=h, g=g: h * F.gelu(g),
-            "copy_of_x": lambda x=x, y=y: y.copy_(x),
-        }
+        if op == "geglu":
+            h, g = x.chunk(2, dim=-1)
+            kernel, torch_op = functools.partial(geglu, x), (lambda h=h, g=g: h * F.gelu(g))
+            moved = 1.5  # bytes per byte of x: x once, y (half as wide) once
+        else:
+            w = _randn(shape[-1:], dtype, device, seed=1, shift=1.0)
+            b = _randn(shape[-1:], dtype, device, seed=2)
+            kernel = functools.partial(layer_norm, x, w, b)
+            torch_op = functools.partial(F.layer_norm, x, x.shape[-1:], w, b)
+            moved = 2.0
+        calls = {"kernel": kernel, "torch": torch_op, "copy_of_x": lambda x=x, y=y: y.copy_(x)}
         if device.type == "cuda":
             ms = {what: graphed_ms(call, device, repeats) for what, call in calls.items()}
         else:
             ms = {what: timed(call, warmup, repeats, device)["p50"] for what, call in calls.items()}
-        gbytes = 1.5 * x.numel() * x.element_size() / 1e9
-        rows.append(
+        gbytes = moved * x.numel() * x.element_size() / 1e9
+        out[op].append(
             {
                 "name": name,
                 "shape": list(shape),
                 "ms": ms,
                 "kernel_gb_per_s": gbytes / (ms["kernel"] / 1e3),
                 "speedup": ms["torch"] / ms["kernel"],
-                # a copy moves 2 bytes per byte of x, the kernel 1.5
-                "fraction_of_copy": 0.75 * ms["copy_of_x"] / ms["kernel"],
+                # a copy moves 2 bytes per byte of x
+                "fraction_of_copy": moved / 2 * ms["copy_of_x"] / ms["kernel"],
             }
         )
-        del x, h, g, y
+        del x, y
     _free()
-    return rows
+    return out
 
 
 def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
@@ -709,7 +743,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
         "group_norm": group_norm_rows,
         "attention": attention_rows,
         "attention_tuned_configs": tuned,
-        "geglu": bench_geglu(device, small, warmup, repeats),
+        **bench_rowwise(device, small, warmup, repeats),
     }
 
 
@@ -731,7 +765,8 @@ class Variant:
 GPU_VARIANTS = (
     Variant("fewstep", kernels=None, cuda_graphs=True),  # the defaults: GroupNorm kernel, graphs
     Variant("fewstep-two-launch-group-norm", None, cuda_graphs=True, two_launch_group_norm=True),
-    Variant("fewstep-geglu", kernels=("group_norm", "geglu"), cuda_graphs=True),
+    # the defaults and the two kernels not yet defaults (each also timed alone in "kernels")
+    Variant("fewstep-geglu-layer-norm", ("group_norm", "geglu", "layer_norm"), cuda_graphs=True),
     Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs (the profiler sees a graph replay as one event): the defaults'
@@ -1134,9 +1169,10 @@ def format_table(results: dict[str, Any]) -> str:
                 f"block {split['padded']}: {split['padded_ms']:7.3f}"
                 f"  x{split['padded_over_split']:.2f}"
             )
-        for r in kern.get("geglu", []):
+        rowwise = [(name, r) for name in ("geglu", "layer_norm") for r in kern.get(name, [])]
+        for op, r in rowwise:
             lines.append(
-                f"  geglu {r['name']:<36} kernel {r['ms']['kernel']:7.3f} "
+                f"  {op:<10} {r['name']:<31} kernel {r['ms']['kernel']:7.3f} "
                 f"({r['kernel_gb_per_s']:6.0f} GB/s, {r['fraction_of_copy']:.0%} of a copy)"
                 f"  torch {r['ms']['torch']:7.3f}  x{r['speedup']:.2f}"
             )

@@ -3,12 +3,13 @@
 - `group_norm` / `group_norm_ref`: fused GroupNorm (+ SiLU), NCHW and channels_last.
 - `attention` / `attention_ref`: flash-style attention forward, SDPA layout.
 - `geglu` / `geglu_ref`: h · gelu(g) over a projection's two halves, in one pass.
-- `group_norm_op` / `attention_op` / `geglu_op`: the same as torch custom ops
-  (`torch.ops.fewstep.group_norm`, `.attention`, `.geglu`) that fall back
-  to torch for unsupported inputs or when FEWSTEP_DISABLE_KERNELS=1; this is
+- `layer_norm` / `layer_norm_ref`: LayerNorm over the last dim, whole rows per program.
+- `group_norm_op` / `attention_op` / `geglu_op` / `layer_norm_op`: the same as torch
+  custom ops (`torch.ops.fewstep.group_norm`, `.attention`, `.geglu`, `.layer_norm`) that
+  fall back to torch for unsupported inputs or when FEWSTEP_DISABLE_KERNELS=1; this is
   what models call.
 - `patch` / `unpatch`: swap the ops into a diffusers U-Net or VAE, in place
-  (GroupNorm → SiLU pairs, other GroupNorms, attention processors).
+  (GroupNorm → SiLU pairs, other GroupNorms, attention processors, GEGLUs, LayerNorms).
 
 On machines without a CUDA GPU the kernels run in Triton's interpreter when
 TRITON_INTERPRET=1 is set before this package is imported.
@@ -27,6 +28,7 @@ else:
     from .attention import attention, attention_ref
     from .geglu import geglu, geglu_ref
     from .group_norm import group_norm, group_norm_ref
+    from .layer_norm import layer_norm, layer_norm_ref
     from .ops import (
         attention_fallback_reason,
         attention_op,
@@ -36,6 +38,8 @@ else:
         group_norm_fallback_reason,
         group_norm_op,
         group_norm_supported,
+        layer_norm_fallback_reason,
+        layer_norm_op,
     )
     from .patch import FewstepAttnProcessor, PatchReport, is_patched, patch, unpatch
 
@@ -57,6 +61,10 @@ __all__ = [
     "group_norm_ref",
     "group_norm_supported",
     "is_patched",
+    "layer_norm",
+    "layer_norm_fallback_reason",
+    "layer_norm_op",
+    "layer_norm_ref",
     "patch",
     "unpatch",
 ]

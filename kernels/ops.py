@@ -8,7 +8,8 @@ Triton's launcher, and CUDA graphs capture its launches like any other op
 Each op first validates its arguments (a ValueError for input no
 implementation accepts), then asks the guard. Inputs the kernel does not
 support run the plain torch op instead (F.group_norm (+ F.silu),
-F.scaled_dot_product_attention, h * F.gelu(g)) in their own precision, and the reason is
+F.scaled_dot_product_attention, h * F.gelu(g), F.layer_norm) in their own precision, and the
+reason is
 logged once per distinct reason on the "fewstep.kernels" logger. Setting
 FEWSTEP_DISABLE_KERNELS=1 makes every call take the fallback (read per call).
 
@@ -34,6 +35,8 @@ from .geglu import DTYPES as GEGLU_DTYPES
 from .geglu import check_geglu_args, geglu
 from .group_norm import DTYPES as GROUP_NORM_DTYPES
 from .group_norm import check_group_norm_args, group_norm, spatial_stride
+from .layer_norm import DTYPES as LAYER_NORM_DTYPES
+from .layer_norm import MAX_WIDTH, check_layer_norm_args, layer_norm
 
 logger = logging.getLogger("fewstep.kernels")
 
@@ -236,3 +239,47 @@ def geglu_op(x: torch.Tensor) -> torch.Tensor:
 def _geglu_fake(x):
     check_geglu_args(x)
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
+
+
+# LayerNorm ------------------------------------------------------------------
+
+
+def layer_norm_fallback_reason(
+    x: torch.Tensor, weight: torch.Tensor | None = None, bias: torch.Tensor | None = None
+) -> str | None:
+    """Why `fewstep::layer_norm` would run torch instead of the kernel; None if it won't."""
+    optional = (("weight", weight), ("bias", bias))
+    tensors = {"x": x} | {n: t for n, t in optional if t is not None}
+    reason = _common_reason(tensors, LAYER_NORM_DTYPES)
+    if reason is not None:
+        return reason
+    if x.shape[-1] > MAX_WIDTH:
+        return f"rows wider than {MAX_WIDTH}"
+    if x.numel() // x.shape[-1] > _INT32_MAX:
+        return "more than 2**31 rows"
+    for name, t in optional:
+        if t is not None and t.stride(0) != 1 and t.numel() > 1:
+            return f"{name} is not contiguous"
+    return None
+
+
+@torch.library.custom_op("fewstep::layer_norm", mutates_args=())
+def layer_norm_op(
+    x: torch.Tensor,
+    weight: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    eps: float = 1e-5,
+) -> torch.Tensor:
+    """LayerNorm of x over its last dim: the fused kernel, or F.layer_norm."""
+    check_layer_norm_args(x, weight, bias)
+    reason = layer_norm_fallback_reason(x, weight, bias)
+    if reason is None:
+        return layer_norm(x, weight, bias, eps)
+    _log_fallback_once("layer_norm", reason)
+    return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).contiguous()
+
+
+@layer_norm_op.register_fake
+def _layer_norm_fake(x, weight=None, bias=None, eps=1e-5):
+    check_layer_norm_args(x, weight, bias)
+    return x.new_empty(x.shape)

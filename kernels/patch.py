@@ -25,6 +25,8 @@ this file imports torch only):
 - `GEGLU` activations (diffusers' models/activations.py: the transformer blocks'
   feed-forward) → `FusedGEGLU`: their projection, then `fewstep::geglu` in place of the
   split, F.gelu and product (two elementwise kernels).
+- `nn.LayerNorm`s over one dim (the transformer blocks' norm1, norm2, norm3) →
+  `FusedLayerNorm`, `fewstep::layer_norm` on the original weight and bias.
 - `Transformer2DModel`s (continuous inputs) give their output in the residual's memory
   format: in a channels_last model their tokens [B, H·W, C] already are channels_last
   [B, C, H, W], and diffusers' `.contiguous()` made an NCHW copy that the next convolution
@@ -53,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention_op, geglu_op, group_norm_op
+from .ops import attention_op, geglu_op, group_norm_op, layer_norm_op
 
 RESNET_CLASSES = ("ResnetBlock2D",)
 # Classes whose forward runs `conv_norm_out` then `conv_act` back to back.
@@ -77,6 +79,7 @@ class PatchReport:
     resnet_blocks: int = 0  # ResNet blocks now FusedResnetBlock
     transformer_outputs: int = 0  # Transformer2DModels now keeping their residual's layout
     geglu: int = 0  # GEGLU activations now FusedGEGLU
+    layer_norm: int = 0  # LayerNorms now FusedLayerNorm
 
     @property
     def total(self) -> int:
@@ -149,6 +152,24 @@ class FusedResnetBlock(nn.Module):
         shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
         out = shortcut + hidden
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
+
+
+class FusedLayerNorm(nn.Module):
+    """`nn.LayerNorm` over the last dim as `fewstep::layer_norm`, on the original weight and
+    bias (None when not affine)."""
+
+    def __init__(self, norm: nn.LayerNorm):
+        super().__init__()
+        self.normalized_shape = norm.normalized_shape
+        self.eps = norm.eps
+        self.weight = norm.weight
+        self.bias = norm.bias
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return layer_norm_op(x, self.weight, self.bias, self.eps)
+
+    def extra_repr(self) -> str:
+        return f"{self.normalized_shape}, eps={self.eps}"
 
 
 class FusedGEGLU(nn.Module):
@@ -316,6 +337,7 @@ def patch(
     attention: bool = True,
     passes: bool = True,
     geglu: bool = True,
+    layer_norm: bool = True,
 ) -> tuple[nn.Module, PatchReport]:
     """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
 
@@ -324,6 +346,7 @@ def patch(
     passes: drop passes that change no value (attention's division by 1, Transformer2D
     outputs' layout round trip), with `FewstepAttnProcessor` on SDPA where not `attention`.
     geglu: GEGLU activations on the fused kernel.
+    layer_norm: LayerNorms over one dim on the kernel.
     Returns (module, what this call swapped). Calling it again swaps nothing.
     """
     record: list = getattr(module, _RECORD, [])
@@ -366,13 +389,17 @@ def patch(
                 record.append(("processor", sub, "processor", processor))
                 sub.set_processor(FewstepAttnProcessor(kernel=attention))
                 report.attention += 1
-    if geglu:
+    if geglu or layer_norm:
         for sub in list(module.modules()):
             for attr, child in list(sub.named_children()):
                 linear = type(getattr(child, "proj", None)) is nn.Linear
-                if _name(child) in GEGLU_CLASSES and linear:
+                one_dim = type(child) is nn.LayerNorm and len(child.normalized_shape) == 1
+                if geglu and _name(child) in GEGLU_CLASSES and linear:
                     _swap(record, sub, attr, FusedGEGLU(child))
                     report.geglu += 1
+                elif layer_norm and one_dim:
+                    _swap(record, sub, attr, FusedLayerNorm(child))
+                    report.layer_norm += 1
     if passes:
         for sub in module.modules():
             if (

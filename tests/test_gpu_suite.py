@@ -61,9 +61,11 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
         "group_norm_silu",
         "attention",
         "geglu",
+        "layer_norm",
     }
-    (geglu_row,) = results["kernels"]["geglu"]
-    assert geglu_row["ms"]["kernel"] > 0 and geglu_row["kernel_gb_per_s"] > 0
+    for op in ("geglu", "layer_norm"):
+        (row,) = results["kernels"][op]
+        assert row["ms"]["kernel"] > 0 and row["kernel_gb_per_s"] > 0
     unet = results["unet"]
     assert {"diffusers_eager", "fewstep"} <= set(unet["variants"])
     assert "fewstep-kernels-interpreted" in unet["checks"]  # the kernels ran in the model

@@ -44,6 +44,10 @@ from fewstep.kernels import (
     group_norm_fallback_reason,
     group_norm_op,
     group_norm_ref,
+    layer_norm,
+    layer_norm_fallback_reason,
+    layer_norm_op,
+    layer_norm_ref,
 )
 from fewstep.kernels.attention import head_dim_blocks
 
@@ -576,6 +580,43 @@ def test_geglu_strided_rows_nan_and_every_output(monkeypatch):
         geglu(torch.randn(2, 7))
 
 
+# LayerNorm ------------------------------------------------------------------
+
+LAYER_NORM_CASES = [
+    # x's shape [B, L, C]: a transformer block's tokens
+    pytest.param((2, 64, 320), True, id="sd15-down0-scaled"),  # (2, 4096, 320)
+    pytest.param((1, 77, 40), True, id="odd-rows-and-width"),
+    pytest.param((3, 5, 24), False, id="no-affine"),
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize(("shape", "affine"), LAYER_NORM_CASES)
+def test_layer_norm_matches_fp64(shape, affine, dtype):
+    gen = torch.Generator().manual_seed(0)
+    x = (torch.randn(shape, generator=gen) * 3 + 5).to(dtype)  # |mean| > std: no cancellation
+    w = (torch.randn(shape[-1], generator=gen) + 1).to(dtype) if affine else None
+    b = torch.randn(shape[-1], generator=gen).to(dtype) if affine else None
+    got = layer_norm(x, w, b)
+    torch_out = F.layer_norm(x, (shape[-1],), w, b)
+    assert got.is_contiguous() and got.shape == x.shape
+    w64, b64 = (None if t is None else t.double() for t in (w, b))
+    ref64 = layer_norm_ref(x.double(), w64, b64)
+    assert_matches_ref(got, torch_out, ref64, f"layer_norm {shape} {dtype}")
+
+
+def test_layer_norm_strided_rows_nan_and_every_output(monkeypatch):
+    wide = torch.randn(2, 9, 64 + 8, generator=torch.Generator().manual_seed(1))
+    x = wide[..., 4 : 4 + 64]  # rows strided past their width
+    x[1, 3, 5] = float("nan")  # poisons its row only
+    _poison_allocations(monkeypatch)
+    got = layer_norm(x, torch.ones(64), torch.zeros(64))
+    assert torch.isnan(got[1, 3]).all() and torch.isnan(got).sum() == 64
+    assert_matches_ref(got, F.layer_norm(x, (64,)), layer_norm_ref(x.double()), "strided rows")
+    with pytest.raises(ValueError, match=r"weight must have shape \(64,\)"):
+        layer_norm(x, torch.ones(63))
+
+
 # Custom ops, guard and fallback ----------------------------------------------
 
 
@@ -588,7 +629,7 @@ def _forbid_kernels(monkeypatch):
     def boom(*args, **kwargs):
         raise AssertionError("the Triton kernel ran; the fallback was expected")
 
-    for name in ("group_norm", "attention", "geglu"):
+    for name in ("group_norm", "attention", "geglu", "layer_norm"):
         monkeypatch.setattr(kernel_ops, name, boom)
 
 
@@ -750,6 +791,26 @@ def test_geglu_op_runs_the_kernel_or_falls_back_to_diffusers_math(
     torch.testing.assert_close(geglu_op(x), h * F.gelu(g), rtol=0, atol=0)
 
 
+def test_layer_norm_op_runs_the_kernel_or_falls_back_to_torch(monkeypatch, fresh_fallback_log):
+    x = torch.randn(2, 5, 48, generator=torch.Generator().manual_seed(2))
+    w, b = torch.rand(48) + 0.5, torch.randn(48)
+    assert layer_norm_fallback_reason(x, w, b) is None
+    torch.testing.assert_close(layer_norm_op(x, w, b), layer_norm(x, w, b), rtol=0, atol=0)
+    assert "rows wider than" in layer_norm_fallback_reason(torch.randn(2, 8193))
+    assert "weight is not contiguous" in layer_norm_fallback_reason(x, torch.rand(96)[::2], b)
+    monkeypatch.setenv(kernel_ops.DISABLE_ENV, "1")
+    _forbid_kernels(monkeypatch)
+    torch.testing.assert_close(
+        layer_norm_op(x, w, b, 1e-6), F.layer_norm(x, (48,), w, b, 1e-6), rtol=0, atol=0
+    )
+
+
+def test_opcheck_layer_norm():
+    x = torch.randn(2, 3, 32, generator=torch.Generator().manual_seed(3))
+    torch.library.opcheck(layer_norm_op, (x, torch.rand(32), torch.randn(32), 1e-5))
+    torch.library.opcheck(layer_norm_op, (x, None, None, 1e-6))
+
+
 def test_opcheck_geglu():
     torch.library.opcheck(geglu_op, (_geglu_input((2, 3, 2 * 16), torch.float32),))
 
@@ -768,7 +829,7 @@ def test_compile_sees_through_the_ops():
 
     def block(x, q, k, v, ff):
         gn = group_norm_op(x, 4, weight, bias, 1e-5, "silu") * 2
-        return gn, attention_op(q, k, v) + 1, geglu_op(ff) - 1
+        return gn, attention_op(q, k, v) + 1, geglu_op(ff) - 1, layer_norm_op(ff) * 3
 
     compiled = torch.compile(block, backend="aot_eager", fullgraph=True)  # no graph break
     for got, expected in zip(compiled(x, q, k, v, ff), block(x, q, k, v, ff), strict=True):
@@ -807,6 +868,7 @@ from triton.compiler import ASTSource
 from fewstep.kernels._interpreter import INTERPRETED
 from fewstep.kernels.attention import GPU_CONFIGS, _attention_fwd_kernel
 from fewstep.kernels.geglu import _GPU_TILE, _geglu_kernel
+from fewstep.kernels.layer_norm import _GPU_TILE as LN_TILE, _layer_norm_kernel
 from fewstep.kernels.group_norm import _TILE_GPU, _group_norm_fwd_kernel, _group_norm_stats_kernel
 from fewstep.kernels.group_norm import default_groups_per_program
 
@@ -911,6 +973,13 @@ for cc, dtype in itertools.product((80, 90), ("fp16", "bf16", "fp32")):
     consts = dict(BLOCK_M=block_m, BLOCK_I=block_i, INTERPRETER_BF16=False)
     ptx = build(_geglu_kernel, dtype, consts, cc, aligned=("inner", "stride"), num_warps=warps)
     assert dtype == "fp32" or not re.search(r"(ld|st)\.global[\w:.]*\.b16", ptx), ptx[-2000:]
+    # LayerNorm on SD's widths: whole rows, 16-byte vectors in and out
+    for width in (320, 640, 1280):
+        block_n = triton.next_power_of_2(width)
+        consts = dict(N=width, HAS_WEIGHT=True, HAS_BIAS=True, INTERPRETER_BF16=False,
+                      BLOCK_M=max(1, LN_TILE // block_n), BLOCK_N=block_n)
+        ptx = build(_layer_norm_kernel, dtype, consts, cc, aligned=("stride",), num_warps=4)
+        assert dtype == "fp32" or not re.search(r"(ld|st)\.global[\w:.]*\.b16", ptx), width
 print("compiled")
 """
 

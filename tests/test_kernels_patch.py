@@ -41,7 +41,7 @@ def one_torch_thread():
 def kernel_calls(monkeypatch):
     """Counts of Triton launches (not fallbacks) through the custom ops, and of GroupNorm
     launches with an input bias (a time embedding added inside the kernel)."""
-    calls = {"group_norm": 0, "attention": 0, "geglu": 0}
+    calls = {"group_norm": 0, "attention": 0, "geglu": 0, "layer_norm": 0}
     for name in list(calls):
         launcher = getattr(kernel_ops, name)
 
@@ -58,8 +58,8 @@ def kernel_calls(monkeypatch):
 def expected_counts(module: torch.nn.Module) -> dict[str, int]:
     """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules, ResNet
     blocks with two pairs and no up- or downsampling, transformers on continuous inputs,
-    GEGLU activations."""
-    pairs = blocks = transformers = geglus = 0
+    GEGLU activations, LayerNorms over one dim."""
+    pairs = blocks = transformers = geglus = layer_norms = 0
     for m in module.modules():
         if type(m).__name__ == "ResnetBlock2D":
             pairs += 1 + (m.time_embedding_norm != "scale_shift")
@@ -69,6 +69,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
             pairs += 1
         transformers += type(m).__name__ == "Transformer2DModel" and m.is_input_continuous
         geglus += type(m).__name__ == "GEGLU"
+        layer_norms += type(m) is torch.nn.LayerNorm and len(m.normalized_shape) == 1
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
     attention = sum(type(m).__name__ == "Attention" for m in module.modules())
     return {
@@ -78,6 +79,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
         "resnet_blocks": blocks,
         "transformer_outputs": transformers,
         "geglu": geglus,
+        "layer_norm": layer_norms,
     }
 
 
@@ -133,6 +135,7 @@ def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype,
     assert kernel_calls["group_norm"] == report.group_norm_silu + report.group_norm
     assert kernel_calls["attention"] == report.attention
     assert kernel_calls["geglu"] == report.geglu > 0
+    assert kernel_calls["layer_norm"] == report.layer_norm > 0
     assert kernel_calls["input_bias"] == report.resnet_blocks  # each block's time embedding
     assert_matches_ref(got, unpatched, ref64, f"{family} U-Net {dtype}")
 
@@ -185,7 +188,7 @@ def test_patched_ops_fall_back_to_torch_when_disabled(tiny_model, kernel_calls, 
     patch(module)
     monkeypatch.setenv(kernel_ops.DISABLE_ENV, "1")
     got = run_unet(module, inputs)
-    assert kernel_calls == {"group_norm": 0, "attention": 0, "geglu": 0}
+    assert kernel_calls == {"group_norm": 0, "attention": 0, "geglu": 0, "layer_norm": 0}
     # The fallback runs torch's own ops in diffusers' order: the same numbers.
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
@@ -208,8 +211,8 @@ def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels
         if type(m).__name__ == "Transformer2DModel":
             m.register_forward_hook(lambda _m, _args, out: outputs.append(out[0]))
 
-    _, report = patch(module, group_norm=False, attention=False, geglu=False)
-    assert report.group_norm == report.group_norm_silu == report.geglu == 0
+    _, report = patch(module, group_norm=False, attention=False, geglu=False, layer_norm=False)
+    assert report.group_norm == report.group_norm_silu == report.geglu == report.layer_norm == 0
     assert report.attention == expected_counts(module)["attention"]
     assert not any(p.kernel for p in module.attn_processors.values())
     outputs.clear()

@@ -230,7 +230,7 @@ def test_kernels_in_interpreter_match_within_kernel_error(tiny_model, pipelines,
 
     expected = ref64("a red cat", **kwargs).images
     torch_fp32 = fp32("a red cat", **kwargs).images
-    assert kernel_calls == {"group_norm": 0, "attention": 0, "geglu": 0}
+    assert kernel_calls == {"group_norm": 0, "attention": 0, "geglu": 0, "layer_norm": 0}
     got = patched("a red cat", **kwargs).images
     assert all(calls > 0 for calls in kernel_calls.values())  # every kernel ran, no fallbacks
 

@@ -134,11 +134,11 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
     )
 
 
-KERNEL_NAMES = ("group_norm", "attention", "geglu")
+KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm")
 # On CUDA by default: the kernels that made the U-Net step faster in the GPU suite. The fused
 # GroupNorm+SiLU did (SD1.5 512² batch 2 fp16, H200, CUDA graphs: 7.97 ms against 10.27 ms
 # with none); the attention kernel did not (8.96 ms with it): cuDNN's SDPA is faster at D=40
-# (benchmarks/results/gpu-suite-h200.json); the fused GEGLU has not been timed on a GPU yet.
+# (benchmarks/results/gpu-suite-h200.json); GEGLU and LayerNorm have not been timed on a GPU yet.
 # kernels=True patches all of them.
 DEFAULT_CUDA_KERNELS = ("group_norm",)
 
@@ -355,6 +355,7 @@ class TorchBackend:
                     group_norm="group_norm" in self.kernels,
                     attention="attention" in self.kernels,
                     geglu="geglu" in self.kernels,
+                    layer_norm="layer_norm" in self.kernels,
                 )
                 self.patch_report[name] = report
             logger.info("fewstep.kernels patched in: %s", self.patch_report)
