@@ -4,22 +4,23 @@ One run, in order (each section writes the JSON so far, so a run cut short still
 
 0. checks: fewstep.kernels against fp64 references at full-size SD1.5/SD2 shapes (fp16 and
    bf16, NCHW and channels_last, GroupNorm in its default form and in two launches, GEGLU,
-   LayerNorm; the rule of tests/test_kernels.py: err_kernel <= 2 · err_torch_same_precision
-   + one rounding step).
+   LayerNorm, the upsample fusion; the rule of tests/test_kernels.py: err_kernel <= 2 ·
+   err_torch_same_precision + one rounding step).
 1. kernels (a): fused GroupNorm+SiLU vs eager F.group_norm + F.silu (achieved GB/s, against
    a copy of the same tensor and a 1 GiB copy; a sweep of its launch knobs), fused attention
    vs F.scaled_dot_product_attention under each of its flash, memory-efficient and cuDNN
    backends (TFLOP/s), and with its head dim as one padded block against two (the default),
-   fused GEGLU vs h * F.gelu(g) and LayerNorm vs F.layer_norm (GB/s), SD1.5 512² shapes,
-   fp16 (benchmarks/kernels_bench.py's cases). Each is timed twice: launched eagerly, and
-   20 calls captured in a CUDA graph (device time, what the runtime's graphs see).
+   fused GEGLU vs h * F.gelu(g) and LayerNorm vs F.layer_norm (GB/s), the upsamplers'
+   ×2-then-3×3 as one transposed convolution vs diffusers', SD1.5 512² shapes, fp16
+   (benchmarks/kernels_bench.py's cases). Each is timed twice: launched eagerly, and 20
+   calls captured in a CUDA graph (device time, what the runtime's graphs see).
 2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
-   (its defaults, then with GroupNorm in two launches, with GEGLU and LayerNorm too, with
-   all kernels, none, no CUDA graphs, compile=True; a device-time profile by kernel of the
-   defaults without CUDA graphs) and last torch.compile of the same module (channels_last;
-   compile time reported apart). Every variant's output is also checked against the U-Net
-   in fp64 with the rule above.
+   (its defaults, then with GroupNorm in two launches, with GEGLU, LayerNorm and the
+   upsample fusion too, with all kernels, none, no CUDA graphs, compile=True; a device-time
+   profile by kernel of the defaults without CUDA graphs) and last torch.compile of the
+   same module (channels_last; compile time reported apart). Every variant's output is
+   also checked against the U-Net in fp64 with the rule above.
 3. turbo (c): SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs,
    random weights), 1 step, 512², end to end (prompt → image as float32 array) at batch 1
    and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch
@@ -50,6 +51,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import gc
@@ -360,6 +362,26 @@ LAYER_NORM_CHECKS_GPU = [
     ("sd15-down0-bf16", (2, 4096, 320), torch.bfloat16),
 ]
 LAYER_NORM_CHECKS_SMALL = [("sd15-down0-scaled", (2, 64, 320), torch.float32)]
+# (name, the upsampler's input [B, C, H, W]): nearest ×2 then a C → C 3×3 convolution
+UPSAMPLE_CASES_GPU = [
+    ("vae-up0", (1, 512, 64, 64)),
+    ("vae-up1", (1, 512, 128, 128)),
+    ("vae-up2", (1, 256, 256, 256)),
+    ("unet-up2", (2, 640, 32, 32)),
+]
+UPSAMPLE_CASES_SMALL = [("unet-up2-scaled", (1, 32, 8, 8))]
+
+
+def _upsamplers(shape, dtype, device):
+    """diffusers' Upsample2D on random weights, channels_last, and fewstep's fusion of it."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from fewstep.kernels.patch import FusedUpsampleConv
+
+    torch.manual_seed(0)
+    upsample = Upsample2D(shape[1], use_conv=True).to(device, dtype).eval()
+    upsample = upsample.to(memory_format=torch.channels_last)
+    return upsample, FusedUpsampleConv(upsample)
 
 
 def check_kernels(device: torch.device, small: bool) -> list[dict]:
@@ -398,6 +420,16 @@ def check_kernels(device: torch.device, small: bool) -> list[dict]:
         result = accuracy(layer_norm(x, w, b), same, ref64)
         out.append({"op": "layer_norm", "name": name, "shape": list(shape), **result})
         del x, same, ref64
+    with torch.inference_mode():
+        for name, shape in UPSAMPLE_CASES_SMALL if small else UPSAMPLE_CASES_GPU[2:]:
+            dtype = torch.float32 if small else torch.float16
+            upsample, fused = _upsamplers(shape, dtype, device)
+            x = _randn(shape, dtype, device).contiguous(memory_format=torch.channels_last)
+            same, got = upsample(x), fused(x)
+            ref64 = copy.deepcopy(upsample).double()(x.double())
+            result = accuracy(got, same, ref64)
+            out.append({"op": "upsample_conv", "name": name, "shape": list(shape), **result})
+            del x, same, ref64, upsample, fused
     _free()
     return out
 
@@ -674,6 +706,32 @@ def bench_rowwise(device: torch.device, small: bool, warmup: int, repeats: int) 
     return out
 
 
+def bench_upsample_conv(device, small: bool, warmup: int, repeats: int) -> list[dict]:
+    """Nearest ×2 upsample then 3×3 convolution (diffusers' Upsample2D) against one stride-2
+    transposed convolution (fewstep's fusion): device time in a CUDA graph, channels_last,
+    cuDNN's algorithm search on (as in the backend); on the CPU, torch's CPU kernels."""
+    dtype = torch.float32 if small else torch.float16
+    rows = []
+    with torch.inference_mode():
+        for name, shape in UPSAMPLE_CASES_SMALL if small else UPSAMPLE_CASES_GPU:
+            upsample, fused = _upsamplers(shape, dtype, device)
+            x = _randn(shape, dtype, device).contiguous(memory_format=torch.channels_last)
+            calls = {"fused": lambda x=x, f=fused: f(x), "torch": lambda x=x, u=upsample: u(x)}
+            if device.type == "cuda":
+                ms = {what: graphed_ms(call, device, repeats) for what, call in calls.items()}
+            else:
+                ms = {
+                    what: timed(call, warmup, repeats, device)["p50"]
+                    for what, call in calls.items()
+                }
+            rows.append(
+                {"name": name, "shape": list(shape), "ms": ms, "speedup": ms["torch"] / ms["fused"]}
+            )
+            del x, upsample, fused
+    _free()
+    return rows
+
+
 def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) -> dict:
     dtype = torch.float32 if small else torch.float16
     gn_cases = kernels_bench.GROUP_NORM_CPU if small else kernels_bench.GROUP_NORM_CUDA
@@ -744,6 +802,7 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
         "attention": attention_rows,
         "attention_tuned_configs": tuned,
         **bench_rowwise(device, small, warmup, repeats),
+        "upsample_conv": bench_upsample_conv(device, small, warmup, repeats),
     }
 
 
@@ -765,8 +824,12 @@ class Variant:
 GPU_VARIANTS = (
     Variant("fewstep", kernels=None, cuda_graphs=True),  # the defaults: GroupNorm kernel, graphs
     Variant("fewstep-two-launch-group-norm", None, cuda_graphs=True, two_launch_group_norm=True),
-    # the defaults and the two kernels not yet defaults (each also timed alone in "kernels")
-    Variant("fewstep-geglu-layer-norm", ("group_norm", "geglu", "layer_norm"), cuda_graphs=True),
+    # the defaults and what is not yet a default but attention (each timed alone in "kernels")
+    Variant(
+        "fewstep-more-kernels",
+        ("group_norm", "geglu", "layer_norm", "upsample_conv"),
+        cuda_graphs=True,
+    ),
     Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs (the profiler sees a graph replay as one event): the defaults'
@@ -1168,6 +1231,11 @@ def format_table(results: dict[str, Any]) -> str:
                 f"  {'':<42} head dim as {split['split']}: {split['split_ms']:7.3f}, one padded "
                 f"block {split['padded']}: {split['padded_ms']:7.3f}"
                 f"  x{split['padded_over_split']:.2f}"
+            )
+        for r in kern.get("upsample_conv", []):
+            lines.append(
+                f"  upsample+conv {r['name']:<28} fused {r['ms']['fused']:7.3f}"
+                f"  torch {r['ms']['torch']:7.3f}  x{r['speedup']:.2f}"
             )
         rowwise = [(name, r) for name in ("geglu", "layer_norm") for r in kern.get(name, [])]
         for op, r in rowwise:

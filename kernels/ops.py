@@ -53,8 +53,13 @@ def _log_fallback_once(op: str, reason: str) -> None:
         logger.warning("fewstep::%s falls back to torch: %s", op, reason)
 
 
+def kernels_disabled() -> bool:
+    """FEWSTEP_DISABLE_KERNELS=1 (read per call): every op takes torch's path."""
+    return os.environ.get(DISABLE_ENV, "0") not in ("", "0")
+
+
 def _common_reason(tensors: dict[str, torch.Tensor], dtypes: tuple[torch.dtype, ...]) -> str | None:
-    if os.environ.get(DISABLE_ENV, "0") not in ("", "0"):
+    if kernels_disabled():
         return f"kernels disabled by {DISABLE_ENV}=1"
     first = next(iter(tensors.values()))
     problem = device_problem(first)

@@ -27,6 +27,11 @@ this file imports torch only):
   split, F.gelu and product (two elementwise kernels).
 - `nn.LayerNorm`s over one dim (the transformer blocks' norm1, norm2, norm3) →
   `FusedLayerNorm`, `fewstep::layer_norm` on the original weight and bias.
+- `Upsample2D`s that upsample ×2 (nearest) then run a 3×3 convolution (the U-Net's and VAE
+  decoder's upsamplers) → `FusedUpsampleConv`: one stride-2 transposed convolution with
+  4×4 weights made from the 3×3 ones, the same map without the upsampled tensor in
+  between and with 4 taps per output pixel where the convolution had 9 (the VAE's three
+  upsample convolutions are about 0.7 of its 2.5 TFLOP per 512² image).
 - `Transformer2DModel`s (continuous inputs) give their output in the residual's memory
   format: in a channels_last model their tokens [B, H·W, C] already are channels_last
   [B, C, H, W], and diffusers' `.contiguous()` made an NCHW copy that the next convolution
@@ -55,13 +60,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .ops import attention_op, geglu_op, group_norm_op, layer_norm_op
+from .ops import attention_op, geglu_op, group_norm_op, kernels_disabled, layer_norm_op
 
 RESNET_CLASSES = ("ResnetBlock2D",)
 # Classes whose forward runs `conv_norm_out` then `conv_act` back to back.
 NORM_OUT_CLASSES = ("UNet2DConditionModel", "Encoder", "Decoder")
 ATTENTION_CLASSES = ("Attention",)
 TRANSFORMER_CLASSES = ("Transformer2DModel",)
+UPSAMPLE_CLASSES = ("Upsample2D",)
 GEGLU_CLASSES = ("GEGLU",)
 # Processors whose math FewstepAttnProcessor reproduces.
 REPLACEABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
@@ -80,6 +86,7 @@ class PatchReport:
     transformer_outputs: int = 0  # Transformer2DModels now keeping their residual's layout
     geglu: int = 0  # GEGLU activations now FusedGEGLU
     layer_norm: int = 0  # LayerNorms now FusedLayerNorm
+    upsample_conv: int = 0  # upsample-then-convolve pairs now one transposed convolution
 
     @property
     def total(self) -> int:
@@ -170,6 +177,66 @@ class FusedLayerNorm(nn.Module):
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
+
+
+# conv3x3(nearest ×2 upsample of x) = conv_transpose2d(x, W', stride 2, padding 1): output
+# pixel o = 2q + r takes input pixels q - 1, q (r = 0) or q, q + 1 (r = 1), and tap k of the
+# transposed kernel (o = 2·i − 1 + k) sums the 3×3 taps t that land there. Rows: k = 0..3;
+# columns: t = 0..2 (diffusers' kernel, cross-correlation order).
+_UPSAMPLE_TAPS = ((0, 0, 1), (0, 1, 1), (1, 1, 0), (1, 0, 0))
+
+
+def upsample_conv_weight(weight: torch.Tensor) -> torch.Tensor:
+    """The [C_in, C_out, 4, 4] transposed-convolution weight equal to a 3×3 convolution's
+    [C_out, C_in, 3, 3] `weight` applied after a nearest ×2 upsample; summed in fp32, then
+    in the weight's dtype (fp64 stays fp64)."""
+    compute = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    taps = torch.tensor(_UPSAMPLE_TAPS, dtype=compute, device=weight.device)
+    fused = torch.einsum("kt,oits,ls->iokl", taps, weight.to(compute), taps)
+    return fused.to(weight.dtype)
+
+
+class FusedUpsampleConv(nn.Module):
+    """diffusers' Upsample2D (models/upsampling.py) with `use_conv`, nearest ×2 interpolation,
+    a 3×3 convolution with padding 1 and no norm, as one stride-2 transposed convolution
+    (see upsample_conv_weight). The convolution keeps its name (`conv` or `Conv2d_0`), so the
+    state dict is unchanged, and the fused weight is made from it on every call, so in-place
+    weight updates (LoRA folding) and CUDA graphs see the current one. An `output_size` other
+    than ×2, or FEWSTEP_DISABLE_KERNELS=1, runs diffusers' interpolate-then-convolve."""
+
+    def __init__(self, upsample: nn.Module):
+        super().__init__()
+        self.conv_name = upsample.name if upsample.name == "conv" else "Conv2d_0"
+        setattr(self, self.conv_name, getattr(upsample, self.conv_name))
+        self.channels = upsample.channels
+
+    def forward(self, hidden_states: torch.Tensor, output_size: Any = None, *args, **kwargs):
+        conv = getattr(self, self.conv_name)
+        doubled = [2 * n for n in hidden_states.shape[-2:]]
+        if kernels_disabled() or (output_size is not None and list(output_size) != doubled):
+            size = doubled if output_size is None else output_size
+            return conv(F.interpolate(hidden_states, size=size, mode="nearest"))
+        weight = upsample_conv_weight(conv.weight)
+        return F.conv_transpose2d(hidden_states, weight, conv.bias, stride=2, padding=1)
+
+
+def _fusable_upsample(module: nn.Module) -> bool:
+    """An Upsample2D that interpolates ×2 then convolves 3×3 with padding 1, nothing else."""
+    conv = getattr(module, "conv" if getattr(module, "name", None) == "conv" else "Conv2d_0", None)
+    return (
+        _name(module) in UPSAMPLE_CLASSES
+        and getattr(module, "use_conv", False)
+        and not getattr(module, "use_conv_transpose", True)
+        and getattr(module, "interpolate", False)
+        and getattr(module, "norm", "missing") is None
+        and type(conv) is nn.Conv2d
+        and conv.kernel_size == (3, 3)
+        and conv.padding == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+    )
 
 
 class FusedGEGLU(nn.Module):
@@ -338,6 +405,7 @@ def patch(
     passes: bool = True,
     geglu: bool = True,
     layer_norm: bool = True,
+    upsample_conv: bool = True,
 ) -> tuple[nn.Module, PatchReport]:
     """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
 
@@ -347,6 +415,8 @@ def patch(
     outputs' layout round trip), with `FewstepAttnProcessor` on SDPA where not `attention`.
     geglu: GEGLU activations on the fused kernel.
     layer_norm: LayerNorms over one dim on the kernel.
+    upsample_conv: nearest ×2 upsamples and their 3×3 convolutions as one transposed
+    convolution.
     Returns (module, what this call swapped). Calling it again swaps nothing.
     """
     record: list = getattr(module, _RECORD, [])
@@ -389,7 +459,7 @@ def patch(
                 record.append(("processor", sub, "processor", processor))
                 sub.set_processor(FewstepAttnProcessor(kernel=attention))
                 report.attention += 1
-    if geglu or layer_norm:
+    if geglu or layer_norm or upsample_conv:
         for sub in list(module.modules()):
             for attr, child in list(sub.named_children()):
                 linear = type(getattr(child, "proj", None)) is nn.Linear
@@ -400,6 +470,9 @@ def patch(
                 elif layer_norm and one_dim:
                     _swap(record, sub, attr, FusedLayerNorm(child))
                     report.layer_norm += 1
+                elif upsample_conv and _fusable_upsample(child):
+                    _swap(record, sub, attr, FusedUpsampleConv(child))
+                    report.upsample_conv += 1
     if passes:
         for sub in module.modules():
             if (

@@ -62,10 +62,13 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
         "attention",
         "geglu",
         "layer_norm",
+        "upsample_conv",
     }
     for op in ("geglu", "layer_norm"):
         (row,) = results["kernels"][op]
         assert row["ms"]["kernel"] > 0 and row["kernel_gb_per_s"] > 0
+    (row,) = results["kernels"]["upsample_conv"]
+    assert row["ms"]["fused"] > 0 and row["ms"]["torch"] > 0
     unet = results["unet"]
     assert {"diffusers_eager", "fewstep"} <= set(unet["variants"])
     assert "fewstep-kernels-interpreted" in unet["checks"]  # the kernels ran in the model

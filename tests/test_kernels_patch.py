@@ -58,8 +58,8 @@ def kernel_calls(monkeypatch):
 def expected_counts(module: torch.nn.Module) -> dict[str, int]:
     """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules, ResNet
     blocks with two pairs and no up- or downsampling, transformers on continuous inputs,
-    GEGLU activations, LayerNorms over one dim."""
-    pairs = blocks = transformers = geglus = layer_norms = 0
+    GEGLU activations, LayerNorms over one dim, upsamplers that convolve."""
+    pairs = blocks = transformers = geglus = layer_norms = upsamples = 0
     for m in module.modules():
         if type(m).__name__ == "ResnetBlock2D":
             pairs += 1 + (m.time_embedding_norm != "scale_shift")
@@ -70,6 +70,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
         transformers += type(m).__name__ == "Transformer2DModel" and m.is_input_continuous
         geglus += type(m).__name__ == "GEGLU"
         layer_norms += type(m) is torch.nn.LayerNorm and len(m.normalized_shape) == 1
+        upsamples += type(m).__name__ == "Upsample2D" and m.use_conv and m.interpolate
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
     attention = sum(type(m).__name__ == "Attention" for m in module.modules())
     return {
@@ -80,6 +81,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
         "transformer_outputs": transformers,
         "geglu": geglus,
         "layer_norm": layer_norms,
+        "upsample_conv": upsamples,
     }
 
 
@@ -211,7 +213,8 @@ def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels
         if type(m).__name__ == "Transformer2DModel":
             m.register_forward_hook(lambda _m, _args, out: outputs.append(out[0]))
 
-    _, report = patch(module, group_norm=False, attention=False, geglu=False, layer_norm=False)
+    kernels = dict(group_norm=False, geglu=False, layer_norm=False, upsample_conv=False)
+    _, report = patch(module, attention=False, **kernels)
     assert report.group_norm == report.group_norm_silu == report.geglu == report.layer_norm == 0
     assert report.attention == expected_counts(module)["attention"]
     assert not any(p.kernel for p in module.attn_processors.values())
@@ -245,3 +248,26 @@ def test_patched_unet_compiles_in_one_graph(tiny_model):
     inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(run_unet(compiled, inputs), run_unet(module, inputs))
+
+
+@pytest.mark.parametrize("size", [(5, 7), (1, 1), (8, 8)])
+def test_upsample_conv_is_one_transposed_convolution(size):
+    """diffusers' Upsample2D (nearest ×2, then 3×3 conv with padding 1) against its fusion, in
+    fp64 (the same map: equal to rounding) and fp32; an output_size other than ×2 takes
+    diffusers' path; an in-place weight update is seen (the fused weight is made per call)."""
+    from diffusers.models.upsampling import Upsample2D
+
+    from fewstep.kernels.patch import FusedUpsampleConv
+
+    torch.manual_seed(0)
+    for dtype, tol in ((torch.float64, 1e-12), (torch.float32, 2e-5)):
+        upsample = Upsample2D(6, use_conv=True, out_channels=4).to(dtype).eval()
+        fused = FusedUpsampleConv(upsample)
+        x = torch.randn(2, 6, *size, dtype=dtype)
+        with torch.inference_mode():
+            expected = upsample(x)
+            torch.testing.assert_close(fused(x), expected, rtol=0, atol=tol)
+            odd = (2 * size[0] + 1, 2 * size[1] + 1)
+            torch.testing.assert_close(fused(x, odd), upsample(x, odd), rtol=0, atol=0)
+            upsample.conv.weight.mul_(2)  # as a LoRA fold would, in place
+            torch.testing.assert_close(fused(x), upsample(x), rtol=0, atol=2 * tol)

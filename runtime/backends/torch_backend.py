@@ -134,12 +134,12 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
     )
 
 
-KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm")
+KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv")
 # On CUDA by default: the kernels that made the U-Net step faster in the GPU suite. The fused
 # GroupNorm+SiLU did (SD1.5 512² batch 2 fp16, H200, CUDA graphs: 7.97 ms against 10.27 ms
 # with none); the attention kernel did not (8.96 ms with it): cuDNN's SDPA is faster at D=40
-# (benchmarks/results/gpu-suite-h200.json); GEGLU and LayerNorm have not been timed on a GPU yet.
-# kernels=True patches all of them.
+# (benchmarks/results/gpu-suite-h200.json); GEGLU, LayerNorm and the upsample-convolution
+# fusion (fewstep.kernels.patch) have not been timed on a GPU yet. kernels=True patches all.
 DEFAULT_CUDA_KERNELS = ("group_norm",)
 
 
@@ -356,6 +356,7 @@ class TorchBackend:
                     attention="attention" in self.kernels,
                     geglu="geglu" in self.kernels,
                     layer_norm="layer_norm" in self.kernels,
+                    upsample_conv="upsample_conv" in self.kernels,
                 )
                 self.patch_report[name] = report
             logger.info("fewstep.kernels patched in: %s", self.patch_report)
