@@ -505,6 +505,14 @@ def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls:
     return t["p50"] / calls
 
 
+def device_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
+    """A call's time as the runtime sees it: device time in a CUDA graph on a GPU; on the
+    CPU, p50 of eager calls (interpreted kernels: the code path only)."""
+    if device.type == "cuda":
+        return graphed_ms(fn, device, repeats)
+    return timed(fn, warmup, repeats, device)["p50"]
+
+
 # (form, programs per SM over the whole grid, elements per tile, warps): group_norm's `split`,
 # `tile`, `warps` and `one_launch` knobs. Forms: two launches (statistics, then normalize);
 # one pass (one program per group, one launch: programs per SM unused); the grid sync (one
@@ -637,10 +645,7 @@ def head_dim_comparison(case, dtype, device, warmup: int, repeats: int) -> dict:
         def run(q=q, k=k, v=v, pad=pad):
             return attention(q, k, v, pad_head_dim=pad)
 
-        if device.type == "cuda":
-            result[f"{name}_ms"] = graphed_ms(run, device, repeats)
-        else:
-            result[f"{name}_ms"] = timed(run, warmup, repeats, device)["p50"]
+        result[f"{name}_ms"] = device_ms(run, device, warmup, repeats)
     result["padded_over_split"] = result["padded_ms"] / result["split_ms"]
     return result
 
@@ -685,10 +690,7 @@ def bench_rowwise(device: torch.device, small: bool, warmup: int, repeats: int) 
             torch_op = functools.partial(F.layer_norm, x, x.shape[-1:], w, b)
             moved = 2.0
         calls = {"kernel": kernel, "torch": torch_op, "copy_of_x": lambda x=x, y=y: y.copy_(x)}
-        if device.type == "cuda":
-            ms = {what: graphed_ms(call, device, repeats) for what, call in calls.items()}
-        else:
-            ms = {what: timed(call, warmup, repeats, device)["p50"] for what, call in calls.items()}
+        ms = {what: device_ms(call, device, warmup, repeats) for what, call in calls.items()}
         gbytes = moved * x.numel() * x.element_size() / 1e9
         out[op].append(
             {
@@ -717,13 +719,7 @@ def bench_upsample_conv(device, small: bool, warmup: int, repeats: int) -> list[
             upsample, fused = _upsamplers(shape, dtype, device)
             x = _randn(shape, dtype, device).contiguous(memory_format=torch.channels_last)
             calls = {"fused": lambda x=x, f=fused: f(x), "torch": lambda x=x, u=upsample: u(x)}
-            if device.type == "cuda":
-                ms = {what: graphed_ms(call, device, repeats) for what, call in calls.items()}
-            else:
-                ms = {
-                    what: timed(call, warmup, repeats, device)["p50"]
-                    for what, call in calls.items()
-                }
+            ms = {what: device_ms(call, device, warmup, repeats) for what, call in calls.items()}
             rows.append(
                 {"name": name, "shape": list(shape), "ms": ms, "speedup": ms["torch"] / ms["fused"]}
             )

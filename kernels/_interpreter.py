@@ -42,3 +42,10 @@ def device_problem(x: Any) -> str | None:
         return None
     hint = "" if INTERPRETED else " (CPU tensors need TRITON_INTERPRET=1 before import)"
     return f"device type {x.device.type} not in {KERNEL_DEVICES}{hint}"
+
+
+def check_device(name: str, x: Any) -> None:
+    """ValueError naming `name` when the kernels cannot run on x's device (see device_problem)."""
+    problem = device_problem(x)
+    if problem:
+        raise ValueError(f"{name}: {problem}")

@@ -40,7 +40,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRETED, device_problem, round_to_bf16
+from ._interpreter import INTERPRETED, check_device, round_to_bf16
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256
@@ -285,8 +285,7 @@ def attention(
     two (`head_dim_blocks`), for the benchmark's comparison.
     """
     check_attention_args(q, k, v)
-    if device_problem(q):
-        raise ValueError(f"q: {device_problem(q)}")
+    check_device("q", q)
     if q.dtype not in DTYPES:
         raise ValueError(f"dtype must be one of {DTYPES}, got {q.dtype}")
     batch, heads, l_q, head_dim = q.shape

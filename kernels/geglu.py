@@ -24,7 +24,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRETED, device_problem, round_to_bf16
+from ._interpreter import INTERPRETED, check_device, round_to_bf16
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _SQRT_HALF = tl.constexpr(0.7071067811865476)  # 1/√2: GELU(g) = g·Φ(g), Φ via erf
@@ -68,8 +68,7 @@ def check_geglu_args(x: torch.Tensor) -> None:
 def geglu(x: torch.Tensor) -> torch.Tensor:
     """h · gelu(g) for x = [h, g] split in halves on its last dim: [..., 2·I] → [..., I]."""
     check_geglu_args(x)
-    if device_problem(x):
-        raise ValueError(f"x: {device_problem(x)}")
+    check_device("x", x)
     if x.dtype not in DTYPES:
         raise ValueError(f"x.dtype must be one of {DTYPES}, got {x.dtype}")
     inner = x.shape[-1] // 2

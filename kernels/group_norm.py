@@ -78,7 +78,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRETED, device_problem, round_to_bf16
+from ._interpreter import INTERPRETED, check_device, round_to_bf16
 
 logger = logging.getLogger("fewstep.kernels")
 
@@ -607,8 +607,7 @@ def group_norm(
     1: each load waits).
     """
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
-    if device_problem(x):
-        raise ValueError(f"x: {device_problem(x)}")
+    check_device("x", x)
     if x.dtype not in DTYPES:
         raise ValueError(f"x.dtype must be one of {DTYPES}, got {x.dtype}")
     stride_s = spatial_stride(x)

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from ._interpreter import INTERPRETED, device_problem, round_to_bf16
+from ._interpreter import INTERPRETED, check_device, round_to_bf16
 
 DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_WIDTH = 8192  # one row in registers: 8192 fp32 over 8 warps is 32 per thread
@@ -88,8 +88,7 @@ def layer_norm(
 ) -> torch.Tensor:
     """F.layer_norm(x, (x.shape[-1],), weight, bias, eps), fused: [..., N] → [..., N]."""
     check_layer_norm_args(x, weight, bias)
-    if device_problem(x):
-        raise ValueError(f"x: {device_problem(x)}")
+    check_device("x", x)
     if x.dtype not in DTYPES:
         raise ValueError(f"x.dtype must be one of {DTYPES}, got {x.dtype}")
     width = x.shape[-1]
