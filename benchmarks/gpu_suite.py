@@ -16,8 +16,8 @@ One run, in order (each section writes the JSON so far, so a run cut short still
    calls captured in a CUDA graph (device time, what the runtime's graphs see).
 2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
-   (its defaults, then with GroupNorm in two launches, with GEGLU, LayerNorm and the
-   upsample fusion too, with all kernels, none, no CUDA graphs, compile=True; a device-time
+   (its defaults, every kernel tuned per shape against torch's op; then the GroupNorm
+   kernel alone, all kernels forced, none, no CUDA graphs, compile=True; a device-time
    profile by kernel of the defaults without CUDA graphs) and last torch.compile of the
    same module (channels_last; compile time reported apart). Every variant's output is
    also checked against the U-Net in fp64 with the rule above.
@@ -30,6 +30,8 @@ One run, in order (each section writes the JSON so far, so a run cut short still
    fp16 with the default kernels, scored by fewstep.scenes' analyzer on its evaluation
    prompts (the quality yardstick of every precision and kernel change). Last because it
    is not timed: a run cut short loses it rather than a timing.
+After each section: what the tuned ops chose per shape, with each candidate's device time
+(`kernel_choices`; fewstep.kernels.tuning).
 
 Timing (STYLE.md): CUDA events around each call, `--warmup` untimed calls first (Triton
 compiles, CUDA graph capture and torch.compile happen there and are reported apart), p50 and
@@ -91,6 +93,7 @@ from fewstep.kernels import (  # noqa: E402
     group_norm_ref,
     layer_norm,
     layer_norm_ref,
+    tuning,
 )
 
 # the module, whose name the package gives to its function
@@ -808,24 +811,18 @@ def bench_kernels(device: torch.device, small: bool, warmup: int, repeats: int) 
 @dataclasses.dataclass(frozen=True)
 class Variant:
     name: str
-    kernels: bool | None | tuple[str, ...]  # None: the backend's default for the device
+    kernels: bool | str | None | tuple[str, ...]  # None: the backend's default for the device
     cuda_graphs: bool
     channels_last: bool = True
     compile: bool = False
     timed: bool = True  # False: checked only (interpreted kernels are too slow to time)
     profiled: bool = False  # its kernels' time, by kernel: what to speed up next
-    two_launch_group_norm: bool = False  # the GroupNorm kernel's two-launch form everywhere
 
 
 GPU_VARIANTS = (
-    Variant("fewstep", kernels=None, cuda_graphs=True),  # the defaults: GroupNorm kernel, graphs
-    Variant("fewstep-two-launch-group-norm", None, cuda_graphs=True, two_launch_group_norm=True),
-    # the defaults and what is not yet a default but attention (each timed alone in "kernels")
-    Variant(
-        "fewstep-more-kernels",
-        ("group_norm", "geglu", "layer_norm", "upsample_conv"),
-        cuda_graphs=True,
-    ),
+    # the defaults: every kernel, each op the faster of kernel and torch per shape; graphs
+    Variant("fewstep", kernels=None, cuda_graphs=True),
+    Variant("fewstep-group-norm-kernel", ("group_norm",), cuda_graphs=True),  # earlier default
     Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs (the profiler sees a graph replay as one event): the defaults'
@@ -836,6 +833,7 @@ GPU_VARIANTS = (
 SMALL_VARIANTS = (
     Variant("fewstep", kernels=False, cuda_graphs=False, profiled=True),
     Variant("fewstep-kernels-interpreted", kernels=True, cuda_graphs=False, timed=False),
+    Variant("fewstep-auto-interpreted", kernels="auto", cuda_graphs=False, timed=False),
 )
 
 
@@ -917,16 +915,6 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
 def bench_variant(variant, folder, device, dtype, inputs, warmup, repeats):
     """One torch-backend configuration on the U-Net step: (timing row or None, its output,
     profile or None)."""
-    one_launch_max = group_norm_module.ONE_LAUNCH_MAX_ELEMENTS
-    if variant.two_launch_group_norm:
-        group_norm_module.ONE_LAUNCH_MAX_ELEMENTS = 0
-    try:
-        return _bench_variant(variant, folder, device, dtype, inputs, warmup, repeats)
-    finally:
-        group_norm_module.ONE_LAUNCH_MAX_ELEMENTS = one_launch_max
-
-
-def _bench_variant(variant, folder, device, dtype, inputs, warmup, repeats):
     from fewstep.backends.torch_backend import TorchBackend
 
     t0 = time.perf_counter()
@@ -1296,6 +1284,13 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"    {k['share']:5.1%} {k['ms_per_call']:7.3f} ms  {k['name'][:90]}")
     for name, error in results.get("unet", {}).get("variant_errors", {}).items():
         lines.append(f"ERROR in U-Net variant {name}: {error.strip().splitlines()[-1]}")
+    choices = results.get("kernel_choices")
+    if choices:
+        lines.append("tuned ops, per shape: the choice, then each candidate's ms per call:")
+        for c in choices:
+            shapes = " ".join("x".join(map(str, s)) for s in c["shapes"] if isinstance(s, list))
+            times = "  ".join(f"{name} {ms:.4f}" for name, ms in c["ms"].items())
+            lines.append(f"  {c['op']:<13} {shapes:<34} {c['layout']:<7} {c['chosen']:<17} {times}")
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR in section {section}: {error.strip().splitlines()[-1]}")
     lines.append(f"sections (s): {results['section_s']}; all checks ok: {results['checks_ok']}")
@@ -1359,6 +1354,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 results.setdefault("errors", {})[section] = traceback.format_exc()[-6000:]
                 print(results["errors"][section], file=sys.stderr, flush=True)
                 _free()
+            # what the tuned ops chose per shape, and each candidate's device time
+            results["kernel_choices"] = tuning.choices()
             results["section_s"][section] = round(time.perf_counter() - t0, 1)
             save()
     finally:

@@ -9,7 +9,10 @@
   fall back to torch for unsupported inputs or when FEWSTEP_DISABLE_KERNELS=1; this is
   what models call.
 - `patch` / `unpatch`: swap the ops into a diffusers U-Net or VAE, in place
-  (GroupNorm → SiLU pairs, other GroupNorms, attention processors, GEGLUs, LayerNorms).
+  (GroupNorm → SiLU pairs, other GroupNorms, attention processors, GEGLUs, LayerNorms,
+  upsamplers).
+- `tuning`: with `tune=True`, each op keeps per shape the faster of its kernel and torch's
+  own, timed on the GPU at its first call.
 
 On machines without a CUDA GPU the kernels run in Triton's interpreter when
 TRITON_INTERPRET=1 is set before this package is imported.

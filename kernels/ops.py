@@ -37,6 +37,7 @@ from .group_norm import DTYPES as GROUP_NORM_DTYPES
 from .group_norm import check_group_norm_args, group_norm, spatial_stride
 from .layer_norm import DTYPES as LAYER_NORM_DTYPES
 from .layer_norm import MAX_WIDTH, check_layer_norm_args, layer_norm
+from .tuning import choose, signature
 
 logger = logging.getLogger("fewstep.kernels")
 
@@ -137,14 +138,34 @@ def group_norm_op(
     eps: float = 1e-5,
     activation: str | None = None,
     input_bias: torch.Tensor | None = None,
+    tune: bool = False,
 ) -> torch.Tensor:
     """GroupNorm (+ SiLU) of x [N, C, *spatial] (+ input_bias [N, C] first): the fused
-    kernel, or torch where unsupported."""
+    kernel, or torch where unsupported. tune: per shape, the fastest of the kernel's
+    default launch, its two-launch form and torch (tuning.py)."""
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     reason = group_norm_fallback_reason(x, num_groups, weight, bias, input_bias)
-    if reason is None:
-        return group_norm(x, num_groups, weight, bias, eps, activation, input_bias=input_bias)
-    _log_fallback_once("group_norm", reason)
+    args = (x, num_groups, weight, bias, eps, activation, input_bias)
+    if reason is not None:
+        _log_fallback_once("group_norm", reason)
+        return _group_norm_torch(*args)
+
+    def kernel(**knobs):
+        return lambda: group_norm(
+            x, num_groups, weight, bias, eps, activation, input_bias=input_bias, **knobs
+        )
+
+    if not tune:
+        return kernel()()
+    candidates = {
+        "kernel": kernel(),  # one launch where it has a grid sync (group_norm's default)
+        "kernel-two-launch": kernel(one_launch=False),
+        "torch": lambda: _group_norm_torch(*args),
+    }
+    return candidates[choose("group_norm", signature(*args), candidates, x.device)]()
+
+
+def _group_norm_torch(x, num_groups, weight, bias, eps, activation, input_bias):
     shifted = x
     if input_bias is not None:  # as diffusers adds a time embedding: in x's dtype
         shifted = x + input_bias.view(*x.shape[:2], *[1] * (x.dim() - 2))
@@ -156,7 +177,7 @@ def group_norm_op(
 
 @group_norm_op.register_fake
 def _group_norm_fake(
-    x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, input_bias=None
+    x, num_groups, weight=None, bias=None, eps=1e-5, activation=None, input_bias=None, tune=False
 ):
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     return torch.empty_like(x)
@@ -197,20 +218,35 @@ def attention_supported(
 
 @torch.library.custom_op("fewstep::attention", mutates_args=())
 def attention_op(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    scale: float | None = None,
+    tune: bool = False,
 ) -> torch.Tensor:
-    """softmax(q·kᵀ·scale)·v in SDPA's [B, H, L, D]: the fused kernel, or SDPA if unsupported."""
+    """softmax(q·kᵀ·scale)·v in SDPA's [B, H, L, D]: the fused kernel, or SDPA if unsupported.
+    tune: per shape, the faster of SDPA (untimed: the first) and the kernel (tuning.py)."""
     check_attention_args(q, k, v)
     reason = attention_fallback_reason(q, k, v, scale)
-    if reason is None:
+    if reason is not None:
+        _log_fallback_once("attention", reason)
+        return _attention_torch(q, k, v, scale)
+    if not tune:
         return attention(q, k, v, scale)
-    _log_fallback_once("attention", reason)
+    candidates = {
+        "sdpa": lambda: _attention_torch(q, k, v, scale),
+        "kernel": lambda: attention(q, k, v, scale),
+    }
+    return candidates[choose("attention", signature(q, k, v, scale), candidates, q.device)]()
+
+
+def _attention_torch(q, k, v, scale):
     out = F.scaled_dot_product_attention(q, k, v, scale=scale)
     return _as_layout(out, attention_output_like(q.to("meta")))
 
 
 @attention_op.register_fake
-def _attention_fake(q, k, v, scale=None):
+def _attention_fake(q, k, v, scale=None, tune=False):
     check_attention_args(q, k, v)
     return attention_output_like(q)
 
@@ -229,19 +265,27 @@ def geglu_fallback_reason(x: torch.Tensor) -> str | None:
 
 
 @torch.library.custom_op("fewstep::geglu", mutates_args=())
-def geglu_op(x: torch.Tensor) -> torch.Tensor:
-    """h · gelu(g) for x's halves [h, g] on its last dim: the fused kernel, or torch."""
+def geglu_op(x: torch.Tensor, tune: bool = False) -> torch.Tensor:
+    """h · gelu(g) for x's halves [h, g] on its last dim: the fused kernel, or torch.
+    tune: per shape, the faster of torch (untimed: the first) and the kernel (tuning.py)."""
     check_geglu_args(x)
     reason = geglu_fallback_reason(x)
-    if reason is None:
+    if reason is not None:
+        _log_fallback_once("geglu", reason)
+        return _geglu_torch(x)
+    if not tune:
         return geglu(x)
-    _log_fallback_once("geglu", reason)
+    candidates = {"torch": lambda: _geglu_torch(x), "kernel": lambda: geglu(x)}
+    return candidates[choose("geglu", signature(x), candidates, x.device)]()
+
+
+def _geglu_torch(x):
     h, g = x.chunk(2, dim=-1)
     return h * F.gelu(g)  # diffusers' GEGLU, op for op
 
 
 @geglu_op.register_fake
-def _geglu_fake(x):
+def _geglu_fake(x, tune=False):
     check_geglu_args(x)
     return x.new_empty(*x.shape[:-1], x.shape[-1] // 2)
 
@@ -274,17 +318,29 @@ def layer_norm_op(
     weight: torch.Tensor | None = None,
     bias: torch.Tensor | None = None,
     eps: float = 1e-5,
+    tune: bool = False,
 ) -> torch.Tensor:
-    """LayerNorm of x over its last dim: the fused kernel, or F.layer_norm."""
+    """LayerNorm of x over its last dim: the fused kernel, or F.layer_norm.
+    tune: per shape, the faster of torch (untimed: the first) and the kernel (tuning.py)."""
     check_layer_norm_args(x, weight, bias)
     reason = layer_norm_fallback_reason(x, weight, bias)
-    if reason is None:
+    if reason is not None:
+        _log_fallback_once("layer_norm", reason)
+        return _layer_norm_torch(x, weight, bias, eps)
+    if not tune:
         return layer_norm(x, weight, bias, eps)
-    _log_fallback_once("layer_norm", reason)
+    candidates = {
+        "torch": lambda: _layer_norm_torch(x, weight, bias, eps),
+        "kernel": lambda: layer_norm(x, weight, bias, eps),
+    }
+    return candidates[choose("layer_norm", signature(x, weight, bias, eps), candidates, x.device)]()
+
+
+def _layer_norm_torch(x, weight, bias, eps):
     return F.layer_norm(x, (x.shape[-1],), weight, bias, eps).contiguous()
 
 
 @layer_norm_op.register_fake
-def _layer_norm_fake(x, weight=None, bias=None, eps=1e-5):
+def _layer_norm_fake(x, weight=None, bias=None, eps=1e-5, tune=False):
     check_layer_norm_args(x, weight, bias)
     return x.new_empty(x.shape)

@@ -61,6 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .ops import attention_op, geglu_op, group_norm_op, kernels_disabled, layer_norm_op
+from .tuning import choose, signature
 
 RESNET_CLASSES = ("ResnetBlock2D",)
 # Classes whose forward runs `conv_norm_out` then `conv_act` back to back.
@@ -96,18 +97,26 @@ class PatchReport:
 class FusedGroupNorm(nn.Module):
     """`nn.GroupNorm` (+ SiLU) as `fewstep::group_norm`, on the original weight and bias."""
 
-    def __init__(self, norm: nn.GroupNorm, activation: str | None):
+    def __init__(self, norm: nn.GroupNorm, activation: str | None, tune: bool = False):
         super().__init__()
         self.num_groups = norm.num_groups
         self.num_channels = norm.num_channels
         self.eps = norm.eps
         self.activation = activation
+        self.tune = tune
         self.weight = norm.weight  # shared Parameter (None when not affine)
         self.bias = norm.bias
 
     def forward(self, x: torch.Tensor, input_bias: torch.Tensor | None = None) -> torch.Tensor:
         return group_norm_op(
-            x, self.num_groups, self.weight, self.bias, self.eps, self.activation, input_bias
+            x,
+            self.num_groups,
+            self.weight,
+            self.bias,
+            self.eps,
+            self.activation,
+            input_bias,
+            self.tune,
         )
 
     def extra_repr(self) -> str:
@@ -165,15 +174,16 @@ class FusedLayerNorm(nn.Module):
     """`nn.LayerNorm` over the last dim as `fewstep::layer_norm`, on the original weight and
     bias (None when not affine)."""
 
-    def __init__(self, norm: nn.LayerNorm):
+    def __init__(self, norm: nn.LayerNorm, tune: bool = False):
         super().__init__()
         self.normalized_shape = norm.normalized_shape
         self.eps = norm.eps
         self.weight = norm.weight
         self.bias = norm.bias
+        self.tune = tune
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return layer_norm_op(x, self.weight, self.bias, self.eps)
+        return layer_norm_op(x, self.weight, self.bias, self.eps, self.tune)
 
     def extra_repr(self) -> str:
         return f"{self.normalized_shape}, eps={self.eps}"
@@ -202,22 +212,35 @@ class FusedUpsampleConv(nn.Module):
     (see upsample_conv_weight). The convolution keeps its name (`conv` or `Conv2d_0`), so the
     state dict is unchanged, and the fused weight is made from it on every call, so in-place
     weight updates (LoRA folding) and CUDA graphs see the current one. An `output_size` other
-    than ×2, or FEWSTEP_DISABLE_KERNELS=1, runs diffusers' interpolate-then-convolve."""
+    than ×2, or FEWSTEP_DISABLE_KERNELS=1, runs diffusers' interpolate-then-convolve; so
+    does `tune` (per shape, the faster of the two: tuning.py) where it cannot time."""
 
-    def __init__(self, upsample: nn.Module):
+    def __init__(self, upsample: nn.Module, tune: bool = False):
         super().__init__()
         self.conv_name = upsample.name if upsample.name == "conv" else "Conv2d_0"
         setattr(self, self.conv_name, getattr(upsample, self.conv_name))
         self.channels = upsample.channels
+        self.tune = tune
 
     def forward(self, hidden_states: torch.Tensor, output_size: Any = None, *args, **kwargs):
         conv = getattr(self, self.conv_name)
         doubled = [2 * n for n in hidden_states.shape[-2:]]
-        if kernels_disabled() or (output_size is not None and list(output_size) != doubled):
-            size = doubled if output_size is None else output_size
+        size = doubled if output_size is None else list(output_size)
+
+        def diffusers_path() -> torch.Tensor:
             return conv(F.interpolate(hidden_states, size=size, mode="nearest"))
-        weight = upsample_conv_weight(conv.weight)
-        return F.conv_transpose2d(hidden_states, weight, conv.bias, stride=2, padding=1)
+
+        def transposed() -> torch.Tensor:
+            weight = upsample_conv_weight(conv.weight)
+            return F.conv_transpose2d(hidden_states, weight, conv.bias, stride=2, padding=1)
+
+        if kernels_disabled() or size != doubled:
+            return diffusers_path()
+        if not self.tune:
+            return transposed()
+        candidates = {"diffusers": diffusers_path, "transposed": transposed}
+        key = signature(hidden_states, conv.weight)
+        return candidates[choose("upsample_conv", key, candidates, hidden_states.device)]()
 
 
 def _fusable_upsample(module: nn.Module) -> bool:
@@ -243,22 +266,25 @@ class FusedGEGLU(nn.Module):
     """diffusers' GEGLU as its own projection, then `fewstep::geglu` (h · gelu(g) in one
     pass) for the split, GELU and product."""
 
-    def __init__(self, geglu: nn.Module):
+    def __init__(self, geglu: nn.Module, tune: bool = False):
         super().__init__()
         self.proj = geglu.proj  # the original Linear, under its own name
+        self.tune = tune
 
     def forward(self, hidden_states: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return geglu_op(self.proj(hidden_states))
+        return geglu_op(self.proj(hidden_states), self.tune)
 
 
 class FewstepAttnProcessor:
     """diffusers' AttnProcessor2_0 (models/attention_processor.py) with `fewstep::attention`
     in place of F.scaled_dot_product_attention (`kernel=False`: SDPA still): self- and
     cross-attention, 3-D and 4-D inputs, spatial_norm / group_norm / norm_cross / norm_q /
-    norm_k when the module has them, residual connection and rescale_output_factor."""
+    norm_k when the module has them, residual connection and rescale_output_factor.
+    tune: per shape, the faster of SDPA and the kernel (tuning.py)."""
 
-    def __init__(self, kernel: bool = True):
+    def __init__(self, kernel: bool = True, tune: bool = False):
         self.kernel = kernel
+        self.tune = tune
 
     def __call__(
         self,
@@ -314,7 +340,8 @@ class FewstepAttnProcessor:
             key = attn.norm_k(key)
 
         if attention_mask is None and self.kernel:
-            hidden_states = attention_op(query, key, value)  # [B, H, L_q, D], laid out [B, L, H, D]
+            # [B, H, L_q, D], laid out [B, L, H, D]
+            hidden_states = attention_op(query, key, value, tune=self.tune)
         else:
             hidden_states = F.scaled_dot_product_attention(
                 query, key, value, attn_mask=attention_mask, dropout_p=0.0, is_causal=False
@@ -406,6 +433,7 @@ def patch(
     geglu: bool = True,
     layer_norm: bool = True,
     upsample_conv: bool = True,
+    tune: bool = False,
 ) -> tuple[nn.Module, PatchReport]:
     """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
 
@@ -417,6 +445,8 @@ def patch(
     layer_norm: LayerNorms over one dim on the kernel.
     upsample_conv: nearest ×2 upsamples and their 3×3 convolutions as one transposed
     convolution.
+    tune: each op this call swaps in times its kernel against torch's own at the first call
+    of each shape on a CUDA GPU and keeps the faster (kernels/tuning.py).
     Returns (module, what this call swapped). Calling it again swaps nothing.
     """
     record: list = getattr(module, _RECORD, [])
@@ -424,8 +454,8 @@ def patch(
     if group_norm:
         for sub in list(module.modules()):
             if _name(sub) in RESNET_CLASSES and _fusable_resnet(sub):
-                _swap(record, sub, "norm1", FusedGroupNorm(sub.norm1, "silu"))
-                _swap(record, sub, "norm2", FusedGroupNorm(sub.norm2, "silu"))
+                _swap(record, sub, "norm1", FusedGroupNorm(sub.norm1, "silu", tune))
+                _swap(record, sub, "norm2", FusedGroupNorm(sub.norm2, "silu", tune))
                 _swap(record, sub, "nonlinearity", nn.Identity())
                 if sub.time_emb_proj is not None and not sub.skip_time_act:
                     _swap(record, sub, "time_emb_proj", SiLULinear(sub.time_emb_proj))
@@ -435,13 +465,13 @@ def patch(
                 and isinstance(getattr(sub, "conv_norm_out", None), nn.GroupNorm)
                 and isinstance(getattr(sub, "conv_act", None), nn.SiLU)
             ):
-                _swap(record, sub, "conv_norm_out", FusedGroupNorm(sub.conv_norm_out, "silu"))
+                _swap(record, sub, "conv_norm_out", FusedGroupNorm(sub.conv_norm_out, "silu", tune))
                 _swap(record, sub, "conv_act", nn.Identity())
                 report.group_norm_silu += 1
         for sub in list(module.modules()):
             for attr, child in list(sub.named_children()):
                 if isinstance(child, nn.GroupNorm):
-                    _swap(record, sub, attr, FusedGroupNorm(child, None))
+                    _swap(record, sub, attr, FusedGroupNorm(child, None, tune))
                     report.group_norm += 1
                 elif _name(child) in RESNET_CLASSES and _runs_as_fused_block(child):
                     _swap(record, sub, attr, FusedResnetBlock(child))
@@ -457,7 +487,7 @@ def patch(
             )
             if replaceable or upgrade:
                 record.append(("processor", sub, "processor", processor))
-                sub.set_processor(FewstepAttnProcessor(kernel=attention))
+                sub.set_processor(FewstepAttnProcessor(kernel=attention, tune=tune))
                 report.attention += 1
     if geglu or layer_norm or upsample_conv:
         for sub in list(module.modules()):
@@ -465,13 +495,13 @@ def patch(
                 linear = type(getattr(child, "proj", None)) is nn.Linear
                 one_dim = type(child) is nn.LayerNorm and len(child.normalized_shape) == 1
                 if geglu and _name(child) in GEGLU_CLASSES and linear:
-                    _swap(record, sub, attr, FusedGEGLU(child))
+                    _swap(record, sub, attr, FusedGEGLU(child, tune))
                     report.geglu += 1
                 elif layer_norm and one_dim:
-                    _swap(record, sub, attr, FusedLayerNorm(child))
+                    _swap(record, sub, attr, FusedLayerNorm(child, tune))
                     report.layer_norm += 1
                 elif upsample_conv and _fusable_upsample(child):
-                    _swap(record, sub, attr, FusedUpsampleConv(child))
+                    _swap(record, sub, attr, FusedUpsampleConv(child, tune))
                     report.upsample_conv += 1
     if passes:
         for sub in module.modules():

@@ -72,6 +72,8 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     unet = results["unet"]
     assert {"diffusers_eager", "fewstep"} <= set(unet["variants"])
     assert "fewstep-kernels-interpreted" in unet["checks"]  # the kernels ran in the model
+    assert "fewstep-auto-interpreted" in unet["checks"]  # and tuned (untimed here)
+    assert results["kernel_choices"] == []  # nothing is timed on the CPU
     for batch in ("1", "8"):
         rows = results["turbo"]["batches"][batch]
         assert rows["fewstep"]["p50"] > 0 and rows["diffusers_eager"]["p50"] > 0
@@ -90,3 +92,30 @@ def test_gpu_only_selections_name_real_cases(monkeypatch):
 
     names = {case[0] for case in kernels_bench.GROUP_NORM_CUDA}
     assert set(gpu_suite.GROUP_NORM_SWEEP_CASES) <= names
+
+
+def test_the_log_lists_what_the_tuned_ops_chose(monkeypatch):
+    """On a GPU the tuned ops' choices go to the JSON and the log (none are made here)."""
+    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
+    import gpu_suite
+    import torch
+
+    from fewstep.kernels import tuning
+
+    times = iter([0.02, 0.01])
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "device_time_ms", lambda fn, device: next(times))
+    monkeypatch.setattr(tuning, "_choices", {})
+    x = torch.empty(2, 320, 64, 64).to(memory_format=torch.channels_last)
+    key = tuning.signature(x, 32, None)
+    tuning.choose("group_norm", key, {"kernel": None, "torch": None}, x.device)
+    results = {
+        "env": {"card": {"name": "a card"}},
+        "mode": "gpu",
+        "section_s": {},
+        "checks_ok": True,
+        "kernel_choices": tuning.choices(),
+    }
+    table = gpu_suite.format_table(results)
+    assert "group_norm    2x320x64x64" in table
+    assert "strided torch             kernel 0.0200  torch 0.0100" in table

@@ -23,6 +23,7 @@ from test_pipeline_parity import CASES  # noqa: E402
 from fewstep.backends.base import BackendError, create_backend  # noqa: E402
 from fewstep.backends.torch_backend import (  # noqa: E402
     DTYPE_NAMES,
+    KERNEL_NAMES,
     TorchBackend,
     parse_device,
     parse_dtype,
@@ -241,6 +242,20 @@ def test_kernels_in_interpreter_match_within_kernel_error(tiny_model, pipelines,
     assert err_kernel <= tol
 
 
+def test_auto_kernels_patch_every_kernel_tuned(tiny_model):
+    """kernels="auto" (the CUDA default): every kernel swapped in, each op tuned per shape
+    (fewstep.kernels.tuning; untimed in the interpreter, so it runs each op's first
+    candidate); the CPU's default stays torch's ops alone."""
+    from fewstep.kernels.patch import FusedGroupNorm
+
+    tuned = TorchBackend(tiny_model("sd1"), kernels="auto")
+    assert tuned.tune_kernels and tuned.kernels == KERNEL_NAMES
+    norms = [m for m in tuned.unet.modules() if isinstance(m, FusedGroupNorm)]
+    assert norms and all(m.tune for m in norms)
+    plain = TorchBackend(tiny_model("sd1"))
+    assert not plain.tune_kernels and plain.kernels == () and plain.patch_report == {}
+
+
 def test_kernels_without_interpreter_fall_back_with_a_log(tiny_model, monkeypatch, caplog):
     import fewstep.kernels._interpreter as interpreter
 
@@ -263,8 +278,8 @@ def test_kernels_without_interpreter_fall_back_with_a_log(tiny_model, monkeypatc
         (dict(device="tpu"), "device must be one of"),
         (dict(device="gpu:0"), "device must be one of"),
         (dict(device="cuda:99"), "device="),
-        (dict(kernels="yes"), "kernels must be True, False or some of"),
-        (dict(kernels=("group_norm", "flash")), "kernels must be True, False or some of"),
+        (dict(kernels="yes"), "kernels must be True, False, .auto. or some of"),
+        (dict(kernels=("group_norm", "flash")), "kernels must be True, False, .auto. or some of"),
         (dict(compile="yes"), "compile must be True or False"),
         (dict(cuda_graphs=1), "cuda_graphs must be True or False"),
         (dict(precision="fp16"), "takes no option \\['precision'\\]"),
@@ -348,6 +363,7 @@ def test_cuda_graphs_and_kernels_match_eager_fp16(tiny_model, family):
         got = fast("a red cat", **kwargs).images
         again = fast("a red cat", **kwargs).images  # replays the captured graphs
         assert fast.backend.capture_ms and np.array_equal(got, again)
+        assert fast.backend.tune_kernels == (kernels is None)
         assert np.abs(got - expected).max() <= 2e-2  # fp16: one image step is 1/255
 
 

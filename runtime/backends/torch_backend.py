@@ -14,9 +14,9 @@ On a CUDA device, by default:
 - channels_last U-Net and VAE;
 - cuDNN picks each convolution's algorithm by timing it once per shape (`cudnn.benchmark`,
   set during this backend's calls only and restored after: its shapes are static);
-- fewstep's fused GroupNorm+SiLU kernel swapped in (`fewstep.kernels.patch`, which also
-  drops passes that change no value); its attention kernel with `kernels=True` (slower than
-  cuDNN's SDPA on an H200, see DEFAULT_CUDA_KERNELS);
+- fewstep.kernels swapped in (`fewstep.kernels.patch`, which also drops passes that change
+  no value), each op keeping per shape the faster of its kernel and torch's own, timed on
+  the device at its first call (`kernels="auto"`, see DEFAULT_CUDA_KERNELS);
 - the text encoder, the U-Net step and the VAE decoder captured as CUDA graphs, one per
   static input signature (shapes and dtypes), on first use: two warm-up runs on a side
   stream, then the capture, checked once against the eager warm-up; later calls copy into
@@ -135,23 +135,28 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
 
 
 KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv")
-# On CUDA by default: the kernels that made the U-Net step faster in the GPU suite. The fused
-# GroupNorm+SiLU did (SD1.5 512² batch 2 fp16, H200, CUDA graphs: 7.97 ms against 10.27 ms
-# with none); the attention kernel did not (8.96 ms with it): cuDNN's SDPA is faster at D=40
-# (benchmarks/results/gpu-suite-h200.json); GEGLU, LayerNorm and the upsample-convolution
-# fusion (fewstep.kernels.patch) have not been timed on a GPU yet. kernels=True patches all.
-DEFAULT_CUDA_KERNELS = ("group_norm",)
+# On CUDA by default: every kernel, each op keeping per shape the faster of the kernel and
+# torch's own, timed at its first call (fewstep.kernels.tuning). Which wins depends on the
+# card and the shape: on an H200 the fused GroupNorm+SiLU made the U-Net step faster (SD1.5
+# 512² batch 2 fp16, CUDA graphs: 7.97 ms against 10.27 ms with none) and the attention
+# kernel slower (8.96 ms with both: cuDNN's SDPA is faster at D=40;
+# benchmarks/results/gpu-suite-h200.json). Where nothing can be timed, each op takes the
+# measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's GEGLU and
+# LayerNorm, diffusers' upsampling.
+DEFAULT_CUDA_KERNELS = "auto"
 
 
-def parse_kernels(kernels: Any) -> tuple[str, ...] | None:
-    """None (the device's default), or the kernels to use: True = all, False = none."""
-    if kernels is None:
-        return None
+def parse_kernels(kernels: Any) -> tuple[str, ...] | str | None:
+    """None (the device's default), "auto", or the kernels to use: True = all, False = none."""
+    if kernels is None or kernels == "auto":
+        return kernels
     if isinstance(kernels, bool):
         return KERNEL_NAMES if kernels else ()
     if isinstance(kernels, (tuple, list)) and all(k in KERNEL_NAMES for k in kernels):
         return tuple(k for k in KERNEL_NAMES if k in kernels)
-    raise ValueError(f"kernels must be True, False or some of {KERNEL_NAMES}, got {kernels!r}")
+    raise ValueError(
+        f"kernels must be True, False, 'auto' or some of {KERNEL_NAMES}, got {kernels!r}"
+    )
 
 
 def diffusers_dtype_kwargs(dtype: Any) -> dict[str, Any]:
@@ -265,7 +270,7 @@ class TorchBackend:
         package_dir: str | Path,
         device: Any = None,
         dtype: Any = None,
-        kernels: bool | None | tuple[str, ...] | list[str] = None,
+        kernels: bool | str | None | tuple[str, ...] | list[str] = None,
         cuda_graphs: bool = True,
         channels_last: bool = True,
         compile: bool = False,
@@ -275,8 +280,9 @@ class TorchBackend:
         device: "cpu", "cuda" or "cuda:N"; None: CUDA when torch sees a GPU, else the CPU.
         dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the torch dtype; fp64 is a reference
         precision); None: fp16 on CUDA, fp32 on the CPU.
-        kernels: swap in fewstep.kernels (True: all; or some of KERNEL_NAMES); None:
-        DEFAULT_CUDA_KERNELS on CUDA, none on the CPU.
+        kernels: swap in fewstep.kernels (True: all; or some of KERNEL_NAMES); "auto": all,
+        each op keeping per shape the faster of its kernel and torch's own, timed at its
+        first call; None: DEFAULT_CUDA_KERNELS ("auto") on CUDA, none on the CPU.
         cuda_graphs: capture the text encoder, U-Net step and VAE decoder (CUDA only).
         channels_last: U-Net and VAE in channels_last. compile: torch.compile the U-Net and
         the VAE decoder (Inductor fuses the elementwise work around convs and matmuls; the
@@ -296,6 +302,10 @@ class TorchBackend:
                 raise ValueError(f"{name} must be True or False, got {value!r}")
         names = parse_kernels(kernels)
         cuda = self.device.type == "cuda"
+        if names is None:
+            names = DEFAULT_CUDA_KERNELS if cuda else ()
+        self.tune_kernels = isinstance(names, str)  # "auto": each kernel timed against torch's
+        names = KERNEL_NAMES if isinstance(names, str) else names
         self.kernels = self._resolve_kernels(names, cuda)
         self.cuda_graphs = bool(cuda_graphs) and cuda
         if cuda_graphs and not cuda:
@@ -357,6 +367,7 @@ class TorchBackend:
                     geglu="geglu" in self.kernels,
                     layer_norm="layer_norm" in self.kernels,
                     upsample_conv="upsample_conv" in self.kernels,
+                    tune=self.tune_kernels,
                 )
                 self.patch_report[name] = report
             logger.info("fewstep.kernels patched in: %s", self.patch_report)
@@ -390,10 +401,8 @@ class TorchBackend:
 
     # -- setup ---------------------------------------------------------------------------
 
-    def _resolve_kernels(self, kernels: tuple[str, ...] | None, cuda: bool) -> tuple[str, ...]:
-        """The kernels to patch in: DEFAULT_CUDA_KERNELS on CUDA, none on the CPU."""
-        if kernels is None:
-            kernels = DEFAULT_CUDA_KERNELS if cuda else ()
+    def _resolve_kernels(self, kernels: tuple[str, ...], cuda: bool) -> tuple[str, ...]:
+        """The kernels to patch in: on the CPU, none unless Triton's interpreter runs."""
         if not kernels:
             return ()
         try:  # triton comes with torch's CUDA wheels; on the CPU, with the dev extra

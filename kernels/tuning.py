@@ -1,0 +1,157 @@
+"""Per shape, the faster of a kernel and torch's own op, timed on the GPU at first use.
+
+Which is faster depends on the card and the shape: on an H200 the fused GroupNorm beat
+torch's everywhere, while the attention kernel lost to cuDNN's SDPA at head dim 40 and came
+close at 16² latents. A tuned op (`tune=True` on the custom ops, `patch(..., tune=True)`,
+the torch backend's `kernels="auto"`) times its candidates once per key (the tensors'
+shapes, strides, dtypes and device, and the other arguments) and keeps the fastest for the
+process, as Triton's autotuner and cuDNN's benchmark mode do. A near tie may go either
+way from one process to the next; every candidate computes the op within the kernels'
+tolerance (tests/test_kernels.py).
+
+A candidate's time is device time: `CALLS` calls captured in one CUDA graph, replayed
+`ROUNDS` times, the fastest replay kept, so host launch cost is out as it is in the torch
+backend's graphs. The first call runs outside the capture (Triton compiles, cuDNN picks its
+algorithm there). A candidate that raises is skipped, with a warning.
+
+Where nothing can be timed (the CPU or Triton's interpreter, during a CUDA graph capture,
+under torch.compile's tracing) the first candidate runs, and nothing is stored: the
+backend's eager warm-up before its captures is where the timing happens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+
+from ._interpreter import INTERPRETED
+
+logger = logging.getLogger("fewstep.kernels")
+
+CALLS = 5  # per captured graph
+ROUNDS = 3  # replays timed; the fastest counts
+
+
+class TensorSignature(NamedTuple):
+    shape: tuple[int, ...]
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+
+@dataclasses.dataclass(frozen=True)
+class Choice:
+    op: str
+    key: tuple
+    chosen: str
+    times_ms: dict[str, float]  # per call, of each candidate that ran
+
+    def as_dict(self) -> dict[str, Any]:
+        """For reports: the tensors' shapes (None for an absent one), dtype, layout."""
+        tensors = [k for k in self.key if isinstance(k, TensorSignature)]
+        first = tensors[0]
+        dense = torch.empty(first.shape, device="meta").stride()
+        return {
+            "op": self.op,
+            "shapes": [list(k.shape) if isinstance(k, TensorSignature) else k for k in self.key],
+            "dtype": str(first.dtype).removeprefix("torch."),
+            "layout": "dense" if first.stride == dense else "strided",
+            "chosen": self.chosen,
+            "ms": self.times_ms,
+        }
+
+
+_choices: dict[tuple, Choice] = {}
+_lock = threading.Lock()
+
+
+def signature(*args: Any) -> tuple:
+    """A hashable key for a call: each tensor's shape, strides, dtype and device; other
+    arguments as they are (None, numbers, strings)."""
+    return tuple(
+        TensorSignature(tuple(a.shape), a.stride(), a.dtype, a.device)
+        if isinstance(a, torch.Tensor)
+        else a
+        for a in args
+    )
+
+
+def can_time(device: torch.device) -> bool:
+    """Whether a call on `device` can be timed now (a compiled CUDA kernel, outside a
+    capture)."""
+    return (
+        device.type == "cuda" and not INTERPRETED and not torch.cuda.is_current_stream_capturing()
+    )
+
+
+def device_time_ms(fn: Callable[[], Any], device: torch.device) -> float:
+    """Device time of one fn() in ms: CALLS calls in a CUDA graph, the fastest of ROUNDS
+    replays. fn must be capturable (no host sync, no new allocation outside the caching
+    allocator)."""
+    with torch.cuda.device(device):
+        caller = torch.cuda.current_stream()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(caller)
+        with torch.cuda.stream(stream):
+            fn()  # compiles, autotunes, picks algorithms: never inside the capture
+            graph = torch.cuda.CUDAGraph()
+            # thread_local: other threads' work on this GPU is not an error during capture
+            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+                for _ in range(CALLS):
+                    fn()
+            times = []
+            for _ in range(ROUNDS):
+                start = torch.cuda.Event(enable_timing=True)
+                end = torch.cuda.Event(enable_timing=True)
+                start.record(stream)
+                graph.replay()
+                end.record(stream)
+                end.synchronize()
+                times.append(start.elapsed_time(end) / CALLS)
+        caller.wait_stream(stream)
+        del graph
+    return min(times)
+
+
+def choose(
+    op: str, key: tuple, candidates: dict[str, Callable[[], Any]], device: torch.device
+) -> str:
+    """The name of the fastest candidate for (op, key), timed on the first call that can
+    be; the first candidate where nothing can be timed."""
+    first = next(iter(candidates))
+    if torch.compiler.is_compiling():  # traced code keeps one path
+        return first
+    known = _choices.get((op, key))
+    if known is not None:
+        return known.chosen
+    if not can_time(device):
+        return first
+    with _lock:
+        known = _choices.get((op, key))  # another thread may have timed it meanwhile
+        if known is not None:
+            return known.chosen
+        times: dict[str, float] = {}
+        for name, fn in candidates.items():
+            try:
+                times[name] = device_time_ms(fn, device)
+            except Exception as e:  # e.g. out of resources on this card: not a candidate
+                logger.warning("fewstep::%s: %s failed while timed, not chosen: %s", op, name, e)
+        chosen = min(times, key=times.__getitem__) if times else first
+        _choices[(op, key)] = Choice(op, key, chosen, times)
+        logger.info("fewstep::%s takes %s for %s (ms per call: %s)", op, chosen, key, times)
+    return chosen
+
+
+def choices() -> list[dict[str, Any]]:
+    """Every choice made so far: op, key, the chosen candidate and each one's time."""
+    return [c.as_dict() for c in list(_choices.values())]
+
+
+def clear() -> None:
+    """Forget every choice (the next call of each key times again)."""
+    _choices.clear()

@@ -1,0 +1,256 @@
+"""fewstep.kernels.tuning: per shape, the faster of a kernel and torch's op.
+
+On the CPU nothing can be timed, so tests that need choices replace the device timer with
+one that reads a table: it runs the candidate and looks at which implementation ran (a spy
+on the kernels' launchers), then returns that implementation's made-up time. The ops must
+then run exactly the chosen implementation: the same output, bit for bit, as calling it
+directly. The real timer is checked on a GPU (marked `gpu`).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+
+torch = pytest.importorskip("torch")
+diffusers = pytest.importorskip("diffusers")
+
+from test_kernels import assert_matches_ref  # noqa: E402
+from test_kernels_patch import load, run_unet, unet_inputs  # noqa: E402
+
+import fewstep.kernels.ops as kernel_ops  # noqa: E402
+from fewstep.kernels import tuning  # noqa: E402
+from fewstep.kernels.patch import (  # noqa: E402
+    FewstepAttnProcessor,
+    FusedGEGLU,
+    FusedGroupNorm,
+    FusedLayerNorm,
+    FusedUpsampleConv,
+    patch,
+)
+
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
+    pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+]
+
+CPU = torch.device("cpu")
+FUSED_OPS = (FusedGroupNorm, FusedGEGLU, FusedLayerNorm, FusedUpsampleConv)
+
+
+def label(candidate: str) -> str:
+    """What the timing spy sees a candidate run: a kernel launch, or torch's op."""
+    return "torch" if candidate == "sdpa" else candidate
+
+
+@pytest.fixture(autouse=True)
+def no_choices():
+    tuning.clear()
+    yield
+    tuning.clear()
+
+
+@pytest.fixture
+def timed_by_table(monkeypatch):
+    """{implementation: ms}; the timer runs the candidate and charges what ran: "kernel"
+    (with its launch knob, e.g. "kernel-two-launch") or "torch". Returns (table, timed
+    implementations in order)."""
+    table: dict[str, float] = {}
+    timed: list[str] = []
+    launched: list[str] = []
+    for name in ("group_norm", "attention", "geglu", "layer_norm"):
+        launcher = getattr(kernel_ops, name)
+
+        def spy(*args, _launcher=launcher, **kwargs):
+            one_launch = kwargs.get("one_launch")
+            launched.append({None: "kernel", False: "kernel-two-launch"}.get(one_launch, "k?"))
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_ops, name, spy)
+
+    def fake_time(fn, device):
+        launched.clear()
+        fn()
+        what = launched[0] if launched else "torch"
+        timed.append(what)
+        return table[what]
+
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "device_time_ms", fake_time)
+    return table, timed
+
+
+def test_choose_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
+    runs: list[str] = []
+    candidates = {name: (lambda name=name: runs.append(name)) for name in ("a", "b", "c")}
+    ms = {"a": 3.0, "b": 1.0, "c": 2.0}
+    by_fn = {fn: ms[name] for name, fn in candidates.items()}
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "device_time_ms", lambda fn, device: (fn(), by_fn[fn])[1])
+
+    x = torch.empty(2, 3, 4, 5)
+    k1 = tuning.signature(x, 32, None)
+    k2 = tuning.signature(x.to(memory_format=torch.channels_last), 32, None)
+    assert k1 != k2  # strides are part of the key
+
+    assert tuning.choose("op", k1, candidates, CPU) == "b"
+    assert runs == ["a", "b", "c"]
+    assert tuning.choose("op", k1, candidates, CPU) == "b"  # stored: not timed again
+    assert runs == ["a", "b", "c"]
+    ms["b"] = 5.0
+    by_fn = {fn: ms[name] for name, fn in candidates.items()}
+    assert tuning.choose("op", k2, candidates, CPU) == "c"  # another key: timed anew
+    row = {"op": "op", "shapes": [[2, 3, 4, 5], 32, None], "dtype": "float32"}
+    assert tuning.choices() == [
+        {**row, "layout": "dense", "chosen": "b", "ms": {"a": 3.0, "b": 1.0, "c": 2.0}},
+        {**row, "layout": "strided", "chosen": "c", "ms": {"a": 3.0, "b": 5.0, "c": 2.0}},
+    ]
+
+
+def test_where_nothing_can_be_timed_the_first_candidate_runs_and_nothing_is_stored(monkeypatch):
+    def must_not_time(fn, device):
+        raise AssertionError("timed where nothing can be")
+
+    monkeypatch.setattr(tuning, "device_time_ms", must_not_time)
+    assert not tuning.can_time(CPU)  # the interpreter's CPU tensors
+    assert tuning.choose("op", (1,), {"first": lambda: 0, "second": lambda: 0}, CPU) == "first"
+    assert tuning.choices() == []
+
+
+def test_a_candidate_that_fails_while_timed_is_not_chosen(monkeypatch, caplog):
+    def broken():
+        raise RuntimeError("out of resources")
+
+    def time_it(fn, device):
+        fn()
+        return 1.0
+
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "device_time_ms", time_it)
+    with caplog.at_level(logging.WARNING, logger="fewstep.kernels"):
+        key = tuning.signature(torch.empty(3))
+        chosen = tuning.choose("op", key, {"kernel": broken, "torch": lambda: 0}, CPU)
+    assert chosen == "torch"
+    assert "kernel failed while timed" in caplog.text and "out of resources" in caplog.text
+    assert tuning.choices()[0]["ms"] == {"torch": 1.0}
+    # none ran: the first is called, so its error reaches the caller
+    assert tuning.choose("op", (2,), {"kernel": broken}, CPU) == "kernel"
+
+
+def _group_norm_case():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 64, 6, 5, generator=gen).to(memory_format=torch.channels_last)
+    w, b = torch.randn(64, generator=gen), torch.randn(64, generator=gen)
+    bias = torch.randn(2, 64, generator=gen)
+    direct = {
+        "kernel": lambda: kernel_ops.group_norm(x, 32, w, b, 1e-5, "silu", input_bias=bias),
+        "kernel-two-launch": lambda: kernel_ops.group_norm(
+            x, 32, w, b, 1e-5, "silu", input_bias=bias, one_launch=False
+        ),
+        "torch": lambda: kernel_ops._group_norm_torch(x, 32, w, b, 1e-5, "silu", bias),
+    }
+    return (lambda: kernel_ops.group_norm_op(x, 32, w, b, 1e-5, "silu", bias, True)), direct
+
+
+def _attention_case():
+    gen = torch.Generator().manual_seed(0)
+    q = torch.randn(2, 3, 20, 40, generator=gen)
+    k, v = torch.randn(2, 2, 3, 77, 40, generator=gen)
+    direct = {
+        "kernel": lambda: kernel_ops.attention(q, k, v, None),
+        "sdpa": lambda: kernel_ops._attention_torch(q, k, v, None),
+    }
+    return (lambda: kernel_ops.attention_op(q, k, v, None, True)), direct
+
+
+def _geglu_case():
+    x = torch.randn(2, 9, 96, generator=torch.Generator().manual_seed(0))
+    direct = {"kernel": lambda: kernel_ops.geglu(x), "torch": lambda: kernel_ops._geglu_torch(x)}
+    return (lambda: kernel_ops.geglu_op(x, True)), direct
+
+
+def _layer_norm_case():
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 9, 40, generator=gen)
+    w, b = torch.randn(40, generator=gen), torch.randn(40, generator=gen)
+    direct = {
+        "kernel": lambda: kernel_ops.layer_norm(x, w, b, 1e-5),
+        "torch": lambda: kernel_ops._layer_norm_torch(x, w, b, 1e-5),
+    }
+    return (lambda: kernel_ops.layer_norm_op(x, w, b, 1e-5, True)), direct
+
+
+CASES = {
+    "group_norm": _group_norm_case,
+    "attention": _attention_case,
+    "geglu": _geglu_case,
+    "layer_norm": _layer_norm_case,
+}
+
+
+@pytest.mark.parametrize("op", list(CASES))
+def test_a_tuned_op_runs_the_fastest_implementation_for_its_shape(timed_by_table, op):
+    table, timed = timed_by_table
+    tuned, direct = CASES[op]()
+    for fastest in direct:  # each implementation the fastest in turn
+        tuning.clear()
+        table.update({label(name): 1.0 if name == fastest else 2.0 for name in direct})
+        got = tuned()
+        assert sorted(timed) == sorted(map(label, direct))  # each candidate timed once
+        timed.clear()
+        tuned()
+        assert timed == []  # the choice is kept for this shape
+        assert tuning.choices()[0]["chosen"] == fastest
+        expected = direct[fastest]()
+        assert got.stride() == expected.stride()
+        torch.testing.assert_close(got, expected, rtol=0, atol=0)
+
+
+def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model, timed_by_table):
+    table, _ = timed_by_table
+    table.update({"kernel": 1.0, "kernel-two-launch": 2.0, "torch": 3.0})
+    module64 = load(tiny_model, "sd1", "unet", torch.float64)
+    ref64 = run_unet(module64, unet_inputs(module64, 1, torch.float64))
+    module = load(tiny_model, "sd1", "unet")
+    inputs = unet_inputs(module, 1, torch.float32)
+    unpatched = run_unet(module, inputs)
+
+    patch(module, tune=True)
+    fused = [m for m in module.modules() if type(m) in FUSED_OPS]
+    processors = [m.processor for m in module.modules() if type(m).__name__ == "Attention"]
+    assert {type(m) for m in fused} == set(FUSED_OPS) and all(m.tune for m in fused)
+    assert processors and all(isinstance(p, FewstepAttnProcessor) and p.tune for p in processors)
+    got = run_unet(module, inputs)
+
+    chosen = {c["op"]: c["chosen"] for c in tuning.choices()}
+    assert set(chosen) == {"group_norm", "attention", "geglu", "layer_norm", "upsample_conv"}
+    assert {chosen[op] for op in ("group_norm", "attention", "geglu", "layer_norm")} == {"kernel"}
+    assert_matches_ref(got, unpatched, ref64, "tuned sd1 U-Net fp32")
+
+
+def test_a_tuned_unet_compiles_in_one_graph(tiny_model):
+    """Under torch.compile's tracing a tuned module keeps one path (the first candidate's
+    where the choice is made in Python, the upsampler's): no graph break."""
+    module = load(tiny_model, "sd1", "unet")
+    patch(module, tune=True)
+    inputs = unet_inputs(module, 1, torch.float32)
+    compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
+    torch.testing.assert_close(run_unet(compiled, inputs), run_unet(module, inputs))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_device_time_tells_a_large_matmul_from_a_small_one():
+    """The real timer: device time in a CUDA graph, outside any capture of the caller's."""
+    device = torch.device("cuda")
+    small, large = (torch.randn(n, n, device=device, dtype=torch.float16) for n in (256, 4096))
+    candidates = {"large": lambda: large @ large, "small": lambda: small @ small}
+    assert tuning.can_time(device)
+    ms = {name: tuning.device_time_ms(fn, device) for name, fn in candidates.items()}
+    assert 0 < ms["small"] < ms["large"]
+    assert tuning.choose("matmul", (0,), candidates, device) == "small"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):  # inside a capture: untimed, the first candidate
+        assert not tuning.can_time(device)
+        assert tuning.choose("matmul", (1,), candidates, device) == "large"
