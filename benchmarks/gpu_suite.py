@@ -1290,6 +1290,7 @@ def format_table(results: dict[str, Any]) -> str:
         for c in choices:
             shapes = " ".join("x".join(map(str, s)) for s in c["shapes"] if isinstance(s, list))
             times = "  ".join(f"{name} {ms:.4f}" for name, ms in c["ms"].items())
+            times += f"  (failed: {', '.join(c['failed'])})" if c["failed"] else ""
             lines.append(f"  {c['op']:<13} {shapes:<34} {c['layout']:<7} {c['chosen']:<17} {times}")
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR in section {section}: {error.strip().splitlines()[-1]}")

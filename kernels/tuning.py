@@ -12,7 +12,7 @@ tolerance (tests/test_kernels.py).
 A candidate's time is device time: `CALLS` calls captured in one CUDA graph, replayed
 `ROUNDS` times, the fastest replay kept, so host launch cost is out as it is in the torch
 backend's graphs. The first call runs outside the capture (Triton compiles, cuDNN picks its
-algorithm there). A candidate that raises is skipped, with a warning.
+algorithm there). A candidate that raises is not chosen (its error is kept in the report).
 
 Where nothing can be timed (the CPU or Triton's interpreter, during a CUDA graph capture,
 under torch.compile's tracing) the first candidate runs, and nothing is stored: the
@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import threading
+import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
 
@@ -50,6 +51,7 @@ class Choice:
     key: tuple
     chosen: str
     times_ms: dict[str, float]  # per call, of each candidate that ran
+    failed: dict[str, str]  # the error of each candidate that did not
 
     def as_dict(self) -> dict[str, Any]:
         """For reports: the tensors' shapes (None for an absent one), dtype, layout."""
@@ -63,6 +65,7 @@ class Choice:
             "layout": "dense" if first.stride == dense else "strided",
             "chosen": self.chosen,
             "ms": self.times_ms,
+            "failed": self.failed,
         }
 
 
@@ -136,13 +139,17 @@ def choose(
         if known is not None:
             return known.chosen
         times: dict[str, float] = {}
+        failed: dict[str, str] = {}
         for name, fn in candidates.items():
             try:
-                times[name] = device_time_ms(fn, device)
+                with warnings.catch_warnings():  # e.g. SDPA's on a backend that cannot run
+                    warnings.simplefilter("ignore")
+                    times[name] = device_time_ms(fn, device)
             except Exception as e:  # e.g. out of resources on this card: not a candidate
-                logger.warning("fewstep::%s: %s failed while timed, not chosen: %s", op, name, e)
+                failed[name] = f"{type(e).__name__}: {e}"[:500]
+                logger.info("fewstep::%s: %s failed while timed, not chosen: %s", op, name, e)
         chosen = min(times, key=times.__getitem__) if times else first
-        _choices[(op, key)] = Choice(op, key, chosen, times)
+        _choices[(op, key)] = Choice(op, key, chosen, times, failed)
         logger.info("fewstep::%s takes %s for %s (ms per call: %s)", op, chosen, key, times)
     return chosen
 

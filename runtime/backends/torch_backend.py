@@ -140,9 +140,10 @@ KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv
 # card and the shape: on an H200 the fused GroupNorm+SiLU made the U-Net step faster (SD1.5
 # 512² batch 2 fp16, CUDA graphs: 7.97 ms against 10.27 ms with none) and the attention
 # kernel slower (8.96 ms with both: cuDNN's SDPA is faster at D=40;
-# benchmarks/results/gpu-suite-h200.json). Where nothing can be timed, each op takes the
-# measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's GEGLU and
-# LayerNorm, diffusers' upsampling.
+# benchmarks/results/gpu-suite-h200.json); tuned attention also times SDPA on each of its
+# backends (torch's pick, flash, was not the fastest). Where nothing can be timed, each op
+# takes the measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's GEGLU
+# and LayerNorm, diffusers' upsampling.
 DEFAULT_CUDA_KERNELS = "auto"
 
 
