@@ -165,7 +165,8 @@ def group_norm_op(
         "kernel-two-launch": kernel(one_launch=False),
         "torch": lambda: _group_norm_torch(*args),
     }
-    return candidates[choose("group_norm", signature(*args), candidates, x.device)]()
+    chosen = choose("group_norm", signature(*args), candidates, x.device, reference="torch")
+    return candidates[chosen]()
 
 
 def _group_norm_torch(x, num_groups, weight, bias, eps, activation, input_bias):
@@ -243,7 +244,8 @@ def attention_op(
         for name, backend in SDPA_BACKENDS.items():
             candidates[name] = functools.partial(_attention_torch, q, k, v, scale, backend)
     candidates["kernel"] = functools.partial(attention, q, k, v, scale)
-    return candidates[choose("attention", signature(q, k, v, scale), candidates, q.device)]()
+    key = signature(q, k, v, scale)
+    return candidates[choose("attention", key, candidates, q.device, reference="sdpa")]()
 
 
 # SDPA's CUDA backends, each a candidate of the tuned attention (one that cannot take the
@@ -292,7 +294,7 @@ def geglu_op(x: torch.Tensor, tune: bool = False) -> torch.Tensor:
     if not tune:
         return geglu(x)
     candidates = {"torch": lambda: _geglu_torch(x), "kernel": lambda: geglu(x)}
-    return candidates[choose("geglu", signature(x), candidates, x.device)]()
+    return candidates[choose("geglu", signature(x), candidates, x.device, reference="torch")]()
 
 
 def _geglu_torch(x):
@@ -349,7 +351,8 @@ def layer_norm_op(
         "torch": lambda: _layer_norm_torch(x, weight, bias, eps),
         "kernel": lambda: layer_norm(x, weight, bias, eps),
     }
-    return candidates[choose("layer_norm", signature(x, weight, bias, eps), candidates, x.device)]()
+    key = signature(x, weight, bias, eps)
+    return candidates[choose("layer_norm", key, candidates, x.device, reference="torch")]()
 
 
 def _layer_norm_torch(x, weight, bias, eps):

@@ -240,7 +240,8 @@ class FusedUpsampleConv(nn.Module):
             return transposed()
         candidates = {"diffusers": diffusers_path, "transposed": transposed}
         key = signature(hidden_states, conv.weight)
-        return candidates[choose("upsample_conv", key, candidates, hidden_states.device)]()
+        device = hidden_states.device
+        return candidates[choose("upsample_conv", key, candidates, device, reference="diffusers")]()
 
 
 def _fusable_upsample(module: nn.Module) -> bool:
@@ -446,7 +447,8 @@ def patch(
     upsample_conv: nearest ×2 upsamples and their 3×3 convolutions as one transposed
     convolution.
     tune: each op this call swaps in times its kernel against torch's own at the first call
-    of each shape on a CUDA GPU and keeps the faster (kernels/tuning.py).
+    of each shape on a CUDA GPU and keeps the faster (kernels/tuning.py); modules an
+    earlier call swapped keep their setting.
     Returns (module, what this call swapped). Calling it again swaps nothing.
     """
     record: list = getattr(module, _RECORD, [])

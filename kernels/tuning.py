@@ -12,7 +12,8 @@ tolerance (tests/test_kernels.py).
 A candidate's time is device time: `CALLS` calls captured in one CUDA graph, replayed
 `ROUNDS` times, the fastest replay kept, so host launch cost is out as it is in the torch
 backend's graphs. The first call runs outside the capture (Triton compiles, cuDNN picks its
-algorithm there). A candidate that raises is not chosen (its error is kept in the report).
+algorithm there). A candidate whose output differs from torch's beyond rounding, or that
+raises, is not chosen (why is kept in the report).
 
 Where nothing can be timed (the CPU or Triton's interpreter, during a CUDA graph capture,
 under torch.compile's tracing) the first candidate runs, and nothing is stored: the
@@ -70,7 +71,7 @@ class Choice:
 
 
 _choices: dict[tuple, Choice] = {}
-_lock = threading.Lock()
+_lock = threading.RLock()  # a candidate that reached a tuned op again would find it held
 
 
 def signature(*args: Any) -> tuple:
@@ -121,11 +122,38 @@ def device_time_ms(fn: Callable[[], Any], device: torch.device) -> float:
     return min(times)
 
 
+_TF32_EPS = 2.0**-10
+
+
+class Disagrees(ValueError):
+    """A candidate's output is not the reference's (beyond rounding)."""
+
+
+def check_agrees(got: torch.Tensor, expected: torch.Tensor) -> None:
+    """Disagrees unless got equals expected to rounding: max|got − expected| within 16
+    ulps of max|expected| (fp32 counted as TF32, in which cuDNN's convolutions and the
+    attention kernel multiply fp32). Not a tolerance of the kernels' accuracy
+    (tests/test_kernels.py holds them to the same-precision torch op's error): a net for a
+    candidate that computes something else on this card (a wrong layout, garbage, NaN)."""
+    if got.shape != expected.shape:
+        raise Disagrees(f"shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    relative = 16 * max(torch.finfo(expected.dtype).eps, _TF32_EPS)
+    scale = float(expected.float().abs().max())
+    error = float((got.float() - expected.float()).abs().max())
+    if not error <= relative * scale:  # NaN fails too
+        raise Disagrees(f"differs by {error:.3g} where {relative * scale:.3g} is rounding")
+
+
 def choose(
-    op: str, key: tuple, candidates: dict[str, Callable[[], Any]], device: torch.device
+    op: str,
+    key: tuple,
+    candidates: dict[str, Callable[[], Any]],
+    device: torch.device,
+    reference: str,
 ) -> str:
     """The name of the fastest candidate for (op, key), timed on the first call that can
-    be; the first candidate where nothing can be timed."""
+    be; the first candidate where nothing can be timed. Each must first agree with the
+    `reference` candidate (torch's own op; check_agrees)."""
     first = next(iter(candidates))
     if torch.compiler.is_compiling():  # traced code keeps one path
         return first
@@ -140,14 +168,18 @@ def choose(
             return known.chosen
         times: dict[str, float] = {}
         failed: dict[str, str] = {}
+        expected = candidates[reference]()
         for name, fn in candidates.items():
             try:
                 with warnings.catch_warnings():  # e.g. SDPA's on a backend that cannot run
                     warnings.simplefilter("ignore")
+                    if name != reference:
+                        check_agrees(fn(), expected)
                     times[name] = device_time_ms(fn, device)
             except Exception as e:  # e.g. out of resources on this card: not a candidate
                 failed[name] = f"{type(e).__name__}: {e}"[:500]
-                logger.info("fewstep::%s: %s failed while timed, not chosen: %s", op, name, e)
+                log = logger.warning if isinstance(e, Disagrees) else logger.info
+                log("fewstep::%s: %s is not chosen: %s", op, name, failed[name])
         chosen = min(times, key=times.__getitem__) if times else first
         _choices[(op, key)] = Choice(op, key, chosen, times, failed)
         logger.info("fewstep::%s takes %s for %s (ms per call: %s)", op, chosen, key, times)

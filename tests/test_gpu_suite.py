@@ -106,9 +106,10 @@ def test_the_log_lists_what_the_tuned_ops_chose(monkeypatch):
     monkeypatch.setattr(tuning, "can_time", lambda device: True)
     monkeypatch.setattr(tuning, "device_time_ms", lambda fn, device: next(times))
     monkeypatch.setattr(tuning, "_choices", {})
-    x = torch.empty(2, 320, 64, 64).to(memory_format=torch.channels_last)
+    x = torch.zeros(2, 320, 64, 64).to(memory_format=torch.channels_last)
     key = tuning.signature(x, 32, None)
-    tuning.choose("group_norm", key, {"kernel": None, "torch": None}, x.device)
+    candidates = {"kernel": x.clone, "torch": x.clone}
+    tuning.choose("group_norm", key, candidates, x.device, reference="torch")
     results = {
         "env": {"card": {"name": "a card"}},
         "mode": "gpu",

@@ -9,6 +9,8 @@ directly. The real timer is checked on a GPU (marked `gpu`).
 
 from __future__ import annotations
 
+import logging
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -79,42 +81,54 @@ def timed_by_table(monkeypatch):
     return table, timed
 
 
-def test_choose_times_each_candidate_once_per_key_and_keeps_the_fastest(monkeypatch):
-    runs: list[str] = []
-    candidates = {name: (lambda name=name: runs.append(name)) for name in ("a", "b", "c")}
-    ms = {"a": 3.0, "b": 1.0, "c": 2.0}
-    by_fn = {fn: ms[name] for name, fn in candidates.items()}
-    monkeypatch.setattr(tuning, "can_time", lambda device: True)
-    monkeypatch.setattr(tuning, "device_time_ms", lambda fn, device: (fn(), by_fn[fn])[1])
+@pytest.fixture
+def timed_by_name(monkeypatch):
+    """{candidate: ms}: a timer that charges each candidate its entry (after running it, as
+    the real one does). Returns (table, names timed in order)."""
+    table: dict[str, float] = {}
+    timed: list[str] = []
 
+    def fake_time(fn, device):
+        fn()
+        timed.append(fn.__name__)
+        return table[fn.__name__]
+
+    monkeypatch.setattr(tuning, "can_time", lambda device: True)
+    monkeypatch.setattr(tuning, "device_time_ms", fake_time)
+    return table, timed
+
+
+def returning(name: str, value):
+    """A candidate named `name` that returns `value` (a tensor) or raises it (an error)."""
+
+    def candidate():
+        if isinstance(value, Exception):
+            raise value
+        return value
+
+    candidate.__name__ = name
+    return candidate
+
+
+def test_choose_times_each_candidate_once_per_key_and_keeps_the_fastest(timed_by_name):
+    table, timed = timed_by_name
+    table.update(a=3.0, b=1.0, c=2.0)
+    candidates = {name: returning(name, torch.ones(3)) for name in ("a", "b", "c")}
     x = torch.empty(2, 3, 4, 5)
     k1 = tuning.signature(x, 32, None)
     k2 = tuning.signature(x.to(memory_format=torch.channels_last), 32, None)
     assert k1 != k2  # strides are part of the key
 
-    assert tuning.choose("op", k1, candidates, CPU) == "b"
-    assert runs == ["a", "b", "c"]
-    assert tuning.choose("op", k1, candidates, CPU) == "b"  # stored: not timed again
-    assert runs == ["a", "b", "c"]
-    ms["b"] = 5.0
-    by_fn = {fn: ms[name] for name, fn in candidates.items()}
-    assert tuning.choose("op", k2, candidates, CPU) == "c"  # another key: timed anew
-    row = {"op": "op", "shapes": [[2, 3, 4, 5], 32, None], "dtype": "float32"}
+    assert tuning.choose("op", k1, candidates, CPU, reference="a") == "b"
+    assert timed == ["a", "b", "c"]
+    assert tuning.choose("op", k1, candidates, CPU, reference="a") == "b"  # stored
+    assert timed == ["a", "b", "c"]
+    table["b"] = 5.0
+    assert tuning.choose("op", k2, candidates, CPU, reference="a") == "c"  # timed anew
+    row = {"op": "op", "shapes": [[2, 3, 4, 5], 32, None], "dtype": "float32", "failed": {}}
     assert tuning.choices() == [
-        {
-            **row,
-            "layout": "dense",
-            "chosen": "b",
-            "ms": {"a": 3.0, "b": 1.0, "c": 2.0},
-            "failed": {},
-        },
-        {
-            **row,
-            "layout": "strided",
-            "chosen": "c",
-            "ms": {"a": 3.0, "b": 5.0, "c": 2.0},
-            "failed": {},
-        },
+        {**row, "layout": "dense", "chosen": "b", "ms": {"a": 3.0, "b": 1.0, "c": 2.0}},
+        {**row, "layout": "strided", "chosen": "c", "ms": {"a": 3.0, "b": 5.0, "c": 2.0}},
     ]
 
 
@@ -124,28 +138,38 @@ def test_where_nothing_can_be_timed_the_first_candidate_runs_and_nothing_is_stor
 
     monkeypatch.setattr(tuning, "device_time_ms", must_not_time)
     assert not tuning.can_time(CPU)  # the interpreter's CPU tensors
-    assert tuning.choose("op", (1,), {"first": lambda: 0, "second": lambda: 0}, CPU) == "first"
+    candidates = {"first": must_not_time, "second": must_not_time}  # nothing runs either
+    assert tuning.choose("op", (1,), candidates, CPU, reference="second") == "first"
     assert tuning.choices() == []
 
 
-def test_a_candidate_that_fails_while_timed_is_not_chosen(monkeypatch):
-    def broken():
-        raise RuntimeError("out of resources")
-
-    def time_it(fn, device):
-        fn()
-        return 1.0
-
-    monkeypatch.setattr(tuning, "can_time", lambda device: True)
-    monkeypatch.setattr(tuning, "device_time_ms", time_it)
-    key = tuning.signature(torch.empty(3))
-    chosen = tuning.choose("op", key, {"kernel": broken, "torch": lambda: 0}, CPU)
-    assert chosen == "torch"
+def test_a_candidate_that_fails_or_disagrees_is_not_chosen(timed_by_name, caplog):
+    table, _ = timed_by_name
+    table.update(kernel=1.0, nan=1.0, shifted=1.0, torch=2.0)
+    expected = torch.tensor([1.0, -2.0, 3.0])
+    candidates = {
+        "kernel": returning("kernel", RuntimeError("out of resources")),
+        "nan": returning("nan", torch.tensor([1.0, float("nan"), 3.0])),
+        "shifted": returning("shifted", expected + 0.1),  # 3.3% of max|y|: not rounding
+        "torch": returning("torch", expected),
+    }
+    key = tuning.signature(expected)
+    with caplog.at_level(logging.WARNING, logger="fewstep.kernels"):
+        assert tuning.choose("op", key, candidates, CPU, reference="torch") == "torch"
     (choice,) = tuning.choices()
-    assert choice["ms"] == {"torch": 1.0}
-    assert choice["failed"] == {"kernel": "RuntimeError: out of resources"}
-    # none ran: the first is called, so its error reaches the caller
-    assert tuning.choose("op", (2,), {"kernel": broken}, CPU) == "kernel"
+    assert choice["ms"] == {"torch": 2.0}
+    assert choice["failed"]["kernel"] == "RuntimeError: out of resources"
+    assert choice["failed"]["nan"].startswith("Disagrees: differs by nan")
+    assert choice["failed"]["shifted"].startswith("Disagrees: differs by 0.1 where 0.0469")
+    assert "shifted is not chosen" in caplog.text  # a disagreement is worth a warning
+    assert "kernel is not chosen" not in caplog.text  # a candidate that cannot run is not
+    # within rounding (16 ulps of TF32, as fp32 may be multiplied in) it is
+    tuning.clear()
+    candidates["shifted"] = returning("shifted", expected + 0.04)
+    assert tuning.choose("op", key, candidates, CPU, reference="torch") == "shifted"
+    # the reference itself failing is the op failing
+    with pytest.raises(RuntimeError, match="out of resources"):
+        tuning.choose("op", (2,), {"kernel": candidates["kernel"]}, CPU, reference="kernel")
 
 
 def _group_norm_case():
@@ -251,19 +275,20 @@ def test_a_tuned_unet_compiles_in_one_graph(tiny_model):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_device_time_tells_a_large_matmul_from_a_small_one():
-    """The real timer: device time in a CUDA graph, outside any capture of the caller's."""
+def test_device_time_tells_a_slow_matmul_from_a_fast_one():
+    """The real timer: device time in a CUDA graph, outside any capture of the caller's; the
+    same product in fp32 (no tensor cores) and in fp16, which agree to rounding."""
     device = torch.device("cuda")
-    small, large = (torch.randn(n, n, device=device, dtype=torch.float16) for n in (256, 4096))
-    candidates = {"large": lambda: large @ large, "small": lambda: small @ small}
+    a, b = (torch.randn(2048, 2048, device=device, dtype=torch.float16) / 32 for _ in range(2))
+    candidates = {"fp32": lambda: (a.float() @ b.float()).half(), "fp16": lambda: a @ b}
     assert tuning.can_time(device)
     ms = {name: tuning.device_time_ms(fn, device) for name, fn in candidates.items()}
-    assert 0 < ms["small"] < ms["large"]
-    assert tuning.choose("matmul", (0,), candidates, device) == "small"
+    assert 0 < ms["fp16"] < ms["fp32"]
+    assert tuning.choose("matmul", (0,), candidates, device, reference="fp32") == "fp16"
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):  # inside a capture: untimed, the first candidate
         assert not tuning.can_time(device)
-        assert tuning.choose("matmul", (1,), candidates, device) == "large"
+        assert tuning.choose("matmul", (1,), candidates, device, reference="fp32") == "fp32"
 
 
 @pytest.mark.gpu
