@@ -230,20 +230,21 @@ def attention_op(
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v in SDPA's [B, H, L, D]: the fused kernel, or SDPA if unsupported.
     tune: per shape, the fastest of SDPA as torch dispatches it (untimed: the first), SDPA
-    on each of its CUDA backends, and the kernel (tuning.py). torch prefers flash attention
-    where it applies; on an H200 cuDNN's ran SD1.5's 64² self-attention in 58% of its time."""
+    on each of its CUDA backends, and the kernel where it applies (tuning.py). torch prefers
+    flash attention where it applies; on an H200 cuDNN's ran SD1.5's 64² self-attention in
+    58% of its time. FEWSTEP_DISABLE_KERNELS=1: torch's dispatch, untuned."""
     check_attention_args(q, k, v)
     reason = attention_fallback_reason(q, k, v, scale)
     if reason is not None:
         _log_fallback_once("attention", reason)
-        return _attention_torch(q, k, v, scale)
-    if not tune:
-        return attention(q, k, v, scale)
+    if not tune or kernels_disabled():
+        return attention(q, k, v, scale) if reason is None else _attention_torch(q, k, v, scale)
     candidates = {"sdpa": functools.partial(_attention_torch, q, k, v, scale)}
     if q.device.type == "cuda":
         for name, backend in SDPA_BACKENDS.items():
             candidates[name] = functools.partial(_attention_torch, q, k, v, scale, backend)
-    candidates["kernel"] = functools.partial(attention, q, k, v, scale)
+    if reason is None:  # e.g. the VAE's head dim of 512 is SDPA's alone
+        candidates["kernel"] = functools.partial(attention, q, k, v, scale)
     key = signature(q, k, v, scale)
     return candidates[choose("attention", key, candidates, q.device, reference="sdpa")]()
 
@@ -254,6 +255,7 @@ SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
+    "sdpa-math": SDPBackend.MATH,  # batched matmuls and a softmax: large head dims
 }
 
 

@@ -241,6 +241,23 @@ def test_a_tuned_op_runs_the_fastest_implementation_for_its_shape(timed_by_table
         torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
+def test_tuned_attention_without_the_kernel_chooses_among_sdpa(timed_by_table, monkeypatch):
+    """A head dim the kernel does not take (the VAE's 512) is still tuned, among SDPA's
+    ways; FEWSTEP_DISABLE_KERNELS=1 is torch's own dispatch, untuned."""
+    table, timed = timed_by_table
+    table["torch"] = 1.0
+    q = torch.randn(1, 1, 16, 300, generator=torch.Generator().manual_seed(0))
+    got = kernel_ops.attention_op(q, q, q, None, True)
+    assert timed == ["torch"]  # on the CPU SDPA's own dispatch is its only way
+    (choice,) = tuning.choices()
+    assert set(choice["ms"]) == {"sdpa"}
+    torch.testing.assert_close(got, torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    tuning.clear()
+    monkeypatch.setenv("FEWSTEP_DISABLE_KERNELS", "1")
+    kernel_ops.attention_op(q[..., :40], q[..., :40], q[..., :40], None, True)
+    assert tuning.choices() == []
+
+
 def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model, timed_by_table):
     table, _ = timed_by_table
     table.update({"kernel": 1.0, "kernel-two-launch": 2.0, "torch": 3.0})
