@@ -243,6 +243,9 @@ def attention_op(
     if q.device.type == "cuda":
         for name, backend in SDPA_BACKENDS.items():
             candidates[name] = functools.partial(_attention_torch, q, k, v, scale, backend)
+        if q.shape[:-1].numel() * k.shape[-2] * 4 <= _MATH_SCORES_MAX_BYTES:
+            math = SDPBackend.MATH  # batched matmuls and a softmax (large head dims)
+            candidates["sdpa-math"] = functools.partial(_attention_torch, q, k, v, scale, math)
     if reason is None:  # e.g. the VAE's head dim of 512 is SDPA's alone
         candidates["kernel"] = functools.partial(attention, q, k, v, scale)
     key = signature(q, k, v, scale)
@@ -255,8 +258,9 @@ SDPA_BACKENDS = {
     "sdpa-cudnn": SDPBackend.CUDNN_ATTENTION,
     "sdpa-flash": SDPBackend.FLASH_ATTENTION,
     "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION,
-    "sdpa-math": SDPBackend.MATH,  # batched matmuls and a softmax: large head dims
 }
+# SDPA's math backend too, where its fp32 scores [B, H, L_q, L_kv] take at most this much.
+_MATH_SCORES_MAX_BYTES = 2**30
 
 
 def _attention_torch(q, k, v, scale, backend: SDPBackend | None = None):
