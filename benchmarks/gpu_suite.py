@@ -17,7 +17,7 @@ One run, in order (each section writes the JSON so far, so a run cut short still
 2. unet (b): one U-Net step, SD1.5 architecture (config below, random weights), 512²
    (64² latents), batch 2 (CFG), fp16: diffusers eager (SDPA), fewstep's torch backend
    (its defaults, every kernel tuned per shape against torch's op; then the GroupNorm
-   kernel alone, all kernels forced, none, no CUDA graphs, compile=True; a device-time
+   kernel alone, no kernels, no CUDA graphs, compile=True; a device-time
    profile by kernel of the defaults without CUDA graphs) and last torch.compile of the
    same module (channels_last; compile time reported apart). Every variant's output is
    also checked against the U-Net in fp64 with the rule above.
@@ -823,7 +823,6 @@ GPU_VARIANTS = (
     # the defaults: every kernel, each op the faster of kernel and torch per shape; graphs
     Variant("fewstep", kernels=None, cuda_graphs=True),
     Variant("fewstep-group-norm-kernel", ("group_norm",), cuda_graphs=True),  # earlier default
-    Variant("fewstep-all-kernels", kernels=True, cuda_graphs=True),
     Variant("fewstep-no-kernels", kernels=False, cuda_graphs=True),
     # profiled without graphs (the profiler sees a graph replay as one event): the defaults'
     # device time by kernel, what to speed up next
