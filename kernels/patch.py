@@ -140,12 +140,21 @@ class SiLULinear(nn.Module):
         return F.linear(F.silu(x), self.weight, self.bias)
 
 
+def _bias_apart(conv: nn.Module) -> bool:
+    """Whether conv is a plain Conv2d whose bias may be added elsewhere (a wrapper, e.g. a
+    LoRA layer, runs its own forward)."""
+    return type(conv) is nn.Conv2d and conv.bias is not None
+
+
 class FusedResnetBlock(nn.Module):
     """diffusers' ResnetBlock2D (models/resnet.py) without up- or downsampling, once its
-    GroupNorm → SiLU pairs are fused: a projected time embedding ("default" norm) is added
-    inside norm2's kernel, not by an add of its own, and a division by an
-    output_scale_factor of 1 is skipped (exact). The block's own modules, under their own
-    names (the state dict is unchanged)."""
+    GroupNorm → SiLU pairs are fused, without passes of its own for what the next op can
+    add: cuDNN's convolutions leave the bias to a pass over their output (ATen's
+    cudnn/ConvShared.cpp), so conv1's bias goes into norm2's kernel with the projected time
+    embedding ("default" norm; both added before its statistics), and where the shortcut
+    is a convolution, conv2's bias joins the shortcut's (one bias pass for both). A division
+    by an output_scale_factor of 1 is skipped. Exact but for rounding. The block's own
+    modules, under their own names (the state dict is unchanged)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
@@ -160,12 +169,31 @@ class FusedResnetBlock(nn.Module):
         self.train(block.training)
 
     def forward(self, input_tensor: torch.Tensor, temb: torch.Tensor | None, *args, **kwargs):
-        hidden = self.conv1(self.norm1(input_tensor))  # norm1: GroupNorm → SiLU
-        projected = None
+        hidden = self.norm1(input_tensor)  # GroupNorm → SiLU
+        shift = None  # [N, C]: norm2's input bias
         if self.adds_time_embedding and temb is not None:
-            projected = self.time_emb_proj(temb)  # [N, C]
-        hidden = self.conv2(self.dropout(self.norm2(hidden, projected)))
-        shortcut = input_tensor if self.conv_shortcut is None else self.conv_shortcut(input_tensor)
+            shift = self.time_emb_proj(temb)
+        apart = not kernels_disabled()  # disabled: diffusers' order, the same numbers
+        if apart and _bias_apart(self.conv1):
+            hidden = self.conv1._conv_forward(hidden, self.conv1.weight, None)
+            bias = self.conv1.bias.expand(hidden.shape[0], -1)
+            shift = bias if shift is None else shift + bias
+        else:
+            hidden = self.conv1(hidden)
+        hidden = self.dropout(self.norm2(hidden, shift))
+        shortcut_conv = self.conv_shortcut
+        if (
+            apart
+            and shortcut_conv is not None
+            and _bias_apart(shortcut_conv)
+            and _bias_apart(self.conv2)
+        ):
+            hidden = self.conv2._conv_forward(hidden, self.conv2.weight, None)
+            bias = shortcut_conv.bias + self.conv2.bias
+            shortcut = shortcut_conv._conv_forward(input_tensor, shortcut_conv.weight, bias)
+        else:
+            hidden = self.conv2(hidden)
+            shortcut = input_tensor if shortcut_conv is None else shortcut_conv(input_tensor)
         out = shortcut + hidden
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 

@@ -139,6 +139,8 @@ def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype,
     assert kernel_calls["geglu"] == report.geglu > 0
     assert kernel_calls["layer_norm"] == report.layer_norm > 0
     assert kernel_calls["input_bias"] == report.resnet_blocks  # each block's time embedding
+    # blocks whose conv2 bias joins a shortcut convolution's are among them
+    assert any(type(m).__name__ == "FusedResnetBlock" and m.conv_shortcut for m in module.modules())
     assert_matches_ref(got, unpatched, ref64, f"{family} U-Net {dtype}")
 
 
@@ -152,7 +154,8 @@ def test_patched_vae_decoder_matches_unpatched(tiny_model, kernel_calls):
     _, report = patch(module)
     got = run_vae_decoder(module, z)
     assert vars(report) == counts and report.resnet_blocks > 0
-    assert "input_bias" not in kernel_calls  # a VAE's blocks have no time embedding
+    # no time embedding in a VAE, but each block's conv1 bias is added inside norm2's kernel
+    assert kernel_calls["input_bias"] == decoder_counts["resnet_blocks"] > 0
     assert kernel_calls["group_norm"] == sum(
         decoder_counts[k] for k in ("group_norm_silu", "group_norm")
     )
