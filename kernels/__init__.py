@@ -10,7 +10,7 @@
   what models call.
 - `patch` / `unpatch`: swap the ops into a diffusers U-Net or VAE, in place
   (GroupNorm → SiLU pairs, other GroupNorms, attention processors, GEGLUs, LayerNorms,
-  upsamplers).
+  upsamplers, 1×1 convolutions).
 - `tuning`: with `tune=True`, each op keeps per shape the faster of its kernel and torch's
   own, timed on the GPU at its first call.
 

@@ -32,6 +32,10 @@ this file imports torch only):
   4×4 weights made from the 3×3 ones, the same map without the upsampled tensor in
   between and with 4 taps per output pixel where the convolution had 9 (the VAE's three
   upsample convolutions are about 0.7 of its 2.5 TFLOP per 512² image).
+- 1×1 `nn.Conv2d`s (stride 1, no padding, one group: SD1.5's transformer `proj_in` and
+  `proj_out`, ResNet `conv_shortcut`s) → `PointwiseConv`: on a channels_last input, a matrix
+  product over the input's own memory with the bias added by the GEMM (cuDNN's convolutions
+  add it in a pass of their own); other layouts run the convolution.
 - `Transformer2DModel`s (continuous inputs) give their output in the residual's memory
   format: in a channels_last model their tokens [B, H·W, C] already are channels_last
   [B, C, H, W], and diffusers' `.contiguous()` made an NCHW copy that the next convolution
@@ -88,6 +92,7 @@ class PatchReport:
     geglu: int = 0  # GEGLU activations now FusedGEGLU
     layer_norm: int = 0  # LayerNorms now FusedLayerNorm
     upsample_conv: int = 0  # upsample-then-convolve pairs now one transposed convolution
+    pointwise_conv: int = 0  # 1×1 convolutions now matrix products on channels_last inputs
 
     @property
     def total(self) -> int:
@@ -140,10 +145,71 @@ class SiLULinear(nn.Module):
         return F.linear(F.silu(x), self.weight, self.bias)
 
 
+class PointwiseConv(nn.Module):
+    """A 1×1 convolution (stride 1, no padding, one group) on a channels_last input as the
+    matrix product it is, [N·H·W, C_in] × [C_in, C_out] over the input's own memory, with the
+    bias added by the GEMM: cuDNN's convolutions add theirs in a pass of their own (ATen's
+    cudnn/ConvShared.cpp). The output is channels_last, as cuDNN's. Other layouts and
+    FEWSTEP_DISABLE_KERNELS=1 run the convolution; `tune`: per shape, the faster of the two
+    (tuning.py). Holds the convolution's own weight and bias (the state dict is unchanged)."""
+
+    def __init__(self, conv: nn.Conv2d, tune: bool = False):
+        super().__init__()
+        self.in_channels = conv.in_channels
+        self.out_channels = conv.out_channels
+        self.weight = conv.weight  # [C_out, C_in, 1, 1], shared Parameter
+        self.bias = conv.bias
+        self.tune = tune
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.project(x, self.bias)
+
+    def project(self, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        """The convolution with `bias` in place of its own."""
+
+        def conv() -> torch.Tensor:
+            return F.conv2d(x, self.weight, bias)
+
+        def matmul() -> torch.Tensor:
+            n, c, h, w = x.shape
+            rows = x.permute(0, 2, 3, 1).reshape(n * h * w, c)  # a view of channels_last
+            y = F.linear(rows, self.weight.view(self.out_channels, c), bias)
+            return y.view(n, h, w, self.out_channels).permute(0, 3, 1, 2)
+
+        if kernels_disabled() or not x.is_contiguous(memory_format=torch.channels_last):
+            return conv()
+        if not self.tune:
+            return matmul()
+        candidates = {"conv": conv, "matmul": matmul}
+        key = signature(x, self.weight, bias)
+        return candidates[choose("pointwise_conv", key, candidates, x.device, reference="conv")]()
+
+    def extra_repr(self) -> str:
+        return f"{self.in_channels}, {self.out_channels}, kernel_size=(1, 1)"
+
+
+def _pointwise(conv: nn.Module) -> bool:
+    return (
+        type(conv) is nn.Conv2d
+        and conv.kernel_size == (1, 1)
+        and conv.stride == (1, 1)
+        and conv.padding in ((0, 0), "valid")
+        and conv.dilation == (1, 1)
+        and conv.groups == 1
+    )
+
+
 def _bias_apart(conv: nn.Module) -> bool:
-    """Whether conv is a plain Conv2d whose bias may be added elsewhere (a wrapper, e.g. a
-    LoRA layer, runs its own forward)."""
-    return type(conv) is nn.Conv2d and conv.bias is not None
+    """Whether conv is a plain Conv2d (or PointwiseConv) whose bias may be added elsewhere (a
+    wrapper, e.g. a LoRA layer, runs its own forward)."""
+    return type(conv) in (nn.Conv2d, PointwiseConv) and conv.bias is not None
+
+
+def _convolve(conv: nn.Module, x: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """A _bias_apart convolution of x with `bias` in place of its own."""
+    if isinstance(conv, PointwiseConv):
+        return conv.project(x, bias)
+    return conv._conv_forward(x, conv.weight, bias)
 
 
 class FusedResnetBlock(nn.Module):
@@ -152,7 +218,8 @@ class FusedResnetBlock(nn.Module):
     add: cuDNN's convolutions leave the bias to a pass over their output (ATen's
     cudnn/ConvShared.cpp), so conv1's bias goes into norm2's kernel with the projected time
     embedding ("default" norm; both added before its statistics), and where the shortcut
-    is a convolution, conv2's bias joins the shortcut's (one bias pass for both). A division
+    is a convolution, conv2's bias joins the shortcut's (one bias for both, added by the
+    GEMM where the shortcut is a PointwiseConv). A division
     by an output_scale_factor of 1 is skipped. Exact but for rounding. The block's own
     modules, under their own names (the state dict is unchanged)."""
 
@@ -175,7 +242,7 @@ class FusedResnetBlock(nn.Module):
             shift = self.time_emb_proj(temb)
         apart = not kernels_disabled()  # disabled: diffusers' order, the same numbers
         if apart and _bias_apart(self.conv1):
-            hidden = self.conv1._conv_forward(hidden, self.conv1.weight, None)
+            hidden = _convolve(self.conv1, hidden, None)
             bias = self.conv1.bias.expand(hidden.shape[0], -1)
             shift = bias if shift is None else shift + bias
         else:
@@ -188,9 +255,9 @@ class FusedResnetBlock(nn.Module):
             and _bias_apart(shortcut_conv)
             and _bias_apart(self.conv2)
         ):
-            hidden = self.conv2._conv_forward(hidden, self.conv2.weight, None)
+            hidden = _convolve(self.conv2, hidden, None)
             bias = shortcut_conv.bias + self.conv2.bias
-            shortcut = shortcut_conv._conv_forward(input_tensor, shortcut_conv.weight, bias)
+            shortcut = _convolve(shortcut_conv, input_tensor, bias)
         else:
             hidden = self.conv2(hidden)
             shortcut = input_tensor if shortcut_conv is None else shortcut_conv(input_tensor)
@@ -462,6 +529,7 @@ def patch(
     geglu: bool = True,
     layer_norm: bool = True,
     upsample_conv: bool = True,
+    pointwise_conv: bool = True,
     tune: bool = False,
 ) -> tuple[nn.Module, PatchReport]:
     """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
@@ -474,6 +542,8 @@ def patch(
     layer_norm: LayerNorms over one dim on the kernel.
     upsample_conv: nearest ×2 upsamples and their 3×3 convolutions as one transposed
     convolution.
+    pointwise_conv: 1×1 convolutions (SD1.5's transformer projections, ResNet shortcuts) on
+    channels_last inputs as matrix products with their bias added by the GEMM.
     tune: each op this call swaps in times its kernel against torch's own at the first call
     of each shape on a CUDA GPU and keeps the faster (kernels/tuning.py); modules an
     earlier call swapped keep their setting.
@@ -519,7 +589,7 @@ def patch(
                 record.append(("processor", sub, "processor", processor))
                 sub.set_processor(FewstepAttnProcessor(kernel=attention, tune=tune))
                 report.attention += 1
-    if geglu or layer_norm or upsample_conv:
+    if geglu or layer_norm or upsample_conv or pointwise_conv:
         for sub in list(module.modules()):
             for attr, child in list(sub.named_children()):
                 linear = type(getattr(child, "proj", None)) is nn.Linear
@@ -533,6 +603,9 @@ def patch(
                 elif upsample_conv and _fusable_upsample(child):
                     _swap(record, sub, attr, FusedUpsampleConv(child, tune))
                     report.upsample_conv += 1
+                elif pointwise_conv and _pointwise(child):
+                    _swap(record, sub, attr, PointwiseConv(child, tune))
+                    report.pointwise_conv += 1
     if passes:
         for sub in module.modules():
             if (

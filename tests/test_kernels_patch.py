@@ -59,7 +59,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
     """What the model has: GroupNorm→SiLU pairs, other GroupNorms, attention modules, ResNet
     blocks with two pairs and no up- or downsampling, transformers on continuous inputs,
     GEGLU activations, LayerNorms over one dim, upsamplers that convolve."""
-    pairs = blocks = transformers = geglus = layer_norms = upsamples = 0
+    pairs = blocks = transformers = geglus = layer_norms = upsamples = pointwise = 0
     for m in module.modules():
         if type(m).__name__ == "ResnetBlock2D":
             pairs += 1 + (m.time_embedding_norm != "scale_shift")
@@ -71,6 +71,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
         geglus += type(m).__name__ == "GEGLU"
         layer_norms += type(m) is torch.nn.LayerNorm and len(m.normalized_shape) == 1
         upsamples += type(m).__name__ == "Upsample2D" and m.use_conv and m.interpolate
+        pointwise += type(m) is torch.nn.Conv2d and m.kernel_size == (1, 1) and m.groups == 1
     norms = sum(isinstance(m, torch.nn.GroupNorm) for m in module.modules())
     attention = sum(type(m).__name__ == "Attention" for m in module.modules())
     return {
@@ -82,6 +83,7 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
         "geglu": geglus,
         "layer_norm": layer_norms,
         "upsample_conv": upsamples,
+        "pointwise_conv": pointwise,
     }
 
 
@@ -216,7 +218,9 @@ def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels
         if type(m).__name__ == "Transformer2DModel":
             m.register_forward_hook(lambda _m, _args, out: outputs.append(out[0]))
 
-    kernels = dict(group_norm=False, geglu=False, layer_norm=False, upsample_conv=False)
+    kernels = dict(
+        group_norm=False, geglu=False, layer_norm=False, upsample_conv=False, pointwise_conv=False
+    )
     _, report = patch(module, attention=False, **kernels)
     assert report.group_norm == report.group_norm_silu == report.geglu == report.layer_norm == 0
     assert report.attention == expected_counts(module)["attention"]
@@ -274,3 +278,28 @@ def test_upsample_conv_is_one_transposed_convolution(size):
             torch.testing.assert_close(fused(x, odd), upsample(x, odd), rtol=0, atol=0)
             upsample.conv.weight.mul_(2)  # as a LoRA fold would, in place
             torch.testing.assert_close(fused(x), upsample(x), rtol=0, atol=2 * tol)
+
+
+def test_pointwise_conv_is_a_matrix_product_on_channels_last():
+    """A 1×1 convolution as [N·H·W, C_in] × [C_in, C_out] over channels_last memory: the
+    same map (fp64: equal to rounding), output in channels_last as cuDNN's; NCHW inputs run
+    the convolution itself; a bias given in place of its own (a ResNet block's conv2 bias
+    joined to its shortcut's) and an in-place weight update are seen."""
+    from fewstep.kernels.patch import PointwiseConv
+
+    torch.manual_seed(0)
+    conv = torch.nn.Conv2d(6, 5, 1).double()
+    fused = PointwiseConv(conv)
+    x = torch.randn(2, 6, 7, 3, dtype=torch.float64)
+    x_cl = x.contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        got = fused(x_cl)
+        assert got.is_contiguous(memory_format=torch.channels_last)
+        torch.testing.assert_close(got, conv(x), rtol=0, atol=1e-12)
+        torch.testing.assert_close(fused(x), conv(x), rtol=0, atol=0)  # NCHW: the convolution
+        extra = torch.randn(5, dtype=torch.float64)
+        want = torch.nn.functional.conv2d(x, conv.weight, conv.bias + extra)
+        torch.testing.assert_close(fused.project(x_cl, conv.bias + extra), want, rtol=0, atol=1e-12)
+        conv.weight.mul_(2)  # as a LoRA fold would, in place
+        torch.testing.assert_close(fused(x_cl), conv(x), rtol=0, atol=1e-12)
+    assert dict(fused.named_parameters()).keys() == dict(conv.named_parameters()).keys()

@@ -27,6 +27,7 @@ from fewstep.kernels.patch import (  # noqa: E402
     FusedGroupNorm,
     FusedLayerNorm,
     FusedUpsampleConv,
+    PointwiseConv,
     patch,
 )
 
@@ -36,7 +37,7 @@ pytestmark = [
 ]
 
 CPU = torch.device("cpu")
-FUSED_OPS = (FusedGroupNorm, FusedGEGLU, FusedLayerNorm, FusedUpsampleConv)
+FUSED_OPS = (FusedGroupNorm, FusedGEGLU, FusedLayerNorm, FusedUpsampleConv, PointwiseConv)
 
 
 def label(candidate: str) -> str:
@@ -263,8 +264,9 @@ def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model
     table.update({"kernel": 1.0, "kernel-two-launch": 2.0, "torch": 3.0})
     module64 = load(tiny_model, "sd1", "unet", torch.float64)
     ref64 = run_unet(module64, unet_inputs(module64, 1, torch.float64))
-    module = load(tiny_model, "sd1", "unet")
-    inputs = unet_inputs(module, 1, torch.float32)
+    module = load(tiny_model, "sd1", "unet").to(memory_format=torch.channels_last)
+    sample, t, hidden = unet_inputs(module, 1, torch.float32)
+    inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
     unpatched = run_unet(module, inputs)
 
     patch(module, tune=True)
@@ -275,7 +277,8 @@ def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model
     got = run_unet(module, inputs)
 
     chosen = {c["op"]: c["chosen"] for c in tuning.choices()}
-    assert set(chosen) == {"group_norm", "attention", "geglu", "layer_norm", "upsample_conv"}
+    ops = {"group_norm", "attention", "geglu", "layer_norm", "upsample_conv", "pointwise_conv"}
+    assert set(chosen) == ops
     assert {chosen[op] for op in ("group_norm", "attention", "geglu", "layer_norm")} == {"kernel"}
     assert_matches_ref(got, unpatched, ref64, "tuned sd1 U-Net fp32")
 

@@ -134,7 +134,7 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
     )
 
 
-KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv")
+KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv", "pointwise_conv")
 # On CUDA by default: every kernel, each op keeping per shape the faster of the kernel and
 # torch's own, timed at its first call (fewstep.kernels.tuning). Which wins depends on the
 # card and the shape: on an H200 the fused GroupNorm+SiLU made the U-Net step faster (SD1.5
@@ -143,7 +143,7 @@ KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv
 # benchmarks/results/gpu-suite-h200.json); tuned attention also times SDPA on each of its
 # backends (torch's pick, flash, was not the fastest). Where nothing can be timed, each op
 # takes the measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's GEGLU
-# and LayerNorm, diffusers' upsampling.
+# and LayerNorm, diffusers' upsampling, cuDNN's 1×1 convolutions.
 DEFAULT_CUDA_KERNELS = "auto"
 
 
@@ -368,6 +368,7 @@ class TorchBackend:
                     geglu="geglu" in self.kernels,
                     layer_norm="layer_norm" in self.kernels,
                     upsample_conv="upsample_conv" in self.kernels,
+                    pointwise_conv="pointwise_conv" in self.kernels,
                     tune=self.tune_kernels,
                 )
                 self.patch_report[name] = report
