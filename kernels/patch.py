@@ -219,9 +219,9 @@ class FusedResnetBlock(nn.Module):
     cudnn/ConvShared.cpp), so conv1's bias goes into norm2's kernel with the projected time
     embedding ("default" norm; both added before its statistics), and where the shortcut
     is a convolution, conv2's bias joins the shortcut's (one bias for both, added by the
-    GEMM where the shortcut is a PointwiseConv). A division
-    by an output_scale_factor of 1 is skipped. Exact but for rounding. The block's own
-    modules, under their own names (the state dict is unchanged)."""
+    GEMM where the shortcut is a PointwiseConv). A division by an output_scale_factor of 1
+    is skipped. Exact but for rounding. The block's own modules, under their own names (the
+    state dict is unchanged)."""
 
     def __init__(self, block: nn.Module):
         super().__init__()
