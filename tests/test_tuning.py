@@ -285,10 +285,12 @@ def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model
 
 def test_a_tuned_unet_compiles_in_one_graph(tiny_model):
     """Under torch.compile's tracing a tuned module keeps one path (the first candidate's
-    where the choice is made in Python, the upsampler's): no graph break."""
-    module = load(tiny_model, "sd1", "unet")
+    where the choice is made in Python: the upsamplers' and 1×1 convolutions'): no graph
+    break."""
+    module = load(tiny_model, "sd1", "unet").to(memory_format=torch.channels_last)
     patch(module, tune=True)
-    inputs = unet_inputs(module, 1, torch.float32)
+    sample, t, hidden = unet_inputs(module, 1, torch.float32)
+    inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
     torch.testing.assert_close(run_unet(compiled, inputs), run_unet(module, inputs))
 
