@@ -104,10 +104,15 @@ def device_time_ms(fn: Callable[[], Any], device: torch.device) -> float:
         with torch.cuda.stream(stream):
             fn()  # compiles, autotunes, picks algorithms: never inside the capture
             graph = torch.cuda.CUDAGraph()
-            # thread_local: other threads' work on this GPU is not an error during capture
-            with torch.cuda.graph(graph, stream=stream, capture_error_mode="thread_local"):
+            # Not torch.cuda.graph(), which empties the caching allocator on entry: a warm-up
+            # times every op of a model. thread_local: other threads' work on this GPU is not
+            # an error during the capture.
+            graph.capture_begin(capture_error_mode="thread_local")
+            try:
                 for _ in range(CALLS):
                     fn()
+            finally:
+                graph.capture_end()
             times = []
             for _ in range(ROUNDS):
                 start = torch.cuda.Event(enable_timing=True)
