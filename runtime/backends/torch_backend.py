@@ -143,7 +143,9 @@ KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv
 # benchmarks/results/gpu-suite-h200.json); tuned attention also times SDPA on each of its
 # backends (torch's pick, flash, was not the fastest). Where nothing can be timed, each op
 # takes the measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's GEGLU
-# and LayerNorm, diffusers' upsampling, cuDNN's 1×1 convolutions.
+# and LayerNorm, diffusers' upsampling, cuDNN's 1×1 convolutions. The first call of each
+# shape pays for it: every candidate compiles (Triton keeps them on disk) and is timed, inside
+# the warm-up before the CUDA graph capture (in `capture_ms`).
 DEFAULT_CUDA_KERNELS = "auto"
 
 
