@@ -5,13 +5,13 @@
 Triton's launcher, and CUDA graphs capture its launches like any other op
 (no host syncs, no allocations outside torch's caching allocator).
 
-Each op first validates its arguments (a ValueError for input no
-implementation accepts), then asks the guard. Inputs the kernel does not
-support run the plain torch op instead (F.group_norm (+ F.silu),
-F.scaled_dot_product_attention, h * F.gelu(g), F.layer_norm) in their own precision, and the
-reason is
-logged once per distinct reason on the "fewstep.kernels" logger. Setting
-FEWSTEP_DISABLE_KERNELS=1 makes every call take the fallback (read per call).
+Each op first validates its arguments (a ValueError for input no implementation accepts),
+then asks the guard. Inputs the kernel does not support run the plain torch op instead
+(F.group_norm (+ F.silu), F.scaled_dot_product_attention, h * F.gelu(g), F.layer_norm) in
+their own precision, and the reason is logged once per distinct reason on the
+"fewstep.kernels" logger. Setting FEWSTEP_DISABLE_KERNELS=1 makes every call take the
+fallback (read per call). With `tune=True` an op runs, per shape, the fastest of the kernel
+and torch's op as timed on the GPU at its first call (tuning.py).
 
 Outputs have the layout the fake implementation promises (x's for GroupNorm,
 q's for attention, see `attention_output_like`); a fallback whose torch op
