@@ -1294,8 +1294,73 @@ def format_table(results: dict[str, Any]) -> str:
             lines.append(f"  {c['op']:<13} {shapes:<34} {c['layout']:<7} {c['chosen']:<17} {times}")
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR in section {section}: {error.strip().splitlines()[-1]}")
+    goals = results.get("targets", {})
+    if goals:
+        lines.append(f"targets (sections took {goals['sections_s']['sum']:.0f} s):")
+    for name in ("group_norm_of_copy", "attention_vs_sdpa_best"):
+        if name in goals:
+            g = goals[name]
+            lines.append(
+                f"  {name:<24} >= {g['target']}: met in {g['met']} of {g['cases']} cases "
+                f"(from {g['min']:.2f} to {g['max']:.2f})"
+            )
+    if "unet_ms" in goals:
+        g = goals["unet_ms"]
+        default = f"{g['default']:.2f}" if g["default"] is not None else "-"
+        lines.append(
+            f"  U-Net step <= {g['target']} ms: default {default}, best "
+            f"{g['best']['p50']:.2f} ({g['best']['variant']}): {'met' if g['met'] else 'not met'}"
+        )
     lines.append(f"sections (s): {results['section_s']}; all checks ok: {results['checks_ok']}")
     return "\n".join(lines)
+
+
+# fewstep's performance targets on an H100, fp16: GroupNorm+SiLU at >= 75% of a copy of the same
+# tensor, attention at least as fast as SDPA's best backend, the U-Net step <= 6 ms, the
+# whole suite (setup included) within 8 minutes.
+TARGETS = {
+    "group_norm_of_copy": 0.75,
+    "attention_vs_sdpa_best": 1.0,
+    "unet_ms": 6.0,
+    "suite_s": 480,
+}
+
+
+def target_summary(results: dict[str, Any]) -> dict[str, Any]:
+    """Each target against what this run measured (device time in CUDA graphs); nothing for
+    a run on the CPU."""
+    if results.get("mode") != "gpu":
+        return {}
+
+    def against(values: list[float], target: float) -> dict[str, Any]:
+        met = sum(v >= target for v in values)
+        return {"target": target, "met": met, "cases": len(values), "min": min(values)}
+
+    kern = results.get("kernels") or {}
+    out: dict[str, Any] = {}
+    gn = [r["graphed_fraction_of_copy"] for r in kern.get("group_norm", []) if "graphed_ms" in r]
+    if gn:
+        out["group_norm_of_copy"] = {**against(gn, TARGETS["group_norm_of_copy"]), "max": max(gn)}
+    attn = [
+        r["graphed_speedup_vs_sdpa_best"] for r in kern.get("attention", []) if "graphed_ms" in r
+    ]
+    if attn:
+        out["attention_vs_sdpa_best"] = {
+            **against(attn, TARGETS["attention_vs_sdpa_best"]),
+            "max": max(attn),
+        }
+    variants = (results.get("unet") or {}).get("variants", {})
+    ours = {name: row["p50"] for name, row in variants.items() if name.startswith("fewstep")}
+    if ours:
+        best = min(ours, key=ours.__getitem__)
+        out["unet_ms"] = {
+            "target": TARGETS["unet_ms"],
+            "default": ours.get("fewstep"),
+            "best": {"variant": best, "p50": ours[best]},
+            "met": ours[best] <= TARGETS["unet_ms"],
+        }
+    out["sections_s"] = {"target": TARGETS["suite_s"], "sum": sum(results["section_s"].values())}
+    return out
 
 
 def all_checks_ok(results: dict[str, Any]) -> bool:
@@ -1338,6 +1403,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
     def save() -> None:
         results["checks_ok"] = all_checks_ok(results)
+        results["targets"] = target_summary(results)
         if args.output:
             args.output.parent.mkdir(parents=True, exist_ok=True)
             args.output.write_text(json.dumps(results, indent=2) + "\n")
