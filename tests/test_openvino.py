@@ -1,5 +1,5 @@
 """The OpenVINO backend: pipeline parity with diffusers (fp32), bf16 against fp32, the per-shape
-compile cache, the disk-cache key, and errors.
+compile cache and its LRU bound, the disk-cache key, and errors.
 
 References: diffusers' pipelines in torch fp32 on the tiny random-weight models (fp32 parity,
 as in test_pipeline_parity.py); the same backend in fp32 (bf16 PSNR); properties of the cache.
@@ -211,6 +211,115 @@ def test_threads_share_one_compile_and_get_their_own_results(tiny_package):
     assert len(backend.compile_log) == 1  # nothing else ran on this backend
     for g, e in zip(got, expected, strict=True):
         np.testing.assert_array_equal(g, e)
+
+
+# -- the bounded (LRU) cache ----------------------------------------------------------------------
+
+
+def _unet_feed(size):
+    return _unet_inputs(np.random.default_rng(0), 1, *size)
+
+
+def _cached_unet_sizes(backend):
+    """Latent sizes of the U-Net's cached compiled models, least recently used first."""
+    return [dict(shapes)["sample"][2:] for shapes in backend.compiled("unet")]
+
+
+def _compiled_unet_sizes(backend):
+    """Latent sizes of every U-Net compile so far, in order."""
+    return [dict(shapes)["sample"][2:] for g, shapes, _ in backend.compile_log if g == "unet"]
+
+
+def test_least_recently_used_shape_is_evicted_and_recompiled(tiny_package):
+    backend = OpenVINOBackend(tiny_package("sd1"), max_compiled_shapes=2)
+    a, b, c = (8, 8), (8, 12), (12, 8)
+    first = backend.run("unet", **_unet_feed(a))["out_sample"]
+    backend.run("unet", **_unet_feed(b))
+    backend.run("unet", **_unet_feed(a))  # a hit: a is now the most recently used
+    backend.run("unet", **_unet_feed(c))  # evicts b, not a
+    assert _cached_unet_sizes(backend) == [a, c]
+    assert _compiled_unet_sizes(backend) == [a, b, c]
+
+    backend.run("unet", **_unet_feed(b))  # back again: recompiled, and a goes
+    again = backend.run("unet", **_unet_feed(c))["out_sample"]
+    assert _compiled_unet_sizes(backend) == [a, b, c, b]
+    assert _cached_unet_sizes(backend) == [b, c]
+    backend.run("unet", **_unet_feed(a))
+    assert _compiled_unet_sizes(backend) == [a, b, c, b, a]
+    np.testing.assert_array_equal(backend.run("unet", **_unet_feed(a))["out_sample"], first)
+    assert again.shape == (1, 4, 12, 8)
+    # Each graph has its own limit: the U-Net's sizes did not evict the text encoder.
+    backend.run("text_encoder", input_ids=np.ones((1, 77), np.int64))
+    assert len(backend.compiled("text_encoder")) == 1 and len(backend.compiled("unet")) == 2
+
+
+def test_no_limit_keeps_every_shape(tiny_package):
+    batches = range(1, 11)  # more shapes than the default limit, 8
+    unbounded = OpenVINOBackend(tiny_package("sd1"), max_compiled_shapes=None)
+    default = OpenVINOBackend(tiny_package("sd1"))
+    for batch in batches:
+        for backend in (unbounded, default):
+            backend.run("text_encoder", input_ids=np.ones((batch, 77), np.int64))
+    assert len(unbounded.compiled("text_encoder")) == len(batches)
+    assert len(default.compiled("text_encoder")) == 8
+    assert len(unbounded.compile_log) == len(default.compile_log) == len(batches)
+
+
+def test_a_call_on_an_evicted_model_still_finishes(tiny_package):
+    backend = OpenVINOBackend(tiny_package("sd1"), max_compiled_shapes=1)
+    inputs = _unet_feed((8, 8))
+    expected = backend.run("unet", **inputs)["out_sample"]
+    # What a call holds between finding its model and running it: then the model is evicted.
+    shapes = tuple((name, tuple(np.shape(inputs[name]))) for name in backend.input_names("unet"))
+    entry = backend._compiled("unet", shapes)
+    backend.run("unet", **_unet_feed((8, 12)))
+    assert _cached_unet_sizes(backend) == [(8, 12)]
+    assert entry._idle == [], "an evicted model kept its idle infer requests"
+    np.testing.assert_array_equal(entry.infer(inputs)["out_sample"], expected)
+    assert entry._idle == [], "a request went back into an evicted model's pool"
+
+
+def test_eviction_under_concurrent_calls(tiny_package):
+    # The VAE decoder: the quickest graph to compile, and shapes keep being recompiled here.
+    rng = np.random.default_rng(4)
+    sizes = [(8, 8), (8, 12), (12, 8)]
+    feeds = {s: rng.standard_normal((1, 4, *s), dtype=np.float32) for s in sizes}
+    reference = OpenVINOBackend(tiny_package("sd1"), max_compiled_shapes=None)
+    expected = {s: reference.run("vae_decoder", latent_sample=feeds[s])["sample"] for s in sizes}
+    backend = OpenVINOBackend(tiny_package("sd1"), max_compiled_shapes=2)
+    # Each thread walks the three sizes from its own start, so shapes keep being evicted,
+    # some while other threads run on them.
+    plans = [[sizes[(first + k) % 3] for k in range(3)] for first in (0, 1, 2, 0, 1, 2)]
+    errors: list = []
+    start = threading.Barrier(len(plans))
+
+    def worker(plan):
+        start.wait()
+        for size in plan:
+            try:
+                got = backend.run("vae_decoder", latent_sample=feeds[size])["sample"]
+                np.testing.assert_array_equal(got, expected[size])
+            except Exception as e:  # reported below, with the size
+                errors.append((size, e))
+
+    threads = [threading.Thread(target=worker, args=(plan,)) for plan in plans]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert not any(t.is_alive() for t in threads), "a call hung"
+    assert not errors, errors
+    assert len(backend.compiled("vae_decoder")) == 2
+    assert len(backend.compile_log) >= 3
+
+
+@pytest.mark.parametrize("value", [0, -1, 2.5, True, "8"])
+def test_bad_max_compiled_shapes_is_a_value_error(tiny_package, value):
+    message = rf"max_compiled_shapes must be an integer >= 1 or None .*got {value!r}"
+    with pytest.raises(ValueError, match=message):
+        OpenVINOBackend(tiny_package("sd1"), max_compiled_shapes=value)
+    with pytest.raises(ValueError, match=message):
+        Pipeline.from_pretrained(tiny_package("sd1"), backend="openvino", max_compiled_shapes=value)
 
 
 def _perturb_unet(package):

@@ -9,10 +9,20 @@ quiet machine, OpenVINO 2026.4, the variants interleaved in one process), p50 of
     bf16: static 0.66 s vs dynamic 0.79 s (first call 0.68 s vs 1.10 s)
 and compiling either way takes about the same, 1.7-2.0 s.
 A pipeline sees few shapes (one per batch and size), so the cost is one compile per new
-shape, paid on the first call. Limits: each compiled shape holds its own repacked weights
-(about 1.4x the U-Net's size per shape, measured on the mid model) and nothing is evicted,
-so a server that takes arbitrary sizes grows by that much per size; the read ov.Model of
-each graph stays in memory too, to be reshaped without reading the file again.
+shape, paid on the first call. Each compiled shape holds its own repacked weights and
+buffers: about 1.4x the U-Net's size per shape on the mid model; on the small default model,
+where buffers dominate, 9-12x the U-Net's weight files per U-Net shape and 13-50x the VAE
+decoder's per decoder shape (latents 16x16 to 64x64, growing with the size). The read ov.Model
+of each graph stays in memory too, to be reshaped without reading the file again.
+
+Bounded cache (`max_compiled_shapes`, default 8): each graph keeps at most that many compiled
+shapes and evicts the least recently used one when a new shape compiles, so a server that
+takes arbitrary sizes stays bounded. The price of a miss is a recompile, as long as the first
+compile of that shape (a disk-cache blob, when `cache_dir` is set, shortens it). None keeps
+every shape (unbounded growth, for a known small set of sizes); 0 is refused (it would
+recompile on every call). An evicted model's idle infer requests are dropped at once; a
+call already running on it holds a reference and finishes normally, and the memory goes
+when the last such call returns.
 
 Compile options: INFERENCE_PRECISION_HINT f32 or bf16 (always set: OpenVINO's own default on
 a CPU with bf16 is bf16, which would make "fp32" silently run bf16), PERFORMANCE_HINT LATENCY,
@@ -27,10 +37,12 @@ package never lands in an old graph's folder, and stale folders can be deleted b
 (OpenVINO's own blob key also hashes the weights of the model it compiles, so even a
 hand-edited graph behind a stale manifest gets a fresh blob.)
 
-Thread safety: the shape cache is guarded by a lock; compiles are serialized by a second lock
-that calls on already compiled shapes never wait for. Each call takes an infer request from
-a per-shape pool (creating one when all are busy), so threads never share a request.
-Inputs and outputs are float32 numpy arrays whatever the precision (bf16 is internal).
+Thread safety: the shape cache (and its LRU order) is guarded by a lock; compiles are
+serialized by a second lock that calls on already compiled shapes never wait for. Each call
+takes an infer request from a per-shape pool (creating one when all are busy), so threads
+never share a request. Inputs and outputs are float32 numpy arrays whatever the precision
+(bf16 is internal) and whatever the package: an fp16 package's outputs are cast to float32,
+as on onnxruntime.
 Never imports torch.
 """
 
@@ -39,6 +51,7 @@ from __future__ import annotations
 import hashlib
 import threading
 import time
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -51,8 +64,15 @@ PRECISIONS = ("fp32", "bf16")
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
 _CAPABILITY = {"fp32": "FP32", "bf16": "BF16"}
 DEVICE = "CPU"
+DEFAULT_MAX_COMPILED_SHAPES = 8
 
 Shapes = tuple[tuple[str, tuple[int, ...]], ...]
+
+
+def as_float32(array: np.ndarray) -> np.ndarray:
+    """fp16 outputs (of an fp16 package's graphs) as float32, so the sampler math runs in
+    one precision whatever the package, as on onnxruntime."""
+    return array.astype(np.float32) if array.dtype == np.float16 else array
 
 
 class _Compiled:
@@ -62,7 +82,14 @@ class _Compiled:
         self.compiled = compiled
         self.output_names = [o.get_any_name() for o in compiled.outputs]
         self._idle: list[Any] = []
+        self._evicted = False
         self._lock = threading.Lock()
+
+    def evict(self) -> None:
+        """Drop the idle requests; calls in flight finish and drop theirs (see `infer`)."""
+        with self._lock:
+            self._evicted = True
+            self._idle.clear()
 
     def infer(self, feed: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         with self._lock:
@@ -71,12 +98,13 @@ class _Compiled:
             # share_outputs=False copies the results out, so the request can be reused.
             result = request.infer(feed, share_inputs=True, share_outputs=False)
             return {
-                name: result[port]
+                name: as_float32(result[port])
                 for name, port in zip(self.output_names, self.compiled.outputs, strict=True)
             }
         finally:
             with self._lock:
-                self._idle.append(request)
+                if not self._evicted:  # an evicted model's requests go with it
+                    self._idle.append(request)
 
 
 class OpenVINOBackend:
@@ -88,6 +116,7 @@ class OpenVINOBackend:
         precision: str = "fp32",
         num_threads: int | None = None,
         cache_dir: str | Path | None = None,
+        max_compiled_shapes: int | None = DEFAULT_MAX_COMPILED_SHAPES,
     ):
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
@@ -95,6 +124,15 @@ class OpenVINOBackend:
             isinstance(num_threads, bool) or not isinstance(num_threads, int) or num_threads < 1
         ):
             raise ValueError(f"num_threads must be an integer >= 1 or None, got {num_threads!r}")
+        if max_compiled_shapes is not None and (
+            isinstance(max_compiled_shapes, bool)
+            or not isinstance(max_compiled_shapes, int)
+            or max_compiled_shapes < 1
+        ):
+            raise ValueError(
+                f"max_compiled_shapes must be an integer >= 1 or None (no limit), "
+                f"got {max_compiled_shapes!r}"
+            )
         try:
             import openvino as ov
         except ImportError as e:
@@ -112,6 +150,7 @@ class OpenVINOBackend:
         self.precision = precision
         self.num_threads = num_threads
         self.cache_dir = Path(cache_dir) if cache_dir is not None else None
+        self.max_compiled_shapes = max_compiled_shapes
         self.config: dict[str, Any] = {
             "INFERENCE_PRECISION_HINT": _PRECISION_HINTS[precision],
             "PERFORMANCE_HINT": "LATENCY",
@@ -121,7 +160,8 @@ class OpenVINOBackend:
         self._manifest = read_manifest(self.root) if (self.root / "fewstep.json").exists() else None
         self._models: dict[str, Any] = {}  # graph -> ov.Model, reshaped in place per compile
         self._input_types: dict[str, dict[str, np.dtype]] = {}
-        self._cache: dict[tuple[str, Shapes], _Compiled] = {}
+        # graph -> its compiled shapes, least recently used first
+        self._cache: dict[str, OrderedDict[Shapes, _Compiled]] = {}
         self._lock = threading.Lock()  # guards _models, _input_types and _cache
         self._compile_lock = threading.Lock()  # one reshape + compile at a time
         # (graph, input shapes, seconds) of every compile, for tests and the benchmark.
@@ -197,24 +237,43 @@ class OpenVINOBackend:
         return _Compiled(compiled)
 
     def _compiled(self, graph: str, shapes: Shapes) -> _Compiled:
-        key = (graph, shapes)
-        with self._lock:
-            entry = self._cache.get(key)
+        """The compiled model for these shapes: cached (now the most recently used) or new."""
+        entry = self._cached(graph, shapes)
         if entry is not None:
             return entry
         with self._compile_lock:
-            with self._lock:
-                entry = self._cache.get(key)
+            entry = self._cached(graph, shapes)
             if entry is None:
                 entry = self._compile(graph, shapes)
-                with self._lock:
-                    self._cache[key] = entry
+                self._add(graph, shapes, entry)
         return entry
 
-    def compiled(self, graph: str) -> dict[Shapes, Any]:
-        """`graph`'s compiled models so far (openvino CompiledModel), by static input shapes."""
+    def _cached(self, graph: str, shapes: Shapes) -> _Compiled | None:
         with self._lock:
-            return {shapes: c.compiled for (g, shapes), c in self._cache.items() if g == graph}
+            by_shapes = self._cache.get(graph)
+            if by_shapes is None or shapes not in by_shapes:
+                return None
+            by_shapes.move_to_end(shapes)
+            return by_shapes[shapes]
+
+    def _add(self, graph: str, shapes: Shapes, entry: _Compiled) -> None:
+        """Cache `entry`, evicting `graph`'s least recently used shapes beyond the limit."""
+        evicted = []
+        with self._lock:
+            by_shapes = self._cache.setdefault(graph, OrderedDict())
+            by_shapes[shapes] = entry
+            limit = self.max_compiled_shapes
+            while limit is not None and len(by_shapes) > limit:
+                evicted.append(by_shapes.popitem(last=False)[1])
+        for old in evicted:
+            old.evict()
+
+    def compiled(self, graph: str) -> dict[Shapes, Any]:
+        """`graph`'s cached compiled models (openvino CompiledModel) by static input shapes,
+        least recently used first."""
+        with self._lock:
+            by_shapes = self._cache.get(graph, OrderedDict())
+            return {shapes: c.compiled for shapes, c in by_shapes.items()}
 
     # -- run ---------------------------------------------------------------------------------
 
