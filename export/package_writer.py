@@ -7,9 +7,15 @@ against torch (`verify.py`) -> write configs, tokenizer, scheduler and the manif
 into place.
 
 The package layout is DESIGN.md's (optimum's ONNX Stable Diffusion layout plus
-`fewstep.json`). Writes are atomic: everything is built in a hidden sibling folder
-`.{out.name}.tmp-XXXX` and renamed to `out` at the end; any failure (an exception, Ctrl-C)
-removes the temporary folder and leaves nothing at `out`.
+`fewstep.json`). Writes are atomic (`fewstep.atomic_folder`): everything is built in a hidden
+sibling folder `.{out.name}.tmp-XXXX` and renamed to `out` at the end; any failure (an
+exception, Ctrl-C) removes the temporary folder and leaves nothing at `out`, and one left by a
+killed export is removed by the next export to the same `out`.
+
+The package's tokenizer/ holds both layouts whatever the source shipped: tokenizer.json (the
+lean runtime, fast tokenizers) and vocab.json + merges.txt (optimum, slow tokenizers), each
+derived from the other when the source lacks it (SD 1.x repositories have no tokenizer.json;
+transformers 5 saves only tokenizer.json).
 """
 
 from __future__ import annotations
@@ -18,12 +24,12 @@ import importlib.metadata
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import fewstep
+from fewstep.atomic_folder import atomic_folder
 from fewstep.export.graphs import GraphSpec, fp16_copy, graph_specs, keeps_fp32_vae_decoder
 from fewstep.export.lora_map import write_lora_map
 from fewstep.export.onnx_io import MAX_OPSET, MIN_OPSET, MODEL_NAME, export_graph, graph_io
@@ -32,7 +38,9 @@ from fewstep.export.source import (
     SourceModel,
     SourceSpec,
     check_source,
+    has_vocab_files,
     load_source,
+    read_bpe_model,
     refuse_pickle,
 )
 from fewstep.export.verify import GraphError, verification_latent_size, verify_graph
@@ -107,17 +115,8 @@ def export_package(
         stage_names.remove("verify")
     log = StageLog(stage_names, enabled=progress)
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
-        tmp.chmod(0o755)  # mkdtemp's 0700 would follow the rename: the package is for sharing
+    with atomic_folder(out_path) as tmp:
         _build_package(tmp, spec, dtype, opset, verify, log, checked)
-        if out_path.is_dir():
-            out_path.rmdir()  # checked empty above; fails if something appeared since
-        os.rename(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path
 
 
@@ -222,16 +221,21 @@ def _single_file_model_index(model: SourceModel) -> dict[str, Any]:
 
 
 def _write_tokenizer(src: Path, dst: Path) -> None:
-    """Copy the tokenizer files; add tokenizer.json when the source has none (SD 1.x repos).
+    """Copy the tokenizer files, then add the layout the source lacks (module docstring).
 
     tokenizer.json is serialised by transformers' fast CLIP tokenizer built from vocab.json +
-    merges.txt, so the lean runtime can load the whole pipeline with `tokenizers` alone.
+    merges.txt; vocab.json and merges.txt are the BPE model inside tokenizer.json.
     """
     dst.mkdir()
     for path in sorted(src.iterdir()):
         if path.is_file():
             shutil.copyfile(path, dst / path.name)
-    if not (dst / "tokenizer.json").exists():
+    if not has_vocab_files(src):
+        vocab, merges = read_bpe_model(src / "tokenizer.json")
+        (dst / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
+        lines = ["#version: 0.2", *(f"{a} {b}" for a, b in merges)]
+        (dst / "merges.txt").write_text("\n".join(lines) + "\n", encoding="utf-8")
+    elif not (dst / "tokenizer.json").exists():
         from transformers import CLIPTokenizerFast
 
         tokenizer = CLIPTokenizerFast.from_pretrained(str(src))

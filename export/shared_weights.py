@@ -30,12 +30,12 @@ import json
 import os
 import shutil
 import struct
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fewstep.atomic_folder import atomic_folder, check_separate
 from fewstep.lora.onnx_package import (
     LORA_MAP_NAME,
     MODEL_NAME,
@@ -217,17 +217,18 @@ def combine_with_diffusers_folder(
     text encoder graphs reading their weights from the diffusers safetensors files.
 
     The two must hold the same weights in the same dtype (save the diffusers folder in the
-    package's precision); a graph that finds none of its weights there is an error. Built next
-    to `out` and renamed into place.
+    package's precision); a graph that finds none of its weights there is an error. `out` must
+    not exist and lie apart from both inputs. Built next to `out` and renamed into place
+    (fewstep.atomic_folder).
     """
     package, diffusers_folder, out = Path(package), Path(diffusers_folder), Path(out)
     manifest = verify_package(package)
     verify_diffusers_folder(diffusers_folder)
+    check_separate(out, package, source_arg="package")
+    check_separate(out, diffusers_folder, source_arg="diffusers_folder")
     if out.exists():
         raise FileExistsError(f"{out} exists")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         shutil.copytree(diffusers_folder, tmp, dirs_exist_ok=True)
         for graph in GRAPH_NAMES:
             if not (package / graph).is_dir():
@@ -258,9 +259,4 @@ def combine_with_diffusers_folder(
             for graph, r in results.items()
         }
         write_manifest(tmp, info)
-        tmp.chmod(0o755)
-        tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return results

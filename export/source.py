@@ -11,12 +11,19 @@ before any weights are read); `load_source` then loads the three torch component
   folder that provides the component configs, the tokenizer and the scheduler.
 - Families: SD 1.x, SD 2.x and their few-step descendants (LCM, SD-Turbo). SDXL (a second
   text encoder, `addition_embed_type="text_time"`) is not exported yet: NotImplementedError.
+- model_index.json names a [library, class] per component, and diffusers imports the library
+  by name: a folder that ships `evilmod.py` and names it would run it (the folder is on
+  `sys.path` under `python -m`, in a notebook started there). Only `MODEL_INDEX_CLASSES` are
+  accepted for the components fewstep reads, and classes are looked up on the `diffusers` and
+  `transformers` modules only. Other entries (safety_checker, feature_extractor, …) are
+  neither read nor imported.
+- The tokenizer may be vocab.json + merges.txt (SD 1.x repositories), tokenizer.json (what
+  transformers 5 saves) or both; `read_bpe_model` reads the BPE model out of tokenizer.json.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import inspect
 import json
 from pathlib import Path
@@ -30,6 +37,21 @@ COMPONENTS = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
+}
+# Schedulers of the SD-family pipelines (diffusers' KarrasDiffusionSchedulers, LCM, TCD): only
+# the package's scheduler_config.json is read, never the class, but the name must be one.
+SCHEDULER_CLASSES = (
+    "DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDiscreteScheduler",
+    "EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "HeunDiscreteScheduler",
+    "DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler", "DPMSolverSDEScheduler",
+    "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "DEISMultistepScheduler",
+    "UniPCMultistepScheduler", "EDMEulerScheduler", "LCMScheduler", "TCDScheduler",
+)  # fmt: skip
+# model_index.json entry -> the [library, class] pairs accepted for it.
+MODEL_INDEX_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {
+    **{name: (default,) for name, default in COMPONENTS.items()},
+    "tokenizer": (("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")),
+    "scheduler": tuple(("diffusers", name) for name in SCHEDULER_CLASSES),
 }
 
 
@@ -85,8 +107,99 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return data
 
 
+def _allowed_text(pairs: tuple[tuple[str, str], ...]) -> str:
+    return ", ".join(f"[{library!r}, {cls!r}]" for library, cls in pairs)
+
+
+def model_index_class(model_index: dict[str, Any], name: str, what: str) -> tuple[str, str]:
+    """[library, class] of component `name` in model_index.json, checked against
+    MODEL_INDEX_CLASSES (the default when the entry is absent or [null, null])."""
+    allowed = MODEL_INDEX_CLASSES[name]
+    entry = model_index.get(name)
+    if entry is None or entry == [None, None]:
+        return allowed[0]
+    if isinstance(entry, list) and len(entry) == 2 and tuple(entry) in allowed:
+        return allowed[allowed.index(tuple(entry))]
+    raise ValueError(
+        f"{what}: model_index.json component {name!r} is {entry!r:.120}; fewstep "
+        f"accepts {_allowed_text(allowed)} (it never imports other libraries or classes)"
+    )
+
+
+def has_vocab_files(tokenizer: Path) -> bool:
+    return (tokenizer / "vocab.json").is_file() and (tokenizer / "merges.txt").is_file()
+
+
+def read_bpe_model(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of the BPE model in a tokenizer.json; ValueError naming the file.
+
+    tokenizers writes merges as [a, b] pairs since 0.20 and as "a b" strings before.
+    """
+    data = _read_json(path, "tokenizer")
+    model = data.get("model")
+    if not isinstance(model, dict) or model.get("type") != "BPE":
+        kind = model.get("type") if isinstance(model, dict) else model
+        raise ValueError(f"tokenizer: {path} must hold a BPE model (CLIP's), got {kind!r:.80}")
+    vocab, raw_merges = model.get("vocab"), model.get("merges")
+    if not isinstance(vocab, dict) or not all(
+        isinstance(k, str) and isinstance(v, int) and not isinstance(v, bool)
+        for k, v in vocab.items()
+    ):
+        raise ValueError(f"tokenizer: {path} model.vocab must map tokens to integer ids")
+    if not isinstance(raw_merges, list):
+        raise ValueError(f"tokenizer: {path} model.merges must be a list, got {raw_merges!r:.80}")
+    merges = []
+    for merge in raw_merges:
+        pair = merge.split(" ") if isinstance(merge, str) else merge
+        # merges.txt separates the two by a space, one merge a line
+        if not (
+            isinstance(pair, list)
+            and len(pair) == 2
+            and all(isinstance(t, str) and t and not any(c.isspace() for c in t) for t in pair)
+        ):
+            raise ValueError(
+                f"tokenizer: {path} has a merge merges.txt cannot hold: {merge!r:.80} (expected "
+                "two tokens without whitespace, as [a, b] or 'a b')"
+            )
+        merges.append((pair[0], pair[1]))
+    return _with_added_tokens(vocab, data.get("added_tokens"), path), merges
+
+
+def _with_added_tokens(vocab: dict[str, int], added: Any, path: Path) -> dict[str, int]:
+    """The vocab plus the added tokens it lacks (CLIP's are in it), so that vocab.json gives
+    every token the id tokenizer.json gives it."""
+    out = dict(vocab)
+    ids = set(vocab.values())
+    for token in added if isinstance(added, list) else []:
+        if not isinstance(token, dict):
+            continue
+        content, token_id = token.get("content"), token.get("id")
+        if not isinstance(content, str) or not isinstance(token_id, int) or content in out:
+            continue
+        if token_id in ids:
+            raise ValueError(
+                f"tokenizer: {path} gives added token {content!r} the id {token_id}, which "
+                "model.vocab gives another token"
+            )
+        out[content] = token_id
+        ids.add(token_id)
+    return out
+
+
+def _check_tokenizer_folder(tokenizer: Path, what: str) -> None:
+    if has_vocab_files(tokenizer):
+        return
+    if not (tokenizer / "tokenizer.json").is_file():
+        raise ValueError(
+            f"{what}: {tokenizer} must hold tokenizer.json or vocab.json and merges.txt"
+        )
+    read_bpe_model(tokenizer / "tokenizer.json")  # the package's vocab.json + merges.txt
+
+
 def _check_diffusers_folder(folder: Path, what: str, need_weights: bool) -> None:
     model_index = _read_json(folder / "model_index.json", what)
+    for name in MODEL_INDEX_CLASSES:
+        model_index_class(model_index, name, what)
     if "text_encoder_2" in model_index:
         raise NotImplementedError(
             f"{what}: model_index.json has text_encoder_2 (SDXL); SDXL export is not supported yet"
@@ -100,9 +213,7 @@ def _check_diffusers_folder(folder: Path, what: str, need_weights: bool) -> None
     for name in ("vae", "text_encoder"):
         _read_json(folder / name / "config.json", what)
     _read_json(folder / "scheduler" / "scheduler_config.json", what)
-    tokenizer = folder / "tokenizer"
-    if not (tokenizer / "vocab.json").is_file() or not (tokenizer / "merges.txt").is_file():
-        raise ValueError(f"{what}: {tokenizer} must hold vocab.json and merges.txt")
+    _check_tokenizer_folder(folder / "tokenizer", what)
     if need_weights:
         for name in COMPONENTS:
             if not any((folder / name).glob("*.safetensors")):
@@ -153,11 +264,11 @@ def check_source(src: str | Path, config: str | Path | None) -> SourceSpec:
 
 
 def _component_class(model_index: dict[str, Any], name: str) -> Any:
-    library, cls_name = COMPONENTS[name]
-    entry = model_index.get(name)
-    if isinstance(entry, (list, tuple)) and len(entry) == 2 and entry[1]:
-        library, cls_name = entry
-    return getattr(importlib.import_module(library), cls_name)
+    import diffusers
+    import transformers
+
+    library, cls_name = model_index_class(model_index, name, "model_index")
+    return getattr({"diffusers": diffusers, "transformers": transformers}[library], cls_name)
 
 
 def _load_single_file(spec: SourceSpec, model_index: dict[str, Any]) -> tuple[Any, Any, Any]:

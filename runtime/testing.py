@@ -12,6 +12,9 @@ The tokenizer is a real CLIP byte-level BPE (the algorithm of openai/CLIP `simpl
 GPT-2's `bytes_to_unicode`) with a tiny vocabulary: the 256 byte symbols, the same with `</w>`,
 merges that make each word of `TOKENIZER_WORDS` one token, then `<|startoftext|>` and
 `<|endoftext|>` (the last two ids, as in CLIP). Any other text still tokenizes, byte by byte.
+Its files come in one of `TOKENIZER_LAYOUTS`: "vocab" (vocab.json + merges.txt, as SD 1.x
+repositories ship), "vocab+json" (those and tokenizer.json, as SD 2.x repositories ship) or
+"json" (tokenizer.json + tokenizer_config.json only: what transformers 5 saves).
 
 `save_single_file(folder, out)` writes such a folder as one `.safetensors` checkpoint in the
 original Stable Diffusion (LDM/CompVis) key layout: the inverse of what diffusers'
@@ -46,6 +49,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 FAMILIES = ("sd1", "sd2", "lcm", "turbo")
+
+TOKENIZER_LAYOUTS = ("vocab", "vocab+json", "json")
 
 BOS_TOKEN = "<|startoftext|>"
 EOS_TOKEN = "<|endoftext|>"
@@ -82,7 +87,7 @@ class _Family:
     pipeline_class: str
     text_encoder: str  # "clip" (SD1: OpenAI CLIP layout) or "openclip" (SD2)
     pad_token: str
-    tokenizer_json: bool  # the family's default: do its Hub repos ship tokenizer.json?
+    tokenizer_layout: str  # the family's default: the files its Hub repos ship
     scheduler: dict[str, Any]
     unet: dict[str, Any] = field(default_factory=dict)
 
@@ -100,7 +105,7 @@ _FAMILY_SPECS = {
         pipeline_class="StableDiffusionPipeline",
         text_encoder="clip",
         pad_token=EOS_TOKEN,
-        tokenizer_json=False,
+        tokenizer_layout="vocab",
         scheduler={
             "_class_name": "PNDMScheduler",
             **_BETAS,
@@ -117,7 +122,7 @@ _FAMILY_SPECS = {
         pipeline_class="StableDiffusionPipeline",
         text_encoder="openclip",
         pad_token="!",
-        tokenizer_json=True,
+        tokenizer_layout="vocab+json",
         scheduler={
             "_class_name": "DDIMScheduler",
             **_BETAS,
@@ -138,7 +143,7 @@ _FAMILY_SPECS = {
         pipeline_class="LatentConsistencyModelPipeline",
         text_encoder="clip",
         pad_token=EOS_TOKEN,
-        tokenizer_json=False,
+        tokenizer_layout="vocab",
         scheduler={
             "_class_name": "LCMScheduler",
             **_BETAS,
@@ -157,7 +162,7 @@ _FAMILY_SPECS = {
         pipeline_class="StableDiffusionPipeline",
         text_encoder="openclip",
         pad_token="!",
-        tokenizer_json=True,
+        tokenizer_layout="vocab+json",
         scheduler={
             "_class_name": "EulerDiscreteScheduler",
             **_BETAS,
@@ -295,8 +300,17 @@ def write_clip_tokenizer(
     pad_token: str = EOS_TOKEN,
     with_tokenizer_json: bool = False,
     words: tuple[str, ...] = TOKENIZER_WORDS,
+    layout: str | None = None,
 ) -> dict[str, int]:
-    """Write tokenizer/ like an SD repo (every word of `words` one token); returns the vocab."""
+    """Write tokenizer/ like an SD repo (every word of `words` one token); returns the vocab.
+
+    layout: one of TOKENIZER_LAYOUTS; None: "vocab+json" with `with_tokenizer_json`, else
+    "vocab".
+    """
+    if layout is None:
+        layout = "vocab+json" if with_tokenizer_json else "vocab"
+    if layout not in TOKENIZER_LAYOUTS:
+        raise ValueError(f"tokenizer layout must be one of {TOKENIZER_LAYOUTS}, got {layout!r}")
     folder.mkdir(parents=True, exist_ok=True)
     vocab, merges = build_clip_bpe(words)
     (folder / "vocab.json").write_text(json.dumps(vocab, ensure_ascii=False), encoding="utf-8")
@@ -318,16 +332,28 @@ def write_clip_tokenizer(
     }
     (folder / "special_tokens_map.json").write_text(json.dumps(special, indent=2) + "\n")
     (folder / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
-    if with_tokenizer_json:
-        # Let transformers serialize its own tokenizers pipeline (normalizer, pre-tokenizer,
-        # BPE, post-processor), so tokenizer.json is what a real repo's would be.
-        from transformers import CLIPTokenizer
-
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-        with tempfile.TemporaryDirectory() as tmp:
-            tokenizer.save_pretrained(tmp)
-            shutil.copyfile(os.path.join(tmp, "tokenizer.json"), folder / "tokenizer.json")
+    if layout != "vocab":
+        _save_with_transformers(folder, json_only=layout == "json")
     return vocab
+
+
+def _save_with_transformers(folder: pathlib.Path, json_only: bool) -> None:
+    """Let transformers' CLIPTokenizer serialize the tokenizer written in `folder`: its own
+    tokenizers pipeline (normalizer, pre-tokenizer, BPE, post-processor) in tokenizer.json, as
+    a real repo's would be. json_only: then keep only tokenizer.json and tokenizer_config.json,
+    the files transformers 5's `save_pretrained` writes (4.x adds vocab.json, merges.txt and
+    special_tokens_map.json)."""
+    from transformers import CLIPTokenizer
+
+    tokenizer = CLIPTokenizer.from_pretrained(folder)
+    with tempfile.TemporaryDirectory() as tmp:
+        tokenizer.save_pretrained(tmp)
+        names = ("tokenizer.json", "tokenizer_config.json") if json_only else ("tokenizer.json",)
+        if json_only:
+            for path in folder.iterdir():
+                path.unlink()
+        for name in names:
+            shutil.copyfile(os.path.join(tmp, name), folder / name)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -377,19 +403,23 @@ def make_tiny_model(
     path: str | os.PathLike,
     family: str = "sd1",
     seed: int = 0,
-    tokenizer_json: bool | None = None,
+    tokenizer_layout: str | None = None,
 ) -> pathlib.Path:
     """Write a tiny random-weight diffusers folder of `family` to `path`; returns the path.
 
     family: one of `FAMILIES` ("sd1", "sd2", "lcm", "turbo").
     seed: the weights are a pure function of it (same seed: byte-identical safetensors).
-    tokenizer_json: None follows the family's Hub repos (SD1/LCM: vocab.json + merges.txt only;
-        SD2/Turbo: tokenizer.json too); True/False forces it.
+    tokenizer_layout: one of TOKENIZER_LAYOUTS (module docstring); None follows the family's
+        Hub repos (SD1/LCM: "vocab", SD2/Turbo: "vocab+json").
     """
     if family not in FAMILIES:
         raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    if tokenizer_layout is not None and tokenizer_layout not in TOKENIZER_LAYOUTS:
+        raise ValueError(
+            f"tokenizer_layout must be one of {TOKENIZER_LAYOUTS} or None, got {tokenizer_layout!r}"
+        )
 
     import diffusers
     import torch
@@ -399,9 +429,9 @@ def make_tiny_model(
     root = pathlib.Path(path)
     root.mkdir(parents=True, exist_ok=True)
 
-    with_json = spec.tokenizer_json if tokenizer_json is None else bool(tokenizer_json)
-    vocab_size = len(write_clip_tokenizer(root / "tokenizer", spec.pad_token, with_json))
-    vocab = json.loads((root / "tokenizer" / "vocab.json").read_text(encoding="utf-8"))
+    layout = spec.tokenizer_layout if tokenizer_layout is None else tokenizer_layout
+    vocab = write_clip_tokenizer(root / "tokenizer", spec.pad_token, layout=layout)
+    vocab_size = len(vocab)
 
     # Construction draws default inits from torch's global generator; keep the caller's state.
     with torch.random.fork_rng(devices=[]):

@@ -18,6 +18,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
+import fewstep.atomic_folder as atomic_folder
 import fewstep.export.onnx_io as onnx_io
 import fewstep.export.package_writer as package_writer
 import fewstep.export.verify as verify
@@ -275,7 +276,18 @@ def test_single_file_of_lcm_is_refused(tiny_model, tmp_path):
 # ---------------------------------------------------------------------------------------------
 
 
+def _plant_killed_export(out: Path) -> Path:
+    """What an export killed by SIGKILL leaves next to `out`: a work folder whose lock is free
+    (tests/test_atomic_folder.py kills real writers)."""
+    work = out.parent / f".{out.name}.tmp-killed00"
+    (work / atomic_folder.CONTENT_NAME / "unet").mkdir(parents=True)
+    (work / atomic_folder.CONTENT_NAME / "unet" / "model.onnx").write_bytes(b"partial")
+    (work / atomic_folder.LOCK_NAME).touch()
+    return work
+
+
 def test_failure_mid_export_leaves_nothing(tiny_model, tmp_path, monkeypatch):
+    """...not even the folder of an earlier export to `out` that was killed."""
     real_export = package_writer.export_graph
 
     def export_graph(spec, *args, **kwargs):
@@ -285,6 +297,8 @@ def test_failure_mid_export_leaves_nothing(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(package_writer, "export_graph", export_graph)
     out = tmp_path / "pkg"
+    killed = _plant_killed_export(out)
+    assert _tmp_siblings(out) == [killed.name]
     with pytest.raises(RuntimeError, match="injected failure"):
         export_package(tiny_model("sd1"), out, progress=False)
     assert not out.exists()

@@ -276,20 +276,40 @@ def test_tokenizer_words_are_single_tokens(models):
     assert (vocab["<|startoftext|>"], vocab["<|endoftext|>"]) == (len(vocab) - 2, len(vocab) - 1)
 
 
-@pytest.mark.parametrize("family, forced", [("sd1", True), ("sd2", False)])
-def test_tokenizer_json_can_be_forced(tmp_path, family, forced):
+LAYOUT_FILES = {
+    "vocab": ["merges.txt", "special_tokens_map.json", "tokenizer_config.json", "vocab.json"],
+    "vocab+json": [
+        "merges.txt", "special_tokens_map.json", "tokenizer.json", "tokenizer_config.json",
+        "vocab.json",
+    ],
+    "json": ["tokenizer.json", "tokenizer_config.json"],  # what transformers 5 saves
+}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "family, layout", [("sd1", "vocab+json"), ("sd2", "vocab"), ("sd1", "json"), ("sd2", "json")]
+)
+def test_tokenizer_layout_can_be_chosen(models, tmp_path, family, layout):
     tokenizers = pytest.importorskip("tokenizers")
-    folder = make_tiny_model(tmp_path / family, family, tokenizer_json=forced) / "tokenizer"
-    assert (folder / "tokenizer.json").exists() == forced
+    folder = make_tiny_model(tmp_path / family, family, tokenizer_layout=layout) / "tokenizer"
+    assert sorted(p.name for p in folder.iterdir()) == LAYOUT_FILES[layout]
+    # The vocabulary is the family's default one, whatever the files.
     reference = SlowClipReference(
-        folder, ["<|startoftext|>", "<|endoftext|>", EXPECTED[family]["pad"]]
+        models[family] / "tokenizer", ["<|startoftext|>", "<|endoftext|>", EXPECTED[family]["pad"]]
     )
     tokenizer = transformers.CLIPTokenizer.from_pretrained(folder)
+    assert tokenizer.pad_token == EXPECTED[family]["pad"]
     for prompt in PROMPTS:
         assert tokenizer(prompt).input_ids == reference(prompt)
-        if forced:  # what the lean runtime reads: the tokenizers library on tokenizer.json alone
+        if layout != "vocab":  # what the lean runtime reads: the tokenizers library alone
             raw = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
             assert raw.encode(prompt).ids == reference(prompt)
+
+
+def test_unknown_tokenizer_layout_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"tokenizer_layout must be one of .*got 'fast'"):
+        make_tiny_model(tmp_path / "m", "sd1", tokenizer_layout="fast")
+    assert not (tmp_path / "m").exists()
 
 
 # --- single file ----------------------------------------------------------------------------
