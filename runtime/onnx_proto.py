@@ -18,7 +18,9 @@ such as `model.onnx_data`) and the graph's nodes. This walks the protobuf wire f
 The file is memory-mapped and raw_data is skipped over, never copied, so indexing a 1.7 GB
 embedded-weights graph costs milliseconds. Limits: the main graph only (not subgraphs of
 If/Loop), raw_data or external tensors only (typed fields such as float_data have no byte
-range: `offset` is -1 and they cannot be rewritten in place).
+range: `offset` is -1 and they cannot be rewritten in place). External data locations are
+checked to stay inside the graph's folder (`fewstep.package.package_path`): a graph cannot
+make fewstep read or write a file elsewhere.
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ import mmap
 from pathlib import Path
 
 import numpy as np
+
+from fewstep.package import PackageError, package_path
 
 # TensorProto.DataType → numpy (bfloat16 has no numpy dtype: not foldable here)
 ONNX_DTYPES: dict[int, np.dtype] = {
@@ -131,10 +135,30 @@ def decode_text(buf: mmap.mmap | bytes, span: tuple[int, int]) -> str:
     return bytes(buf[span[0] : span[1]]).decode("utf-8")
 
 
+def _external_int(external: dict[str, str], key: str, default: int, where: str) -> int:
+    """An external data entry's offset or length: a decimal integer ≥ 0."""
+    text = external.get(key)
+    if text is None:
+        return default
+    if not (text.isascii() and text.isdigit() and len(text) <= 20):
+        raise PackageError(f"{where} {key} must be an integer >= 0, got {text!r:.80}")
+    return int(text)
+
+
 def tensor_location(
-    buf: mmap.mmap | bytes, start: int, end: int, model_path: Path
+    buf: mmap.mmap | bytes,
+    start: int,
+    end: int,
+    model_path: Path,
+    checked: dict[str, Path] | None = None,
 ) -> TensorLocation:
-    """The TensorProto at buf[start:end]: name, type, shape and where its bytes are."""
+    """The TensorProto at buf[start:end]: name, type, shape and where its bytes are.
+
+    An external data location must be a relative path inside the graph's folder, symlinks
+    followed (onnxruntime and OpenVINO refuse others too); PackageError naming the graph
+    file, the initializer and the location otherwise. `checked` remembers the locations
+    checked already ({location: path}), for the initializers of one graph.
+    """
     dims: list[int] = []
     data_type, name, raw, external = 0, "", None, {}
     for field, wire, value in message_fields(buf, start, end):
@@ -157,10 +181,18 @@ def tensor_location(
             external[entry.get(1, "")] = entry.get(2, "")
     dims = [d - (1 << 64) if d >= 1 << 63 else d for d in dims]  # int64 two's complement
     if external:
-        path = model_path.parent / external["location"]
-        offset = int(external.get("offset", 0))
+        where = f"{model_path}: initializer {name!r:.200} external data"
+        location = external.get("location")
+        if checked is not None and location in checked:
+            path = checked[location]
+        else:
+            path = package_path(model_path.parent, location, f"{where} location")
+            if checked is not None and location is not None:
+                checked[location] = path
         itemsize = ONNX_DTYPES[data_type].itemsize if data_type in ONNX_DTYPES else 0
-        nbytes = int(external.get("length", int(np.prod(dims, dtype=np.int64)) * itemsize))
+        size = int(np.prod(dims, dtype=np.int64)) * itemsize
+        offset = _external_int(external, "offset", 0, where)
+        nbytes = _external_int(external, "length", size, where)
         return TensorLocation(name, data_type, tuple(dims), path, offset, nbytes)
     if raw is not None:
         return TensorLocation(name, data_type, tuple(dims), model_path, raw[0], raw[1] - raw[0])
@@ -193,18 +225,29 @@ def _node(buf: mmap.mmap | bytes, start: int, end: int) -> NodeInfo:
 def read_onnx_index(path: str | Path) -> OnnxIndex:
     """Initializer locations and nodes of the main graph of the ONNX model at `path`."""
     path = Path(path)
-    with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
-        graphs = [v for f, wire, v in message_fields(buf, 0, len(buf)) if f == 7 and wire == 2]
-        if len(graphs) != 1:
-            raise ValueError(f"not an ONNX model (no graph): {path}")
-        initializers: dict[str, TensorLocation] = {}
-        nodes: list[NodeInfo] = []
-        for field, wire, value in message_fields(buf, *graphs[0]):
-            if wire != 2:
-                continue
-            if field == 5:
-                tensor = tensor_location(buf, value[0], value[1], path)
-                initializers[tensor.name] = tensor
-            elif field == 1:
-                nodes.append(_node(buf, *value))
+    try:
+        with open(path, "rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _index(buf, path)
+    except PackageError:
+        raise
+    # a field runs past the end, bad text, a bad wire type, an empty file (mmap refuses it)
+    except (ValueError, IndexError) as e:
+        raise PackageError(f"not an ONNX model: {path} ({type(e).__name__}: {e})") from e
+
+
+def _index(buf: mmap.mmap, path: Path) -> OnnxIndex:
+    graphs = [v for f, wire, v in message_fields(buf, 0, len(buf)) if f == 7 and wire == 2]
+    if len(graphs) != 1:
+        raise ValueError(f"not an ONNX model (no graph): {path}")
+    initializers: dict[str, TensorLocation] = {}
+    nodes: list[NodeInfo] = []
+    checked: dict[str, Path] = {}  # external data locations: one file for most graphs
+    for field, wire, value in message_fields(buf, *graphs[0]):
+        if wire != 2:
+            continue
+        if field == 5:
+            tensor = tensor_location(buf, value[0], value[1], path, checked)
+            initializers[tensor.name] = tensor
+        elif field == 1:
+            nodes.append(_node(buf, *value))
     return OnnxIndex(path, initializers, tuple(nodes))

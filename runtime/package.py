@@ -25,7 +25,7 @@ import dataclasses
 import hashlib
 import json
 import logging
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,11 @@ REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
 # its diffusers folder and its model package (fewstep.export.shared_weights).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "scenes"
 WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".safetensors", ".bin")
+# Bounds on config values, far past any SD-family model, so a config cannot ask for absurd work.
+MAX_BLOCKS = 8
+MAX_CHANNELS = 65_536
+MAX_LATENT_SIZE = 4096
+MAX_JSON_BYTES = 64 << 20  # CLIP's tokenizer.json is 2 MB; configs are a few kB
 
 
 class PackageError(ValueError):
@@ -54,12 +59,16 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
-def read_json(path: Path) -> dict[str, Any]:
+def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    """A package's JSON object file; PackageError naming it when missing, too large or corrupt."""
     if not path.is_file():
         raise PackageError(f"missing package file: {path}")
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise PackageError(f"package file {path} is {size} bytes, more than {max_bytes} allowed")
     try:
-        data = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        data = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PackageError(f"corrupt package file {path}: {e}") from e
     if not isinstance(data, dict):
         raise PackageError(f"corrupt package file {path}: expected a JSON object")
@@ -107,6 +116,7 @@ class ModelInfo:
     default_num_inference_steps: int
     default_guidance_scale: float
     tokenizer_max_length: int = 77
+    size_multiple: int = 8  # height and width must be multiples: VAE × U-Net downsampling
 
 
 def default_generation_settings(
@@ -132,43 +142,132 @@ def family_from_configs(unet_config: dict[str, Any]) -> str:
     return "sd1" if cross_dim != 1024 else "sd2"
 
 
+def _config_int(cfg: dict[str, Any], key: str, default: int, path: Path, high: int) -> int:
+    value = cfg.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= high:
+        raise PackageError(f"{path}: {key} must be an integer between 1 and {high}, got {value!r}")
+    return value
+
+
+def _config_list(cfg: dict[str, Any], key: str, default: list[Any], path: Path) -> list[Any]:
+    value = cfg.get(key, default)
+    if not isinstance(value, list) or not 1 <= len(value) <= MAX_BLOCKS:
+        raise PackageError(
+            f"{path}: {key} must be a list of 1 to {MAX_BLOCKS} entries, got {value!r:.80}"
+        )
+    return value
+
+
+def _scheduler_check(sched_cfg: dict[str, Any], path: Path) -> str:
+    """The scheduler class name, after building its noise schedule once (bad betas, types)."""
+    from fewstep.samplers.base import SchedulerConfig, alphas_cumprod
+
+    cls = sched_cfg.get("_class_name", "DDIMScheduler")
+    if not isinstance(cls, str):
+        raise PackageError(f"{path}: _class_name must be a string, got {cls!r:.80}")
+    try:
+        alphas_cumprod(SchedulerConfig.from_dict(sched_cfg))
+    except (ValueError, TypeError) as e:
+        raise PackageError(f"{path}: {e}") from e
+    return cls
+
+
 def read_model_info(root: str | Path) -> ModelInfo:
-    """Derive ModelInfo from a package's (or a diffusers folder's) component configs."""
+    """Derive ModelInfo from a package's (or a diffusers folder's) component configs.
+
+    Every value used is checked: a PackageError names the file and the key.
+    """
     root = Path(root)
-    unet_cfg = read_json(root / "unet" / "config.json")
+    unet_path = root / "unet" / "config.json"
+    unet_cfg = read_json(unet_path)
     vae_dir = root / "vae_decoder" if (root / "vae_decoder").is_dir() else root / "vae"
-    vae_cfg = read_json(vae_dir / "config.json")
-    sched_cfg = read_json(root / "scheduler" / "scheduler_config.json")
-    vae_scale = 2 ** (len(vae_cfg.get("block_out_channels", [0, 0, 0, 0])) - 1)
+    vae_path = vae_dir / "config.json"
+    vae_cfg = read_json(vae_path)
+    sched_path = root / "scheduler" / "scheduler_config.json"
+    sched_cfg = read_json(sched_path)
+    scheduler_class = _scheduler_check(sched_cfg, sched_path)
+    vae_blocks = _config_list(vae_cfg, "block_out_channels", [0, 0, 0, 0], vae_path)
+    unet_blocks = _config_list(unet_cfg, "block_out_channels", [0, 0, 0, 0], unet_path)
+    vae_scale = 2 ** (len(vae_blocks) - 1)
     sample_size = unet_cfg.get("sample_size", 64)
-    if isinstance(sample_size, (list, tuple)):
-        height, width = (int(s) * vae_scale for s in sample_size)
-    else:
-        height = width = int(sample_size) * vae_scale
+    sizes = sample_size if isinstance(sample_size, list) else [sample_size] * 2
+    if len(sizes) != 2 or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 1 <= s <= MAX_LATENT_SIZE for s in sizes
+    ):
+        raise PackageError(
+            f"{unet_path}: sample_size must be an integer or two, between 1 and "
+            f"{MAX_LATENT_SIZE}, got {sample_size!r:.80}"
+        )
+    height, width = (s * vae_scale for s in sizes)
     guidance_dim = unet_cfg.get("time_cond_proj_dim")
+    if guidance_dim is not None:
+        guidance_dim = _config_int(unet_cfg, "time_cond_proj_dim", 0, unet_path, MAX_CHANNELS)
+    scaling = vae_cfg.get("scaling_factor", 0.18215)
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not scaling > 0:
+        raise PackageError(f"{vae_path}: scaling_factor must be a number > 0, got {scaling!r}")
+    prediction = sched_cfg.get("prediction_type", "epsilon")
     steps, guidance = default_generation_settings(sched_cfg, guidance_dim)
     return ModelInfo(
         family=family_from_configs(unet_cfg),
-        prediction_type=sched_cfg.get("prediction_type", "epsilon"),
-        latent_channels=int(unet_cfg.get("in_channels", 4)),
+        prediction_type=prediction,
+        latent_channels=_config_int(unet_cfg, "in_channels", 4, unet_path, MAX_CHANNELS),
         vae_scale_factor=vae_scale,
-        vae_scaling_factor=float(vae_cfg.get("scaling_factor", 0.18215)),
+        vae_scaling_factor=float(scaling),
         default_height=height,
         default_width=width,
-        guidance_embedding_dim=int(guidance_dim) if guidance_dim else None,
-        scheduler_class=sched_cfg.get("_class_name", "DDIMScheduler"),
+        guidance_embedding_dim=guidance_dim,
+        scheduler_class=scheduler_class,
         scheduler_config=sched_cfg,
         default_num_inference_steps=steps,
         default_guidance_scale=guidance,
+        # each U-Net block but the last halves the latent's size
+        size_multiple=vae_scale * 2 ** (len(unet_blocks) - 1),
     )
 
 
+def package_path(folder: str | Path, entry: Any, where: str) -> Path:
+    """`folder / entry` for a path `entry` read from a package file (a manifest entry, an
+    ONNX external data location), checked to be relative and to stay inside `folder` with
+    symlinks followed, as ONNX runtimes require of external data.
+
+    Raises PackageError naming `where` (the file and its entry) and the path given.
+    """
+    folder = Path(folder)
+    problem = ""
+    if not isinstance(entry, str) or not entry or "\0" in entry:
+        problem = "is not a file path"
+    elif PurePosixPath(entry).is_absolute() or PureWindowsPath(entry).anchor:
+        problem = "is absolute"
+    else:
+        try:
+            resolved, base = (folder / entry).resolve(), folder.resolve()
+        except (OSError, RuntimeError) as e:  # RuntimeError: a symlink loop
+            problem = f"cannot be resolved ({e})"
+        else:
+            if not resolved.is_relative_to(base):
+                problem = f"resolves to {resolved}, outside {base}"
+    if problem:
+        raise PackageError(
+            f"{where} {entry!r:.200} {problem}: it must be a relative path inside {folder}"
+        )
+    return folder / entry
+
+
 def package_files(root: Path) -> list[Path]:
-    """Every file of a package that the manifest hashes (all but the manifest and engines)."""
+    """Every file of a package that the manifest hashes (all but the manifest and engines).
+
+    Raises PackageError for a link that leads out of the package: what it points to would
+    be read, hashed and copied as a part of it.
+    """
+    root = Path(root)
     files = []
-    for p in sorted(root.rglob("*")):
+    for p in sorted(root.rglob("*")):  # does not descend into linked folders
         rel = p.relative_to(root)
-        if p.is_file() and rel.parts[0] != "engines" and p.name != MANIFEST_NAME:
+        if rel.parts[0] == "engines":
+            continue
+        if p.is_symlink():
+            package_path(root, rel.as_posix(), f"{root}: the link")
+        if p.is_file() and p.name != MANIFEST_NAME:
             files.append(p)
     return files
 
@@ -187,9 +286,42 @@ def write_manifest(root: str | Path, manifest: dict[str, Any]) -> Path:
     return path
 
 
+def _absolute_or_up(rel: str) -> bool:
+    """Whether a path is absolute or climbs with `..` (POSIX or Windows spelling)."""
+    posix, windows = PurePosixPath(rel), PureWindowsPath(rel)
+    return posix.is_absolute() or bool(windows.anchor) or ".." in posix.parts + windows.parts
+
+
+def _check_manifest_files(files: Any, path: Path) -> None:
+    """`files` must map relative paths (no `..`) to sha256 hex strings."""
+    if not isinstance(files, dict):
+        raise PackageError(
+            f"corrupt package file {path}: 'files' must be an object of path: sha256, got "
+            f"{type(files).__name__}"
+        )
+    for rel, digest in files.items():
+        if not isinstance(digest, str):
+            raise PackageError(
+                f"corrupt package file {path}: files[{rel!r:.200}] must be a sha256 string, "
+                f"got {digest!r:.80}"
+            )
+        if _absolute_or_up(rel):
+            raise PackageError(
+                f"corrupt package file {path}: files entry {rel!r:.200} must be a relative "
+                "path inside the package"
+            )
+
+
 def read_manifest(root: str | Path) -> dict[str, Any] | None:
+    """The package's fewstep.json (None without one), its `files` entries checked to be
+    relative paths; PackageError naming the file otherwise."""
     path = Path(root) / MANIFEST_NAME
-    return read_json(path) if path.exists() else None
+    if not (path.exists() or path.is_symlink()):
+        return None
+    package_path(root, MANIFEST_NAME, f"{root}: the manifest")
+    manifest = read_json(path)
+    _check_manifest_files(manifest.get("files", {}), path)
+    return manifest
 
 
 def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any] | None:
@@ -203,11 +335,12 @@ def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any
     for name in REQUIRED_GRAPHS:
         if not (root / name / "model.onnx").is_file():
             raise PackageError(f"missing package file: {root / name / 'model.onnx'}")
+    package_files(root)  # no link leads out of the package
     manifest = read_manifest(root)
     if manifest is None or not check_hashes:
         return manifest
     for rel, expected in manifest.get("files", {}).items():
-        path = root / rel
+        path = package_path(root, rel, f"{root / MANIFEST_NAME}: files entry")
         if not path.is_file():
             raise PackageError(f"missing package file: {path}")
         if sha256_file(path) != expected:

@@ -12,12 +12,13 @@ pattern, byte-level mapping, BPE with the `</w>` end-of-word suffix, and
 
 from __future__ import annotations
 
-import json
 import logging
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
+
+from fewstep.package import MAX_JSON_BYTES, PackageError, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -38,7 +39,7 @@ def _read_pad_and_length(folder: Path) -> tuple[str, int]:
     for name in ("special_tokens_map.json", "tokenizer_config.json"):
         path = folder / name
         if path.is_file():
-            cfg = json.loads(path.read_text())
+            cfg = read_json(path)
             pad = _token_text(cfg.get("pad_token")) or pad
             length = cfg.get("model_max_length")
             if isinstance(length, int) and 0 < length < 100_000:
@@ -82,13 +83,51 @@ def build_clip_bpe(
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
+    _check_size(path)
     merges = []
-    for line in path.read_text(encoding="utf-8").splitlines():
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise PackageError(f"corrupt package file {path}: {e}") from e
+    for number, line in enumerate(text.splitlines(), 1):
         if not line or line.startswith("#version"):
             continue
-        a, b = line.split()
-        merges.append((a, b))
+        pair = line.split()
+        if len(pair) != 2:
+            raise PackageError(f"corrupt package file {path}: line {number} is not a merge pair")
+        merges.append((pair[0], pair[1]))
     return merges
+
+
+def _check_size(path: Path) -> None:
+    size = path.stat().st_size
+    if size > MAX_JSON_BYTES:
+        raise PackageError(f"package file {path} is {size} bytes, more than {MAX_JSON_BYTES}")
+
+
+def _read_tokenizer(folder: Path, pad: str) -> Tokenizer:
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        _check_size(path)
+        try:
+            return Tokenizer.from_file(str(path))
+        except Exception as e:  # tokenizers raises plain Exception for every parse error
+            raise PackageError(f"corrupt package file {path}: {e}") from e
+    if (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
+        vocab = read_json(folder / "vocab.json")
+        if not all(isinstance(i, int) and not isinstance(i, bool) for i in vocab.values()):
+            raise PackageError(f"corrupt package file {folder / 'vocab.json'}: ids must be ints")
+        missing = [t for t in (BOS, EOS) if t not in vocab]
+        if missing:
+            raise PackageError(f"{folder / 'vocab.json'} lacks CLIP's tokens {missing}")
+        merges = _read_merges(folder / "merges.txt")
+        try:
+            return build_clip_bpe(vocab, merges, pad)
+        except Exception as e:  # tokenizers' BPE rejects merges of unknown tokens
+            raise PackageError(f"corrupt package files {folder}/vocab.json, merges.txt: {e}") from e
+    raise PackageError(
+        f"missing package file: {folder}/tokenizer.json (or vocab.json + merges.txt)"
+    )
 
 
 class CLIPTokenizer:
@@ -107,17 +146,13 @@ class CLIPTokenizer:
 
     @classmethod
     def from_folder(cls, folder: str | Path) -> CLIPTokenizer:
+        """The tokenizer of a package's (or diffusers folder's) `tokenizer/` folder; any
+        unreadable file is a PackageError naming it."""
         folder = Path(folder)
         pad, max_length = _read_pad_and_length(folder)
-        if (folder / "tokenizer.json").is_file():
-            tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
-        elif (folder / "vocab.json").is_file() and (folder / "merges.txt").is_file():
-            vocab = json.loads((folder / "vocab.json").read_text(encoding="utf-8"))
-            tok = build_clip_bpe(vocab, _read_merges(folder / "merges.txt"), pad)
-        else:
-            raise FileNotFoundError(
-                f"missing package file: {folder}/tokenizer.json (or vocab.json + merges.txt)"
-            )
+        tok = _read_tokenizer(folder, pad)
+        if tok.token_to_id(pad) is None:
+            raise PackageError(f"{folder}: the pad token {pad!r} is not in the vocabulary")
         return cls(tok, pad, max_length)
 
     def __call__(self, prompts: list[str]) -> np.ndarray:

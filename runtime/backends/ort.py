@@ -102,7 +102,9 @@ class OnnxRuntimeBackend:
             from fewstep.backends.ort_attention import fuse_attention
 
             try:
-                fused, count = fuse_attention(patched or path.read_bytes())
+                fused, count = fuse_attention(patched or path.read_bytes(), path)
+            except PackageError:
+                raise  # external data out of the package: named, never loaded
             except (ValueError, IndexError, UnicodeDecodeError):
                 fused, count = b"", 0  # not a readable graph: onnxruntime reports it below
             if count:

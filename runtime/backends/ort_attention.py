@@ -172,18 +172,19 @@ def _mha_node(name: str, q: str, k: str, v: str, output: str, heads: int) -> byt
 
 
 class _Graph:
-    def __init__(self, buf: bytes, graph_span: tuple[int, int]):
+    def __init__(self, buf: bytes, graph_span: tuple[int, int], model_path: Path):
         self.buf = buf
         self.nodes: list[_Node] = []
         self.initializers: dict[str, TensorLocation] = {}
         self.outputs: set[str] = set()
+        checked: dict[str, Path] = {}
         for field, wire, value in message_fields(buf, *graph_span):
             if wire != 2:
                 continue
             if field == 1:
                 self.nodes.append(_parse_node(buf, len(self.nodes), value))
             elif field == 5:
-                tensor = tensor_location(buf, value[0], value[1], Path())
+                tensor = tensor_location(buf, value[0], value[1], model_path, checked)
                 self.initializers[tensor.name] = tensor
             elif field == 12:  # graph outputs (ValueInfoProto.name = 1)
                 for f, _, v in message_fields(buf, *value):
@@ -296,12 +297,15 @@ class _Graph:
         return nodes, fused, {r_q.inputs[0], r_k.inputs[0], r_v.inputs[0]}
 
 
-def fuse_attention(model: bytes) -> tuple[bytes, int]:
-    """(the model with every matched attention fused, how many); unchanged bytes when none."""
+def fuse_attention(model: bytes, model_path: Path = Path("model.onnx")) -> tuple[bytes, int]:
+    """(the model with every matched attention fused, how many); unchanged bytes when none.
+
+    `model_path`: where the graph's file is, whose folder its external data must stay in.
+    """
     graphs = [v for f, w, v in message_fields(model, 0, len(model)) if f == 7 and w == 2]
     if len(graphs) != 1:
         raise ValueError("not an ONNX model (no graph)")
-    graph = _Graph(model, graphs[0])
+    graph = _Graph(model, graphs[0], model_path)
     removed: set[int] = set()
     inserted: dict[int, bytes] = {}  # node index → the fused node written in its place
     fused_inputs: set[str] = set()

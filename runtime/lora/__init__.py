@@ -14,8 +14,9 @@ checks, the fold in float32. Targets:
 
 Unfolding is exact everywhere because nothing is ever subtracted: ONNX targets start from the
 package's files, torch targets from pristine copies. Every error (missing or unknown file,
-keys that match no weight, shape mismatches, non-finite values or scales, rank 0) is a
-ValueError raised before anything changes.
+keys that match no weight, shape mismatches, non-finite values or scales, non-float tensors,
+rank 0, a folded weight that overflows the target's dtype) is a ValueError raised before
+anything changes.
 
 Needs numpy and safetensors only (torch for the torch target, imported there).
 """

@@ -18,12 +18,16 @@ metadata `lora_adapter_metadata` (diffusers' `save_lora_weights`: `unet.lora_alp
 `unet.alpha_pattern`, `unet.use_rslora`, …) or an `adapter_config.json` beside the file
 (PEFT's `save_pretrained`); else alpha = rank. With `use_rslora` PEFT scales by
 alpha / sqrt(rank); the layer's `alpha` is then stored as lora_alpha · sqrt(rank) so that
-`alpha / rank` is the factor everywhere.
+`alpha / rank` is the factor everywhere. `alpha_pattern` keys are regular expressions from
+the file: `fewstep.lora.peft_patterns` matches them as PEFT does, in bounded time.
+`rank_pattern` is not read (a layer's rank is its tensors' shape).
 
 Refused with a ValueError naming the key (not plain LoRA, and folding them as LoRA would be
 wrong): LoHa (`hada_`), LoKr (`lokr_`), LoCon's Tucker mid weight (`lora_mid`), DoRA
-(`dora_scale`, `lora_magnitude_vector`), LoRA biases (`lora_B.bias`). bf16 tensors are read by
-widening their bits (numpy has no bfloat16).
+(`dora_scale`, `lora_magnitude_vector`), LoRA biases (`lora_B.bias`); also weights that are not
+floating point, and non-finite values. bf16 tensors are read by widening their bits (numpy
+has no bfloat16). Only safetensors files are read: pickles (.bin, .pt, .ckpt) run code when
+loaded.
 """
 
 from __future__ import annotations
@@ -32,13 +36,13 @@ import dataclasses
 import json
 import math
 import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fewstep.lora.peft_patterns import PatternKeyMatcher
 from fewstep.package import sha256_file
 
 LORA_SUFFIXES = (".safetensors",)
@@ -171,39 +175,89 @@ def _read_tensors(path: Path) -> tuple[dict[str, np.ndarray], dict[str, str]]:
     return tensors, metadata
 
 
-def _peft_configs(path: Path, metadata: dict[str, str]) -> dict[str | None, dict[str, Any]]:
-    """PEFT LoraConfig fields per component (None: a config without a component prefix)."""
+@dataclasses.dataclass(frozen=True)
+class PeftAlphas:
+    """The alpha fields of one PEFT LoraConfig, checked (`rank_pattern` is not read: a
+    layer's rank is its tensors' shape)."""
+
+    lora_alpha: float | None
+    patterns: tuple[tuple[PatternKeyMatcher, float], ...]  # alpha_pattern, in file order
+    use_rslora: bool
+
+    def alpha(self, module: str, rank: int) -> float | None:
+        """alpha of `module`, matched as peft's `get_pattern_key` does: the first key that
+        matches, else a key equal to the module name, else lora_alpha."""
+        alpha = self.lora_alpha
+        for matcher, value in self.patterns:
+            if matcher.matches(module):
+                alpha = value
+                break
+        else:
+            alpha = next((v for m, v in self.patterns if m.key == module), alpha)
+        if alpha is None:
+            return None
+        return alpha * math.sqrt(rank) if self.use_rslora else alpha
+
+
+def _config_number(value: Any, where: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"{where} must be a finite number, got {value!r:.80}")
+    try:
+        number = float(value)
+    except OverflowError:
+        number = math.inf
+    if not math.isfinite(number):
+        raise ValueError(f"{where} must be a finite number, got {value!r:.80}")
+    return number
+
+
+def _peft_alphas(config: Any, where: str, prefix: str) -> PeftAlphas:
+    """Check one LoraConfig (a JSON object): errors name `where` (the file) and the field,
+    `prefix` + its name."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{where} {prefix}config must be a JSON object, got {config!r:.80}")
+    lora_alpha = config.get("lora_alpha")
+    if lora_alpha is not None:
+        lora_alpha = _config_number(lora_alpha, f"{where} {prefix}lora_alpha")
+    table = config.get("alpha_pattern") or {}
+    if not isinstance(table, dict):
+        raise ValueError(f"{where} {prefix}alpha_pattern must be an object, got {table!r:.80}")
+    patterns = tuple(
+        (
+            PatternKeyMatcher(key, f"{where} {prefix}alpha_pattern"),
+            _config_number(value, f"{where} {prefix}alpha_pattern[{key!r:.80}]"),
+        )
+        for key, value in table.items()
+    )
+    return PeftAlphas(lora_alpha, patterns, bool(config.get("use_rslora")))
+
+
+def _peft_configs(path: Path, metadata: dict[str, str]) -> dict[str | None, PeftAlphas]:
+    """PEFT LoraConfig alphas per component (None: a config without a component prefix)."""
+    where = f"LoRA file {str(path)!r}:"
     configs: dict[str | None, dict[str, Any]] = {}
     if _METADATA_KEY in metadata:
         try:
             packed = json.loads(metadata[_METADATA_KEY])
-        except json.JSONDecodeError as e:
-            raise ValueError(
-                f"LoRA file {str(path)!r}: corrupt {_METADATA_KEY} metadata: {e}"
-            ) from e
+        except (json.JSONDecodeError, RecursionError) as e:
+            raise ValueError(f"{where} corrupt {_METADATA_KEY} metadata: {e}") from e
+        if not isinstance(packed, dict):
+            raise ValueError(f"{where} {_METADATA_KEY} metadata must be a JSON object")
         for key, value in packed.items():
             component, _, field = key.rpartition(".")
             configs.setdefault(component or None, {})[field] = value
+    if configs:
+        return {
+            c: _peft_alphas(config, where, f"{c}." if c else "") for c, config in configs.items()
+        }
     sibling = path.parent / "adapter_config.json"
-    if not configs and sibling.is_file():
+    if sibling.is_file():
         try:
-            configs[None] = json.loads(sibling.read_text())
-        except json.JSONDecodeError as e:
+            config = json.loads(sibling.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
             raise ValueError(f"{sibling}: not valid JSON ({e})") from e
-    return configs
-
-
-def _config_alpha(config: dict[str, Any], module: str, rank: int) -> float | None:
-    """alpha of `module` from a PEFT config, matched as peft's `get_pattern_key` does."""
-    alpha = config.get("lora_alpha")
-    for pattern, value in (config.get("alpha_pattern") or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", module):
-            alpha = value
-            break
-    if alpha is None:
-        return None
-    alpha = float(alpha)
-    return alpha * math.sqrt(rank) if config.get("use_rslora") else alpha
+        return {None: _peft_alphas(config, f"{sibling}:", "")}
+    return {}
 
 
 def _check_finite(path: Path, key: str, array: np.ndarray) -> None:
@@ -218,7 +272,7 @@ def _make_layer(
     module: str,
     underscored: bool,
     parts: dict[str, tuple[str, np.ndarray]],
-    configs: dict[str | None, dict[str, Any]],
+    configs: dict[str | None, PeftAlphas],
 ) -> LoraLayer:
     where = f"LoRA file {str(path)!r}"
     for role in ("down", "up"):
@@ -227,6 +281,11 @@ def _make_layer(
             raise ValueError(f"{where}: module {module!r} has no {role} weight (has {have})")
     (down_key, down), (up_key, up) = parts["down"], parts["up"]
     for key, array in ((down_key, down), (up_key, up)):
+        if array.dtype.kind != "f":
+            raise ValueError(
+                f"{where}: tensor {key!r} has dtype {array.dtype}; LoRA weights must be "
+                "floating point (float16, bfloat16, float32 or float64)"
+            )
         if array.ndim not in (2, 4):
             raise ValueError(
                 f"{where}: tensor {key!r} must be 2-D (linear) or 4-D (conv), got shape "
@@ -245,6 +304,11 @@ def _make_layer(
     alpha: float | None = None
     if "alpha" in parts:
         alpha_key, alpha_array = parts["alpha"]
+        if alpha_array.dtype.kind not in "fiu":
+            raise ValueError(
+                f"{where}: tensor {alpha_key!r} has dtype {alpha_array.dtype}; an alpha must "
+                "be a number (floating point or integer)"
+            )
         if alpha_array.size != 1:
             raise ValueError(
                 f"{where}: tensor {alpha_key!r} must hold one number, got shape "
@@ -255,7 +319,7 @@ def _make_layer(
     else:
         config = configs.get(component) or configs.get(None)
         if config is not None:
-            alpha = _config_alpha(config, module, rank)
+            alpha = config.alpha(module, rank)
     if alpha is None:
         alpha = float(rank)
     if not math.isfinite(alpha):

@@ -2,11 +2,13 @@
 
     W ← W + Σ_i s_i · (alpha_i / rank_i) · up_i @ down_i          (DESIGN.md "LoRA")
 
-computed in float32 whatever W's dtype, then cast to it. Conv weights reshape: a 3×3 LoRA has
-down [r, C_in, 3, 3] and up [C_out, r, 1, 1], so up @ down is [C_out, r] @ [r, C_in·9]
-reshaped to [C_out, C_in, 3, 3]; a linear LoRA folds into a 1×1 conv and the other way round
-(the same map). This is PEFT's `get_delta_weight` (peft/tuners/lora/layer.py), which diffusers'
-`fuse_lora` calls.
+computed in float32 whatever W's dtype, then cast to it; a fold that makes a value inf or
+NaN in W's dtype (a huge scale or alpha, an fp16 weight past 65504) is an error naming the
+LoRA keys and the weight, raised before anything is written. Conv weights reshape: a 3×3
+LoRA has down [r, C_in, 3, 3] and up [C_out, r, 1, 1], so up @ down is [C_out, r] @
+[r, C_in·9] reshaped to [C_out, C_in, 3, 3]; a linear LoRA folds into a 1×1 conv and the
+other way round (the same map). This is PEFT's `get_delta_weight`
+(peft/tuners/lora/layer.py), which diffusers' `fuse_lora` calls.
 
 Names: a weight is named as in the diffusers module (`down_blocks.0.attentions.0.
 transformer_blocks.0.attn1.to_q.weight`), text encoders without transformers' `text_model.`
@@ -59,14 +61,27 @@ class WeightFold:
     terms: tuple[LoraTerm, ...]
 
     def delta(self) -> np.ndarray:
-        """Σ factor · up @ down, float32, in the base weight's shape."""
+        """Σ factor · up @ down, float32, in the base weight's shape (inf or NaN where it
+        overflows: `check_folded` reports them)."""
         total: np.ndarray | None = None
-        for term in self.terms:
-            d = term.up @ term.down  # [out, r] @ [r, in·kh·kw], float32
-            d *= np.float32(term.factor)
-            total = d if total is None else total + d
+        with np.errstate(over="ignore", invalid="ignore"):
+            for term in self.terms:
+                d = term.up @ term.down  # [out, r] @ [r, in·kh·kw], float32
+                d *= np.float32(term.factor)
+                total = d if total is None else total + d
         assert total is not None
         return total.reshape(self.shape)
+
+    def non_finite_error(self, count: int, dtype: str) -> ValueError:
+        """The error for a fold that made `count` values of the weight inf or NaN."""
+        terms = ", ".join(
+            f"{t.lora} key {t.key!r} (scale · alpha / rank = {t.factor:g})" for t in self.terms
+        )
+        return ValueError(
+            f"folding LoRA {terms} into {self.component}.{self.weight} makes {count} of its "
+            f"values inf or NaN in {dtype}, the weight's dtype: the scale, the alpha or the "
+            "LoRA's values are too large for it"
+        )
 
 
 def fold_array(base: np.ndarray, delta: np.ndarray, transposed: bool = False) -> np.ndarray:
@@ -74,7 +89,16 @@ def fold_array(base: np.ndarray, delta: np.ndarray, transposed: bool = False) ->
     if transposed:
         delta = delta.T
     assert base.shape == delta.shape, (base.shape, delta.shape)
-    return (base.astype(np.float32) + delta).astype(base.dtype)
+    with np.errstate(over="ignore", invalid="ignore"):  # checked by check_folded
+        return (base.astype(np.float32) + delta).astype(base.dtype)
+
+
+def check_folded(fold: WeightFold, base: np.ndarray, folded: np.ndarray) -> None:
+    """ValueError naming the LoRA keys and the weight unless `folded` (in the weight's dtype)
+    is finite wherever `base` is: an fp16 weight overflows past 65504."""
+    count = int(np.count_nonzero(~np.isfinite(folded) & np.isfinite(base)))
+    if count:
+        raise fold.non_finite_error(count, str(folded.dtype))
 
 
 def _delta_shape(layer: LoraLayer, base_shape: tuple[int, ...]) -> tuple[int, ...] | None:

@@ -38,15 +38,21 @@ import dataclasses
 import json
 import os
 import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from fewstep.atomic_folder import atomic_folder, check_separate
 from fewstep.lora.files import LoraArg, describe_loras, load_loras
-from fewstep.lora.fold import canonical_weight_name, fold_array, plan_fold
+from fewstep.lora.fold import (
+    WeightFold,
+    canonical_weight_name,
+    check_folded,
+    fold_array,
+    plan_fold,
+)
 from fewstep.onnx_proto import OnnxIndex, read_onnx_index
 from fewstep.package import PackageError, verify_package, write_manifest
 
@@ -95,17 +101,31 @@ def derive_lora_map(graph: str, index: OnnxIndex) -> dict[str, MappedWeight]:
 def read_lora_map(path: Path) -> dict[str, MappedWeight]:
     try:
         data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as e:
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise PackageError(f"corrupt package file {path}: {e}") from e
+    if not isinstance(data, dict):
+        raise PackageError(f"corrupt package file {path}: expected a JSON object")
     if data.get("format") != LORA_MAP_FORMAT or data.get("version") != LORA_MAP_VERSION:
         raise PackageError(
             f"{path}: expected format {LORA_MAP_FORMAT!r} version {LORA_MAP_VERSION}, got "
-            f"{data.get('format')!r} version {data.get('version')!r}"
+            f"{data.get('format')!r:.80} version {data.get('version')!r:.80}"
         )
-    return {
-        name: MappedWeight(entry["initializer"], bool(entry["transposed"]))
-        for name, entry in data["weights"].items()
-    }
+    weights = data.get("weights")
+    if not isinstance(weights, dict):
+        raise PackageError(f"corrupt package file {path}: 'weights' must be an object")
+    out = {}
+    for name, entry in weights.items():
+        if not (
+            isinstance(entry, dict)
+            and isinstance(entry.get("initializer"), str)
+            and isinstance(entry.get("transposed"), bool)
+        ):
+            raise PackageError(
+                f"corrupt package file {path}: weights[{name!r:.200}] must be "
+                f'{{"initializer": name, "transposed": true or false}}, got {entry!r:.80}'
+            )
+        out[name] = MappedWeight(entry["initializer"], entry["transposed"])
+    return out
 
 
 def lora_map_json(graph: str, weights: dict[str, MappedWeight], **extra: Any) -> str:
@@ -152,8 +172,10 @@ class GraphWeights:
             out[name] = tuple(reversed(shape)) if m.transposed else shape
         return out
 
-    def folded(self, weight: str, delta: np.ndarray) -> tuple[str, np.ndarray]:
-        """(initializer name, its new value) for pristine + delta."""
+    def folded(self, fold: WeightFold) -> tuple[str, np.ndarray]:
+        """(initializer name, its new value) for pristine + the fold's delta, checked to be
+        finite in the initializer's dtype."""
+        weight = fold.weight
         m = self.map[weight]
         sharing = [w for w in self._users[m.initializer] if w != weight]
         if sharing:
@@ -164,7 +186,14 @@ class GraphWeights:
                 "fewstep export --lora"
             )
         base = self.index.initializers[m.initializer].read()
-        return m.initializer, fold_array(base, delta, transposed=m.transposed)
+        if base.dtype.kind != "f":
+            raise PackageError(
+                f"{self.index.path}: initializer {m.initializer!r}, mapped to "
+                f"{self.graph}.{weight}, holds {base.dtype}, not floating-point weights"
+            )
+        value = fold_array(base, fold.delta(), transposed=m.transposed)
+        check_folded(fold, base, value)
+        return m.initializer, value
 
 
 def package_graph_weights(package: str | os.PathLike) -> dict[str, GraphWeights]:
@@ -177,15 +206,16 @@ def lora_initializers(
 ) -> dict[str, dict[str, np.ndarray]]:
     """{graph: {initializer name: folded value}} for `loras` on a package's pristine weights.
 
-    Every file is read and every key resolved and shape-checked before any delta is computed;
-    errors are ValueErrors naming the file and key.
+    Every file is read and every key resolved and shape-checked before any delta is computed,
+    and every value checked to be finite in its initializer's dtype; errors are ValueErrors
+    naming the file and key. External data must lie in the graph's folder (PackageError).
     """
     checked = load_loras(loras)
     graphs = package_graph_weights(package)
     folds = plan_fold(checked, {g: gw.shapes() for g, gw in graphs.items()})
     out: dict[str, dict[str, np.ndarray]] = {g: {} for g in graphs}
     for fold in folds:
-        name, value = graphs[fold.component].folded(fold.weight, fold.delta())
+        name, value = graphs[fold.component].folded(fold)
         out[fold.component][name] = value
     return {g: inits for g, inits in out.items() if inits}
 
@@ -215,7 +245,10 @@ def patched_model(
     return (bytes(buf) if buf is not None else None), external
 
 
-def _check_new_folder(out: Path) -> None:
+def _check_new_folder(out: Path, package: Path) -> None:
+    """`out` may be missing or empty, and apart from `package`: neither the package, nor inside
+    it (the copy would copy itself), nor around it."""
+    check_separate(out, package)
     if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise ValueError(
             f"out must be a new or empty folder, got {str(out)!r} (exists and is not empty)"
@@ -231,21 +264,20 @@ def apply_loras_to_package(
     """Write a copy of `package` at `out` with `loras` folded into its weights.
 
     The copy's manifest lists the package's earlier LoRAs plus these (name, sha256, scale);
-    `engines/` is not copied (engines hold the old weights). Atomic: built in a hidden sibling
-    folder and renamed; on any error nothing is left at `out` and `package` is untouched.
+    `engines/` is not copied (engines hold the old weights). `out` must be new or empty and
+    apart from `package` (not it, inside it or around it). Atomic (fewstep.atomic_folder): built
+    in a hidden sibling folder and renamed; on any error nothing is left at `out` and `package`
+    is untouched.
     """
     root, out_path = Path(package), Path(out)
     if not loras:
         raise ValueError("loras must name at least one (path, scale), got none")
-    _check_new_folder(out_path)
+    _check_new_folder(out_path, root)
     manifest = verify_package(root, check_hashes=check_hashes) or {}
     checked = load_loras(loras)
     new_values = lora_initializers(root, checked)  # every check happens here, before writing
 
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_path.name}.tmp-", dir=out_path.parent))
-    try:
-        tmp.chmod(0o755)
+    with atomic_folder(out_path) as tmp:
         for item in sorted(root.iterdir()):
             if item.name == "engines":
                 continue
@@ -265,10 +297,4 @@ def apply_loras_to_package(
         new_manifest = {k: v for k, v in manifest.items() if k not in ("files", "manifest_version")}
         new_manifest["loras"] = [*manifest.get("loras", []), *describe_loras(checked, "apply")]
         write_manifest(tmp, new_manifest)
-        if out_path.is_dir():
-            out_path.rmdir()
-        os.rename(tmp, out_path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_path

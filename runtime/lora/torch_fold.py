@@ -12,7 +12,8 @@ on the weight's device, as an attribute of each module (`_fewstep_lora_pristine`
 restores them and frees them.
 
 Deltas are computed in float32 on the weight's device (`fewstep.lora.fold` has the formula)
-and cast to the weight's dtype after adding. torch is imported here only: `fewstep.lora`
+and cast to the weight's dtype after adding; a fold that makes a value inf or NaN in that
+dtype is refused before any weight changes. torch is imported here only: `fewstep.lora`
 itself needs numpy and safetensors.
 """
 
@@ -44,12 +45,27 @@ def _delta(fold: WeightFold, device: Any) -> Any:
     return total.reshape(fold.shape)
 
 
+def _folded(base: Any, fold: WeightFold, param: Any) -> Any:
+    """base + the fold's delta in float32, cast to the weight's dtype."""
+    return (base.float() + _delta(fold, param.device)).to(param.dtype)
+
+
+def _check_finite(fold: WeightFold, base: Any, folded: Any) -> None:
+    import torch
+
+    count = int((~torch.isfinite(folded) & torch.isfinite(base)).sum())
+    if count:
+        raise fold.non_finite_error(count, str(folded.dtype).removeprefix("torch."))
+
+
 def fold_lora_torch(modules: Mapping[str, Any], loras: Sequence[LoraArg]) -> list[WeightFold]:
     """Set the weights of `modules` ({component: module}) to pristine + Σ LoRA deltas.
 
     Components are diffusers' names: `unet`, `text_encoder` (`text_encoder_2`). Every file is
-    read and every key resolved against the modules before any weight changes; errors are
-    ValueErrors naming the file and key. An empty `loras` restores the pristine weights.
+    read, every key resolved against the modules and every new weight computed and checked to
+    be finite in the weight's dtype before any weight changes (so each is computed twice: the
+    new weights are not all held at once); errors are ValueErrors naming the file and key. An
+    empty `loras` restores the pristine weights.
     """
     import torch
 
@@ -59,6 +75,11 @@ def fold_lora_torch(modules: Mapping[str, Any], loras: Sequence[LoraArg]) -> lis
         checked, {c: {n: tuple(p.shape) for n, p in w.items()} for c, w in weights.items()}
     )
     with torch.no_grad():
+        for fold in folds:
+            param = weights[fold.component][fold.weight]
+            kept = getattr(modules[fold.component], _PRISTINE, None) or {}
+            base = kept.get(fold.weight, param)
+            _check_finite(fold, base, _folded(base, fold, param))
         for component, module in modules.items():
             pristine: dict[str, Any] = getattr(module, _PRISTINE, None) or {}
             targets = {f.weight: f for f in folds if f.component == component}
@@ -68,8 +89,7 @@ def fold_lora_torch(modules: Mapping[str, Any], loras: Sequence[LoraArg]) -> lis
                 param = weights[component][name]
                 if name not in pristine:
                     pristine[name] = param.detach().clone()
-                folded = pristine[name].float() + _delta(fold, param.device)
-                param.copy_(folded.to(param.dtype))
+                param.copy_(_folded(pristine[name], fold, param))
             setattr(module, _PRISTINE, pristine)
     return folds
 

@@ -43,6 +43,8 @@ Array: TypeAlias = Any
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
 TIMESTEP_SPACINGS = ("leading", "trailing", "linspace")
+# A schedule's arrays are O(T): bound T so a config cannot ask for gigabytes.
+MAX_TRAIN_TIMESTEPS = 100_000
 
 
 class SamplerOutput(NamedTuple):
@@ -102,8 +104,28 @@ class SchedulerConfig:
     }
 
     def __post_init__(self) -> None:
-        if self.num_train_timesteps < 1:
-            raise ValueError(f"num_train_timesteps must be >= 1, got {self.num_train_timesteps}")
+        if not 1 <= self.num_train_timesteps <= MAX_TRAIN_TIMESTEPS:
+            raise ValueError(
+                f"num_train_timesteps must be between 1 and {MAX_TRAIN_TIMESTEPS}, "
+                f"got {self.num_train_timesteps}"
+            )
+        for field in ("beta_start", "beta_end"):
+            value = getattr(self, field)
+            if not (math.isfinite(value) and 0 < value < 1):
+                raise ValueError(f"{field} must be between 0 and 1 (exclusive), got {value!r}")
+        if not 0 <= self.steps_offset < self.num_train_timesteps:
+            raise ValueError(
+                f"steps_offset must be between 0 and num_train_timesteps - 1, "
+                f"got {self.steps_offset}"
+            )
+        if self.original_inference_steps < 1:
+            raise ValueError(
+                f"original_inference_steps must be >= 1, got {self.original_inference_steps}"
+            )
+        for field in ("clip_sample_range", "timestep_scaling", "sigma_min", "sigma_max"):
+            value = getattr(self, field)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
         if self.trained_betas is not None:
             if len(self.trained_betas) != self.num_train_timesteps:
                 raise ValueError(
@@ -159,16 +181,32 @@ class SchedulerConfig:
                 elif field.default is not None:
                     raise ValueError(f"{field.name} must not be null")
                 continue
-            if field.name == "trained_betas":
-                value = tuple(float(b) for b in value)
-            elif isinstance(field.default, bool):
-                value = bool(value)
-            elif isinstance(field.default, int):
-                value = int(value)
-            elif isinstance(field.default, float) or field.name in ("sigma_min", "sigma_max"):
-                value = float(value)
-            values[field.name] = value
+            values[field.name] = _field_value(field.name, field.default, value)
         return cls(**values)
+
+
+def _field_value(name: str, default: Any, value: Any) -> Any:
+    """A config value as the type of its field's default; ValueError naming the field."""
+    if isinstance(default, bool):
+        return bool(value)
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if name == "trained_betas":
+        if not isinstance(value, list) or not all(
+            isinstance(b, (int, float)) and not isinstance(b, bool) for b in value
+        ):
+            raise ValueError(f"trained_betas must be a list of numbers, got {value!r:.80}")
+        return tuple(float(b) for b in value)
+    if isinstance(default, int):
+        if not number or not math.isfinite(value) or value != int(value):
+            raise ValueError(f"{name} must be an integer, got {value!r:.80}")
+        return int(value)
+    if isinstance(default, float) or name in ("sigma_min", "sigma_max"):
+        if not number:
+            raise ValueError(f"{name} must be a number, got {value!r:.80}")
+        return float(value)
+    if isinstance(default, str) and not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {value!r:.80}")
+    return value
 
 
 def _torch_linspace_float32(start: float, end: float, steps: int) -> np.ndarray:
@@ -229,6 +267,11 @@ def betas_float32(config: SchedulerConfig) -> np.ndarray:
         betas = sqrt_betas * sqrt_betas
     else:
         betas = _cosine_betas(T)
+    if not (np.isfinite(betas).all() and (betas > 0).all() and (betas < 1).all()):
+        raise ValueError(
+            "every beta must be between 0 and 1 (exclusive); trained_betas, or beta_start and "
+            f"beta_end of the {config.beta_schedule!r} schedule, give {betas.min()}..{betas.max()}"
+        )
     if config.rescale_betas_zero_snr:
         betas = _rescale_zero_terminal_snr(betas)
     return betas
