@@ -7,7 +7,7 @@ backend library, never torch (unless the torch backend is chosen).
 from typing import Any
 
 __version__ = "0.1.0"
-__all__ = ["Pipeline", "PipelineOutput", "__version__", "default_model"]
+__all__ = ["Limits", "Pipeline", "PipelineOutput", "__version__", "default_model"]
 
 
 def __getattr__(name: str) -> Any:
@@ -16,6 +16,10 @@ def __getattr__(name: str) -> Any:
         from fewstep import pipeline
 
         return getattr(pipeline, name)
+    if name == "Limits":
+        from fewstep.inputs import Limits
+
+        return Limits
     if name == "default_model":
         from fewstep.package import default_model
 

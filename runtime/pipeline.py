@@ -20,32 +20,23 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import math
 import secrets
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from fewstep.arrays import NUMPY_OPS, ArrayOps, array_ops
 from fewstep.backends.base import SOURCE_FOLDER_BACKENDS, Backend, create_backend
+from fewstep.inputs import Limits, NoiseSource, check_inputs
 from fewstep.package import ModelInfo, read_model_info, verify_diffusers_folder, verify_package
 from fewstep.samplers import SAMPLERS, create_sampler, sampler_name_for
 from fewstep.samplers.lcm import guidance_scale_embedding
 from fewstep.tokenizer import CLIPTokenizer
 
 logger = logging.getLogger(__name__)
-
-OUTPUT_TYPES = ("pil", "np")
-MAX_IMAGES_PER_PROMPT = 64
-
-
-class NoiseSource(Protocol):
-    """What draws initial latents and per-step noise: numpy's Generator fits."""
-
-    def standard_normal(self, size: tuple[int, ...], dtype: Any = ...) -> np.ndarray: ...
 
 
 @dataclasses.dataclass
@@ -54,11 +45,6 @@ class PipelineOutput:
     seed: int | None  # the seed the noise came from (None when a generator was passed)
     timings_ms: dict[str, Any]  # text_encoder, unet / unet_call (per step), vae_decoder, total
     settings: dict[str, Any]  # the resolved arguments, for metadata and logs
-
-
-def _check_positive_multiple(name: str, value: int, multiple: int) -> None:
-    if not isinstance(value, (int, np.integer)) or value <= 0 or value % multiple:
-        raise ValueError(f"{name} must be a positive multiple of {multiple}, got {value!r}")
 
 
 def rescale_noise_cfg(
@@ -80,11 +66,21 @@ def numpy_to_pil(images: np.ndarray) -> list[Any]:
 
 
 class Pipeline:
-    def __init__(self, info: ModelInfo, tokenizer: CLIPTokenizer, backend: Backend, path: Path):
+    def __init__(
+        self,
+        info: ModelInfo,
+        tokenizer: CLIPTokenizer,
+        backend: Backend,
+        path: Path,
+        limits: Limits | None = None,
+    ):
         self.info = info
         self.tokenizer = tokenizer
         self.backend = backend
         self.path = path
+        self.limits = Limits() if limits is None else limits
+        if not isinstance(self.limits, Limits):
+            raise ValueError(f"limits must be a fewstep.Limits, got {limits!r}")
 
     @classmethod
     def from_pretrained(
@@ -93,6 +89,7 @@ class Pipeline:
         backend: str = "onnxruntime",
         providers: list[Any] | None = None,
         check_hashes: bool = True,
+        limits: Limits | None = None,
         **backend_options: Any,
     ) -> Pipeline:
         """Load a model package (fewstep's or optimum's) onto a backend.
@@ -100,7 +97,8 @@ class Pipeline:
         `check_hashes` verifies every file against fewstep.json before loading. The torch
         backend runs the source modules instead: `package` is then a diffusers folder
         (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), which has no
-        manifest to check.
+        manifest to check. `limits` bound what one call may ask for (fewstep.Limits: pixels,
+        images, steps, prompt length); they are checked before anything runs.
         """
         root = Path(package)
         if backend in SOURCE_FOLDER_BACKENDS:
@@ -111,7 +109,10 @@ class Pipeline:
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         if providers is not None:
             backend_options["providers"] = providers
-        return cls(info, tokenizer, create_backend(backend, root, **backend_options), root)
+        if limits is not None and not isinstance(limits, Limits):
+            raise ValueError(f"limits must be a fewstep.Limits, got {limits!r}")
+        backend_instance = create_backend(backend, root, **backend_options)
+        return cls(info, tokenizer, backend_instance, root, limits)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -162,80 +163,48 @@ class Pipeline:
         info = self.info
         t_start = time.perf_counter()
         # 1. Check every argument before any graph runs.
-        prompts = [prompt] if isinstance(prompt, str) else list(prompt)
-        if not prompts or not all(isinstance(p, str) for p in prompts):
-            raise ValueError(
-                f"prompt must be a string or a non-empty list of strings, got {prompt!r}"
-            )
-        if negative_prompt is None:
-            negatives = [""] * len(prompts)
-        elif isinstance(negative_prompt, str):
-            negatives = [negative_prompt] * len(prompts)
-        else:
-            negatives = list(negative_prompt)
-            if len(negatives) != len(prompts):
-                raise ValueError(
-                    f"negative_prompt must have one entry per prompt ({len(prompts)}), "
-                    f"got {len(negatives)}"
-                )
-        steps = (
-            info.default_num_inference_steps if num_inference_steps is None else num_inference_steps
+        args = check_inputs(
+            prompt=prompt,
+            negative_prompt=negative_prompt,
+            num_inference_steps=num_inference_steps,
+            guidance_scale=guidance_scale,
+            height=height,
+            width=width,
+            num_images_per_prompt=num_images_per_prompt,
+            seed=seed,
+            generator=generator,
+            latents=latents,
+            eta=eta,
+            guidance_rescale=guidance_rescale,
+            output_type=output_type,
+            scheduler=scheduler,
+            info=info,
+            samplers=SAMPLERS,
+            limits=self.limits,
         )
-        if not isinstance(steps, (int, np.integer)) or steps < 1:
-            raise ValueError(f"num_inference_steps must be an integer >= 1, got {steps!r}")
-        guidance = info.default_guidance_scale if guidance_scale is None else guidance_scale
-        if not isinstance(guidance, (int, float)) or not math.isfinite(guidance):
-            raise ValueError(f"guidance_scale must be a finite number, got {guidance!r}")
-        height = info.default_height if height is None else height
-        width = info.default_width if width is None else width
-        multiple = max(8, info.vae_scale_factor)
-        _check_positive_multiple("height", height, multiple)
-        _check_positive_multiple("width", width, multiple)
-        if (
-            not isinstance(num_images_per_prompt, (int, np.integer))
-            or not 1 <= num_images_per_prompt <= MAX_IMAGES_PER_PROMPT
-        ):
-            raise ValueError(
-                f"num_images_per_prompt must be between 1 and {MAX_IMAGES_PER_PROMPT}, "
-                f"got {num_images_per_prompt!r}"
-            )
-        if not math.isfinite(eta) or not 0 <= eta <= 1:
-            raise ValueError(f"eta must be between 0 and 1, got {eta!r}")
-        if not math.isfinite(guidance_rescale) or not 0 <= guidance_rescale <= 1:
-            raise ValueError(f"guidance_rescale must be between 0 and 1, got {guidance_rescale!r}")
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
-        if scheduler is not None and scheduler not in SAMPLERS:
-            raise ValueError(f"scheduler must be one of {SAMPLERS}, got {scheduler!r}")
-        if seed is not None and generator is not None:
-            raise ValueError("pass either seed or generator, not both")
-        if seed is not None and (not isinstance(seed, (int, np.integer)) or seed < 0):
-            raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
+        prompts, negatives = args.prompts, args.negative_prompts
+        steps, guidance = args.num_inference_steps, args.guidance_scale
+        height, width, num_images_per_prompt = args.height, args.width, args.num_images_per_prompt
+        eta, guidance_rescale, seed = args.eta, args.guidance_rescale, args.seed
 
-        sampler_name = scheduler or info.scheduler_class
+        sampler_name = args.scheduler or info.scheduler_class
         # eta only means something to DDIM; diffusers ignores it elsewhere, and so do we.
         options = {"eta": eta} if sampler_name_for(sampler_name) == "ddim" else {}
         sampler = create_sampler(sampler_name, info.scheduler_config, **options)
         sampler.set_timesteps(steps)  # raises ValueError when steps exceed what it allows
-        batch = len(prompts) * num_images_per_prompt
+        batch = args.batch
         latent_shape = (
             batch,
             info.latent_channels,
             height // info.vae_scale_factor,
             width // info.vae_scale_factor,
         )
-        if latents is not None:
-            latents = np.asarray(latents, dtype=np.float32)
-            if latents.shape != latent_shape:
-                raise ValueError(
-                    f"latents must have shape {latent_shape} for this batch and size, "
-                    f"got {latents.shape}"
-                )
+        latents = args.latents
         use_embedded_guidance = info.guidance_embedding_dim is not None
         do_cfg = guidance > 1.0 and not use_embedded_guidance
         if seed is None and generator is None:
             seed = secrets.randbits(63)
-        rng = generator if generator is not None else np.random.default_rng(seed)
+        rng = args.generator if args.generator is not None else np.random.default_rng(seed)
         ops = array_ops(self.backend)
 
         # 2. Text conditioning: [uncond; cond] stacked into one batch of 2B when guiding.
@@ -291,10 +260,10 @@ class Pipeline:
         # 5. Decode. (LCM's last step returns its denoised estimate, which is what its
         # pipeline decodes.)
         t0 = time.perf_counter()
-        images = self.decode(latents, as_uint8=output_type == "pil")
+        images = self.decode(latents, as_uint8=args.output_type == "pil")
         timings["vae_decoder"] = (time.perf_counter() - t0) * 1e3
         timings["total"] = (time.perf_counter() - t_start) * 1e3
-        seed_used = seed if generator is None else None
+        seed_used = seed if args.generator is None else None
         settings = {
             "prompt": prompts,
             "negative_prompt": negatives,
@@ -305,5 +274,5 @@ class Pipeline:
             "sampler": type(sampler).__name__,
             "seed": seed_used,
         }
-        result = numpy_to_pil(images) if output_type == "pil" else images
+        result = numpy_to_pil(images) if args.output_type == "pil" else images
         return PipelineOutput(result, seed_used, timings, settings)

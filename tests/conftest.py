@@ -5,6 +5,18 @@ import os
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+# Fuzz tests draw the same cases on every run (a CI failure reproduces), keep no example
+# database in the tree, and time whole pipeline calls, so no per-example deadline.
+settings.register_profile(
+    "fewstep",
+    derandomize=True,
+    database=None,
+    deadline=None,
+    suppress_health_check=list(HealthCheck),
+)
+settings.load_profile("fewstep")
 
 
 @pytest.fixture(scope="session")
@@ -36,3 +48,32 @@ def tiny_package(tmp_path_factory, tiny_model):
         return cache[family]
 
     return get
+
+
+class GraphRan(AssertionError):
+    """A graph ran: every input check had passed."""
+
+
+class NoGraphBackend:
+    """Stands in for a backend to prove that bad input fails before any graph runs."""
+
+    name = "none"
+
+    def run(self, graph, **inputs):
+        raise GraphRan(f"graph {graph} ran")
+
+    def has_graph(self, graph):
+        return True
+
+
+@pytest.fixture
+def guarded():
+    """pipeline -> the same model on a backend that fails any graph it is asked to run (with
+    GraphRan), so a test can tell a refused input (ValueError) from one that passed."""
+    from fewstep.pipeline import Pipeline
+
+    def make(pipe, **kwargs):
+        return Pipeline(pipe.info, pipe.tokenizer, NoGraphBackend(), pipe.path, **kwargs)
+
+    make.GraphRan = GraphRan
+    return make

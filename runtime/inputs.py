@@ -1,0 +1,246 @@
+"""A generation call's arguments, checked; and the limits that bound what one call may ask.
+
+`check_inputs` is the first step of `Pipeline.__call__` (as `check_inputs` is of diffusers'
+pipelines): every argument is checked before any graph runs, and a bad one is a ValueError
+that names it, says what is allowed and shows the value given. Numbers may be Python or numpy
+scalars alike; a bool is not a number here (`num_inference_steps=True` is a mistake, not 1),
+and a string is not a number either (`eta="0.5"`).
+
+`Limits` bound the work one call can ask for: pixels per image, images per call (across all
+prompts), sampler steps and prompt length. A server takes these from strangers, so the
+defaults are what a user of SD-family models asks for (2048² is past SDXL's native 1024²;
+A1111's step slider stops at 150), not what the hardware could survive.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+
+from fewstep.package import ModelInfo
+
+OUTPUT_TYPES = ("pil", "np")
+MAX_SEED = 2**64 - 1
+MAX_GUIDANCE_SCALE = 100.0
+
+
+class NoiseSource(Protocol):
+    """What draws initial latents and per-step noise: numpy's Generator fits."""
+
+    def standard_normal(self, size: tuple[int, ...], dtype: Any = ...) -> np.ndarray: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    """What one generation call may ask for; checked before any graph runs."""
+
+    max_pixels: int = 2048 * 2048  # height × width of one image
+    max_images: int = 64  # images per call, all prompts together
+    max_steps: int = 150  # num_inference_steps
+    max_prompt_chars: int = 10_000  # per prompt (CLIP reads 77 tokens; this bounds tokenizing)
+
+    def __post_init__(self) -> None:
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+                raise ValueError(f"{field.name} must be an integer >= 1, got {value!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckedInputs:
+    """The arguments of one call, checked and resolved against the model's defaults."""
+
+    prompts: list[str]
+    negative_prompts: list[str]
+    num_inference_steps: int
+    guidance_scale: float
+    height: int
+    width: int
+    num_images_per_prompt: int
+    seed: int | None
+    generator: NoiseSource | None
+    latents: np.ndarray | None  # float32 [B, C, h, w], finite
+    eta: float
+    guidance_rescale: float
+    output_type: str
+    scheduler: str | None
+
+    @property
+    def batch(self) -> int:
+        return len(self.prompts) * self.num_images_per_prompt
+
+
+def check_integer(name: str, value: Any, low: int, high: int | None = None) -> int:
+    """An int or numpy integer in [low, high], else ValueError naming `name`."""
+    ok = isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+    if ok and low <= value and (high is None or value <= high):
+        return int(value)
+    allowed = f"between {low} and {high}" if high is not None else f">= {low}"
+    raise ValueError(f"{name} must be an integer {allowed}, got {value!r}")
+
+
+def check_number(name: str, value: Any, low: float, high: float) -> float:
+    """A finite int/float (Python or numpy) in [low, high], else ValueError naming `name`."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    if ok and math.isfinite(value) and low <= value <= high:
+        return float(value)
+    raise ValueError(f"{name} must be a number between {low:g} and {high:g}, got {value!r}")
+
+
+def check_text(name: str, value: Any, max_chars: int) -> str:
+    """A str that UTF-8 can encode (no lone surrogates) of at most `max_chars` characters."""
+    if not isinstance(value, str):
+        raise ValueError(f"{name} must be a string, got {type(value).__name__} {value!r:.80}")
+    if len(value) > max_chars:
+        raise ValueError(f"{name} must be at most {max_chars} characters, got {len(value)}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise ValueError(f"{name} is not valid text: {e.reason} at index {e.start}") from e
+    return value
+
+
+def check_texts(name: str, value: Any, max_chars: int) -> list[str]:
+    """A str, or a non-empty list/tuple of them (not a dict, set or other iterable)."""
+    if isinstance(value, str):
+        return [check_text(name, value, max_chars)]
+    if not isinstance(value, (list, tuple)) or not value:
+        raise ValueError(
+            f"{name} must be a string or a non-empty list of strings, got "
+            f"{type(value).__name__} {value!r:.80}"
+        )
+    return [check_text(f"{name}[{i}]", v, max_chars) for i, v in enumerate(value)]
+
+
+def check_size(name: str, value: int, multiple: int) -> int:
+    size = check_integer(name, value, multiple)
+    if size % multiple:
+        raise ValueError(
+            f"{name} must be a multiple of {multiple} for this model (its VAE and U-Net "
+            f"downsample by {multiple} in all), got {size}"
+        )
+    return size
+
+
+def check_latents(value: Any, shape: tuple[int, ...]) -> np.ndarray:
+    """Float latents of `shape` with finite values → float32 (a copy when cast)."""
+    try:
+        array = np.asarray(value)
+    except Exception as e:  # whatever the object's __array__ raises
+        raise ValueError(f"latents must be a float array, got {type(value).__name__}: {e}") from e
+    if array.dtype.kind not in "fiu":
+        raise ValueError(f"latents must be a real float array, got dtype {array.dtype}")
+    if array.shape != shape:
+        raise ValueError(
+            f"latents must have shape {shape} for this batch and size, got {array.shape}"
+        )
+    with np.errstate(over="ignore"):  # an overflow becomes inf, refused next
+        array = array.astype(np.float32)
+    if not np.isfinite(array).all():
+        bad = int(array.size - np.isfinite(array).sum())
+        raise ValueError(f"latents must be finite in float32, got {bad} NaN or infinite values")
+    return array
+
+
+def check_inputs(
+    *,
+    prompt: Any,
+    negative_prompt: Any,
+    num_inference_steps: Any,
+    guidance_scale: Any,
+    height: Any,
+    width: Any,
+    num_images_per_prompt: Any,
+    seed: Any,
+    generator: Any,
+    latents: Any,
+    eta: Any,
+    guidance_rescale: Any,
+    output_type: Any,
+    scheduler: Any,
+    info: ModelInfo,
+    samplers: Sequence[str],
+    limits: Limits,
+) -> CheckedInputs:
+    """Check one call's arguments; None for steps, guidance, height or width takes the
+    model's default."""
+    if num_inference_steps is None:
+        num_inference_steps = info.default_num_inference_steps
+    if guidance_scale is None:
+        guidance_scale = info.default_guidance_scale
+    height = info.default_height if height is None else height
+    width = info.default_width if width is None else width
+    prompts = check_texts("prompt", prompt, limits.max_prompt_chars)
+    if negative_prompt is None:
+        negatives = [""] * len(prompts)
+    elif isinstance(negative_prompt, str):
+        negatives = [check_text("negative_prompt", negative_prompt, limits.max_prompt_chars)]
+        negatives *= len(prompts)
+    else:
+        negatives = check_texts("negative_prompt", negative_prompt, limits.max_prompt_chars)
+        if len(negatives) != len(prompts):
+            raise ValueError(
+                f"negative_prompt must have one entry per prompt ({len(prompts)}), "
+                f"got {len(negatives)}"
+            )
+    steps = check_integer("num_inference_steps", num_inference_steps, 1, limits.max_steps)
+    guidance = check_number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
+    height = check_size("height", height, info.size_multiple)
+    width = check_size("width", width, info.size_multiple)
+    if height * width > limits.max_pixels:
+        raise ValueError(
+            f"height × width must be at most {limits.max_pixels} pixels, got "
+            f"{height}×{width} = {height * width}"
+        )
+    per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, 1)
+    if len(prompts) * per_prompt > limits.max_images:
+        raise ValueError(
+            f"a call makes at most {limits.max_images} images, got {len(prompts)} prompts × "
+            f"num_images_per_prompt {per_prompt} = {len(prompts) * per_prompt}"
+        )
+    eta = check_number("eta", eta, 0.0, 1.0)
+    guidance_rescale = check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
+    if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
+        raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+    if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in samplers):
+        raise ValueError(f"scheduler must be one of {tuple(samplers)}, got {scheduler!r}")
+    if seed is not None and generator is not None:
+        raise ValueError("pass either seed or generator, not both")
+    if seed is not None:
+        seed = check_integer("seed", seed, 0, MAX_SEED)
+    if generator is not None and (
+        isinstance(generator, np.random.RandomState)  # its standard_normal takes no dtype
+        or not callable(getattr(generator, "standard_normal", None))
+    ):
+        raise ValueError(
+            "generator must be a numpy Generator (numpy.random.default_rng(seed)) or another "
+            f"NoiseSource, got {type(generator).__name__}"
+        )
+    checked_latents = None
+    if latents is not None:
+        batch = len(prompts) * per_prompt
+        scale = info.vae_scale_factor
+        shape = (batch, info.latent_channels, height // scale, width // scale)
+        checked_latents = check_latents(latents, shape)
+    return CheckedInputs(
+        prompts=prompts,
+        negative_prompts=negatives,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=height,
+        width=width,
+        num_images_per_prompt=per_prompt,
+        seed=seed,
+        generator=generator,
+        latents=checked_latents,
+        eta=eta,
+        guidance_rescale=guidance_rescale,
+        output_type=output_type,
+        scheduler=scheduler,
+    )
