@@ -873,6 +873,15 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
         out_eager = eager_call()
         result["checks"]["diffusers_eager"] = accuracy(out_eager, out_eager, ref64)
         result["variants"]["diffusers_eager"] = timed(eager_call, warmup, repeats, device)
+        # torch's own error in channels_last, the layout the variants run in: its convolutions
+        # take other algorithms there (oneDNN's NHWC kernels on the CPU), which round otherwise.
+        eager.to(memory_format=torch.channels_last)
+        out_eager_cl = eager(
+            args[0].contiguous(memory_format=torch.channels_last), *args[1:], return_dict=False
+        )[0]
+        result["diffusers_eager_channels_last_err"] = float(
+            (out_eager_cl.double() - ref64.double()).abs().max()
+        )
 
     inputs = {"sample": sample, "timestep": timestep, "encoder_hidden_states": hidden}
     for variant in SMALL_VARIANTS if small else GPU_VARIANTS:
@@ -885,7 +894,8 @@ def bench_unet(folder: Path, device, dtype, small, warmup, repeats, compile_mode
             result.setdefault("variant_errors", {})[variant.name] = error
             print(f"variant {variant.name} failed: {traceback.format_exc()[-3000:]}", flush=True)
         else:
-            result["checks"][variant.name] = accuracy(check.to(dtype), out_eager, ref64)
+            same = out_eager_cl if variant.channels_last else out_eager
+            result["checks"][variant.name] = accuracy(check.to(dtype), same, ref64)
             if row is not None:
                 result["variants"][variant.name] = row
             if profile is not None:
