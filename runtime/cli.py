@@ -11,14 +11,17 @@ import json
 import logging
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
 from fewstep.backends.base import BACKENDS
+from fewstep.inputs import Limits
 from fewstep.samplers import SAMPLERS
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
+    defaults = Limits()
     p.add_argument("--negative-prompt", default=None)
     p.add_argument("--num-inference-steps", type=int, default=None)
     p.add_argument("--guidance-scale", type=float, default=None)
@@ -35,7 +38,17 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         default=None,
         help="backend precision, passed through when given (openvino: fp32 | bf16)",
     )
-    p.add_argument("--output", "-o", default="image.png", help="PNG path (index added for >1)")
+    p.add_argument(
+        "--output",
+        "-o",
+        default="image.png",
+        help="image path (.png, .jpg, .jpeg, .webp) or existing folder; a taken name gets the "
+        "next free one (image-1.png, ...)",
+    )
+    p.add_argument("--overwrite", action="store_true", help="replace existing files instead")
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per image")
+    p.add_argument("--max-images", type=int, default=defaults.max_images, help="per call")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     _add_lora_arg(p, "folded into the weights at load (the package is not changed)")
 
 
@@ -55,22 +68,19 @@ def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
     return [parse_lora_arg(text) for text in args.lora]
 
 
-def _output_paths(output: str, count: int) -> list[Path]:
-    path = Path(output)
-    if count == 1:
-        return [path]
-    return [path.with_name(f"{path.stem}-{i}{path.suffix or '.png'}") for i in range(count)]
-
-
 def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> list[Path]:
+    from fewstep.image_files import a1111_parameters, output_path, save_images
     from fewstep.package import read_manifest
     from fewstep.pipeline import Pipeline
-    from fewstep.pngmeta import a1111_parameters, save_png
 
+    target = output_path(args.output)  # before anything runs: a bad path loses no work
+    limits = Limits(
+        max_pixels=args.max_pixels, max_images=args.max_images, max_steps=args.max_steps
+    )
     options: dict[str, Any] = {"precision": args.precision} if args.precision is not None else {}
     if args.lora:
         options["loras"] = _loras(args)
-    pipe = Pipeline.from_pretrained(model, backend=args.backend, **options)
+    pipe = Pipeline.from_pretrained(model, backend=args.backend, limits=limits, **options)
     result = pipe(
         prompt,
         negative_prompt=args.negative_prompt,
@@ -82,6 +92,7 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
         seed=args.seed,
         eta=args.eta,
         guidance_rescale=args.guidance_rescale,
+        scheduler=args.scheduler,
         progress=True,
     )
     manifest = read_manifest(model) or {}
@@ -89,9 +100,7 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
     params = a1111_parameters(
         prompt, args.negative_prompt or "", result.settings, Path(model).resolve().name, unet_hash
     )
-    paths = _output_paths(args.output, len(result.images))
-    for image, path in zip(result.images, paths, strict=True):
-        save_png(image, path, params)
+    paths = save_images(result.images, target, params, overwrite=args.overwrite)
     total = result.timings_ms["total"]
     print(f"wrote {', '.join(map(str, paths))} ({total:.0f} ms, seed {result.seed})")
     return paths
@@ -109,7 +118,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         from fewstep.export import export_package
     except ImportError as e:
-        raise SystemExit(
+        raise ImportError(
             f"fewstep export needs the export extra: pip install 'fewstep[export]' ({e})"
         ) from e
     export_package(
@@ -184,7 +193,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     try:
         from fewstep.export.bench import run_bench
     except ImportError as e:
-        raise SystemExit(
+        raise ImportError(
             f"fewstep bench needs the export extra: pip install 'fewstep[export]' ({e})"
         ) from e
     run_bench(
@@ -259,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Failures that the user's input or environment causes (a bad argument, file or package, a
+# missing extra, an unsupported model setting): one line, exit 2. Anything else is fewstep's
+# own failure: one line, exit 1. -v adds the traceback to either.
+USER_ERRORS = (ValueError, OSError, NotImplementedError, ImportError)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(
@@ -266,9 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     )
     try:
         return int(args.func(args))
-    except (ValueError, FileNotFoundError) as e:
-        print(f"fewstep {args.command}: error: {e}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print(f"fewstep {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if args.verbose:
+            traceback.print_exc()
+        user_error = isinstance(e, USER_ERRORS)
+        kind = "" if user_error else f"internal error ({type(e).__name__}): "
+        hint = "" if user_error or args.verbose else " (run with -v for the traceback)"
+        print(f"fewstep {args.command}: error: {kind}{e}{hint}", file=sys.stderr)
+        return 2 if user_error else 1
 
 
 if __name__ == "__main__":
