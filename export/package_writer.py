@@ -168,8 +168,7 @@ def _build_package(
 
     with log.stage("write"):
         _write_metadata(tmp, model)
-        manifest = _manifest(tmp, model, specs, precisions, errors, dtype, opset, log)
-        manifest["loras"] = describe_loras(loras, "export")
+        manifest = _manifest(tmp, model, specs, precisions, errors, dtype, opset, loras, log)
         write_manifest(tmp, manifest)
 
 
@@ -260,6 +259,7 @@ def _manifest(
     errors: dict[str, GraphError],
     dtype: str,
     opset: int,
+    loras: list[tuple[LoraFile, float]],
     log: StageLog,
 ) -> dict[str, Any]:
     info = read_model_info(tmp)  # the runtime's own reading of the configs just written
@@ -294,6 +294,6 @@ def _manifest(
         "source": model.spec.describe(),
         "versions": library_versions(),
         "graphs": graphs,
-        "loras": [],
+        "loras": describe_loras(loras, "export"),
         "export_seconds": dict(log.seconds),
     }

@@ -7,7 +7,7 @@ reaches the arrays only through `*`, `+`, `-`, `/`, slicing (which numpy and tor
 and the methods below. Noise is always drawn on the host from numpy's generator and moved in with
 `asarray`, so a seed gives the same image on every backend.
 
-A backend declares its operations as `array_ops`; one without them works on numpy.
+A backend declares its operations as `array_ops` (numpy's: `NUMPY_OPS`).
 """
 
 from __future__ import annotations
@@ -92,9 +92,3 @@ class NumpyOps:
 
 
 NUMPY_OPS = NumpyOps()
-
-
-def array_ops(backend: Any) -> ArrayOps:
-    """The backend's array operations; numpy's for a backend that declares none."""
-    ops: ArrayOps = getattr(backend, "array_ops", NUMPY_OPS)
-    return ops

@@ -75,15 +75,12 @@ def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     return data
 
 
-def default_model(kind: str = "onnx") -> Path:
-    """The folder of the default model as a model package ("onnx") or diffusers folder: the
-    same folder, which is both.
+def default_model() -> Path:
+    """The folder of the default model: both its model package and its diffusers folder.
 
-    A small LCM model of the procedural scenes of `fewstep.scenes` ("a red circle on a blue
-    background"), 64x64 images in 4 steps; `fewstep generate` uses it when no --model is given.
+    A small LCM model of procedural scenes ("a red circle on a blue background"), 64x64
+    images in 4 steps; `fewstep generate` uses it when no --model is given.
     """
-    if kind not in ("onnx", "diffusers"):
-        raise ValueError(f"kind must be 'onnx' or 'diffusers', got {kind!r}")
     path = DEFAULT_MODEL_DIR
     if not (path / "model_index.json").is_file():
         raise PackageError(f"the default model is not installed: {path} is missing")

@@ -28,10 +28,10 @@ from typing import Any
 
 import numpy as np
 
-from fewstep.arrays import NUMPY_OPS, ArrayOps, array_ops
-from fewstep.backends.base import SOURCE_FOLDER_BACKENDS, Backend, create_backend
+from fewstep.arrays import NUMPY_OPS, ArrayOps
+from fewstep.backends.base import Backend, backend_class, check_options
 from fewstep.inputs import Limits, NoiseSource, check_inputs
-from fewstep.package import ModelInfo, read_model_info, verify_diffusers_folder, verify_package
+from fewstep.package import ModelInfo, read_model_info
 from fewstep.samplers import SAMPLERS, create_sampler, sampler_name_for
 from fewstep.samplers.lcm import guidance_scale_embedding
 from fewstep.tokenizer import CLIPTokenizer
@@ -43,7 +43,7 @@ logger = logging.getLogger(__name__)
 class PipelineOutput:
     images: Any  # list of PIL images, or float32 array [B, H, W, 3] in 0..1
     seed: int | None  # the seed the noise came from (None when a generator was passed)
-    timings_ms: dict[str, Any]  # text_encoder, unet / unet_call (per step), vae_decoder, total
+    timings_ms: dict[str, Any]  # total; with timings=True also each stage's (see __call__)
     settings: dict[str, Any]  # the resolved arguments, for metadata and logs
 
 
@@ -56,6 +56,10 @@ def rescale_noise_cfg(
     std_cfg = ops.std(noise_cfg, axes)
     rescaled = noise_cfg * (std_cond / std_cfg)
     return rescale * rescaled + (1.0 - rescale) * noise_cfg
+
+
+def _no_sync() -> None:
+    pass
 
 
 def numpy_to_pil(images: np.ndarray) -> list[Any]:
@@ -87,32 +91,29 @@ class Pipeline:
         cls,
         package: str | Path,
         backend: str = "onnxruntime",
-        providers: list[Any] | None = None,
         check_hashes: bool = True,
         limits: Limits | None = None,
         **backend_options: Any,
     ) -> Pipeline:
-        """Load a model package (fewstep's or optimum's) onto a backend.
+        """Load a model onto a backend: a model package (fewstep's or optimum's) for
+        onnxruntime and openvino, the diffusers folder itself for torch.
 
-        `check_hashes` verifies every file against fewstep.json before loading. The torch
-        backend runs the source modules instead: `package` is then a diffusers folder
-        (model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/), which has no
-        manifest to check. `limits` bound what one call may ask for (fewstep.Limits: pixels,
-        images, steps, prompt length); they are checked before anything runs.
+        The folder is checked first (with `check_hashes`, every file against fewstep.json),
+        then its configs and tokenizer are read, and only then is the backend built, so a bad
+        folder fails before any session or module loads. `limits` bound what one call may ask
+        for (fewstep.Limits: pixels, images, steps, prompt length). Other keywords are the
+        backend's options (`providers=` for onnxruntime, `precision=` for openvino, `device=`
+        for torch, `loras=` …); one it does not take is a ValueError naming it.
         """
         root = Path(package)
-        if backend in SOURCE_FOLDER_BACKENDS:
-            verify_diffusers_folder(root)
-        else:
-            verify_package(root, check_hashes=check_hashes)
-        info = read_model_info(root)
-        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
-        if providers is not None:
-            backend_options["providers"] = providers
+        backend_cls = backend_class(backend)
+        check_options(backend, backend_cls, backend_options)
         if limits is not None and not isinstance(limits, Limits):
             raise ValueError(f"limits must be a fewstep.Limits, got {limits!r}")
-        backend_instance = create_backend(backend, root, **backend_options)
-        return cls(info, tokenizer, backend_instance, root, limits)
+        backend_cls.verify_model(root, check_hashes=check_hashes)
+        info = read_model_info(root)
+        tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
+        return cls(info, tokenizer, backend_cls(root, **backend_options), root, limits)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -130,7 +131,7 @@ class Pipeline:
     def decode(self, latents: Any, as_uint8: bool = False) -> np.ndarray:
         """Latents [B, C, h, w] (a backend array) → host images [B, H, W, 3]: float32 in
         0..1, or uint8 with `as_uint8`."""
-        ops = array_ops(self.backend)
+        ops = self.backend.array_ops
         scaled = ops.float32(latents / self.info.vae_scaling_factor)
         decoded = self.backend.run("vae_decoder", latent_sample=scaled)["sample"]
         if not ops.all_finite(decoded):
@@ -159,7 +160,15 @@ class Pipeline:
         output_type: str = "pil",
         scheduler: str | None = None,
         progress: bool = False,
+        timings: bool = False,
     ) -> PipelineOutput:
+        """Generate images; diffusers' argument names (fewstep.inputs checks them all first).
+
+        `progress` shows a progress bar over the steps. `timings` records each stage's time
+        in `timings_ms` (text_encoder; sampler_step and unet_call per step; vae_decoder),
+        waiting for the device after each; without it only `total` is recorded and a GPU
+        backend is never waited on mid-call.
+        """
         info = self.info
         t_start = time.perf_counter()
         # 1. Check every argument before any graph runs.
@@ -205,7 +214,7 @@ class Pipeline:
         if seed is None and generator is None:
             seed = secrets.randbits(63)
         rng = args.generator if args.generator is not None else np.random.default_rng(seed)
-        ops = array_ops(self.backend)
+        ops = self.backend.array_ops
 
         # 2. Text conditioning: [uncond; cond] stacked into one batch of 2B when guiding.
         t0 = time.perf_counter()
@@ -216,11 +225,14 @@ class Pipeline:
             w = np.full((batch,), guidance - 1.0, dtype=np.float32)
             embedding = guidance_scale_embedding(w, info.guidance_embedding_dim)
             cond["timestep_cond"] = ops.asarray(embedding)  # [B, time_cond_proj_dim]
-        ops.synchronize()
-        timings: dict[str, Any] = {
+        # With `timings`, each stage waits for the device before the clock is read; without,
+        # the host queues the next step while the device runs this one.
+        sync = ops.synchronize if timings else _no_sync
+        sync()
+        stage_ms: dict[str, Any] = {
             "text_encoder": (time.perf_counter() - t0) * 1e3,
-            "unet": [],  # whole sampler step, ms
-            "unet_call": [],  # the backend's U-Net call alone, ms
+            "sampler_step": [],  # the whole step: scaling, U-Net call, guidance, update
+            "unet_call": [],  # the backend's U-Net call alone
         }
 
         # 3. Initial latents, scaled to the sampler's starting noise level, on the backend.
@@ -239,11 +251,11 @@ class Pipeline:
             t = float(sampler.timesteps[i])
             model_in = ops.concat([latents, latents]) if do_cfg else latents
             model_in = sampler.scale_model_input(model_in, i)  # [(2)B, C, h, w]
-            ops.synchronize()
+            sync()
             t_unet = time.perf_counter()
             noise_pred = self.unet(model_in, t, cond)
-            ops.synchronize()
-            timings["unet_call"].append((time.perf_counter() - t_unet) * 1e3)
+            sync()
+            stage_ms["unet_call"].append((time.perf_counter() - t_unet) * 1e3)
             if do_cfg:
                 uncond, text = noise_pred[:batch], noise_pred[batch:]
                 noise_pred = uncond + guidance * (text - uncond)
@@ -254,15 +266,16 @@ class Pipeline:
                 noise = ops.asarray(rng.standard_normal(tuple(noise_pred.shape), dtype=np.float32))
             out = sampler.step(noise_pred, i, latents, noise=noise)
             latents = ops.float32(out.prev_sample)
-            ops.synchronize()
-            timings["unet"].append((time.perf_counter() - t0) * 1e3)
+            sync()
+            stage_ms["sampler_step"].append((time.perf_counter() - t0) * 1e3)
 
         # 5. Decode. (LCM's last step returns its denoised estimate, which is what its
         # pipeline decodes.)
         t0 = time.perf_counter()
         images = self.decode(latents, as_uint8=args.output_type == "pil")
-        timings["vae_decoder"] = (time.perf_counter() - t0) * 1e3
-        timings["total"] = (time.perf_counter() - t_start) * 1e3
+        stage_ms["vae_decoder"] = (time.perf_counter() - t0) * 1e3
+        total_ms = (time.perf_counter() - t_start) * 1e3  # the images are on the host: synced
+        timings_ms = {**stage_ms, "total": total_ms} if timings else {"total": total_ms}
         seed_used = seed if args.generator is None else None
         settings = {
             "prompt": prompts,
@@ -275,4 +288,4 @@ class Pipeline:
             "seed": seed_used,
         }
         result = numpy_to_pil(images) if args.output_type == "pil" else images
-        return PipelineOutput(result, seed_used, timings, settings)
+        return PipelineOutput(result, seed_used, timings_ms, settings)

@@ -147,3 +147,28 @@ print(json.dumps(heavy))
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert json.loads(out.stdout.strip().splitlines()[-1]) == []
+
+
+class CountingSync:
+    """A backend's array_ops that count how often the pipeline waits for the device."""
+
+    def __init__(self, ops):
+        self._ops, self.waits = ops, 0
+
+    def __getattr__(self, name):
+        return getattr(self._ops, name)
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def test_the_device_is_waited_on_only_when_timings_are_asked(sd1, monkeypatch):
+    counting = CountingSync(sd1.backend.array_ops)
+    monkeypatch.setattr(sd1.backend, "array_ops", counting)
+    out = sd1("a cat", num_inference_steps=3, seed=0, output_type="np")
+    assert counting.waits == 0 and set(out.timings_ms) == {"total"}
+    timed = sd1("a cat", num_inference_steps=3, seed=0, output_type="np", timings=True)
+    assert counting.waits == 1 + 3 * 3  # after the text encoder; around each U-Net call, per step
+    assert len(timed.timings_ms["sampler_step"]) == len(timed.timings_ms["unet_call"]) == 3
+    assert {"text_encoder", "vae_decoder", "total"} <= set(timed.timings_ms)
+    np.testing.assert_array_equal(out.images, timed.images)

@@ -28,9 +28,9 @@ from fewstep.backends.torch_backend import (  # noqa: E402
     parse_device,
     parse_dtype,
 )
+from fewstep.export.testing import make_tiny_model  # noqa: E402
 from fewstep.package import PackageError  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
-from fewstep.testing import make_tiny_model  # noqa: E402
 
 FAMILIES = ("sd1", "sd2", "lcm", "turbo")
 kernel_calls = test_kernels_patch.kernel_calls  # the fixture: counts Triton launches
@@ -337,9 +337,10 @@ def test_folders_are_checked_for_their_backend(tiny_model, tiny_package):
 
 
 def test_timings_and_outputs_are_host_side(pipelines):
-    out = pipelines("turbo", "torch")("a red circle", seed=3, output_type="np")
+    out = pipelines("turbo", "torch")("a red circle", seed=3, output_type="np", timings=True)
     assert isinstance(out.images, np.ndarray) and out.images.dtype == np.float32
     assert len(out.timings_ms["unet_call"]) == 1 and out.timings_ms["total"] > 0
+    assert len(out.timings_ms["sampler_step"]) == 1
     pil = pipelines("turbo", "torch")("a red circle", seed=3).images  # made on the device
     np.testing.assert_array_equal(np.asarray(pil[0]), (out.images[0] * 255).round())
 

@@ -20,13 +20,15 @@ untouched.
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from fewstep.backends.base import BackendError, describe_inputs, missing_extra_error
-from fewstep.package import GRAPH_NAMES, REQUIRED_GRAPHS, PackageError
+from fewstep.arrays import NUMPY_OPS
+from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
+from fewstep.package import GRAPH_NAMES, REQUIRED_GRAPHS, PackageError, verify_package
 
 _ATTENTION_GRAPHS = ("unet", "vae_decoder", "vae_encoder")
 _ORT_TYPES = {
@@ -40,6 +42,8 @@ _ORT_TYPES = {
 
 class OnnxRuntimeBackend:
     name = "onnxruntime"
+    array_ops = NUMPY_OPS
+    verify_model = staticmethod(verify_package)
 
     def __init__(
         self,
@@ -72,8 +76,10 @@ class OnnxRuntimeBackend:
         self._sessions: dict[str, Any] = {}
         self._input_types: dict[str, dict[str, Any]] = {}
         self._lock = threading.Lock()
+        t0 = time.perf_counter()
         for graph in REQUIRED_GRAPHS:
             self._load(graph)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
 
     def _session_options(self) -> Any:
         options = self._ort.SessionOptions()
@@ -132,6 +138,11 @@ class OnnxRuntimeBackend:
         self._input_types[graph] = {i.name: _ORT_TYPES.get(i.type) for i in session.get_inputs()}
         self._sessions[graph] = session
         return session
+
+    def report(self) -> BackendReport:
+        return BackendReport(
+            self.name, load_ms=self.load_ms, fused_attention=dict(self.fused_attention)
+        )
 
     def has_graph(self, graph: str) -> bool:
         return graph in self._sessions or (self.root / graph / "model.onnx").is_file()

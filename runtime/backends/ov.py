@@ -57,8 +57,16 @@ from typing import Any
 
 import numpy as np
 
-from fewstep.backends.base import BackendError, describe_inputs, missing_extra_error
-from fewstep.package import GRAPH_NAMES, REQUIRED_GRAPHS, PackageError, read_manifest, sha256_file
+from fewstep.arrays import NUMPY_OPS
+from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
+from fewstep.package import (
+    GRAPH_NAMES,
+    REQUIRED_GRAPHS,
+    PackageError,
+    read_manifest,
+    sha256_file,
+    verify_package,
+)
 
 PRECISIONS = ("fp32", "bf16")
 _PRECISION_HINTS = {"fp32": "f32", "bf16": "bf16"}
@@ -109,6 +117,8 @@ class _Compiled:
 
 class OpenVINOBackend:
     name = "openvino"
+    array_ops = NUMPY_OPS
+    verify_model = staticmethod(verify_package)
 
     def __init__(
         self,
@@ -166,8 +176,10 @@ class OpenVINOBackend:
         self._compile_lock = threading.Lock()  # one reshape + compile at a time
         # (graph, input shapes, seconds) of every compile, for tests and the benchmark.
         self.compile_log: list[tuple[str, Shapes, float]] = []
+        t0 = time.perf_counter()
         for graph in REQUIRED_GRAPHS:
             self._load(graph)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
 
     # -- package -----------------------------------------------------------------------------
 
@@ -183,6 +195,9 @@ class OpenVINOBackend:
         self._input_types[graph] = types
         self._models[graph] = model
         return model
+
+    def report(self) -> BackendReport:
+        return BackendReport(self.name, load_ms=self.load_ms, compiles=tuple(self.compile_log))
 
     def has_graph(self, graph: str) -> bool:
         return graph in self._models or (self.root / graph / "model.onnx").is_file()

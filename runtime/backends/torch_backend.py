@@ -50,8 +50,8 @@ from typing import Any
 
 import numpy as np
 
-from fewstep.backends.base import BackendError, describe_inputs, missing_extra_error
-from fewstep.package import GRAPH_NAMES, read_json
+from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
+from fewstep.package import GRAPH_NAMES, read_json, verify_diffusers_folder
 
 logger = logging.getLogger(__name__)
 
@@ -267,6 +267,7 @@ class _CudaGraph:
 
 class TorchBackend:
     name = "torch"
+    verify_model = staticmethod(verify_diffusers_folder)  # it runs the folder's modules
 
     def __init__(
         self,
@@ -292,8 +293,29 @@ class TorchBackend:
         kernels are custom ops it keeps; the first call of each shape compiles, before any
         CUDA graph capture).
         """
-        torch = _torch()
-        # 1. Arguments first: a bad value is an error before anything loads.
+        # Arguments first: a bad value is an error before anything loads.
+        self._set_options(device, dtype, kernels, cuda_graphs, channels_last, compile)
+        self.root = Path(package_dir)
+        self.array_ops = TorchArrayOps(self.device)
+        unet_config = read_json(self.root / "unet" / "config.json")
+        t0 = time.perf_counter()
+        self._load_modules(unet_config)
+        self.load_ms = (time.perf_counter() - t0) * 1e3
+        self.patch_report = self._patch_kernels()
+        self._set_calls(compile)
+        self._set_up_graphs(unet_config)
+
+    # -- setup ---------------------------------------------------------------------------
+
+    def _set_options(
+        self,
+        device: Any,
+        dtype: Any,
+        kernels: Any,
+        cuda_graphs: Any,
+        channels_last: Any,
+        compile: Any,
+    ) -> None:
         self.device = parse_device(device)
         self.dtype = parse_dtype(dtype, self.device)
         for name, value in (
@@ -314,11 +336,10 @@ class TorchBackend:
         if cuda_graphs and not cuda:
             logger.debug("cuda_graphs applies to CUDA devices only; running eagerly on %s", device)
         self.channels_last = bool(channels_last)
-        self.root = Path(package_dir)
-        self.array_ops = TorchArrayOps(self.device)
 
-        # 2. The modules.
-        unet_config = read_json(self.root / "unet" / "config.json")
+    def _load_modules(self, unet_config: dict[str, Any]) -> None:
+        """The text encoder, U-Net and VAE, in their precision, layout and device."""
+        torch = _torch()
         if unet_config.get("addition_embed_type") == "text_time":
             raise NotImplementedError(
                 "addition_embed_type='text_time' (SDXL: second text encoder, text_embeds, "
@@ -335,7 +356,6 @@ class TorchBackend:
             self.vae_dtype = torch.float32
             logger.info("VAE kept in fp32: force_upcast is set and it overflows in fp16")
         memory_format = torch.channels_last if self.channels_last else torch.contiguous_format
-        t0 = time.perf_counter()
         self.text_encoder = self._prepare(
             transformers.CLIPTextModel.from_pretrained(
                 self.root / "text_encoder", use_safetensors=True
@@ -357,13 +377,15 @@ class TorchBackend:
             self.vae_dtype,
             memory_format,
         )
-        self.load_ms = (time.perf_counter() - t0) * 1e3
-        self.patch_report: dict[str, Any] = {}
+
+    def _patch_kernels(self) -> dict[str, Any]:
+        """Swap fewstep.kernels into the U-Net and VAE; the patch report per module."""
+        report: dict[str, Any] = {}
         if self.kernels:
             from fewstep.kernels import patch
 
             for name in ("unet", "vae"):
-                _, report = patch(
+                _, module_report = patch(
                     getattr(self, name),
                     group_norm="group_norm" in self.kernels,
                     attention="attention" in self.kernels,
@@ -373,8 +395,12 @@ class TorchBackend:
                     pointwise_conv="pointwise_conv" in self.kernels,
                     tune=self.tune_kernels,
                 )
-                self.patch_report[name] = report
-            logger.info("fewstep.kernels patched in: %s", self.patch_report)
+                report[name] = module_report
+            logger.info("fewstep.kernels patched in: %s", report)
+        return report
+
+    def _set_calls(self, compile: bool) -> None:
+        torch = _torch()
         if compile:
             # The modules stay as they are (LoRA folding and reports reach their weights);
             # only the calls go through the compiled forwards.
@@ -384,6 +410,8 @@ class TorchBackend:
             self._unet_call = self.unet
             self._vae_decode_call = self.vae.decode
 
+    def _set_up_graphs(self, unet_config: dict[str, Any]) -> None:
+        """CUDA graph state: one graph per module and input signature, made on first use."""
         self._graphs: dict[tuple, _CudaGraph] = {}
         self.capture_ms: dict[str, float] = {}  # per captured signature, for reports
         self._graph_lock = threading.Lock()
@@ -402,8 +430,6 @@ class TorchBackend:
             if unet_config.get("time_cond_proj_dim")
             else (GRAPH_INPUTS["unet"][:3])
         )
-
-    # -- setup ---------------------------------------------------------------------------
 
     def _resolve_kernels(self, kernels: tuple[str, ...], cuda: bool) -> tuple[str, ...]:
         """The kernels to patch in: on the CPU, none unless Triton's interpreter runs."""
@@ -486,6 +512,14 @@ class TorchBackend:
         return moments.to(torch.float32, memory_format=torch.contiguous_format)  # [B, 2C, h, w]
 
     # -- the contract --------------------------------------------------------------------
+
+    def report(self) -> BackendReport:
+        return BackendReport(
+            self.name,
+            load_ms=self.load_ms,
+            captures_ms=dict(self.capture_ms),
+            details={"kernels": list(self.kernels), "patch_report": self.patch_report},
+        )
 
     def has_graph(self, graph: str) -> bool:
         return graph in GRAPH_NAMES
