@@ -10,7 +10,7 @@
   what models call.
 - `patch` / `unpatch`: swap the ops into a diffusers U-Net or VAE, in place
   (GroupNorm → SiLU pairs, other GroupNorms, attention processors, GEGLUs, LayerNorms,
-  upsamplers, 1×1 convolutions).
+  upsamplers, 1×1 convolutions); `KERNEL_NAMES`: the kernels it can swap in, by name.
 - `tuning`: with `tune=True`, each op keeps per shape the faster of its kernel and torch's
   own, timed on the GPU at its first call.
 
@@ -35,25 +35,30 @@ else:
     from .ops import (
         attention_fallback_reason,
         attention_op,
-        attention_supported,
         geglu_fallback_reason,
         geglu_op,
         group_norm_fallback_reason,
         group_norm_op,
-        group_norm_supported,
         layer_norm_fallback_reason,
         layer_norm_op,
     )
-    from .patch import FewstepAttnProcessor, PatchReport, is_patched, patch, unpatch
+    from .patch import (
+        KERNEL_NAMES,
+        FewstepAttnProcessor,
+        PatchReport,
+        is_patched,
+        patch,
+        unpatch,
+    )
 
 __all__ = [
+    "KERNEL_NAMES",
     "FewstepAttnProcessor",
     "PatchReport",
     "attention",
     "attention_fallback_reason",
     "attention_op",
     "attention_ref",
-    "attention_supported",
     "geglu",
     "geglu_fallback_reason",
     "geglu_op",
@@ -62,7 +67,6 @@ __all__ = [
     "group_norm_fallback_reason",
     "group_norm_op",
     "group_norm_ref",
-    "group_norm_supported",
     "is_patched",
     "layer_norm",
     "layer_norm_fallback_reason",

@@ -22,9 +22,8 @@ Deviations and limits:
   spend 37.5% of the dots' FLOPs on zeros. Padded lanes cost FLOPs, not bytes. D ≤ 256.
   D is a compile-time constant (one compile per head dim; SD has four): its lane mask
   is then known to change only every 8 lanes, so the masked block's K and V tiles reach
-  shared memory by the same asynchronous copies as the others. (With D a runtime
-  argument, sm_90 code loaded them through registers inside the key loop, and the 40's
-  kernel held 134 registers against 108.)
+  shared memory by the same asynchronous copies as the others (with D a runtime
+  argument they would go through registers inside the key loop, costing registers).
 - fp32 inputs use IEEE fp32 dots (no TF32), to match torch's fp32 default.
 - In Triton's interpreter, bf16 dot operands are widened to fp32 and bf16
   rounding is done by hand (INTERPRETER_BF16; why: _interpreter.py).
@@ -246,9 +245,9 @@ _TUNED: dict[tuple[int, int], Any] = {}
 
 def _graphed_ms(kernel_call: Any, quantiles: tuple[float, ...]) -> list[float]:
     """The autotuner's timer: device time in a CUDA graph, as the backend replays the kernel
-    (Triton's default launches it eagerly for 100 ms, and at SD's 16² and 32² latents, 10-30
-    µs a call, that times the Python launcher as much as the kernel). Chosen configs are kept
-    on disk beside Triton's compile cache (cache_results), for the next process."""
+    (Triton's default times eager launches, and at SD's small latents a call is short enough
+    that this times the Python launcher as much as the kernel). Chosen configs are kept on
+    disk beside Triton's compile cache (cache_results), for the next process."""
     ms = device_time_ms(kernel_call, torch.device("cuda", torch.cuda.current_device()))
     return [ms] * len(quantiles)
 

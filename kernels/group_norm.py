@@ -33,9 +33,9 @@ slices of the spatial range, in one of three modes:
    kernel alone; each program writes its slice's partials as in 1, waits at a
    barrier for its group block's other programs, then merges and normalizes
    (with SPLIT 1, a barrier of one: the form of it that the interpreter can
-   run). At SD sizes a launch costs more than the bytes (a 5 MB GroupNorm reads
-   in about 2 µs), so this saves a launch without giving up the parallelism of
-   a split.
+   run). At SD sizes a GroupNorm moves a few MB, which HBM streams in about the
+   time a launch costs, so this saves a launch without giving up the parallelism
+   of a split.
    The launch is cooperative (the driver refuses a grid that cannot be resident
    at once, rather than letting the barrier wait forever), and the barrier
    needs no reset between calls, so it runs in a CUDA graph.
@@ -45,14 +45,12 @@ contiguous NCHW (stride_s = 1, stride_c = H·W), channels_last NHWC
 (stride_s = C, stride_c = 1) and 3-D [N, C, L]. The output has x's layout
 (`torch.empty_like`). Tiles are 3-D (group × channel × spatial) so both layouts
 load without integer division. Each loop over x is software-pipelined (with `stages`
-3, loads run two tiles ahead, copied to shared memory): without it a program had one tile's
-loads in flight, and at the 4 programs per SM a GroupNorm launches that is about half the
-bytes a GPU's memory needs in flight to stream at full rate (the last H200 run read the
-VAE's 512² GroupNorm at 58% of a copy's rate). The channels per group are a
-compile-time constant (one compile per value; SD has six: 10, 20, 40 in U-Nets, 4, 8,
-16 in VAEs): in channels_last a group's channels are the contiguous run, and only a
-known run length lets loads and stores be vectors (sm_90 code for SD's 10 went from
-16-bit accesses and 120 registers to 32-bit ones and 72; 40 gets 16-byte vectors).
+3, loads run two tiles ahead, copied to shared memory): with one tile's loads in flight
+per program, the 4 programs per SM a GroupNorm launches keep too few bytes in flight for
+a GPU's memory to stream at full rate. The channels per group are a compile-time
+constant (one compile per value; SD has six: 10, 20, 40 in U-Nets, 4, 8, 16 in VAEs): in
+channels_last a group's channels are the contiguous run, and only a known run length
+lets loads and stores be vectors rather than one element at a time.
 
 Limits: fp32/fp16/bf16; each sample must have < 2**31 elements (per-sample
 offsets are int32, the batch offset is int64); empty tensors are not launched
@@ -71,6 +69,7 @@ import dataclasses
 import functools
 import logging
 import math
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -483,20 +482,20 @@ def resident_programs(n_regs: int, shared: int, warps: int, props: Any) -> int:
 
 def fit_grid_sync(
     plan: LaunchPlan,
-    resident: Any,
-    replan: Any,
+    resident: Callable[[LaunchPlan], int],
+    replan: Callable[[int], LaunchPlan],
     can_cut: bool,
     requested: bool,
-) -> LaunchPlan | None:
-    """The plan a grid sync runs: `plan` when its whole grid fits on the GPU at once
-    (`resident(plan)` programs do), else one with a split cut to fit (`replan(split)`; only
-    when `can_cut`, the split not being the caller's), checked again (registers, so what
-    fits, can change with the launch). None: run in two launches. ValueError when the grid
-    sync was `requested` and cannot fit."""
+) -> tuple[LaunchPlan, bool]:
+    """(the plan to run, whether it runs as a grid sync): `plan` when its whole grid fits on
+    the GPU at once (`resident(plan)` programs do), else one with a split cut to fit
+    (`replan(split)`; only when `can_cut`, the split not being the caller's), checked again
+    (registers, so what fits, can change with the launch). Where nothing fits: the last plan
+    tried, in two launches. ValueError when the grid sync was `requested` and cannot fit."""
     while True:
         fits = resident(plan) // plan.blocks
         if plan.split <= fits:
-            return plan
+            return plan, True
         if can_cut and fits >= (1 if requested else 2):
             plan = replan(fits)  # a split of at most `fits`: strictly smaller, so this ends
         elif requested:
@@ -505,7 +504,7 @@ def fit_grid_sync(
                 f"not fit on the GPU at once ({resident(plan)} do); pass a smaller split"
             )
         else:
-            return None
+            return plan, False
 
 
 def grid_sync_works(device: torch.device) -> bool:
@@ -608,6 +607,59 @@ def group_norm(
     """
     check_group_norm_args(x, num_groups, weight, bias, activation, input_bias)
     check_device("x", x)
+    cuda = x.device.type == "cuda" and not INTERPRETED
+    tile = (_TILE_GPU if cuda else _TILE_INTERPRETER) if tile is None else tile
+    stride_s = _check_launch_knobs(x, split, tile, warps, stages, one_launch, cuda)
+    if x.numel() == 0:
+        return torch.empty_like(x)
+    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else None
+    plan = plan_launch(
+        x.shape, num_groups, stride_s, tile, sms, split, groups_per_program, channel_block
+    )
+    call = _Call(
+        x=x,
+        y=torch.empty_like(x),  # x's layout (NCHW or channels_last)
+        weight=weight,
+        bias=bias,
+        input_bias=None if input_bias is None else input_bias.contiguous(),
+        num_groups=num_groups,
+        eps=eps,
+        silu=activation == "silu",
+        stride_s=stride_s,
+        warps=warps,
+        stages=stages,
+    )
+    # a split cut to fit keeps the plan's group blocks and tiles
+    replan = functools.partial(
+        plan_launch,
+        x.shape,
+        num_groups,
+        stride_s,
+        tile,
+        sms,
+        groups_per_program=plan.groups_per_program,
+        channel_block=plan.block_c,
+    )
+    plan, grid_sync = _choose_grid_sync(call, plan, one_launch, cuda, replan, split is None)
+    if grid_sync:
+        _launch_grid_sync(call, plan)
+    elif plan.split == 1:
+        _launch_one_pass(call, plan)
+    else:
+        _launch_two(call, plan)
+    return call.y
+
+
+def _check_launch_knobs(
+    x: torch.Tensor,
+    split: int | None,
+    tile: int,
+    warps: int,
+    stages: int,
+    one_launch: bool | None,
+    cuda: bool,
+) -> int:
+    """ValueError for an x or knobs no launch takes; else x's spatial stride."""
     if x.dtype not in DTYPES:
         raise ValueError(f"x.dtype must be one of {DTYPES}, got {x.dtype}")
     stride_s = spatial_stride(x)
@@ -619,9 +671,6 @@ def group_norm(
         raise ValueError(f"warps must be 1, 2, 4, 8 or 16, got {warps}")
     if not 1 <= stages <= 4:
         raise ValueError(f"stages must be between 1 and 4, got {stages}")
-    cuda = x.device.type == "cuda" and not INTERPRETED
-    if tile is None:
-        tile = _TILE_GPU if cuda else _TILE_INTERPRETER
     if tile < 16 or tile & (tile - 1):
         raise ValueError(f"tile must be a power of 2 >= 16, got {tile}")
     if one_launch and not cuda and split not in (None, 1):
@@ -629,120 +678,163 @@ def group_norm(
             "one_launch with split > 1 needs a CUDA GPU: its barrier waits for programs "
             "running side by side, and the interpreter runs them one after another"
         )  # (split 1 runs the grid sync's code with a barrier of one: what CI can check)
-    if x.numel() == 0:
-        return torch.empty_like(x)
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count if cuda else None
-    plan = plan_launch(
-        x.shape, num_groups, stride_s, tile, sms, split, groups_per_program, channel_block
-    )
-    hw, cpg = x[0, 0].numel(), x.shape[1] // num_groups
-    y = torch.empty_like(x)  # x's layout (NCHW or channels_last)
-    stride_ys = spatial_stride(y)  # x's, unless x is not dense (a slice of channels)
-    ib = x if input_bias is None else input_bias.contiguous()  # x: a placeholder, never read
-    meta: dict = dict(
-        HAS_WEIGHT=weight is not None,
-        HAS_BIAS=bias is not None,
-        HAS_INPUT_BIAS=input_bias is not None,
-        SILU=activation == "silu",
-        INTERPRETER_BF16=INTERPRETED and x.dtype == torch.bfloat16,
+    return stride_s
+
+
+@dataclasses.dataclass(frozen=True)
+class _Call:
+    """One group_norm call: what each of its launches reads and writes, whatever the plan."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    weight: torch.Tensor | None
+    bias: torch.Tensor | None
+    input_bias: torch.Tensor | None  # contiguous [N, C]
+    num_groups: int
+    eps: float
+    silu: bool
+    stride_s: int
+    warps: int
+    stages: int
+
+
+def _choose_grid_sync(
+    call: _Call,
+    plan: LaunchPlan,
+    one_launch: bool | None,
+    cuda: bool,
+    replan: Callable[[int], LaunchPlan],
+    can_cut: bool,
+) -> tuple[LaunchPlan, bool]:
+    """(the plan to run, whether as a grid sync): the caller's `one_launch`, else the grid
+    sync where it saves a launch (split > 1, a tensor small enough for the launch to
+    matter) on a GPU where it passed its first-use check; on CUDA, fitted to the GPU."""
+    if one_launch is None:
+        saves_a_launch = plan.split > 1 and call.x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
+        grid_sync = cuda and saves_a_launch and grid_sync_works(call.x.device)
+    else:
+        grid_sync = one_launch
+    if not (grid_sync and cuda):
+        return plan, grid_sync
+    resident = functools.partial(_grid_sync_residency, call)
+    return fit_grid_sync(plan, resident, replan, can_cut, requested=bool(one_launch))
+
+
+def _tile_options(call: _Call, plan: LaunchPlan) -> dict[str, Any]:
+    """The tile's shape and pipelining, the same in both kernels."""
+    return dict(
+        HAS_INPUT_BIAS=call.input_bias is not None,
         BLOCK_G=plan.groups_per_program,
         BLOCK_C=plan.block_c,
         BLOCK_S=plan.block_s,
-        STAGES=stages,
-        MAX_POLLS=_MAX_BARRIER_POLLS,
-        num_warps=warps,
+        STAGES=call.stages,
+        num_warps=call.warps,
     )
-    requested = one_launch
-    if one_launch is None:  # the grid sync where it saves a launch, on a GPU where it works
-        one_launch = cuda and plan.split > 1 and x.numel() <= ONE_LAUNCH_MAX_ELEMENTS
-        one_launch = one_launch and grid_sync_works(x.device)
-    partials = words = x  # placeholder pointers, never read
-    allocated_for = None
 
-    def allocate() -> None:  # the partials (and barrier words) of the current plan, once
-        nonlocal partials, words, allocated_for
-        if allocated_for is not plan:
-            shape = (plan.blocks * plan.groups_per_program, plan.split, 3)
-            partials = torch.empty(shape, device=x.device, dtype=torch.float32)
-            if one_launch:
-                words = _barrier_words(x.device, plan.blocks)
-            allocated_for = plan
 
-    def launch_args() -> tuple:
-        args = (x, y, weight if weight is not None else x, bias if bias is not None else x, ib)
-        args += (partials, words, num_groups, hw, cpg, plan.s_per_prog, plan.split, eps)
-        return args + (x.stride(0), x.stride(1), stride_s, y.stride(0), y.stride(1), stride_ys)
+def _forward_options(call: _Call, plan: LaunchPlan, mode: int) -> dict[str, Any]:
+    """The forward kernel's compile-time arguments (and launch options) in `mode`."""
+    options = dict(
+        _tile_options(call, plan),
+        HAS_WEIGHT=call.weight is not None,
+        HAS_BIAS=call.bias is not None,
+        SILU=call.silu,
+        INTERPRETER_BF16=INTERPRETED and call.x.dtype == torch.bfloat16,
+        MAX_POLLS=_MAX_BARRIER_POLLS,
+        BLOCK_SPLIT=1 << (plan.split - 1).bit_length(),
+        MODE=mode,
+    )
+    if mode == _GRID_SYNC.value:
+        options["launch_cooperative_grid"] = True  # refused, not hung, if it cannot be resident
+    return options
 
-    def forward(mode: int, warmup: bool = False):
-        grid = (plan.blocks, plan.split)
-        kwargs = dict(meta, BLOCK_SPLIT=1 << (plan.split - 1).bit_length(), MODE=mode)
-        if mode == _GRID_SYNC.value:
-            kwargs["launch_cooperative_grid"] = True
-        if warmup:  # compiles without running
-            return _group_norm_fwd_kernel.warmup(*launch_args(), grid=grid, **kwargs)
-        return _group_norm_fwd_kernel[grid](*launch_args(), **kwargs)
 
-    def resident(candidate: LaunchPlan) -> int:
-        """Programs of the grid-sync kernel compiled for this plan's launch that fit at once.
-        Registers decide it, and Triton specializes the kernel on its arguments (channels
-        per group, unit strides, divisibility): found once per distinct launch."""
-        nonlocal plan
-        plan = candidate
-        allocate()
-        key = (x.device.index, tuple(meta.items()), _specialization(launch_args()))
-        if key not in _resident:
-            compiled = forward(_GRID_SYNC.value, warmup=True)
-            init = getattr(compiled, "_init_handles", None)  # loads it: sets its n_regs
-            if init is not None:
-                init()
-            _resident[key] = resident_programs(
-                getattr(compiled, "n_regs", 0) or 255,  # unknown: the most a thread has
-                compiled.metadata.shared,
-                warps,
-                torch.cuda.get_device_properties(x.device),
-            )
-        return _resident[key]
+def _forward_args(
+    call: _Call, plan: LaunchPlan, partials: torch.Tensor | None, words: torch.Tensor | None
+) -> tuple:
+    """The forward kernel's arguments; x stands in for the pointers a launch does not read."""
+    x, y = call.x, call.y
 
-    if one_launch and cuda:
-        gpp, block_c = plan.groups_per_program, plan.block_c
-        fitted = fit_grid_sync(
-            plan,
-            resident,
-            lambda fits: plan_launch(x.shape, num_groups, stride_s, tile, sms, fits, gpp, block_c),
-            can_cut=split is None,
-            requested=bool(requested),
-        )
-        one_launch = fitted is not None
-        plan = fitted or plan
-    if one_launch:
-        allocate()
-        forward(_GRID_SYNC.value)
-        return y
-    if plan.split == 1:
-        forward(_ONE_PASS.value)
-        return y
-    allocate()
-    _group_norm_stats_kernel[(plan.blocks, plan.split)](
+    def pointer(t: torch.Tensor | None) -> torch.Tensor:
+        return x if t is None else t
+
+    tensors = (x, y, pointer(call.weight), pointer(call.bias), pointer(call.input_bias))
+    sizes = (call.num_groups, x[0, 0].numel(), x.shape[1] // call.num_groups)
+    launch = (plan.s_per_prog, plan.split, call.eps)
+    # y's spatial stride is x's, unless x is not dense (a slice of channels)
+    strides = (x.stride(0), x.stride(1), call.stride_s, y.stride(0), y.stride(1), spatial_stride(y))
+    return tensors + (pointer(partials), pointer(words)) + sizes + launch + strides
+
+
+def _partials(call: _Call, plan: LaunchPlan) -> torch.Tensor:
+    """[N·G, split, 3] fp32: each group's (count, mean, M2) per slice."""
+    shape = (plan.blocks * plan.groups_per_program, plan.split, 3)
+    return torch.empty(shape, device=call.x.device, dtype=torch.float32)
+
+
+def _launch_one_pass(call: _Call, plan: LaunchPlan) -> None:
+    """Split 1: the forward kernel alone, each program on its whole groups."""
+    args = _forward_args(call, plan, None, None)
+    grid = (plan.blocks, plan.split)
+    _group_norm_fwd_kernel[grid](*args, **_forward_options(call, plan, _ONE_PASS.value))
+
+
+def _launch_grid_sync(call: _Call, plan: LaunchPlan) -> None:
+    """The forward kernel alone, its programs meeting at a barrier per group block."""
+    words = _barrier_words(call.x.device, plan.blocks)
+    args = _forward_args(call, plan, _partials(call, plan), words)
+    grid = (plan.blocks, plan.split)
+    _group_norm_fwd_kernel[grid](*args, **_forward_options(call, plan, _GRID_SYNC.value))
+
+
+def _launch_two(call: _Call, plan: LaunchPlan) -> None:
+    """The statistics kernel writes each slice's partials, the forward kernel merges them."""
+    x, grid = call.x, (plan.blocks, plan.split)
+    partials = _partials(call, plan)
+    _group_norm_stats_kernel[grid](
         x,
-        ib,
+        x if call.input_bias is None else call.input_bias,
         partials,
-        num_groups,
-        hw,
-        cpg,
+        call.num_groups,
+        x[0, 0].numel(),
+        x.shape[1] // call.num_groups,
         plan.s_per_prog,
         plan.split,
         x.stride(0),
         x.stride(1),
-        stride_s,
-        HAS_INPUT_BIAS=input_bias is not None,
-        BLOCK_G=plan.groups_per_program,
-        BLOCK_C=plan.block_c,
-        BLOCK_S=plan.block_s,
-        STAGES=stages,
-        num_warps=warps,
+        call.stride_s,
+        **_tile_options(call, plan),
     )
-    forward(_FROM_PARTIALS.value)
-    return y
+    args = _forward_args(call, plan, partials, None)
+    _group_norm_fwd_kernel[grid](*args, **_forward_options(call, plan, _FROM_PARTIALS.value))
+
+
+def _grid_sync_residency(call: _Call, plan: LaunchPlan) -> int:
+    """Programs of the grid-sync kernel compiled for this launch that fit at once.
+    Registers decide it, and Triton specializes the kernel on its arguments (channels per
+    group, unit strides, divisibility): found once per distinct launch. The partials and
+    barrier words, fresh aligned buffers of fixed dtypes, specialize nothing."""
+    options = _forward_options(call, plan, _GRID_SYNC.value)
+    key = (
+        call.x.device.index,
+        tuple(options.items()),
+        _specialization(_forward_args(call, plan, None, None)),
+    )
+    if key not in _resident:
+        words = _barrier_words(call.x.device, plan.blocks)
+        args = _forward_args(call, plan, _partials(call, plan), words)
+        grid = (plan.blocks, plan.split)
+        compiled = _group_norm_fwd_kernel.warmup(*args, grid=grid, **options)  # no launch
+        init = getattr(compiled, "_init_handles", None)  # loads it: sets its n_regs
+        if init is not None:
+            init()
+        _resident[key] = resident_programs(
+            getattr(compiled, "n_regs", 0) or 255,  # unknown: the most a thread has
+            compiled.metadata.shared,
+            call.warps,
+            torch.cuda.get_device_properties(call.x.device),
+        )
+    return _resident[key]
 
 
 def group_norm_ref(

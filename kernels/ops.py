@@ -121,17 +121,6 @@ def group_norm_fallback_reason(
     return None
 
 
-def group_norm_supported(
-    x: torch.Tensor,
-    num_groups: int,
-    weight: torch.Tensor | None = None,
-    bias: torch.Tensor | None = None,
-    input_bias: torch.Tensor | None = None,
-) -> bool:
-    """True if `fewstep::group_norm` runs the Triton kernel for these inputs."""
-    return group_norm_fallback_reason(x, num_groups, weight, bias, input_bias) is None
-
-
 @torch.library.custom_op("fewstep::group_norm", mutates_args=())
 def group_norm_op(
     x: torch.Tensor,
@@ -213,13 +202,6 @@ def attention_fallback_reason(
     return None
 
 
-def attention_supported(
-    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None
-) -> bool:
-    """True if `fewstep::attention` runs the Triton kernel for these inputs."""
-    return attention_fallback_reason(q, k, v, scale) is None
-
-
 @torch.library.custom_op("fewstep::attention", mutates_args=())
 def attention_op(
     q: torch.Tensor,
@@ -230,9 +212,9 @@ def attention_op(
 ) -> torch.Tensor:
     """softmax(q·kᵀ·scale)·v in SDPA's [B, H, L, D]: the fused kernel, or SDPA if unsupported.
     tune: per shape, the fastest of SDPA as torch dispatches it (untimed: the first), SDPA
-    on each of its CUDA backends, and the kernel where it applies (tuning.py). torch prefers
-    flash attention where it applies; on an H200 cuDNN's ran SD1.5's 64² self-attention in
-    58% of its time. FEWSTEP_DISABLE_KERNELS=1: torch's dispatch, untuned."""
+    on each of its CUDA backends, and the kernel where it applies (tuning.py): torch prefers
+    flash attention where it applies, which is not always the fastest backend for a card
+    and shape. FEWSTEP_DISABLE_KERNELS=1: torch's dispatch, untuned."""
     check_attention_args(q, k, v)
     reason = attention_fallback_reason(q, k, v, scale)
     if reason is not None:

@@ -46,6 +46,10 @@ so state dicts, in-place weight updates (LoRA folding) and CUDA graphs see one s
 The custom ops fall back to torch where a kernel does not apply (ops.py), so a patched model
 runs anywhere; it is only fast where the Triton kernels run (CUDA).
 
+The swaps are one table, `REWRITES`: each entry names its count in `PatchReport` and the
+`patch` keyword (switch) that turns it on, says where it applies and builds the
+replacement, so a new kernel is one entry (KERNEL_NAMES and the report follow from it).
+
 `patch` is idempotent (a second call swaps nothing, but for processors it upgrades to the
 kernel) and `unpatch` restores the original modules, processors and methods.
 
@@ -58,7 +62,8 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Any
+from collections.abc import Callable, Iterable
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -78,25 +83,6 @@ GEGLU_CLASSES = ("GEGLU",)
 REPLACEABLE_PROCESSORS = ("AttnProcessor2_0", "AttnProcessor")
 
 _RECORD = "_fewstep_kernel_patches"
-
-
-@dataclasses.dataclass
-class PatchReport:
-    """How many modules one `patch` call swapped."""
-
-    group_norm_silu: int = 0  # GroupNorm → SiLU pairs now one fused op
-    group_norm: int = 0  # standalone GroupNorms now the kernel without activation
-    attention: int = 0  # attention processors now FewstepAttnProcessor
-    resnet_blocks: int = 0  # ResNet blocks now FusedResnetBlock
-    transformer_outputs: int = 0  # Transformer2DModels now keeping their residual's layout
-    geglu: int = 0  # GEGLU activations now FusedGEGLU
-    layer_norm: int = 0  # LayerNorms now FusedLayerNorm
-    upsample_conv: int = 0  # upsample-then-convolve pairs now one transposed convolution
-    pointwise_conv: int = 0  # 1×1 convolutions now matrix products on channels_last inputs
-
-    @property
-    def total(self) -> int:
-        return sum(dataclasses.astuple(self))
 
 
 class FusedGroupNorm(nn.Module):
@@ -491,18 +477,14 @@ def _name(module: Any) -> str:
     return type(module).__name__
 
 
-def _swap(record: list, parent: nn.Module, attr: str, new: nn.Module) -> None:
-    record.append(("module", parent, attr, getattr(parent, attr)))
-    setattr(parent, attr, new)
-
-
 def _fusable_resnet(block: nn.Module) -> bool:
     """ResnetBlock2D whose forward is norm1 → SiLU → … → norm2 → SiLU (any time_embedding_norm
     but "scale_shift": "default" in U-Nets, "group" in VAE decoders), with a time projection we
     can give the SiLU to (or none)."""
     proj = getattr(block, "time_emb_proj", None)
     return (
-        isinstance(getattr(block, "norm1", None), nn.GroupNorm)
+        _name(block) in RESNET_CLASSES
+        and isinstance(getattr(block, "norm1", None), nn.GroupNorm)
         and isinstance(getattr(block, "norm2", None), nn.GroupNorm)
         and isinstance(getattr(block, "nonlinearity", None), nn.SiLU)
         and getattr(block, "time_embedding_norm", "scale_shift") != "scale_shift"
@@ -510,30 +492,288 @@ def _fusable_resnet(block: nn.Module) -> bool:
     )
 
 
+def _norm_out_pair(module: nn.Module) -> bool:
+    """A model whose forward runs `conv_norm_out` (a GroupNorm) then `conv_act` (a SiLU)."""
+    return (
+        _name(module) in NORM_OUT_CLASSES
+        and isinstance(getattr(module, "conv_norm_out", None), nn.GroupNorm)
+        and isinstance(getattr(module, "conv_act", None), nn.SiLU)
+    )
+
+
 def _runs_as_fused_block(block: nn.Module) -> bool:
     """A ResnetBlock2D with its GroupNorm → SiLU pairs fused (so not "scale_shift", whose
     norm2 keeps its own module) and no up- or downsampling: what FusedResnetBlock computes."""
     return (
-        isinstance(getattr(block, "norm2", None), FusedGroupNorm)
+        _name(block) in RESNET_CLASSES
+        and isinstance(getattr(block, "norm2", None), FusedGroupNorm)
         and block.norm2.activation == "silu"
         and block.upsample is None
         and block.downsample is None
     )
 
 
+def _geglu(module: nn.Module) -> bool:
+    return _name(module) in GEGLU_CLASSES and type(getattr(module, "proj", None)) is nn.Linear
+
+
+def _layer_norm_over_one_dim(module: nn.Module) -> bool:
+    return type(module) is nn.LayerNorm and len(module.normalized_shape) == 1
+
+
+# -- the table of rewrites ---------------------------------------------------------------
+
+PASSES = "passes"  # the switch of rewrites that only drop passes which change no value
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a rewrite builds with: the switches one `patch` call turned on, and `tune`."""
+
+    on: frozenset[str]
+    tune: bool
+
+
+@dataclasses.dataclass(frozen=True)
+class Change:
+    """One edit of a module: its `attr` becomes `new`, set (and undone by `unpatch`) as
+    `kind` says: "module" (an attribute or child module), "processor" (`set_processor`),
+    "method" (an instance attribute over the class's method). `counted`: one of the
+    report's units (False: what comes with one, e.g. the SiLU a fused op took over)."""
+
+    kind: Literal["module", "processor", "method"]
+    attr: str
+    new: Any
+    counted: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class Rewrite:
+    """One kind of swap `patch` makes, where any of its `switches` (patch() keywords) is
+    on. `changes(module, settings)` says what to change on one module of the tree (none
+    where it does not apply); each counted change adds 1 to the report's `name`, a count
+    of `unit`s."""
+
+    name: str
+    switches: tuple[str, ...]
+    unit: str
+
+    def changes(self, module: nn.Module, settings: Settings) -> list[Change]:
+        raise NotImplementedError
+
+
+@dataclasses.dataclass(frozen=True)
+class SwapChild(Rewrite):
+    """Each child module for which `applies_to` holds becomes `build(child, settings)`."""
+
+    applies_to: Callable[[nn.Module], bool]
+    build: Callable[[nn.Module, Settings], nn.Module]
+
+    def changes(self, module: nn.Module, settings: Settings) -> list[Change]:
+        return [
+            Change("module", attr, self.build(child, settings))
+            for attr, child in module.named_children()
+            if self.applies_to(child)
+        ]
+
+
+@dataclasses.dataclass(frozen=True)
+class EditModule(Rewrite):
+    """`edits(module, settings)`: the changes to a module itself (none where it does not
+    apply)."""
+
+    edits: Callable[[nn.Module, Settings], list[Change]]
+
+    def changes(self, module: nn.Module, settings: Settings) -> list[Change]:
+        return self.edits(module, settings)
+
+
+def _group_norm_silu_edits(module: nn.Module, settings: Settings) -> list[Change]:
+    """A ResNet block's GroupNorm → SiLU pairs, or a model's conv_norm_out → conv_act tail,
+    as FusedGroupNorm(..., "silu"); the SiLU becomes an identity, and a time projection it
+    also activated, a SiLULinear."""
+    if _fusable_resnet(module):
+        changes = [
+            Change("module", "norm1", FusedGroupNorm(module.norm1, "silu", settings.tune)),
+            Change("module", "norm2", FusedGroupNorm(module.norm2, "silu", settings.tune)),
+            Change("module", "nonlinearity", nn.Identity(), counted=False),
+        ]
+        if module.time_emb_proj is not None and not module.skip_time_act:
+            silu_linear = SiLULinear(module.time_emb_proj)
+            changes.append(Change("module", "time_emb_proj", silu_linear, counted=False))
+        return changes
+    if _norm_out_pair(module):
+        fused = FusedGroupNorm(module.conv_norm_out, "silu", settings.tune)
+        return [
+            Change("module", "conv_norm_out", fused),
+            Change("module", "conv_act", nn.Identity(), counted=False),
+        ]
+    return []
+
+
+def _attention_processor_edits(module: nn.Module, settings: Settings) -> list[Change]:
+    """An Attention module's AttnProcessor2_0 / AttnProcessor as FewstepAttnProcessor, on the
+    kernel where the `attention` switch is on (else SDPA); one an earlier call left on SDPA,
+    on the kernel now if the switch is on."""
+    if _name(module) not in ATTENTION_CLASSES:
+        return []
+    processor = getattr(module, "processor", None)
+    kernel = "attention" in settings.on
+    replaceable = _name(processor) in REPLACEABLE_PROCESSORS
+    upgrade = isinstance(processor, FewstepAttnProcessor) and kernel and not processor.kernel
+    if not (replaceable or upgrade):
+        return []
+    new = FewstepAttnProcessor(kernel=kernel, tune=settings.tune)
+    return [Change("processor", "processor", new)]
+
+
+def _transformer_output_edits(module: nn.Module, settings: Settings) -> list[Change]:
+    """A Transformer2DModel on continuous inputs, giving its output in its residual's
+    layout (`_continuous_output_in_residual_layout`)."""
+    if not (
+        _name(module) in TRANSFORMER_CLASSES
+        and getattr(module, "is_input_continuous", False)
+        and hasattr(module, _TRANSFORMER_OUTPUT)
+        and _TRANSFORMER_OUTPUT not in vars(module)
+    ):
+        return []
+    bound = types.MethodType(_continuous_output_in_residual_layout, module)
+    return [Change("method", _TRANSFORMER_OUTPUT, bound)]
+
+
+# In the order they run: the fused blocks need their norms fused first.
+REWRITES: tuple[Rewrite, ...] = (
+    EditModule(
+        "group_norm_silu",
+        ("group_norm",),
+        "GroupNorm → SiLU pairs now one fused op",
+        _group_norm_silu_edits,
+    ),
+    SwapChild(
+        "group_norm",
+        ("group_norm",),
+        "standalone GroupNorms now the kernel without activation",
+        lambda module: isinstance(module, nn.GroupNorm),
+        lambda norm, settings: FusedGroupNorm(norm, None, settings.tune),
+    ),
+    SwapChild(
+        "resnet_blocks",
+        ("group_norm",),
+        "ResNet blocks now FusedResnetBlock",
+        _runs_as_fused_block,
+        lambda block, settings: FusedResnetBlock(block),
+    ),
+    EditModule(
+        "attention",
+        ("attention", PASSES),
+        "attention processors now FewstepAttnProcessor",
+        _attention_processor_edits,
+    ),
+    SwapChild(
+        "geglu",
+        ("geglu",),
+        "GEGLU activations now FusedGEGLU",
+        _geglu,
+        lambda geglu, settings: FusedGEGLU(geglu, settings.tune),
+    ),
+    SwapChild(
+        "layer_norm",
+        ("layer_norm",),
+        "LayerNorms now FusedLayerNorm",
+        _layer_norm_over_one_dim,
+        lambda norm, settings: FusedLayerNorm(norm, settings.tune),
+    ),
+    SwapChild(
+        "upsample_conv",
+        ("upsample_conv",),
+        "upsample-then-convolve pairs now one transposed convolution",
+        _fusable_upsample,
+        lambda upsample, settings: FusedUpsampleConv(upsample, settings.tune),
+    ),
+    SwapChild(
+        "pointwise_conv",
+        ("pointwise_conv",),
+        "1×1 convolutions now matrix products on channels_last inputs",
+        _pointwise,
+        lambda conv, settings: PointwiseConv(conv, settings.tune),
+    ),
+    EditModule(
+        "transformer_outputs",
+        (PASSES,),
+        "Transformer2DModels now keeping their residual's layout",
+        _transformer_output_edits,
+    ),
+)
+# patch()'s keywords, and those that swap in a kernel (the rest drop passes)
+SWITCHES = tuple(dict.fromkeys(switch for r in REWRITES for switch in r.switches))
+KERNEL_NAMES = tuple(switch for switch in SWITCHES if switch != PASSES)
+
+
+def _report_class() -> type:
+    """A dataclass with one int field per rewrite, 0 by default, and `total`."""
+    names = [r.name for r in REWRITES]
+    if len(set(names)) != len(names):
+        raise ValueError(f"REWRITES' names must differ, got {names}")
+    report = dataclasses.make_dataclass(
+        "PatchReport",
+        [(name, int, dataclasses.field(default=0)) for name in names],
+        namespace={"total": property(lambda self: sum(dataclasses.astuple(self)))},
+    )
+    report.__module__ = __name__
+    report.__doc__ = "How many modules one `patch` call swapped, by rewrite:\n\n" + "\n".join(
+        f"- {r.name}: {r.unit}" for r in REWRITES
+    )
+    return report
+
+
+PatchReport = _report_class()
+
+
+def _settings(kernels: Iterable[str] | None, switches: dict[str, Any], tune: bool) -> Settings:
+    """The switches a `patch` call turns on: all by default; `kernels`, when given, turns
+    off the kernels it does not name; a keyword sets its own switch."""
+    unknown = sorted(set(switches) - set(SWITCHES))
+    if unknown:
+        raise ValueError(
+            f"patch() takes the switches {SWITCHES} (and kernels=, tune=), got {unknown}"
+        )
+    on = dict.fromkeys(SWITCHES, True)
+    if kernels is not None:
+        named = None if isinstance(kernels, str) else set(kernels)
+        if named is None or not named <= set(KERNEL_NAMES):
+            raise ValueError(f"kernels must be some of {KERNEL_NAMES}, got {kernels!r}")
+        twice = sorted(set(switches) & set(KERNEL_NAMES))
+        if twice:
+            raise ValueError(f"kernels= and the keywords {twice} both say which kernels to use")
+        on.update({name: name in named for name in KERNEL_NAMES})
+    on.update({name: bool(value) for name, value in switches.items()})
+    return Settings(frozenset(name for name, value in on.items() if value), bool(tune))
+
+
+def _apply(record: list, owner: nn.Module, change: Change) -> None:
+    """Make `change` to `owner`, recording how to undo it."""
+    if change.kind == "processor":
+        record.append(("processor", owner, change.attr, owner.processor))
+        owner.set_processor(change.new)
+    elif change.kind == "method":
+        record.append(("method", owner, change.attr, None))
+        object.__setattr__(owner, change.attr, change.new)
+    else:
+        record.append(("module", owner, change.attr, getattr(owner, change.attr)))
+        setattr(owner, change.attr, change.new)
+
+
 def patch(
     module: nn.Module,
-    group_norm: bool = True,
-    attention: bool = True,
-    passes: bool = True,
-    geglu: bool = True,
-    layer_norm: bool = True,
-    upsample_conv: bool = True,
-    pointwise_conv: bool = True,
+    *,
+    kernels: Iterable[str] | None = None,
     tune: bool = False,
-) -> tuple[nn.Module, PatchReport]:
-    """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place.
+    **switches: bool,
+) -> tuple[nn.Module, Any]:  # (module, PatchReport)
+    """Swap fewstep.kernels into a diffusers UNet2DConditionModel / AutoencoderKL, in place:
+    each rewrite of REWRITES whose switch is on, in order, over the whole module.
 
+    Switches (keywords, each True by default; SWITCHES):
     group_norm: fuse GroupNorm → SiLU pairs and swap the other GroupNorms.
     attention: AttnProcessor2_0 / AttnProcessor processors on the attention kernel.
     passes: drop passes that change no value (attention's division by 1, Transformer2D
@@ -544,83 +784,28 @@ def patch(
     convolution.
     pointwise_conv: 1×1 convolutions (SD1.5's transformer projections, ResNet shortcuts) on
     channels_last inputs as matrix products with their bias added by the GEMM.
+    kernels: instead of the kernels' keywords, the kernels to swap in (some of
+    KERNEL_NAMES; the others stay off).
     tune: each op this call swaps in times its kernel against torch's own at the first call
     of each shape on a CUDA GPU and keeps the faster (kernels/tuning.py); modules an
     earlier call swapped keep their setting.
-    Returns (module, what this call swapped). Calling it again swaps nothing.
+    Returns (module, a PatchReport of what this call swapped). Calling it again swaps
+    nothing. ValueError for an unknown switch or kernel name, before anything is swapped.
     """
+    settings = _settings(kernels, switches, tune)
     record: list = getattr(module, _RECORD, [])
-    report = PatchReport()
-    if group_norm:
+    counts = dict.fromkeys((r.name for r in REWRITES), 0)
+    for rewrite in REWRITES:
+        if settings.on.isdisjoint(rewrite.switches):
+            continue
         for sub in list(module.modules()):
-            if _name(sub) in RESNET_CLASSES and _fusable_resnet(sub):
-                _swap(record, sub, "norm1", FusedGroupNorm(sub.norm1, "silu", tune))
-                _swap(record, sub, "norm2", FusedGroupNorm(sub.norm2, "silu", tune))
-                _swap(record, sub, "nonlinearity", nn.Identity())
-                if sub.time_emb_proj is not None and not sub.skip_time_act:
-                    _swap(record, sub, "time_emb_proj", SiLULinear(sub.time_emb_proj))
-                report.group_norm_silu += 2
-            elif (
-                _name(sub) in NORM_OUT_CLASSES
-                and isinstance(getattr(sub, "conv_norm_out", None), nn.GroupNorm)
-                and isinstance(getattr(sub, "conv_act", None), nn.SiLU)
-            ):
-                _swap(record, sub, "conv_norm_out", FusedGroupNorm(sub.conv_norm_out, "silu", tune))
-                _swap(record, sub, "conv_act", nn.Identity())
-                report.group_norm_silu += 1
-        for sub in list(module.modules()):
-            for attr, child in list(sub.named_children()):
-                if isinstance(child, nn.GroupNorm):
-                    _swap(record, sub, attr, FusedGroupNorm(child, None, tune))
-                    report.group_norm += 1
-                elif _name(child) in RESNET_CLASSES and _runs_as_fused_block(child):
-                    _swap(record, sub, attr, FusedResnetBlock(child))
-                    report.resnet_blocks += 1
-    if attention or passes:
-        for sub in module.modules():
-            processor = getattr(sub, "processor", None)
-            if _name(sub) not in ATTENTION_CLASSES:
-                continue
-            replaceable = _name(processor) in REPLACEABLE_PROCESSORS
-            upgrade = (
-                isinstance(processor, FewstepAttnProcessor) and attention and not processor.kernel
-            )
-            if replaceable or upgrade:
-                record.append(("processor", sub, "processor", processor))
-                sub.set_processor(FewstepAttnProcessor(kernel=attention, tune=tune))
-                report.attention += 1
-    if geglu or layer_norm or upsample_conv or pointwise_conv:
-        for sub in list(module.modules()):
-            for attr, child in list(sub.named_children()):
-                linear = type(getattr(child, "proj", None)) is nn.Linear
-                one_dim = type(child) is nn.LayerNorm and len(child.normalized_shape) == 1
-                if geglu and _name(child) in GEGLU_CLASSES and linear:
-                    _swap(record, sub, attr, FusedGEGLU(child, tune))
-                    report.geglu += 1
-                elif layer_norm and one_dim:
-                    _swap(record, sub, attr, FusedLayerNorm(child, tune))
-                    report.layer_norm += 1
-                elif upsample_conv and _fusable_upsample(child):
-                    _swap(record, sub, attr, FusedUpsampleConv(child, tune))
-                    report.upsample_conv += 1
-                elif pointwise_conv and _pointwise(child):
-                    _swap(record, sub, attr, PointwiseConv(child, tune))
-                    report.pointwise_conv += 1
-    if passes:
-        for sub in module.modules():
-            if (
-                _name(sub) in TRANSFORMER_CLASSES
-                and getattr(sub, "is_input_continuous", False)
-                and hasattr(sub, _TRANSFORMER_OUTPUT)
-                and _TRANSFORMER_OUTPUT not in vars(sub)
-            ):
-                record.append(("method", sub, _TRANSFORMER_OUTPUT, None))
-                bound = types.MethodType(_continuous_output_in_residual_layout, sub)
-                object.__setattr__(sub, _TRANSFORMER_OUTPUT, bound)
-                report.transformer_outputs += 1
+            changes = rewrite.changes(sub, settings)
+            for change in changes:
+                _apply(record, sub, change)
+            counts[rewrite.name] += sum(change.counted for change in changes)
     if record:
         object.__setattr__(module, _RECORD, record)  # a plain attribute, not a submodule
-    return module, report
+    return module, PatchReport(**counts)
 
 
 def unpatch(module: nn.Module) -> nn.Module:

@@ -1,8 +1,7 @@
 """Per shape, the faster of a kernel and torch's own op, timed on the GPU at first use.
 
-Which is faster depends on the card and the shape: on an H200 the fused GroupNorm beat
-torch's everywhere, while the attention kernel lost to cuDNN's SDPA at head dim 40 and came
-close at 16² latents. A tuned op (`tune=True` on the custom ops, `patch(..., tune=True)`,
+Which is faster depends on the card and the shape, so it is timed where the op runs
+rather than fixed here. A tuned op (`tune=True` on the custom ops, `patch(..., tune=True)`,
 the torch backend's `kernels="auto"`) times its candidates once per key (the tensors'
 shapes, strides, dtypes and device, and the other arguments) and keeps the fastest for the
 process, as Triton's autotuner and cuDNN's benchmark mode do. A near tie may go either

@@ -1,6 +1,6 @@
 """fewstep.kernels against fp64 references, in Triton's interpreter (TRITON_INTERPRET=1, conftest).
 
-Accuracy rule (STYLE.md): with ref64 the fp64 computation on the same
+Accuracy rule: with ref64 the fp64 computation on the same
 (exactly upcast) inputs, a kernel passes when
 
     max|kernel − ref64| <= 2 · max|torch_same_precision − ref64| + floor(dtype)
@@ -181,7 +181,7 @@ def test_grid_sync_is_cut_until_its_whole_grid_fits():
     replan = functools.partial(group_norm_module.plan_launch, (2, 320, 64, 64), 32, 1, 2048, 132)
     assert (plan.blocks, plan.split) == (64, 8)
     # fits as it is
-    assert fit(plan, lambda p: 64 * 8, replan, can_cut=True, requested=False) is plan
+    assert fit(plan, lambda p: 64 * 8, replan, can_cut=True, requested=False) == (plan, True)
     # cut to 4, where the new launch's kernel holds less: cut again, to 3
     seen = []
 
@@ -189,13 +189,17 @@ def test_grid_sync_is_cut_until_its_whole_grid_fits():
         seen.append(p.split)
         return 64 * 4 if p.split == 8 else 64 * 3
 
-    fitted = fit(plan, shrinking, replan, can_cut=True, requested=False)
-    assert seen == [8, 4, 3] and fitted.split == 3
+    fitted, synced = fit(plan, shrinking, replan, can_cut=True, requested=False)
+    assert seen == [8, 4, 3] and fitted.split == 3 and synced
     # a split of 1 would do no grid sync's work: two launches instead, unless requested
-    assert fit(plan, lambda p: 64, replan, can_cut=True, requested=False) is None
-    assert fit(plan, lambda p: 64, replan, can_cut=True, requested=True).split == 1
+    assert fit(plan, lambda p: 64, replan, can_cut=True, requested=False) == (plan, False)
+    fitted, synced = fit(plan, lambda p: 64, replan, can_cut=True, requested=True)
+    assert fitted.split == 1 and synced
+    # cut to 4, whose kernel then fits only one program per block: the cut plan, two launches
+    fitted, synced = fit(plan, lambda p: 64 * (4 if p.split == 8 else 1), replan, True, False)
+    assert fitted.split == 4 and not synced
     # the caller's own split is not cut
-    assert fit(plan, lambda p: 64 * 4, replan, can_cut=False, requested=False) is None
+    assert fit(plan, lambda p: 64 * 4, replan, can_cut=False, requested=False) == (plan, False)
     with pytest.raises(ValueError, match="do not fit on the GPU at once"):
         fit(plan, lambda p: 64 * 4, replan, can_cut=False, requested=True)
 
@@ -449,6 +453,41 @@ def test_group_norm_writes_every_output(monkeypatch, channels_last):
     assert not torch.isnan(got).any()
     got = group_norm_op(x, 32, weight, bias, 1e-5, "silu")
     assert not torch.isnan(got).any()
+
+
+def test_group_norm_launches_one_form_per_call(monkeypatch):
+    """Which kernels a call launches, on which grid, in which mode: split 1 the forward
+    kernel's one pass; a split the statistics kernel, then the forward kernel merging its
+    partials; one_launch the forward kernel's grid sync, as a cooperative launch."""
+    launches = []
+
+    class Spy:
+        def __init__(self, label, kernel):
+            self.label, self.kernel = label, kernel
+
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                cooperative = kwargs.get("launch_cooperative_grid", False)
+                launches.append((self.label, grid, kwargs.get("MODE"), cooperative))
+                return self.kernel[grid](*args, **kwargs)
+
+            return launch
+
+    for name, label in (("_group_norm_stats_kernel", "stats"), ("_group_norm_fwd_kernel", "fwd")):
+        monkeypatch.setattr(group_norm_module, name, Spy(label, getattr(group_norm_module, name)))
+    x, weight, bias = _group_norm_inputs((2, 16, 16, 16), False, torch.float32)
+    ref64 = group_norm_ref(x.double(), 8, weight.double(), bias.double(), activation="silu")
+    expected = _group_norm_torch(x, 8, weight, bias, "silu")
+    forms = [  # 2 · 8 groups, one per group block; tile 64: 2 slices of 128 positions
+        ({}, [("fwd", (16, 1), 1, False)]),
+        ({"split": 2, "tile": 64}, [("stats", (16, 2), None, False), ("fwd", (16, 2), 0, False)]),
+        ({"one_launch": True}, [("fwd", (16, 1), 2, True)]),
+    ]
+    for knobs, want in forms:
+        launches.clear()
+        got = group_norm(x, 8, weight, bias, activation="silu", **knobs)
+        assert launches == want, knobs
+        assert_matches_ref(got, expected, ref64, f"group_norm {knobs}")
 
 
 # Attention ------------------------------------------------------------------

@@ -9,6 +9,8 @@ against the modules the model has, counted here without the patcher's own rules.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 
 torch = pytest.importorskip("torch")
@@ -18,7 +20,15 @@ from test_kernels import assert_matches_ref  # noqa: E402
 
 import fewstep.kernels.ops as kernel_ops  # noqa: E402
 from fewstep.backends.torch_backend import diffusers_dtype_kwargs  # noqa: E402
-from fewstep.kernels import FewstepAttnProcessor, is_patched, patch, unpatch  # noqa: E402
+from fewstep.kernels import (  # noqa: E402
+    KERNEL_NAMES,
+    FewstepAttnProcessor,
+    PatchReport,
+    is_patched,
+    patch,
+    unpatch,
+)
+from fewstep.kernels.patch import REWRITES, SWITCHES  # noqa: E402
 
 pytestmark = [
     # The interpreter evaluates masked-off lanes too (see test_kernels.py).
@@ -244,6 +254,54 @@ def test_a_later_patch_puts_sdpa_processors_on_the_kernel_and_unpatch_undoes_bot
     unpatch(module)
     assert {name: type(p) for name, p in module.attn_processors.items()} == original
     assert not any("_get_output_for_continuous_inputs" in vars(m) for m in module.modules())
+
+
+def test_names_switches_and_report_come_from_the_rewrite_table():
+    """One table: PatchReport has a count per rewrite (a dataclass: reports serialize it with
+    dataclasses.asdict), patch() a keyword per switch, KERNEL_NAMES the switches that swap
+    in a kernel, and the torch backend offers the same kernels."""
+    from fewstep.backends import torch_backend
+
+    names = [r.name for r in REWRITES]
+    assert [f.name for f in dataclasses.fields(PatchReport)] == names
+    assert dataclasses.asdict(PatchReport()) == dict.fromkeys(names, 0)
+    assert PatchReport(geglu=2, attention=3).total == 5
+    assert set(SWITCHES) == {switch for r in REWRITES for switch in r.switches}
+    assert [switch for switch in SWITCHES if switch != "passes"] == list(KERNEL_NAMES)
+    assert torch_backend.KERNEL_NAMES == KERNEL_NAMES
+    module = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.LayerNorm(4))
+    _, report = patch(module, **dict.fromkeys(SWITCHES, False))
+    assert report.total == 0 and not is_patched(module)
+
+
+def test_kernels_argument_swaps_what_the_kernel_keywords_do(tiny_model):
+    by_name = load(tiny_model, "sd1", "unet")
+    by_keyword = load(tiny_model, "sd1", "unet")
+    _, named = patch(by_name, kernels=("attention", "geglu"))
+    off = dict.fromkeys(("group_norm", "layer_norm", "upsample_conv", "pointwise_conv"), False)
+    _, keywords = patch(by_keyword, **off)
+    assert vars(named) == vars(keywords)
+    assert named.geglu > 0 and named.transformer_outputs > 0 and named.group_norm == 0
+    assert [type(m) for m in by_name.modules()] == [type(m) for m in by_keyword.modules()]
+    assert all(p.kernel for p in by_name.attn_processors.values())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "given", "allowed"),
+    [
+        ({"group_nrom": False}, "group_nrom", SWITCHES),
+        ({"kernels": ["group_norm", "flash"]}, "flash", KERNEL_NAMES),
+        ({"kernels": "group_norm"}, "'group_norm'", KERNEL_NAMES),  # a name, not a list
+        ({"kernels": ["passes"]}, "passes", KERNEL_NAMES),  # a switch, not a kernel
+        ({"kernels": ["attention"], "geglu": False}, "geglu", None),  # said twice
+    ],
+)
+def test_patch_rejects_unknown_switches_and_kernels_before_swapping(kwargs, given, allowed):
+    module = torch.nn.Sequential(torch.nn.GroupNorm(2, 4), torch.nn.SiLU())
+    with pytest.raises(ValueError) as error:
+        patch(module, **kwargs)
+    assert given in str(error.value) and (allowed is None or str(allowed) in str(error.value))
+    assert not is_patched(module) and type(module[0]) is torch.nn.GroupNorm
 
 
 def test_patched_unet_compiles_in_one_graph(tiny_model):

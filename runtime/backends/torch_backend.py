@@ -29,9 +29,9 @@ the CPU only in Triton's interpreter (TRITON_INTERPRET=1, for tests); `kernels=T
 without it logs that and runs torch's ops. With `kernels=False, cuda_graphs=False` this
 backend is plain "diffusers eager" (SDPA attention), the baseline of benchmarks.
 `compile=True` adds torch.compile (Inductor) of the U-Net and VAE decoder under the same
-CUDA graphs: the fastest U-Net step measured (6.20 ms against 6.44 ms for torch.compile's
-own reduce-overhead mode, SD1.5 512² batch 2 fp16, H200), at the cost of a compile of about
-half a minute per shape on first use.
+CUDA graphs: the fastest U-Net step measured, ahead of torch.compile's own reduce-overhead
+mode (docs/reference.md#torch-backend-on-the-h200), at the cost of a compile per shape on
+first use (tens of seconds for an SD U-Net).
 
 Limits: SDXL (a second text encoder, `text_embeds`/`time_ids`) is not wired yet:
 NotImplementedError. Weights load from safetensors only (pickle runs code; see
@@ -137,13 +137,12 @@ def parse_dtype(dtype: Any, device: Any) -> Any:
 KERNEL_NAMES = ("group_norm", "attention", "geglu", "layer_norm", "upsample_conv", "pointwise_conv")
 # On CUDA by default: every kernel, each op keeping per shape the faster of the kernel and
 # torch's own, timed at its first call (fewstep.kernels.tuning). Which wins depends on the
-# card and the shape: on an H200 the fused GroupNorm+SiLU made the U-Net step faster (SD1.5
-# 512² batch 2 fp16, CUDA graphs: 7.97 ms against 10.27 ms with none) and the attention
-# kernel slower (8.96 ms with both: cuDNN's SDPA is faster at D=40;
-# benchmarks/results/gpu-suite-h200.json); tuned attention also times SDPA on each of its
-# backends (torch's pick, flash, was not the fastest). Where nothing can be timed, each op
-# takes the measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's GEGLU
-# and LayerNorm, diffusers' upsampling, cuDNN's 1×1 convolutions. The first call of each
+# card and the shape: on an H200 the fused GroupNorm+SiLU made the SD1.5 U-Net step faster
+# and the attention kernel made it slower, cuDNN's SDPA being faster at head dim 40
+# (docs/reference.md#torch-backend-on-the-h200); tuned attention also times SDPA on each of
+# its backends, since torch's own pick is not always the fastest. Where nothing can be timed,
+# each op takes the measured-faster or conservative path: the GroupNorm kernel, SDPA, torch's
+# GEGLU and LayerNorm, diffusers' upsampling, cuDNN's 1×1 convolutions. The first call of each
 # shape pays for it: every candidate compiles (Triton keeps them on disk) and is timed, inside
 # the warm-up before the CUDA graph capture (in `capture_ms`).
 DEFAULT_CUDA_KERNELS = "auto"
@@ -267,7 +266,11 @@ class _CudaGraph:
 
 class TorchBackend:
     name = "torch"
-    verify_model = staticmethod(verify_diffusers_folder)  # it runs the folder's modules
+
+    @staticmethod
+    def verify_model(root: Path, check_hashes: bool = True) -> None:
+        """The diffusers folder whose modules it runs (no manifest: no hashes to check)."""
+        verify_diffusers_folder(root)
 
     def __init__(
         self,
@@ -386,14 +389,7 @@ class TorchBackend:
 
             for name in ("unet", "vae"):
                 _, module_report = patch(
-                    getattr(self, name),
-                    group_norm="group_norm" in self.kernels,
-                    attention="attention" in self.kernels,
-                    geglu="geglu" in self.kernels,
-                    layer_norm="layer_norm" in self.kernels,
-                    upsample_conv="upsample_conv" in self.kernels,
-                    pointwise_conv="pointwise_conv" in self.kernels,
-                    tune=self.tune_kernels,
+                    getattr(self, name), kernels=self.kernels, tune=self.tune_kernels
                 )
                 report[name] = module_report
             logger.info("fewstep.kernels patched in: %s", report)
@@ -422,8 +418,9 @@ class TorchBackend:
             "vae_decoder": self._vae_decoder,
             "vae_encoder": self._vae_encoder,
         }
-        # Each captured per input signature; the text encoder too, whose ~350 small launches
-        # made it host-bound (13.9 ms eager for SD-Turbo's at batch 1 and 8 alike, H200).
+        # Each captured per input signature; the text encoder too: eagerly, its hundreds of
+        # small launches make it host-bound, as slow at batch 1 as at batch 8
+        # (docs/reference.md#torch-backend-on-the-h200).
         self._captured = {"text_encoder", "unet", "vae_decoder"} if self.cuda_graphs else set()
         self._unet_inputs = (
             GRAPH_INPUTS["unet"]
