@@ -5,8 +5,8 @@ place, a frozen `GraphSpec`: input and output names in order, their shapes with 
 axes, dtypes, and how to draw a sample input. The wrapper modules take exactly the ONNX inputs
 in that order, so the exporter, the verification and the tests all read the same contract.
 
-Names and layout follow Hugging Face optimum's ONNX Stable Diffusion export (REFERENCE.md,
-"The optimum ONNX layout"). Axis names: `batch`, `sequence` (tokens); `height`/`width` are
+Names and layout follow Hugging Face optimum's ONNX Stable Diffusion export
+(docs/reference.md#onnx-layout). Axis names: `batch`, `sequence` (tokens); `height`/`width` are
 always in latent pixels, `image_height`/`image_width` in image pixels.
 
 Precision: in an fp16 package every float input, weight and output is fp16 except `timestep`,

@@ -5,24 +5,24 @@ In torch 2.13 both exporters produce correct graphs for every SD component with 
 height, width and sequence (outputs agree with torch to ~1e-6 relative at non-square sizes and
 other batches than the traced one). We chose the TorchScript one because:
 
-- it is faster where it matters for us: the tiny test U-Net exports in ~2 s against ~17 s with
-  the dynamo exporter on 2 CPU cores (dynamo's cost is mostly `run_decompositions` reasoning
-  about symbolic shapes, per node), so the export tests fit CI's minutes; a real-size SD 1.5
-  U-Net (3.4 GB fp32) takes 58 s against 87 s;
+- it is faster where it matters for us: the tiny test U-Net exports several times faster
+  than with the dynamo exporter (dynamo's cost is mostly `run_decompositions` reasoning about
+  symbolic shapes, per node), so the export tests fit CI's minutes, and a real-size SD 1.5
+  U-Net exports faster too (docs/reference.md#onnx-exporter);
 - `dynamic_axes` gives the axis names we declare (`batch`, `height`, ...) to inputs and
   outputs alike; the dynamo exporter needs `Dim.AUTO` to get past guards diffusers' code adds
   (`batch <= 63` from Upsample2D's `>= 64` branch, even sizes), and then names the axes
   `s23`, `s59`, ...;
 - it is what optimum-onnx's `export_pytorch` uses by default (`dynamo=False`), so our graphs
   have the structure of the optimum packages fewstep must interoperate with.
-Its costs: memory, since it serialises the whole model in memory: exporting that SD 1.5 U-Net
-peaks at 7.1 GB resident (+1x the weights) against dynamo's 3.9 GB (+0.06x); for SDXL (10 GB
-fp32 U-Net) that is ~21 GB against ~11 GB, the point at which `dynamo=True` becomes the
-better trade. It is deprecated (a DeprecationWarning since torch 2.9), and it traces Python
-control flow for the traced shapes only: such specialisations are caught by the verification,
-which runs every graph at another batch and a non-square size than the one traced. Switching
-is confined to `export_graph` (`dynamic_shapes` with `Dim.AUTO`, `ONNXProgram.save`, then
-rename the axes).
+Its costs: memory, since it serialises the whole model in memory: exporting an SD 1.5 U-Net
+peaks at about twice the resident memory of the dynamo exporter, and at SDXL's size that is
+the point at which `dynamo=True` becomes the better trade (docs/reference.md#onnx-exporter).
+It is deprecated (a DeprecationWarning since torch 2.9), and it traces Python control flow
+for the traced shapes only: such specialisations are caught by the verification, which runs
+every graph at another batch and a non-square size than the one traced. Switching is confined
+to `export_graph` (`dynamic_shapes` with `Dim.AUTO`, `ONNXProgram.save`, then rename the
+axes).
 
 External data: graphs whose weights exceed 2 GiB (protobuf's limit; the SD fp32 U-Net is
 3.4 GB) keep their weights in one `model.onnx_data` file beside `model.onnx`, optimum's

@@ -6,11 +6,11 @@ contracts, `onnx_io.py`) and map its weights to initializers (`lora_map.py`) -> 
 against torch (`verify.py`) -> write configs, tokenizer, scheduler and the manifest -> rename
 into place.
 
-The package layout is DESIGN.md's (optimum's ONNX Stable Diffusion layout plus
-`fewstep.json`). Writes are atomic (`fewstep.atomic_folder`): everything is built in a hidden
-sibling folder `.{out.name}.tmp-XXXX` and renamed to `out` at the end; any failure (an
-exception, Ctrl-C) removes the temporary folder and leaves nothing at `out`, and one left by a
-killed export is removed by the next export to the same `out`.
+The package layout is optimum's ONNX Stable Diffusion layout plus `fewstep.json`
+(docs/architecture.md#the-model-package). Writes are atomic (`fewstep.atomic_folder`):
+everything is built in a hidden sibling folder `.{out.name}.tmp-XXXX` and renamed to `out` at
+the end; any failure (an exception, Ctrl-C) removes the temporary folder and leaves nothing at
+`out`, and one left by a killed export is removed by the next export to the same `out`.
 
 The package's tokenizer/ holds both layouts whatever the source shipped: tokenizer.json (the
 lean runtime, fast tokenizers) and vocab.json + merges.txt (optimum, slow tokenizers), each

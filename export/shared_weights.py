@@ -1,7 +1,7 @@
 """One folder, one copy of the weights: a diffusers folder that is also its model package.
 
-A model package repeats the weights of the diffusers folder it was exported from (the default
-model: 5.7 MB twice). ONNX can keep an initializer outside the graph as a byte range
+A model package repeats the weights of the diffusers folder it was exported from, so the two
+folders hold every weight twice. ONNX can keep an initializer outside the graph as a byte range
 (location, offset, length) of a file in the graph's folder, and a safetensors file stores every
 tensor as one such range after its JSON header, little-endian like ONNX. So a graph placed in
 its component's diffusers folder (`unet/model.onnx` next to

@@ -4,8 +4,9 @@
 before any weights are read); `load_source` then loads the three torch components in fp32.
 
 - Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: unpickling runs code the
-  file chose, and `torch.load(weights_only=True)` has had bypasses (REFERENCE.md, "Known
-  failure modes"). Diffusers folders are loaded with `use_safetensors=True` for the same reason.
+  file chose, and `torch.load(weights_only=True)` has had bypasses
+  (docs/reference.md#known-failure-modes). Diffusers folders are loaded with
+  `use_safetensors=True` for the same reason.
 - Single files are converted by diffusers' own single-file loader
   (`diffusers/loaders/single_file_utils.py`), offline: `config=` must be a local diffusers
   folder that provides the component configs, the tokenizer and the scheduler.

@@ -15,12 +15,12 @@ such as `model.onnx_data`) and the graph's nodes. This walks the protobuf wire f
                 .data_location = 14 (1 = EXTERNAL)
     StringStringEntryProto.key = 1, .value = 2 (external data: location, offset, length)
 
-The file is memory-mapped and raw_data is skipped over, never copied, so indexing a 1.7 GB
-embedded-weights graph costs milliseconds. Limits: the main graph only (not subgraphs of
-If/Loop), raw_data or external tensors only (typed fields such as float_data have no byte
-range: `offset` is -1 and they cannot be rewritten in place). External data locations are
-checked to stay inside the graph's folder (`fewstep.package.package_path`): a graph cannot
-make fewstep read or write a file elsewhere.
+The file is memory-mapped and raw_data is skipped over, never copied, so indexing a graph
+costs time in the number of its nodes and tensors, not in the bytes of its weights. Limits:
+the main graph only (not subgraphs of If/Loop), raw_data or external tensors only (typed
+fields such as float_data have no byte range: `offset` is -1 and they cannot be rewritten in
+place). External data locations are checked to stay inside the graph's folder
+(`fewstep.package.package_path`): a graph cannot make fewstep read or write a file elsewhere.
 """
 
 from __future__ import annotations

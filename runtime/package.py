@@ -1,6 +1,6 @@
 """The model package: a folder in optimum's ONNX Stable Diffusion layout plus `fewstep.json`.
 
-Layout (see DESIGN.md):
+Layout (docs/architecture.md#the-model-package):
 
     model_index.json                 from the source model
     scheduler/scheduler_config.json
@@ -119,7 +119,8 @@ class ModelInfo:
 def default_generation_settings(
     scheduler_config: dict[str, Any], guidance_embedding_dim: int | None
 ) -> tuple[int, float]:
-    """(num_inference_steps, guidance_scale) users of each family expect (REFERENCE.md)."""
+    """(num_inference_steps, guidance_scale) users of each family expect
+    (docs/reference.md#model-families)."""
     cls = scheduler_config.get("_class_name", "")
     if cls == "LCMScheduler" or guidance_embedding_dim:
         return 4, 8.5

@@ -84,9 +84,9 @@ class OnnxRuntimeBackend:
     def _session_options(self) -> Any:
         options = self._ort.SessionOptions()
         # The memory pattern (one block planned from the first run, allocated on the second)
-        # costs more than it saves here: on the CPU, mid-size U-Net at 512², batch 2, it
-        # doubled the peak memory (4.6 GB against 2.5 GB), made the second step take 5.2 s
-        # instead of 2 s, and steady steps were no faster (p50 1.75 s against 1.58 s).
+        # costs more than it saves here: on the CPU it nearly doubled a 512² U-Net's peak
+        # memory and slowed its second step, with steady steps no faster
+        # (docs/reference.md#onnxruntime-memory-pattern).
         options.enable_mem_pattern = False
         if self._intra_op_num_threads:
             options.intra_op_num_threads = self._intra_op_num_threads

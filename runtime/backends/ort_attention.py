@@ -11,10 +11,11 @@ The package's graphs hold attention as standard ONNX (what torch's exporter writ
 onnxruntime runs that as written: the B·H·S·L score matrix is materialized twice (scores and
 softmax), 2 × 1.07 GB per self-attention of a 512² SD1.5-layout U-Net at batch 2. Its contrib
 op `com.microsoft.MultiHeadAttention` takes q, k, v as [B, S, C] and runs flash attention on
-the CPU (MLAS). On the mid benchmark model at 512² (benchmarks/results/cpu-bench-all.json) the
-U-Net step went from 1616 to 1232 ms and the peak memory from 3.7 to 1.8 GB. The backend swaps
-each matched subgraph for that op in an in-memory copy of the graph; the package on disk
-stays standard ONNX for OpenVINO and TensorRT.
+the CPU (MLAS), which made the U-Net step faster and halved the peak memory on the mid
+benchmark model at 512² (sides `onnxruntime` and `onnxruntime-unfused` of
+benchmarks/results/cpu-bench-all.json). The backend swaps each matched subgraph for that op in
+an in-memory copy of the graph; the package on disk stays standard ONNX for OpenVINO and
+TensorRT.
 
 Matching is strict (every link above, each intermediate used only inside the pattern, the
 default scale 1/√D built as the exporter builds it, float32 projections, the head count a

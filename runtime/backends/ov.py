@@ -2,18 +2,15 @@
 
 Each graph is read once with `openvino.Core().read_model` (the ONNX frontend) at load; a call
 reshapes it to the static shapes of its inputs and compiles it for the CPU, and the compiled
-model is kept, keyed by (graph, input shapes). Static shapes are what make OpenVINO fast.
-Measured on the `fewstep bench` mid U-Net (latents 2x4x64x64, CFG batch, 2 AVX512-BF16 cores,
-quiet machine, OpenVINO 2026.4, the variants interleaved in one process), p50 of 8 steps:
-    fp32: static 0.99 s vs dynamic 1.36 s (first call 1.08 s vs 1.66 s)
-    bf16: static 0.66 s vs dynamic 0.79 s (first call 0.68 s vs 1.10 s)
-and compiling either way takes about the same, 1.7-2.0 s.
+model is kept, keyed by (graph, input shapes). Static shapes are what make OpenVINO fast: a
+static U-Net step ran faster than the same graph compiled with dynamic shapes, in fp32 and in
+bf16, and compiling took about as long either way (docs/reference.md#openvino-static-shapes).
 A pipeline sees few shapes (one per batch and size), so the cost is one compile per new
 shape, paid on the first call. Each compiled shape holds its own repacked weights and
-buffers: about 1.4x the U-Net's size per shape on the mid model; on the small default model,
-where buffers dominate, 9-12x the U-Net's weight files per U-Net shape and 13-50x the VAE
-decoder's per decoder shape (latents 16x16 to 64x64, growing with the size). The read ov.Model
-of each graph stays in memory too, to be reshaped without reading the file again.
+buffers: more than the graph's weight files per shape, and on small models, where buffers
+dominate, several times them, growing with the size
+(docs/reference.md#openvino-compiled-shape-memory). The read ov.Model of each graph stays in
+memory too, to be reshaped without reading the file again.
 
 Bounded cache (`max_compiled_shapes`, default 8): each graph keeps at most that many compiled
 shapes and evicts the least recently used one when a new shape compiles, so a server that

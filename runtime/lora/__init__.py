@@ -1,4 +1,4 @@
-"""fewstep.lora: LoRA files folded into a model's weights (DESIGN.md "LoRA").
+"""fewstep.lora: LoRA files folded into a model's weights (docs/reference.md#lora-files).
 
     W ← W + Σ_i scale_i · (alpha_i / rank_i) · up_i @ down_i
 

@@ -1,6 +1,6 @@
 """Reading LoRA safetensors files: the key layouts found in the wild → a list of `LoraLayer`.
 
-Layouts (REFERENCE.md "LoRA files"; the diffusers variants as diffusers reads them in
+Layouts (docs/reference.md#lora-files; the diffusers variants as diffusers reads them in
 `loaders/lora_conversion_utils.py` and `utils/state_dict_utils.py`):
 
     kohya / A1111      lora_unet_<module_with_underscores>.lora_down.weight / .lora_up.weight

@@ -1,6 +1,6 @@
 """Matching LoRA layers to a model's base weights, and the fold itself (numpy, fp32).
 
-    W ← W + Σ_i s_i · (alpha_i / rank_i) · up_i @ down_i          (DESIGN.md "LoRA")
+    W ← W + Σ_i s_i · (alpha_i / rank_i) · up_i @ down_i          (docs/reference.md#lora-files)
 
 computed in float32 whatever W's dtype, then cast to it; a fold that makes a value inf or
 NaN in W's dtype (a huge scale or alpha, an fp16 weight past 65504) is an error naming the

@@ -9,7 +9,7 @@ holds `to_q.weight.T`). Two sources for the map, weight name → (initializer, t
    every exported initializer's bytes against the torch module's parameters, as stored or
    transposed: exact, and independent of how the exporter names things. The package
    manifest hashes it like every other file.
-2. Packages without one (optimum's, or exported before fewstep wrote maps): derived from the
+2. Packages without one (optimum's, or any other exporter's): derived from the
    graph itself. Named initializers name their parameter; a MatMul/Gemm whose weight input is
    an initializer carries its module's scope in the node name (`/unet/down_blocks.0/…/attn1/
    to_q/MatMul` → `down_blocks.0.….attn1.to_q.weight`), and the operator says the layout
@@ -24,7 +24,8 @@ embedded initializers overwritten in memory, and the externally stored ones (gra
 `SessionOptions.add_external_initializers`. (`SessionOptions.add_initializer`, the obvious
 way, is silently ignored for Conv weights at onnxruntime's default optimisation level: the
 NCHWc layout transformer reads the weight from the graph before the override applies;
-benchmarks/lora_bench.py measures it. The parity tests fold 3×3 and 1×1 conv LoRAs.)
+benchmarks/lora_bench.py measures it, `ort_override_methods` in
+benchmarks/results/cpu-lora.json. The parity tests fold 3×3 and 1×1 conv LoRAs.)
 `apply_loras_to_package` writes into a copy of the package, atomically: the new values
 take exactly the bytes of the old ones, so every other byte of the graph is unchanged.
 

@@ -7,9 +7,10 @@ Each fold *sets* the LoRAs: a weight becomes pristine + Σ deltas of exactly the
 computed from the kept pristine copy (never by subtracting an earlier delta), so A → B → A
 leaves exactly the weights of A, and weights a previous fold touched but this one does not
 are restored. Weights are updated with `.copy_()` into their existing storage, so CUDA graphs
-captured on them stay valid (REFERENCE.md, "Known failure modes"). The pristine copies live
-on the weight's device, as an attribute of each module (`_fewstep_lora_pristine`); unfold
-restores them and frees them.
+captured on them stay valid: a replay reads the addresses it captured and would never see a
+new tensor (docs/reference.md#known-failure-modes). The pristine copies live on the weight's
+device, as an attribute of each module (`_fewstep_lora_pristine`); unfold restores them and
+frees them.
 
 Deltas are computed in float32 on the weight's device (`fewstep.lora.fold` has the formula)
 and cast to the weight's dtype after adding; a fold that makes a value inf or NaN in that
