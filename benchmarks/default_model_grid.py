@@ -3,7 +3,7 @@
     python benchmarks/default_model_grid.py --output benchmarks/results/default-model-grid.png
 
 Runs the installed default model (fewstep.default_model(), onnxruntime, its own defaults: LCM,
-4 steps) on the first prompts of each kind of `fewstep.scenes.evaluation_prompts()` (prompt i,
+4 steps) on the first prompts of each kind of `training.scenes.evaluation_prompts()` (prompt i,
 seed i, as in the quality report) and draws each image enlarged, with its prompt below and a
 mark for whether the analyzer read the prompt back from it.
 """
@@ -11,6 +11,7 @@ mark for whether the analyzer read the prompt back from it.
 from __future__ import annotations
 
 import argparse
+import sys
 import textwrap
 import time
 from pathlib import Path
@@ -18,9 +19,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
-from fewstep import scenes
 from fewstep.package import default_model
 from fewstep.pipeline import Pipeline
+
+# training/ (the dataset and its analyzer) is a folder of the checkout, not installed.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from training import scenes  # noqa: E402
 
 SCALE = 3  # 64 px -> 192 px, nearest neighbour: the pixels are the model's
 CAPTION_LINES = 4

@@ -27,17 +27,17 @@ One run, in order (each section writes the JSON so far, so a run cut short still
    backend, eager and fast; per-stage times from fewstep's own timings; a profile of the
    VAE decoder at batch 8.
 4. quality (d): the shipped default model through the torch backend on the device, fp32 and
-   fp16 with the default kernels, scored by fewstep.scenes' analyzer on its evaluation
-   prompts (the quality yardstick of every precision and kernel change). Last because it
-   is not timed: a run cut short loses it rather than a timing.
+   fp16 with the default kernels, scored by the scenes analyzer (training/scenes.py) on its
+   evaluation prompts (the quality yardstick of every precision and kernel change). Last
+   because it is not timed: a run cut short loses it rather than a timing.
 After each section: what the tuned ops chose per shape, with each candidate's device time
 (`kernel_choices`; fewstep.kernels.tuning).
 
-Timing (STYLE.md): CUDA events around each call, `--warmup` untimed calls first (Triton
+Timing: CUDA events around each call, `--warmup` untimed calls first (Triton
 compiles, CUDA graph capture and torch.compile happen there and are reported apart), p50 and
 p90 of `--repeats` calls; cuDNN benchmark mode on for every variant alike. Weights are
 random: drawn N(0, 1/fan_in) (variance preserving, as fewstep's tiny models), saved as fp16
-safetensors in a real diffusers folder (tokenizer and scheduler from fewstep.testing), and
+safetensors in a real diffusers folder (tokenizer and scheduler from fewstep.export.testing), and
 loaded the way users load them.
 
 `--small` (the default without a GPU): the same code path on the CPU at tiny sizes, kernels in
@@ -52,7 +52,6 @@ test suite runs it (tests/test_gpu_suite.py). Its numbers measure only the harne
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import dataclasses
 import functools
@@ -60,9 +59,7 @@ import gc
 import importlib
 import json
 import os
-import platform
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -81,9 +78,17 @@ if SMALL:  # before triton is imported: the kernels run in its interpreter on th
 import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import kernels_bench  # noqa: E402
-
+from fewstep.benchmarks import kernels_bench  # noqa: E402
+from fewstep.benchmarks.harness import (  # noqa: E402
+    cpu_name,
+    cuda_card,
+    device_ms,
+    git_commit,
+    graphed_ms,
+    library_versions,
+    time_ms,
+    write_json,
+)
 from fewstep.kernels import (  # noqa: E402
     attention,
     attention_ref,
@@ -102,7 +107,7 @@ group_norm_module = importlib.import_module("fewstep.kernels.group_norm")
 SECTIONS = ("checks", "kernels", "unet", "turbo", "quality")  # the targets first, untimed last
 REPO = Path(__file__).resolve().parents[1]
 
-# GFLOP per forward (REFERENCE.md, "Performance anchors"): for achieved TFLOP/s.
+# GFLOP per forward: for achieved TFLOP/s.
 GFLOP = {"sd15_unet_64x64_b2": 1607.0, "sd21_unet_64x64_b1": 804.0, "vae_decoder_512": 2515.0}
 
 
@@ -111,10 +116,10 @@ GFLOP = {"sd15_unet_64x64_b2": 1607.0, "sd21_unet_64x64_b1": 804.0, "vae_decoder
 
 @dataclasses.dataclass(frozen=True)
 class ModelPreset:
-    """A full-size architecture: the fewstep.testing family that supplies tokenizer and
+    """A full-size architecture: the fewstep.export.testing family that supplies tokenizer and
     scheduler, and the component configs that replace the tiny ones."""
 
-    family: str  # fewstep.testing family (tokenizer, scheduler, model_index)
+    family: str  # fewstep.export.testing family (tokenizer, scheduler, model_index)
     unet: dict[str, Any]
     text_encoder: dict[str, Any]
     vae: dict[str, Any]
@@ -192,7 +197,7 @@ def make_model_folder(path: Path, preset: str, small: bool, device: torch.device
     """A diffusers folder: fewstep's tiny model of the preset's family (`small`), or that
     folder with its U-Net, VAE and text encoder replaced by random-weight full-size ones
     (fp16 safetensors)."""
-    from fewstep.testing import make_tiny_model
+    from fewstep.export.testing import make_tiny_model
 
     make_tiny_model(path, PRESETS[preset].family)
     if small:
@@ -228,61 +233,19 @@ def make_model_folder(path: Path, preset: str, small: bool, device: torch.device
 
 
 def environment(device: torch.device) -> dict[str, Any]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    versions = {"python": platform.python_version()}
-    for name in ("fewstep", "torch", "triton", "diffusers", "transformers", "numpy"):
-        with contextlib.suppress(PackageNotFoundError):
-            versions[name] = version(name)
-    env: dict[str, Any] = {"versions": versions, "commit": _commit()}
+    libraries = ("fewstep", "torch", "triton", "diffusers", "transformers", "numpy")
+    env: dict[str, Any] = {
+        "versions": library_versions(libraries, cuda=device.type == "cuda"),
+        "commit": git_commit(REPO),
+    }
     if device.type == "cuda":
-        props = torch.cuda.get_device_properties(device)
-        versions["cuda"] = str(torch.version.cuda)
-        env["card"] = {
-            "name": props.name,
-            "compute_capability": f"{props.major}.{props.minor}",
-            "multiprocessors": props.multi_processor_count,
-            "memory_gb": round(props.total_memory / 2**30, 1),
-            "driver": _driver(),
-        }
+        env["card"] = cuda_card(device)
     else:
         env["card"] = {
-            "name": f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)",
+            "name": cpu_name(),
             "triton_interpreter": os.environ.get("TRITON_INTERPRET") == "1",
         }
     return env
-
-
-def _driver() -> str | None:
-    try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            check=True,
-            timeout=30,
-        )
-        return out.stdout.strip().splitlines()[0]
-    except (OSError, subprocess.SubprocessError, IndexError):
-        return None
-
-
-def _commit() -> str | None:
-    # The GPU machine gets a copy of the working tree whose .git may be older than the tree:
-    # FEWSTEP_COMMIT, where set, names the commit that was sent.
-    if os.environ.get("FEWSTEP_COMMIT"):
-        return os.environ["FEWSTEP_COMMIT"]
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=REPO,
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
 
 
 # -- accuracy ------------------------------------------------------------------------------------
@@ -472,10 +435,11 @@ def check_grid_sync_in_graph(device: torch.device) -> dict[str, Any]:
 
 
 def timed(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> dict:
-    """kernels_bench.time_ms: first call, then p50/p90 over `repeats` after `warmup` calls."""
+    """harness.time_ms (first call, then p50/p90 over `repeats` after `warmup` calls) and, on a
+    GPU, the peak memory allocated meanwhile."""
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    result = kernels_bench.time_ms(fn, warmup, repeats, device)
+    result = time_ms(fn, warmup, repeats, device)
     if device.type == "cuda":
         result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
     return result
@@ -485,35 +449,6 @@ def _free() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def graphed_ms(fn: Callable[[], Any], device: torch.device, repeats: int, calls: int = 20) -> float:
-    """Device time per call: `calls` calls captured in one CUDA graph, p50 of `repeats` replays.
-
-    Eager timings of a small kernel measure its host-side launch (Python, the custom op's
-    dispatch, Triton's launcher) as much as the kernel; inside the runtime's CUDA graphs
-    only the device time is left, and this measures that."""
-    fn()  # compiles, autotunes, picks algorithms: nothing of that may happen in a capture
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    t = kernels_bench.time_ms(graph.replay, 3, repeats, device)
-    del graph
-    return t["p50"] / calls
-
-
-def device_ms(fn: Callable[[], Any], device: torch.device, warmup: int, repeats: int) -> float:
-    """A call's time as the runtime sees it: device time in a CUDA graph on a GPU; on the
-    CPU, p50 of eager calls (interpreted kernels: the code path only)."""
-    if device.type == "cuda":
-        return graphed_ms(fn, device, repeats)
-    return timed(fn, warmup, repeats, device)["p50"]
 
 
 # (form, programs per SM over the whole grid, elements per tile, warps): group_norm's `split`,
@@ -1092,14 +1027,17 @@ def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
 
 
 def bench_quality(device: torch.device, small: bool) -> dict[str, Any]:
-    """The shipped default model (LCM, 4 steps, guidance 8.5) on fewstep.scenes'
+    """The shipped default model (LCM, 4 steps, guidance 8.5) on the scenes'
     evaluation prompts through the torch backend: fp32, then fp16 with the default kernels;
     each image scored by the analyzer. Prompt i starts from the latents
     of seed i and prompts go 20 to a call, as in training/evaluate.py, so the fp32 row is
     comparable with benchmarks/results/quality-default-model.json."""
-    from fewstep import scenes
     from fewstep.package import default_model
     from fewstep.pipeline import Pipeline
+
+    # training/ (the dataset and its analyzer) is a folder of the checkout, not installed.
+    sys.path.insert(0, str(REPO))
+    from training import scenes
 
     prompts = list(scenes.evaluation_prompts())
     if small:  # a few of each kind: the code path, not a measurement
@@ -1123,9 +1061,7 @@ def bench_quality(device: torch.device, small: bool) -> dict[str, Any]:
     }
     images: dict[str, np.ndarray] = {}
     for name, options in settings:
-        pipe = Pipeline.from_pretrained(
-            default_model("diffusers"), backend="torch", device=device, **options
-        )
+        pipe = Pipeline.from_pretrained(default_model(), backend="torch", device=device, **options)
         chunks = []
         for i in range(0, len(prompts), 20):
             out = pipe(
@@ -1415,8 +1351,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         results["checks_ok"] = all_checks_ok(results)
         results["targets"] = target_summary(results)
         if args.output:
-            args.output.parent.mkdir(parents=True, exist_ok=True)
-            args.output.write_text(json.dumps(results, indent=2) + "\n")
+            write_json(args.output, results)
 
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="fewstep-gpu-suite-"))
     try:

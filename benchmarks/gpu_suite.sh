@@ -31,15 +31,19 @@ if ! "$py" -c "import diffusers" 2>/dev/null; then
   fi
   "$py" -m pip install -q --no-index --no-deps --no-cache-dir "$wheel"
 fi
-if ! "$py" -c "import fewstep.kernels, fewstep.backends.torch_backend" 2>/dev/null; then
+if ! "$py" -c "import fewstep.kernels, fewstep.backends.torch_backend, fewstep.benchmarks.harness" \
+  2>/dev/null; then
   if ! "$py" -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e .; then
     # An old setuptools there cannot build this pyproject (PEP 639 license field): lay the
-    # packages out as installed (runtime/ is fewstep, kernels/ and export/ inside it).
+    # packages out as installed (runtime/ is fewstep; kernels/, export/ and benchmarks/,
+    # without its results, inside it).
     echo "gpu_suite.sh: editable install failed; running from a source tree on PYTHONPATH"
     src="$(mktemp -d)"
     cp -r runtime "$src/fewstep"
     cp -r kernels "$src/fewstep/kernels"
     cp -r export "$src/fewstep/export"
+    mkdir "$src/fewstep/benchmarks"
+    cp benchmarks/*.py "$src/fewstep/benchmarks/"
     export PYTHONPATH="$src${PYTHONPATH:+:$PYTHONPATH}"
   fi
 fi

@@ -18,14 +18,8 @@ speedup over torch, and max |kernel − torch| as a sanity check.
 from __future__ import annotations
 
 import argparse
-import contextlib
-import json
 import os
-import platform
-import subprocess
 import sys
-import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +31,13 @@ import torch.nn.functional as F
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+from fewstep.benchmarks.harness import (  # noqa: E402
+    cpu_name,
+    git_commit,
+    library_versions,
+    time_ms,
+    write_json,
+)
 from fewstep.kernels import attention, group_norm  # noqa: E402
 
 # (name, shape [N, C, H, W], groups, channels_last)
@@ -60,47 +61,6 @@ ATTENTION_CUDA = [
     ("unet-down2-cross", 2, 8, 256, 77, 160),
 ]
 ATTENTION_CPU = [("tiny-self", 1, 2, 64, 64, 40), ("tiny-cross", 1, 2, 64, 77, 40)]
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    t = torch.tensor(values, dtype=torch.float64)
-    return {
-        "p50": float(t.quantile(0.5)),
-        "p90": float(t.quantile(0.9)),
-        "n": len(values),
-    }
-
-
-def time_ms(fn: Callable[[], Any], warmup: int, repeats: int, device: torch.device) -> dict:
-    """First-call time, then p50/p90 of `repeats` calls after `warmup` more, in ms."""
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    fn()  # compiles the Triton kernel on first use
-    if cuda:
-        torch.cuda.synchronize(device)
-    first_ms = (time.perf_counter() - t0) * 1e3
-    for _ in range(warmup):
-        fn()
-    times = []
-    if cuda:
-        events = [
-            (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
-            for _ in range(repeats)
-        ]
-        for start, end in events:
-            start.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize(device)
-        times = [start.elapsed_time(end) for start, end in events]
-    else:
-        for _ in range(repeats):
-            t0 = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - t0) * 1e3)
-    return {"first_call_ms": first_ms, **percentiles(times)}
 
 
 def bench_group_norm(cases, dtype, device, warmup, repeats) -> list[dict]:
@@ -175,32 +135,10 @@ def bench_attention(cases, dtype, device, warmup, repeats) -> list[dict]:
     return out
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in ("fewstep", "torch", "triton"):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    if torch.cuda.is_available():
-        out["cuda"] = str(torch.version.cuda)
-    return out
-
-
-def _commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores), interpreter"
+    return f"{cpu_name()}, interpreter"
 
 
 def run(warmup: int | None, repeats: int | None, output: Path | None) -> dict[str, Any]:
@@ -219,8 +157,8 @@ def run(warmup: int | None, repeats: int | None, output: Path | None) -> dict[st
         ),
         "device": _device_name(device),
         "interpreter": os.environ.get("TRITON_INTERPRET", "0") == "1",
-        "versions": _versions(),
-        "commit": _commit(),
+        "versions": library_versions(("fewstep", "torch", "triton"), cuda=cuda),
+        "commit": git_commit(),
         "warmup": warmup,
         "repeats": repeats,
         "group_norm": bench_group_norm(
@@ -243,9 +181,7 @@ def run(warmup: int | None, repeats: int | None, output: Path | None) -> dict[st
             f"{r['torch_tflop_per_s']:7.2f} TFLOP/s | x{r['speedup']:.2f}"
         )
     if output is not None:
-        output.parent.mkdir(parents=True, exist_ok=True)
-        output.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {output}")
+        print(f"wrote {write_json(output, results)}")
     return results
 
 

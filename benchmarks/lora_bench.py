@@ -30,22 +30,19 @@ from __future__ import annotations
 
 import argparse
 import gc
-import importlib.metadata
 import json
-import platform
 import shutil
 import sys
 import tempfile
 import time
 import types
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fewstep.export.bench import device_name, git_commit
+from fewstep.benchmarks.harness import cpu_name, git_commit, library_versions, wall_ms, write_json
 from fewstep.export.graphs import unet_spec
 from fewstep.export.lora_map import write_lora_map
 from fewstep.export.onnx_io import export_graph
@@ -75,27 +72,8 @@ SD15_UNET = {  # runwayml/stable-diffusion-v1-5 unet/config.json
 MID_UNET = {**SD15_UNET, "block_out_channels": (64, 128, 256, 256)}  # fewstep bench's `mid`
 ATTENTION = (".to_q", ".to_k", ".to_v", ".to_out.0")
 RANK, ALPHA = 64, 32.0
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values)
-    return {
-        "p50": float(np.percentile(arr, 50)),
-        "p90": float(np.percentile(arr, 90)),
-        "n": len(arr),
-    }
-
-
-def timed(fn: Callable[[], Any], repeats: int, setup: Callable[[], Any] | None = None) -> dict:
-    """ms per call of fn, p50/p90 over `repeats` (setup runs before each, untimed)."""
-    times = []
-    for _ in range(repeats):
-        if setup is not None:
-            setup()
-        t0 = time.perf_counter()
-        fn()
-        times.append((time.perf_counter() - t0) * 1e3)
-    return percentiles(times)
+# Whose versions a result records.
+LIBRARIES = ("fewstep", "numpy", "torch", "diffusers", "onnx", "onnxruntime", "safetensors")
 
 
 def make_unet(config: dict, seed: int = 0) -> Any:
@@ -194,19 +172,19 @@ def bench_sd15(work: Path, tiny_package: Path, repeats: int, config: dict) -> di
     results["lora_file_mb"] = lora_path.stat().st_size / 1e6
     results["unet_params_m"] = sum(p.numel() for p in unet.parameters()) / 1e6
 
-    results["read_lora_ms"] = timed(lambda: read_lora(lora_path), repeats)
+    results["read_lora_ms"] = wall_ms(lambda: read_lora(lora_path), repeats)
     lora = read_lora(lora_path)
     modules = {"unet": unet}
 
     # torch, in place
-    results["torch_first_fold_ms"] = timed(
+    results["torch_first_fold_ms"] = wall_ms(
         lambda: fold_lora_torch(modules, [(lora, 1.0)]),
         repeats,
         setup=lambda: unfold_lora_torch(modules),
     )
     fold_lora_torch(modules, [(lora, 1.0)])
-    results["torch_refold_ms"] = timed(lambda: fold_lora_torch(modules, [(lora, 0.7)]), repeats)
-    results["torch_unfold_ms"] = timed(
+    results["torch_refold_ms"] = wall_ms(lambda: fold_lora_torch(modules, [(lora, 0.7)]), repeats)
+    results["torch_unfold_ms"] = wall_ms(
         lambda: unfold_lora_torch(modules),
         repeats,
         setup=lambda: fold_lora_torch(modules, [(lora, 1.0)]),
@@ -214,7 +192,7 @@ def bench_sd15(work: Path, tiny_package: Path, repeats: int, config: dict) -> di
 
     # numpy: resolution + deltas
     shapes = {"unet": {n: tuple(p.shape) for n, p in unet.named_parameters()}}
-    results["numpy_plan_and_deltas_ms"] = timed(
+    results["numpy_plan_and_deltas_ms"] = wall_ms(
         lambda: [f.delta() for f in plan_fold([(lora, 1.0)], shapes)], repeats
     )
 
@@ -233,8 +211,8 @@ def bench_sd15(work: Path, tiny_package: Path, repeats: int, config: dict) -> di
         p.stat().st_size for p in (package / "unet").iterdir() if p.is_file()
     )
 
-    results["map_and_index_ms"] = timed(lambda: package_graph_weights(package), repeats)
-    results["lora_initializers_ms"] = timed(
+    results["map_and_index_ms"] = wall_ms(lambda: package_graph_weights(package), repeats)
+    results["lora_initializers_ms"] = wall_ms(
         lambda: lora_initializers(package, [(lora, 1.0)]), repeats
     )
     values = lora_initializers(package, [(lora, 1.0)])["unet"]
@@ -248,8 +226,8 @@ def bench_sd15(work: Path, tiny_package: Path, repeats: int, config: dict) -> di
 
     patched, external = patched_model(model, values)
     results["lora_weights_stored"] = "external data" if external else "embedded"
-    results["ort_session_plain_ms"] = timed(lambda: ort_session(ort, str(model)), repeats)
-    results["ort_session_with_lora_ms"] = timed(lora_session, repeats)
+    results["ort_session_plain_ms"] = wall_ms(lambda: ort_session(ort, str(model)), repeats)
+    results["ort_session_with_lora_ms"] = wall_ms(lora_session, repeats)
     del patched, external
     session = lora_session()
     ours = session.run(None, feed)[0]
@@ -267,7 +245,7 @@ def bench_sd15(work: Path, tiny_package: Path, repeats: int, config: dict) -> di
         shutil.rmtree(out, ignore_errors=True)
         apply_loras_to_package(package, [(lora, 1.0)], out)
 
-    results["apply_package_ms"] = timed(apply_once, max(1, repeats // 2))
+    results["apply_package_ms"] = wall_ms(apply_once, max(1, repeats // 2))
     shutil.rmtree(work / "applied", ignore_errors=True)
     shutil.rmtree(package, ignore_errors=True)
     return results
@@ -305,12 +283,12 @@ def bench_add_initializer(work: Path, tiny_package: Path, repeats: int) -> dict[
         "unet_onnx_bytes": model.stat().st_size,
         "lora_layers": layers,
         "export_unet_s": export_s,
-        "ort_session_plain_ms": timed(lambda: ort_session(ort, str(model)), repeats),
-        "patch_graph_bytes_ms": timed(lambda: patched_model(model, values), repeats),
-        "ort_session_patched_bytes_ms": timed(
+        "ort_session_plain_ms": wall_ms(lambda: ort_session(ort, str(model)), repeats),
+        "patch_graph_bytes_ms": wall_ms(lambda: patched_model(model, values), repeats),
+        "ort_session_patched_bytes_ms": wall_ms(
             lambda: ort_session(ort, patched_model(model, values)[0]), repeats
         ),
-        "ort_session_add_initializer_ms": timed(
+        "ort_session_add_initializer_ms": wall_ms(
             lambda: ort_session(ort, str(model), add_initializer_options()), repeats
         ),
     }
@@ -327,16 +305,6 @@ def bench_add_initializer(work: Path, tiny_package: Path, repeats: int) -> dict[
     return out
 
 
-def _versions() -> dict[str, str]:
-    out = {"python": platform.python_version()}
-    for name in ("fewstep", "numpy", "torch", "diffusers", "onnx", "onnxruntime", "safetensors"):
-        try:
-            out[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
@@ -348,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     from fewstep.export import export_package
-    from fewstep.testing import make_tiny_model
+    from fewstep.export.testing import make_tiny_model
 
     work = Path(args.workdir or tempfile.mkdtemp(prefix="lora-bench-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -361,9 +329,9 @@ def main(argv: list[str] | None = None) -> int:
             "U-Net, fp32; ms are p50/p90 over repeats"
         ),
         "where": {
-            "device": device_name(),
+            "device": cpu_name(),
             "torch_threads": torch.get_num_threads(),
-            "versions": _versions(),
+            "versions": library_versions(LIBRARIES),
             "commit": git_commit(),
         },
         "repeats": args.repeats,
@@ -372,11 +340,9 @@ def main(argv: list[str] | None = None) -> int:
         ),
         "ort_override_methods": bench_add_initializer(work, tiny_package, args.repeats),
     }
-    text = json.dumps(results, indent=2)
-    print(text)
+    print(json.dumps(results, indent=2))
     if args.output:
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text + "\n")
+        write_json(Path(args.output), results)
     if not args.workdir:
         shutil.rmtree(work, ignore_errors=True)
     return 0

@@ -174,7 +174,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     (diffusers folder → model package → onnxruntime pipeline) working end to end.
     """
     from fewstep.export import export_package
-    from fewstep.testing import make_tiny_model
+    from fewstep.export.testing import make_tiny_model
 
     work = Path(args.workdir)
     source, package = work / f"tiny-{args.family}", work / f"tiny-{args.family}-onnx"
@@ -191,7 +191,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int:
     try:
-        from fewstep.export.bench import run_bench
+        from fewstep.benchmarks.pipeline_bench import run_bench
     except ImportError as e:
         raise ImportError(
             f"fewstep bench needs the export extra: pip install 'fewstep[export]' ({e})"
@@ -218,7 +218,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--model",
         default=None,
-        help="model package folder (default: the bundled 64x64 scenes model, fewstep.scenes)",
+        help="model package folder (default: the bundled 64x64 scenes model)",
     )
     _add_generation_args(p)
     p.set_defaults(func=cmd_generate)

@@ -27,7 +27,7 @@ from fewstep.package import hash_package_files, read_manifest, verify_package
 
 FAMILIES = ("sd1", "sd2", "lcm", "turbo")
 GRAPHS = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-# Tiny models (fewstep.testing): U-Net latents must be multiples of 2, the VAE scales by 8.
+# Tiny models (fewstep.export.testing): U-Net latents must be multiples of 2, the VAE scales by 8.
 UNET_MULTIPLE, VAE_SCALE = 2, 8
 
 
@@ -245,11 +245,10 @@ def test_tokenizer_json_matches_transformers(family, tiny_package, tiny_model):
 
 
 @pytest.mark.parametrize("family", ["sd1", "sd2"])  # OpenAI CLIP and OpenCLIP key layouts
-def test_single_file_export_matches_folder_export(family, tiny_model, tiny_package, tmp_path):
-    testing = pytest.importorskip("fewstep.testing")
-    if not hasattr(testing, "save_single_file"):
-        pytest.skip("fewstep.testing.save_single_file is not available")
-    ckpt = testing.save_single_file(tiny_model(family), tmp_path / "model.safetensors")
+def test_single_file_export_matches_folder_export(
+    family, tiny_model, tiny_package, tmp_path, save_single_file
+):
+    ckpt = save_single_file(tiny_model(family), tmp_path / "model.safetensors")
     pkg = export_package(ckpt, tmp_path / "pkg", config=tiny_model(family), progress=False)
     folder_pkg = tiny_package(family)
     manifest = read_manifest(pkg)

@@ -17,9 +17,9 @@ transformers = pytest.importorskip("transformers")
 
 from fewstep.export import export_package  # noqa: E402
 from fewstep.export.source import check_source  # noqa: E402
+from fewstep.export.testing import make_tiny_model  # noqa: E402
 from fewstep.package import verify_package  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
-from fewstep.testing import make_tiny_model  # noqa: E402
 from fewstep.tokenizer import CLIPTokenizer as RuntimeTokenizer  # noqa: E402
 
 MAX_LENGTH = 77

@@ -84,11 +84,9 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
     assert "U-Net step" in log and "SD-Turbo end to end" in log
 
 
-def test_gpu_only_selections_name_real_cases(monkeypatch):
+def test_gpu_only_selections_name_real_cases():
     """What runs only on a GPU can still be checked here: the sweep's cases exist."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import gpu_suite
-    import kernels_bench
+    from fewstep.benchmarks import gpu_suite, kernels_bench
 
     names = {case[0] for case in kernels_bench.GROUP_NORM_CUDA}
     assert set(gpu_suite.GROUP_NORM_SWEEP_CASES) <= names
@@ -96,10 +94,9 @@ def test_gpu_only_selections_name_real_cases(monkeypatch):
 
 def test_the_log_lists_what_the_tuned_ops_chose(monkeypatch):
     """On a GPU the tuned ops' choices go to the JSON and the log (none are made here)."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import gpu_suite
     import torch
 
+    from fewstep.benchmarks import gpu_suite
     from fewstep.kernels import tuning
 
     times = iter([0.02, 0.01])
@@ -122,12 +119,11 @@ def test_the_log_lists_what_the_tuned_ops_chose(monkeypatch):
     assert "strided torch             kernel 0.0200  torch 0.0100" in table
 
 
-def test_the_targets_summary_of_the_committed_h200_run(monkeypatch):
+def test_the_targets_summary_of_the_committed_h200_run():
     """The performance targets against the H200 run in benchmarks/results: what the README says
     of it (GroupNorm at 28-58% of a copy, attention 0.44-0.94x SDPA's best, 6.20 ms at
     best for the U-Net step), and no summary for a CPU run."""
-    monkeypatch.syspath_prepend(str(REPO / "benchmarks"))
-    import gpu_suite
+    from fewstep.benchmarks import gpu_suite
 
     results = json.loads((REPO / "benchmarks/results/gpu-suite-h200.json").read_text())
     goals = gpu_suite.target_summary(results)

@@ -1,8 +1,9 @@
-"""fewstep.scenes: the procedural dataset is deterministic, its captions parse back, and the
+"""training/scenes.py: the procedural dataset is deterministic, its captions parse back, and the
 analyzer reads the dataset's own images back exactly (and mildly degraded ones too)."""
 
 import dataclasses
 import hashlib
+import pathlib
 import subprocess
 import sys
 
@@ -10,8 +11,12 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-from fewstep import scenes
-from fewstep.scenes import (
+# training/ is a folder of scripts at the repository root, not part of the installed package;
+# plain `pytest` does not put the root on sys.path.
+REPO = pathlib.Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+from training import scenes  # noqa: E402
+from training.scenes import (  # noqa: E402
     COLORS,
     IMAGE_SIZE,
     ObjectTarget,
@@ -183,5 +188,5 @@ def test_evaluation_prompts_are_fixed_and_parse():
 
 
 def test_module_imports_without_torch():
-    code = "import sys, fewstep.scenes; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True)
+    code = "import sys, training.scenes; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)

@@ -1,5 +1,6 @@
-"""fewstep.testing: tiny models load and run in diffusers, tokenize like CLIP, and survive the
-trip through the original single-file layout bit for bit (diffusers' own loader is the judge)."""
+"""fewstep.export.testing: tiny models load and run in diffusers, tokenize like CLIP, and survive
+the trip through the original single-file layout bit for bit (the `save_single_file` fixture of
+conftest.py writes it; diffusers' own loader is the judge)."""
 
 import filecmp
 import json
@@ -15,10 +16,10 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 
-from fewstep import testing  # noqa: E402
-from fewstep.testing import FAMILIES, make_tiny_model, save_single_file  # noqa: E402
+from fewstep.export import testing  # noqa: E402
+from fewstep.export.testing import FAMILIES, make_tiny_model  # noqa: E402
 
-# What each family must look like (REFERENCE.md, families table), at tiny scale.
+# What each family must look like, at tiny scale.
 EXPECTED = {
     "sd1": dict(
         pipeline="StableDiffusionPipeline", scheduler="PNDMScheduler", prediction="epsilon",
@@ -73,8 +74,13 @@ def test_unknown_family_is_a_value_error(tmp_path):
     assert not (tmp_path / "m").exists()
 
 
-def test_module_imports_without_torch():
-    code = "import sys, fewstep.testing; assert 'torch' not in sys.modules, 'torch imported'"
+def test_module_imports_without_diffusers_or_transformers():
+    """Importing the module costs no more than the export package itself: the model libraries
+    load when a model is made."""
+    code = (
+        "import sys, fewstep.export.testing; "
+        "heavy = {'diffusers', 'transformers'} & set(sys.modules); assert not heavy, heavy"
+    )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
@@ -170,7 +176,7 @@ class SlowClipReference:
     """The semantics of transformers 4's slow `CLIPTokenizer` (openai/CLIP simple_tokenizer):
     special tokens split out first; the rest whitespace-cleaned and lower-cased, split by CLIP's
     regex, byte-encoded, and merged by BPE rank. Written from those sources, independently of
-    fewstep.testing."""
+    fewstep.export.testing."""
 
     pattern = (
         r"""<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d"""
@@ -319,7 +325,7 @@ UNLOADED_BY_DIFFUSERS = {"lcm": {"time_embedding.cond_proj.weight"}}
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_single_file_round_trip_is_bit_exact(models, tmp_path, family):
+def test_single_file_round_trip_is_bit_exact(models, tmp_path, family, save_single_file):
     from diffusers.loaders import single_file_utils as sfu
     from safetensors.torch import load_file
 
@@ -365,7 +371,7 @@ def test_single_file_round_trip_is_bit_exact(models, tmp_path, family):
         assert torch.equal(stored, reference.unet.state_dict()[key])
 
 
-def test_ldm_tables_invert_diffusers_on_the_full_sd_block_pattern():
+def test_ldm_tables_invert_diffusers_on_the_full_sd_block_pattern(to_ldm):
     """SD 1.5's real block pattern (4 blocks, 2 layers each, 3 cross-attention levels) and an
     SD-shaped VAE (2 layers per block), at tiny width: diffusers' converters undo our tables."""
     from diffusers.loaders import single_file_utils as sfu
@@ -382,17 +388,17 @@ def test_ldm_tables_invert_diffusers_on_the_full_sd_block_pattern():
             block_out_channels=(4, 8, 8, 8), layers_per_block=2, norm_num_groups=4,
             down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         )  # fmt: skip
-    for model, to_ldm, convert in (
-        (unet, testing._unet_to_ldm, sfu.convert_ldm_unet_checkpoint),
-        (vae, testing._vae_to_ldm, sfu.convert_ldm_vae_checkpoint),
+    for model, write_ldm, convert in (
+        (unet, to_ldm["unet"], sfu.convert_ldm_unet_checkpoint),
+        (vae, to_ldm["vae"], sfu.convert_ldm_vae_checkpoint),
     ):
         state = model.state_dict()
-        back = convert(checkpoint=to_ldm(state, dict(model.config)), config=dict(model.config))
+        back = convert(checkpoint=write_ldm(state, dict(model.config)), config=dict(model.config))
         assert back.keys() == state.keys()
         assert all(torch.equal(back[k], state[k]) for k in state)
 
 
-def test_single_file_vae_attention_is_1x1_conv(models, tmp_path):
+def test_single_file_vae_attention_is_1x1_conv(models, tmp_path, save_single_file):
     from safetensors.torch import load_file
 
     checkpoint = load_file(save_single_file(models["sd1"], tmp_path / "sd1.safetensors"))

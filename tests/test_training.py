@@ -16,12 +16,10 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-from fewstep import scenes  # noqa: E402
-
 # training/ is a folder of scripts at the repository root, not part of the installed package;
 # plain `pytest` does not put the root on sys.path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
-from training import common, distill_lcm, ship, train_unet, train_vae  # noqa: E402
+from training import common, distill_lcm, scenes, ship, train_unet, train_vae  # noqa: E402
 from training import config as configs  # noqa: E402
 
 
@@ -300,7 +298,7 @@ def test_text_pretraining_labels_say_what_the_caption_says():
 
 
 def test_text_pretraining_reads_the_states_from_the_first_end_token_on(tmp_path):
-    from fewstep.testing import EOS_TOKEN
+    from fewstep.export.testing import EOS_TOKEN
     from training import config, pretrain_text
 
     vocab = common.write_tokenizer(tmp_path)

@@ -2,7 +2,7 @@
 SD's noise schedule, EMA, the learning-rate schedule, resumable run folders, progress lines.
 
 Determinism: batch `step` holds scenes `step * B ... step * B + B - 1` of the stage's data
-seed (`fewstep.scenes.scene_at`), and every random draw of a step (noise, timesteps, caption
+seed (`training.scenes.scene_at`), and every random draw of a step (noise, timesteps, caption
 dropout, guidance scales) comes from a torch.Generator seeded with (seed, step). So a run
 stopped at any checkpoint and resumed does the same steps as one that never stopped, and
 nothing but the weights, optimizer and EMA needs saving.
@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep import scenes
-from fewstep.testing import write_clip_tokenizer
+from fewstep.export.testing import write_clip_tokenizer
+from training import scenes
 
 TORCH_THREADS = 2
 NUM_TRAIN_TIMESTEPS = 1000

@@ -36,9 +36,8 @@ import shutil
 import numpy as np
 import torch
 
-from fewstep import scenes
 from fewstep.samplers.lcm import SIGMA_DATA, guidance_scale_embedding
-from training import common, train_unet
+from training import common, scenes, train_unet
 from training import config as configs
 
 TIMESTEP_SCALING = 10.0

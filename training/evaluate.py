@@ -4,9 +4,9 @@
         --out benchmarks/results/quality-default-model.json \
         --grid benchmarks/results/quality-default-model.png
 
-Generates every prompt of `fewstep.scenes.evaluation_prompts()` (60 single-object, 40
+Generates every prompt of `training.scenes.evaluation_prompts()` (60 single-object, 40
 two-object; prompt i uses seed i) under each configuration below, scores each image with
-`fewstep.scenes.score` (the analyzer), and reports, per configuration and prompt kind, the
+`training.scenes.score` (the analyzer), and reports, per configuration and prompt kind, the
 fraction fully correct and the accuracy of each attribute:
 
 - teacher, DDIM 50 / 25 / 8 / 4 steps, with CFG (7.5) and without (1.0);
@@ -43,8 +43,7 @@ from typing import Any
 
 import numpy as np
 
-from fewstep import scenes
-from training import common
+from training import common, scenes
 
 GRID_COLUMNS = (8, 8)  # single-object, two-object prompts shown per row
 DEFAULT_CFG = 7.5
@@ -324,7 +323,7 @@ def main(argv: list[str] | None = None) -> None:
                 "pass": points <= GATE_STUDENT_POINTS,
             }
     report = {
-        "what": "fewstep default model: analyzer accuracy on fewstep.scenes.evaluation_prompts()",
+        "what": "fewstep default model: analyzer accuracy on training.scenes.evaluation_prompts()",
         "prompts": [
             {"kind": p.kind, "prompt": p.prompt, "seed": s}
             for p, s in zip(prompts, seeds, strict=True)

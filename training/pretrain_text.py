@@ -21,8 +21,7 @@ from __future__ import annotations
 
 import torch
 
-from fewstep import scenes
-from training import common
+from training import common, scenes
 
 # label groups: (name, classes); the extra last class of each is "not said" / "no object"
 GROUPS: tuple[tuple[str, tuple[str, ...]], ...] = (

@@ -11,7 +11,7 @@ posterior mean (the frozen VAE of stage 1; `num_scenes` scenes encoded once into
 `<run>/latents.npy`, then cycled through in order), text conditioning through
 cross-attention on every token state of a frozen CLIP text encoder (last_hidden_state, 77
 tokens, padded with <|endoftext|>). The tokenizer is built in code: a CLIP BPE in which every
-caption word of `fewstep.scenes` is one token. 10% of captions are dropped to "" (what the
+caption word of `training.scenes` is one token. 10% of captions are dropped to "" (what the
 pipeline encodes as the negative prompt), so classifier-free guidance works.
 
 Deviations from SD's recipe: no pretrained CLIP, but a text encoder pretrained here in a few
@@ -41,9 +41,8 @@ import time
 import numpy as np
 import torch
 
-from fewstep import scenes
-from fewstep.testing import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH
-from training import common, pretrain_text
+from fewstep.export.testing import BOS_TOKEN, EOS_TOKEN, MODEL_MAX_LENGTH
+from training import common, pretrain_text, scenes
 from training import config as configs
 
 SAMPLE_GUIDANCE = 7.5
@@ -125,8 +124,8 @@ def pretrained_text_encoder(
 
 
 def save_text_encoder(text_encoder, folder: pathlib.Path) -> None:
-    """Save in the Hub SD layout (`text_model.` prefix), as fewstep.testing does: transformers 4
-    and 5 and diffusers load it."""
+    """Save in the Hub SD layout (`text_model.` prefix), as fewstep.export.testing does:
+    transformers 4 and 5 and diffusers load it."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True, exist_ok=True)

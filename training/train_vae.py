@@ -8,14 +8,14 @@ trained from scratch. Loss per batch (per-element means):
     MSE(x̂, x) + edge_weight * MSE(∇x̂, ∇x) + kl_weight * KL(q(z|x) || N(0, I))
 
 with z sampled from the posterior. The optional edge term (finite differences along both
-axes) weighs the pixels at edges again, the ones a soft reconstruction gets wrong (the
-rounded squares of REFERENCE.md's trial); it is off by default, since from step 0 it slowed
-the first phase (MSE 0.43 vs 0.07 after 300 steps; README). Squared errors, not L1: these
-images are two-valued per channel (palette colours are RGB-cube corners), and with L1 (the
-median) the VAE sat at gray for the first few hundred steps (MSE ~1.0 after 250 steps). No
-perceptual or adversarial loss: LPIPS weights are not available here, and the images are
-flat colours. Every `eval_every` steps: PSNR and the
-analyzer's full-scene accuracy on `eval_scenes` (256) held-out scenes.
+axes) weighs the pixels at edges again, the ones a soft reconstruction gets wrong (an
+earlier, softer trial VAE rounded the squares' corners); it is off by default, since from
+step 0 it slowed the first phase (MSE 0.43 vs 0.07 after 300 steps; README). Squared errors,
+not L1: these images are two-valued per channel (palette colours are RGB-cube corners), and
+with L1 (the median) the VAE sat at gray for the first few hundred steps (MSE ~1.0 after 250
+steps). No perceptual or adversarial loss: LPIPS weights are not available here, and the
+images are flat colours. Every `eval_every` steps: PSNR and the analyzer's full-scene
+accuracy on `eval_scenes` (256) held-out scenes.
 
 Output: `<run>/vae/` (a diffusers AutoencoderKL folder; `scaling_factor` = 1 / std of the
 latent means of the held-out scenes, as SD's 0.18215 was measured), `recon.png` (held-out
@@ -31,8 +31,7 @@ import pathlib
 import numpy as np
 import torch
 
-from fewstep import scenes
-from training import common
+from training import common, scenes
 from training import config as configs
 
 HELD_OUT_SEED_OFFSET = 1000  # held-out scenes: data_seed + this

@@ -15,7 +15,7 @@ which has the shapes of every timed call; their compile seconds are reported apa
 this machine cannot run (bf16 on a CPU without it, a missing library) is recorded as
 skipped, with the reason.
 
-Models: `tiny` (fewstep.testing's sd1) and `mid`, an SD1.5-layout U-Net with
+Models: `tiny` (fewstep.export.testing's sd1) and `mid`, an SD1.5-layout U-Net with
 block_out_channels (64, 128, 256, 256) and cross_attention_dim 768, a CLIP-L-sized
 text encoder, and a VAE reduced to (64, 128, 256, 256) so a 512² decode stays in
 seconds on a CPU; random weights.
@@ -27,7 +27,6 @@ import argparse
 import contextlib
 import json
 import os
-import platform
 import resource
 import subprocess
 import sys
@@ -36,6 +35,19 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from fewstep.benchmarks.harness import (
+    cpu_name,
+    git_commit,
+    library_versions,
+    percentiles,
+    write_json,
+)
+
+# The export side (and torch with it) loads at import: the CLI turns its absence into the
+# extra's name, and every worker, whichever side it measures, starts from the same imports.
+from fewstep.export import export_package
+from fewstep.export.testing import make_tiny_model
 
 MODELS = ("tiny", "mid")
 SIDES = ("fewstep", "diffusers")
@@ -49,15 +61,8 @@ BENCH_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
 }
 PROMPT = "a red circle on a blue background"
 GUIDANCE = 7.5
-
-
-def percentiles(values: list[float]) -> dict[str, float]:
-    arr = np.asarray(values, dtype=np.float64)
-    return {
-        "p50": float(np.percentile(arr, 50)),
-        "p90": float(np.percentile(arr, 90)),
-        "n": len(arr),
-    }
+# Whose versions a result records.
+LIBRARIES = ("fewstep", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers")
 
 
 def make_mid_model(path: Path, seed: int = 0) -> Path:
@@ -65,8 +70,6 @@ def make_mid_model(path: Path, seed: int = 0) -> Path:
     import torch
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
-
-    from fewstep.testing import make_tiny_model
 
     make_tiny_model(path, "sd1", seed=seed)
     torch.manual_seed(seed)
@@ -148,21 +151,28 @@ def run_fewstep(
     args = dict(guidance_scale=GUIDANCE, height=size, width=size, scheduler="ddim")
     pipe(PROMPT, num_inference_steps=1, latents=latents, output_type="np", **args)
     cold = time.perf_counter() - t0
-    compile_log = getattr(pipe.backend, "compile_log", [])
-    compiles_warmup = len(compile_log)
+    warmup_compiles = pipe.backend.report().compiles
     stages: dict[str, list[float]] = {"text_encoder": [], "unet_step": [], "vae_decoder": []}
     outside: list[float] = []
     e2e: dict[str, Any] = {}
     for steps in steps_list:
         totals = []
         for _ in range(repeats):
-            t = pipe(PROMPT, num_inference_steps=steps, latents=latents, output_type="np", **args)
+            t = pipe(
+                PROMPT,
+                num_inference_steps=steps,
+                latents=latents,
+                output_type="np",
+                timings=True,
+                **args,
+            )
             tm = t.timings_ms
             totals.append(tm["total"])
             stages["text_encoder"].append(tm["text_encoder"])
-            stages["unet_step"] += tm["unet"]
+            stages["unet_step"] += tm["sampler_step"]
             stages["vae_decoder"].append(tm["vae_decoder"])
-            outside += [(s - c) / s for s, c in zip(tm["unet"], tm["unet_call"], strict=True)]
+            steps_ms = zip(tm["sampler_step"], tm["unet_call"], strict=True)
+            outside += [(s - c) / s for s, c in steps_ms]
         e2e[str(steps)] = percentiles(totals)
     result: dict[str, Any] = {
         "backend": name,
@@ -173,15 +183,15 @@ def run_fewstep(
         "outside_unet_fraction_p50": float(np.median(outside)),
         "peak_rss_mb": _rss_mb(),
     }
-    fused = getattr(pipe.backend, "fused_attention", None)
-    if fused:
-        result["fused_attention"] = fused  # graph → attention blocks run as one fused op
-    if compiles_warmup:
+    report = pipe.backend.report()
+    if report.fused_attention:  # graph → attention blocks run as one fused op
+        result["fused_attention"] = report.fused_attention
+    if warmup_compiles:
         compile_s: dict[str, float] = {}
-        for graph, _, seconds in compile_log[:compiles_warmup]:
+        for graph, _, seconds in warmup_compiles:
             compile_s[graph] = compile_s.get(graph, 0.0) + seconds
         result["compile_s"] = compile_s
-        result["compiles_timed"] = len(compile_log) - compiles_warmup
+        result["compiles_timed"] = len(report.compiles) - len(warmup_compiles)
     return result
 
 
@@ -258,44 +268,6 @@ def _worker(argv: list[str]) -> None:
     print("RESULT " + json.dumps(result))
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {"python": platform.python_version()}
-    for name in (
-        "fewstep",
-        "numpy",
-        "onnxruntime",
-        "openvino",
-        "torch",
-        "diffusers",
-        "transformers",
-    ):
-        with contextlib.suppress(PackageNotFoundError):
-            out[name] = version(name)
-    return out
-
-
-def device_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
-    except OSError:
-        pass
-    return f"{platform.processor() or platform.machine()} ({os.cpu_count()} cores)"
-
-
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
-        )
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return None
-
-
 def format_table(results: dict[str, Any]) -> str:
     """Markdown table: one row per model and side; speedups are over diffusers' p50."""
     steps = results["steps"]
@@ -355,9 +327,6 @@ def run_bench(
 
     `note` is appended to the result's `what` (e.g. what else was running).
     """
-    from fewstep.export import export_package
-    from fewstep.testing import make_tiny_model
-
     for name in models:
         if name not in MODELS:
             raise ValueError(f"models must be among {MODELS}, got {name!r}")
@@ -375,8 +344,8 @@ def run_bench(
     workdir.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {
         "what": what + (f"; {note}" if note else ""),
-        "device": device_name(),
-        "versions": _versions(),
+        "device": cpu_name(),
+        "versions": library_versions(LIBRARIES),
         "commit": git_commit(),
         "steps": steps,
         "repeats": repeats,
@@ -403,7 +372,7 @@ def run_bench(
                 [
                     sys.executable,
                     "-m",
-                    "fewstep.export.bench",
+                    "fewstep.benchmarks.pipeline_bench",
                     "_worker",
                     *worker_args,
                     "--steps",
@@ -427,9 +396,7 @@ def run_bench(
         results["models"][name] = entry
     print(format_table(results))
     if out is not None:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2) + "\n")
-        print(f"wrote {out}")
+        print(f"wrote {write_json(out, results)}")
     return results
 
 

@@ -1,12 +1,12 @@
-"""Tiny random-weight Stable Diffusion models for tests, and a single-file checkpoint writer.
+"""Tiny random-weight Stable Diffusion models, for the export side's tests and demos.
 
 `make_tiny_model(path, family)` writes a complete diffusers folder (model_index.json, unet/,
 vae/, text_encoder/, tokenizer/, scheduler/) whose configs have the shape of a real model of
-that family (SD 1.5, SD 2.1, LCM Dreamshaper v7, SD-Turbo; see REFERENCE.md) at a few hundred
-thousand parameters, so that diffusers' own pipelines load it and every code path that
-branches on the family (prediction type, linear projections, per-block head counts,
-`time_cond_proj_dim`, the scheduler and its spacing, the pad token) is exercised in seconds.
-Weights are fp32 safetensors, identical byte for byte for the same seed.
+that family (SD 1.5, SD 2.1, LCM Dreamshaper v7, SD-Turbo) at a few hundred thousand
+parameters, so that diffusers' own pipelines load it and every code path that branches on the
+family (prediction type, linear projections, per-block head counts, `time_cond_proj_dim`, the
+scheduler and its spacing, the pad token) is exercised in seconds. Weights are fp32
+safetensors, identical byte for byte for the same seed.
 
 The tokenizer is a real CLIP byte-level BPE (the algorithm of openai/CLIP `simple_tokenizer.py`,
 GPT-2's `bytes_to_unicode`) with a tiny vocabulary: the 256 byte symbols, the same with `</w>`,
@@ -16,25 +16,8 @@ Its files come in one of `TOKENIZER_LAYOUTS`: "vocab" (vocab.json + merges.txt, 
 repositories ship), "vocab+json" (those and tokenizer.json, as SD 2.x repositories ship) or
 "json" (tokenizer.json + tokenizer_config.json only: what transformers 5 saves).
 
-`save_single_file(folder, out)` writes such a folder as one `.safetensors` checkpoint in the
-original Stable Diffusion (LDM/CompVis) key layout: the inverse of what diffusers'
-`src/diffusers/loaders/single_file_utils.py` converts (`convert_ldm_unet_checkpoint`,
-`convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`),
-written from the key tables below, so `StableDiffusionPipeline.from_single_file(out,
-config=folder, local_files_only=True)` rebuilds the folder's weights bit for bit.
-
-Limits and deviations:
-- torch, diffusers and transformers are imported inside the functions: `fewstep` stays lean.
-- The LDM layout has no key for LCM's guidance embedding (`time_embedding.cond_proj`); it is
-  written as `model.diffusion_model.time_embedding.cond_proj.weight`, the name diffusers' own
-  `scripts/convert_diffusers_to_original_stable_diffusion.py` passes it through under. diffusers'
-  single-file loader (0.42) has no rule for it and leaves that one weight unloaded.
-- SD2 text encoder (OpenCLIP layout): real SD 2.x files carry one more resblock than the
-  diffusers encoder (SD2 uses the penultimate layer; diffusers drops resblock 23 by name);
-  here the file holds exactly the folder's layers. `text_projection` is written as the identity
-  [hidden, hidden]: diffusers reads its first dimension as the q/k/v split size and drops it.
-- Only what these families use: no SDXL (`conditioner.embedders`), no class/addition
-  embeddings, no EMA weights.
+Limits: torch, diffusers and transformers are imported inside the functions, so importing
+this module stays cheap; only the SD 1.x/2.x families (no SDXL).
 """
 
 from __future__ import annotations
@@ -82,7 +65,7 @@ TOKENIZER_WORDS = (
 
 @dataclass(frozen=True)
 class _Family:
-    """What a family changes with respect to the SD 1.5 layout (REFERENCE.md, families table)."""
+    """What a family changes with respect to the SD 1.5 layout."""
 
     pipeline_class: str
     text_encoder: str  # "clip" (SD1: OpenAI CLIP layout) or "openclip" (SD2)
@@ -392,7 +375,7 @@ def _generator(seed: int, component: str):
     )
 
 
-def _save_safetensors(state_dict, path: pathlib.Path) -> None:
+def save_safetensors(state_dict, path: pathlib.Path) -> None:
     from safetensors.torch import save_file
 
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
@@ -461,10 +444,8 @@ def make_tiny_model(
     text_config.architectures = ["CLIPTextModel"]
     text_config.dtype = "float32"
     text_config.save_pretrained(te_dir)
-    state = _text_encoder_state(text_encoder.state_dict())
-    _save_safetensors(
-        {"text_model." + k: v for k, v in state.items()}, te_dir / "model.safetensors"
-    )
+    state = text_encoder_state(text_encoder.state_dict())
+    save_safetensors({"text_model." + k: v for k, v in state.items()}, te_dir / "model.safetensors")
 
     scheduler_config = dict(spec.scheduler)
     scheduler_class = getattr(diffusers, scheduler_config.pop("_class_name"))
@@ -487,234 +468,11 @@ def make_tiny_model(
     return root
 
 
-def _text_encoder_state(state_dict) -> dict:
+def text_encoder_state(state_dict) -> dict:
     """CLIPTextModel weights keyed without `text_model.` (both transformers layouts), no buffers."""
     out = {}
     for key, value in state_dict.items():
         key = key.removeprefix("text_model.")
         if key != "embeddings.position_ids":
             out[key] = value
-    return out
-
-
-# ---------------------------------------------------------------------------------------------
-# Single file: diffusers keys -> original Stable Diffusion (LDM) keys
-# ---------------------------------------------------------------------------------------------
-
-UNET_PREFIX = "model.diffusion_model."
-VAE_PREFIX = "first_stage_model."
-CLIP_PREFIX = "cond_stage_model.transformer.text_model."
-OPENCLIP_PREFIX = "cond_stage_model.model."
-
-# Inside a U-Net ResBlock (ldm `ResBlock`: in_layers = [norm, SiLU, conv], emb_layers =
-# [SiLU, linear], out_layers = [norm, SiLU, dropout, conv]).
-_UNET_RESNET = {
-    "norm1.": "in_layers.0.",
-    "conv1.": "in_layers.2.",
-    "time_emb_proj.": "emb_layers.1.",
-    "norm2.": "out_layers.0.",
-    "conv2.": "out_layers.3.",
-    "conv_shortcut.": "skip_connection.",
-}
-_VAE_RESNET = {"conv_shortcut.": "nin_shortcut."}
-_VAE_ATTENTION = {
-    "group_norm.": "norm.",
-    "to_q.": "q.",
-    "to_k.": "k.",
-    "to_v.": "v.",
-    "to_out.0.": "proj_out.",
-}
-_OPENCLIP_LAYER = {
-    "layer_norm1.": "ln_1.",
-    "layer_norm2.": "ln_2.",
-    "mlp.fc1.": "mlp.c_fc.",
-    "mlp.fc2.": "mlp.c_proj.",
-    "self_attn.out_proj.": "attn.out_proj.",
-}
-_OPENCLIP_TOP = {
-    "embeddings.token_embedding.weight": "token_embedding.weight",
-    "embeddings.position_embedding.weight": "positional_embedding",
-    "final_layer_norm.weight": "ln_final.weight",
-    "final_layer_norm.bias": "ln_final.bias",
-}
-
-# A prefix table maps a diffusers key prefix to (LDM prefix, renames of what follows it).
-_PrefixTable = dict[str, tuple[str, dict[str, str]]]
-
-
-def _unet_prefix_table(config: dict) -> _PrefixTable:
-    """ldm `UNetModel` numbering: input_blocks[0] is conv_in; each down block has one
-    [ResBlock, SpatialTransformer?] entry per layer plus a Downsample entry (not after the
-    last); output_blocks have layers+1 entries per up block, the Upsample inside the last."""
-    for name in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type"):
-        if config.get(name) is not None:
-            raise NotImplementedError(f"save_single_file: U-Net config {name}={config[name]!r}")
-    if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
-        raise NotImplementedError(f"save_single_file: mid_block_type={config['mid_block_type']!r}")
-    layers = config["layers_per_block"]
-    if not isinstance(layers, int):
-        raise NotImplementedError(f"save_single_file: per-block layers_per_block={layers!r}")
-    n_blocks = len(config["down_block_types"])
-    table: _PrefixTable = {
-        "time_embedding.linear_1.": ("time_embed.0.", {}),
-        "time_embedding.linear_2.": ("time_embed.2.", {}),
-        # No LDM name exists; diffusers' reverse script passes the key through unchanged.
-        "time_embedding.cond_proj.": ("time_embedding.cond_proj.", {}),
-        "conv_in.": ("input_blocks.0.0.", {}),
-        "conv_norm_out.": ("out.0.", {}),
-        "conv_out.": ("out.2.", {}),
-        "mid_block.resnets.0.": ("middle_block.0.", _UNET_RESNET),
-        "mid_block.attentions.0.": ("middle_block.1.", {}),
-        "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
-    }
-    for b in range(n_blocks):
-        for i in range(layers):
-            entry = 1 + b * (layers + 1) + i
-            table[f"down_blocks.{b}.resnets.{i}."] = (f"input_blocks.{entry}.0.", _UNET_RESNET)
-            table[f"down_blocks.{b}.attentions.{i}."] = (f"input_blocks.{entry}.1.", {})
-        if b < n_blocks - 1:
-            entry = (b + 1) * (layers + 1)
-            table[f"down_blocks.{b}.downsamplers.0.conv."] = (f"input_blocks.{entry}.0.op.", {})
-    for b, block_type in enumerate(config["up_block_types"]):
-        for i in range(layers + 1):
-            entry = b * (layers + 1) + i
-            table[f"up_blocks.{b}.resnets.{i}."] = (f"output_blocks.{entry}.0.", _UNET_RESNET)
-            table[f"up_blocks.{b}.attentions.{i}."] = (f"output_blocks.{entry}.1.", {})
-        if b < n_blocks - 1:
-            entry = b * (layers + 1) + layers
-            slot = 2 if block_type.startswith("CrossAttn") else 1
-            table[f"up_blocks.{b}.upsamplers.0.conv."] = (f"output_blocks.{entry}.{slot}.conv.", {})
-    return table
-
-
-def _vae_prefix_table(config: dict) -> _PrefixTable:
-    """ldm `Encoder`/`Decoder`: down[i].block[j], mid.block_1/attn_1/block_2, norm_out; the
-    decoder's up[] counts from the lowest resolution's opposite end (up[0] is the last)."""
-    n_blocks = len(config["block_out_channels"])
-    table: _PrefixTable = {}
-    for part in ("encoder", "decoder"):
-        table[f"{part}.conv_norm_out."] = (f"{part}.norm_out.", {})
-        table[f"{part}.mid_block.resnets.0."] = (f"{part}.mid.block_1.", _VAE_RESNET)
-        table[f"{part}.mid_block.resnets.1."] = (f"{part}.mid.block_2.", _VAE_RESNET)
-        table[f"{part}.mid_block.attentions.0."] = (f"{part}.mid.attn_1.", _VAE_ATTENTION)
-    for i in range(n_blocks):
-        table[f"encoder.down_blocks.{i}.resnets."] = (f"encoder.down.{i}.block.", _VAE_RESNET)
-        table[f"encoder.down_blocks.{i}.downsamplers.0."] = (f"encoder.down.{i}.downsample.", {})
-        up = n_blocks - 1 - i
-        table[f"decoder.up_blocks.{i}.resnets."] = (f"decoder.up.{up}.block.", _VAE_RESNET)
-        table[f"decoder.up_blocks.{i}.upsamplers.0."] = (f"decoder.up.{up}.upsample.", {})
-    for same in ("encoder.conv_in.", "encoder.conv_out.", "decoder.conv_in.", "decoder.conv_out."):
-        table[same] = (same, {})
-    table["quant_conv."] = ("quant_conv.", {})
-    table["post_quant_conv."] = ("post_quant_conv.", {})
-    return table
-
-
-def _longest_prefix(key: str, prefixes) -> str | None:
-    matches = [p for p in prefixes if key.startswith(p)]
-    return max(matches, key=len) if matches else None
-
-
-def _rename(key: str, table: _PrefixTable, component: str) -> str:
-    prefix = _longest_prefix(key, table)
-    if prefix is None:
-        raise NotImplementedError(
-            f"save_single_file: no original-layout name for {component} key {key!r}"
-        )
-    new_prefix, inner = table[prefix]
-    rest = key[len(prefix) :]
-    inner_prefix = _longest_prefix(rest, inner)
-    if inner_prefix is not None:
-        rest = inner[inner_prefix] + rest[len(inner_prefix) :]
-    return new_prefix + rest
-
-
-def _unet_to_ldm(state_dict, config: dict) -> dict:
-    table = _unet_prefix_table(config)
-    return {UNET_PREFIX + _rename(k, table, "unet"): v for k, v in state_dict.items()}
-
-
-def _vae_to_ldm(state_dict, config: dict) -> dict:
-    table = _vae_prefix_table(config)
-    out = {}
-    for key, value in state_dict.items():
-        new_key = _rename(key, table, "vae")
-        if ".mid.attn_1." in new_key and value.ndim == 2:
-            value = value[:, :, None, None]  # the LDM VAE attention uses 1x1 convs: [C, C, 1, 1]
-        out[VAE_PREFIX + new_key] = value
-    return out
-
-
-def _clip_to_ldm(state_dict) -> dict:
-    return {CLIP_PREFIX + k: v for k, v in _text_encoder_state(state_dict).items()}
-
-
-def _openclip_to_ldm(state_dict, config: dict) -> dict:
-    """OpenCLIP `TextTransformer`: resblocks with a fused in_proj (q; k; v rows), c_fc/c_proj."""
-    import torch
-
-    state = _text_encoder_state(state_dict)
-    out = {}
-    for i in range(config["num_hidden_layers"]):
-        src, dst = f"encoder.layers.{i}.", f"{OPENCLIP_PREFIX}transformer.resblocks.{i}."
-        for kind in ("weight", "bias"):
-            qkv = [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
-            out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)  # [3 * hidden, ...]
-        for key in [k for k in state if k.startswith(src)]:
-            rest = key[len(src) :]
-            inner = _longest_prefix(rest, _OPENCLIP_LAYER)
-            if inner is None:
-                raise NotImplementedError(
-                    f"save_single_file: no OpenCLIP name for text_encoder key {key!r}"
-                )
-            out[dst + _OPENCLIP_LAYER[inner] + rest[len(inner) :]] = state.pop(key)
-    for key in list(state):
-        if key not in _OPENCLIP_TOP:
-            raise NotImplementedError(
-                f"save_single_file: no OpenCLIP name for text_encoder key {key!r}"
-            )
-        out[OPENCLIP_PREFIX + _OPENCLIP_TOP[key]] = state.pop(key)
-    hidden = config["hidden_size"]
-    out[OPENCLIP_PREFIX + "text_projection"] = torch.eye(hidden, dtype=torch.float32)
-    return out
-
-
-def _load_component(folder: pathlib.Path, name: str, weights: str) -> tuple[dict, dict]:
-    from safetensors.torch import load_file
-
-    config = json.loads((folder / name / "config.json").read_text())
-    path = folder / name / weights
-    if not path.is_file():
-        raise FileNotFoundError(f"{path} not found (save_single_file reads fp32 safetensors)")
-    return config, load_file(str(path))
-
-
-def save_single_file(
-    diffusers_folder: str | os.PathLike, out_path: str | os.PathLike
-) -> pathlib.Path:
-    """Write a diffusers SD folder as one `.safetensors` checkpoint in the original SD layout.
-
-    U-Net under `model.diffusion_model.`, VAE under `first_stage_model.`, the text encoder under
-    `cond_stage_model.transformer.text_model.` (OpenAI CLIP, SD1) or `cond_stage_model.model.`
-    (OpenCLIP, SD2: chosen when the text encoder's hidden_act is "gelu", as in SD 2.x).
-    Load it back with `StableDiffusionPipeline.from_single_file(out_path,
-    config=diffusers_folder, local_files_only=True)`.
-    """
-    folder = pathlib.Path(diffusers_folder)
-    out = pathlib.Path(out_path)
-    if out.suffix != ".safetensors":
-        raise ValueError(f"out_path must end in .safetensors, got {str(out)!r}")
-    unet_config, unet = _load_component(folder, "unet", "diffusion_pytorch_model.safetensors")
-    vae_config, vae = _load_component(folder, "vae", "diffusion_pytorch_model.safetensors")
-    te_config, text_encoder = _load_component(folder, "text_encoder", "model.safetensors")
-
-    state = {}
-    state.update(_unet_to_ldm(unet, unet_config))
-    state.update(_vae_to_ldm(vae, vae_config))
-    if te_config.get("hidden_act") == "gelu":
-        state.update(_openclip_to_ldm(text_encoder, te_config))
-    else:
-        state.update(_clip_to_ldm(text_encoder))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    _save_safetensors(state, out)
     return out

@@ -1,7 +1,9 @@
 """Procedural scenes with captions, and an analyzer that reads an image back into attributes.
 
 The dataset of fewstep's default model and its quality yardstick, in numpy (pillow only to
-open files), so the runtime-side quality check needs nothing heavier.
+open files), so the quality checks (tests, the quality report, the benchmarks) need nothing
+heavier. No inference path uses it: it lives with the training scripts, not in the installed
+package.
 
 A scene is a 64x64 RGB image: a background colour and one or two objects. Each object has a
 shape (`SHAPES`), a colour (`COLORS`, the eight corners of the RGB cube, so every two palette
