@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import hashlib
-import importlib.metadata
 import json
 import os
 import pathlib
 import platform
 import shutil
-import subprocess
 import time
 from typing import Any
 
@@ -191,25 +189,16 @@ def sha256(path: pathlib.Path) -> str:
 
 
 def environment() -> dict[str, Any]:
-    versions = {}
-    for name in ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "numpy"):
-        try:
-            versions[name] = importlib.metadata.version(name)
-        except importlib.metadata.PackageNotFoundError:
-            versions[name] = None
-    try:
-        commit = subprocess.run(
-            ["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        commit = None
+    from fewstep.benchmarks.harness import cpu_name, git_commit, library_versions
+
     return {
         "machine": platform.machine(),
-        "processor": platform.processor(),
+        "processor": cpu_name(),
         "cpu_count": os.cpu_count(),
-        "python": platform.python_version(),
-        "versions": versions,
-        "commit": commit,
+        "versions": library_versions(
+            ("torch", "diffusers", "transformers", "onnxruntime", "openvino", "numpy")
+        ),
+        "commit": git_commit(),
     }
 
 
