@@ -31,8 +31,8 @@ if ! "$py" -c "import diffusers" 2>/dev/null; then
   fi
   "$py" -m pip install -q --no-index --no-deps --no-cache-dir "$wheel"
 fi
-if ! "$py" -c "import fewstep.kernels, fewstep.backends.torch_backend, fewstep.benchmarks.harness" \
-  2>/dev/null; then
+if ! "$py" -c "import fewstep.kernels, fewstep.backends.torch_backend, fewstep.benchmarks.harness, \
+  fewstep.benchmarks.gpu_report" 2>/dev/null; then
   if ! "$py" -m pip install -q --no-deps --no-build-isolation --no-cache-dir -e .; then
     # An old setuptools there cannot build this pyproject (PEP 639 license field): lay the
     # packages out as installed (runtime/ is fewstep; kernels/, export/ and benchmarks/,
@@ -51,9 +51,11 @@ echo "gpu_suite.sh: setup took $((SECONDS - start)) s"
 
 export PYTHONUNBUFFERED=1
 # The test suite's GPU tests first (CUDA graphs, fp16, kernels against eager on tiny models);
-# their result is logged, and the suite runs either way.
+# their result is logged, and the suite runs either way. tests/test_gpu_checks.py is left to
+# the suite's checks section, which runs the same checks and records them in the JSON.
 if "$py" -c "import sys, torch; sys.exit(not torch.cuda.is_available())"; then
-  TRITON_INTERPRET=0 "$py" -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 \
+  TRITON_INTERPRET=0 "$py" -m pytest -q -m gpu -p no:cacheprovider \
+    --ignore=tests/test_gpu_checks.py tests 2>&1 \
     | tee "$out/gpu_tests.log" || echo "gpu_suite.sh: GPU tests failed (see gpu_tests.log)"
 fi
 "$py" benchmarks/gpu_suite.py --output "$out/gpu_suite.json" "$@" 2>&1 | tee "$out/gpu_suite.log"

@@ -5,8 +5,10 @@
   carry an older .git);
 - statistics: `percentiles(values)`: p50, p90 and the count;
 - timing, in milliseconds: `wall_ms` (host clock, per call), `time_ms` (the first call apart,
-  then CUDA events on a GPU), `graphed_ms` and `device_ms` (device time inside a CUDA graph,
-  what the runtime's graphs see);
+  then CUDA events on a GPU), `time_ms_and_memory` (that and the peak memory on a GPU),
+  `graphed_ms` and `device_ms` (device time inside a CUDA graph, what the runtime's graphs
+  see), `profile_by_kernel` (where a call's time goes, kernel by kernel);
+- memory: `free_memory()` between cases, so one case's tensors do not crowd the next;
 - output: `write_json(path, results)`.
 
 Limits: numpy and the standard library at import; torch only inside the helpers that time a
@@ -16,10 +18,12 @@ device, so a worker process that measures a side's own memory and start-up loads
 from __future__ import annotations
 
 import contextlib
+import gc
 import json
 import os
 import platform
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
@@ -186,6 +190,60 @@ def device_ms(fn: Callable[[], Any], device: Any, warmup: int, repeats: int) -> 
     if device.type == "cuda":
         return graphed_ms(fn, device, repeats)
     return time_ms(fn, warmup, repeats, device)["p50"]
+
+
+def time_ms_and_memory(fn: Callable[[], Any], warmup: int, repeats: int, device: Any) -> dict:
+    """time_ms (first call, then p50/p90 over `repeats` after `warmup` calls) and, on a
+    GPU, the peak memory allocated meanwhile."""
+    if device.type != "cuda":
+        return time_ms(fn, warmup, repeats, device)
+    import torch
+
+    torch.cuda.reset_peak_memory_stats(device)
+    result = time_ms(fn, warmup, repeats, device)
+    result["peak_mem_gb"] = torch.cuda.max_memory_allocated(device) / 2**30
+    return result
+
+
+def profile_by_kernel(fn: Callable[[], Any], device: Any, calls: int = 3, n: int = 20) -> dict:
+    """Device time per call by kernel (CPU time by op without a GPU), the largest first."""
+    import torch
+    from torch.autograd import DeviceType
+    from torch.profiler import ProfilerActivity, profile
+
+    cuda = device.type == "cuda"
+    fn()
+    with profile(activities=[ProfilerActivity.CUDA if cuda else ProfilerActivity.CPU]) as prof:
+        for _ in range(calls):
+            fn()
+        if cuda:
+            torch.cuda.synchronize(device)
+    attr = "self_device_time_total" if cuda else "self_cpu_time_total"
+    kind = DeviceType.CUDA if cuda else DeviceType.CPU
+    events = [e for e in prof.key_averages() if e.device_type == kind and getattr(e, attr) > 0]
+    events.sort(key=lambda e: getattr(e, attr), reverse=True)
+    total_us = sum(getattr(e, attr) for e in events)
+    top = [
+        {
+            "name": e.key[:160],
+            "ms_per_call": getattr(e, attr) / 1e3 / calls,
+            "share": getattr(e, attr) / total_us,
+            "launches_per_call": e.count / calls,
+        }
+        for e in events[:n]
+    ]
+    return {"time": "device" if cuda else "cpu", "ms_per_call": total_us / 1e3 / calls, "top": top}
+
+
+# -- memory ----------------------------------------------------------------------------------
+
+
+def free_memory() -> None:
+    """Collect garbage and return torch's cached GPU memory (where torch is loaded)."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 # -- output ----------------------------------------------------------------------------------

@@ -86,17 +86,17 @@ def test_gpu_suite_small_mode_runs_and_checks_pass(tmp_path):
 
 def test_gpu_only_selections_name_real_cases():
     """What runs only on a GPU can still be checked here: the sweep's cases exist."""
-    from fewstep.benchmarks import gpu_suite, kernels_bench
+    from fewstep.benchmarks import gpu_kernels, kernels_bench
 
     names = {case[0] for case in kernels_bench.GROUP_NORM_CUDA}
-    assert set(gpu_suite.GROUP_NORM_SWEEP_CASES) <= names
+    assert set(gpu_kernels.GROUP_NORM_SWEEP_CASES) <= names
 
 
 def test_the_log_lists_what_the_tuned_ops_chose(monkeypatch):
     """On a GPU the tuned ops' choices go to the JSON and the log (none are made here)."""
     import torch
 
-    from fewstep.benchmarks import gpu_suite
+    from fewstep.benchmarks import gpu_report
     from fewstep.kernels import tuning
 
     times = iter([0.02, 0.01])
@@ -114,7 +114,7 @@ def test_the_log_lists_what_the_tuned_ops_chose(monkeypatch):
         "checks_ok": True,
         "kernel_choices": tuning.choices(),
     }
-    table = gpu_suite.format_table(results)
+    table = gpu_report.format_table(results)
     assert "group_norm    2x320x64x64" in table
     assert "strided torch             kernel 0.0200  torch 0.0100" in table
 
@@ -123,10 +123,10 @@ def test_the_targets_summary_of_the_committed_h200_run():
     """The performance targets against the H200 run in benchmarks/results: what the README says
     of it (GroupNorm at 28-58% of a copy, attention 0.44-0.94x SDPA's best, 6.20 ms at
     best for the U-Net step), and no summary for a CPU run."""
-    from fewstep.benchmarks import gpu_suite
+    from fewstep.benchmarks import gpu_report
 
     results = json.loads((REPO / "benchmarks/results/gpu-suite-h200.json").read_text())
-    goals = gpu_suite.target_summary(results)
+    goals = gpu_report.target_summary(results)
     gn, attn, unet = goals["group_norm_of_copy"], goals["attention_vs_sdpa_best"], goals["unet_ms"]
     assert (gn["met"], gn["cases"], round(gn["min"], 2), round(gn["max"], 2)) == (0, 7, 0.28, 0.58)
     assert (attn["met"], attn["cases"], round(attn["min"], 2), round(attn["max"], 2)) == (
@@ -137,9 +137,9 @@ def test_the_targets_summary_of_the_committed_h200_run():
     )
     assert round(unet["best"]["p50"], 2) == 6.20 and not unet["met"]
     assert goals["sections_s"]["sum"] < goals["sections_s"]["target"]
-    assert gpu_suite.target_summary({**results, "mode": "small-cpu"}) == {}
+    assert gpu_report.target_summary({**results, "mode": "small-cpu"}) == {}
     summary = {"mode": "gpu", "section_s": results["section_s"], "checks_ok": True}
-    table = gpu_suite.format_table({**summary, "env": results["env"], "targets": goals})
+    table = gpu_report.format_table({**summary, "env": results["env"], "targets": goals})
     assert "group_norm_of_copy       >= 0.75: met in 0 of 7 cases (from 0.28 to 0.58)" in table
     best = "best 6.20 (fewstep-compile-group-norm-kernel-only): not met"
     assert f"U-Net step <= 6.0 ms: default 8.96, {best}" in table
