@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import os
 import pathlib
@@ -6,6 +7,7 @@ import pathlib
 # before triton is imported anywhere.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 
+import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
@@ -372,3 +374,346 @@ def pytest_runtest_makereport(item, call):
     report = outcome.get_result()
     if _missing_import(report):
         report.outcome = "failed"
+
+
+# ---------------------------------------------------------------------------------------------
+# `gpu` tests run where torch sees a CUDA GPU and are deselected elsewhere; asked for by name
+# (`-m gpu`) on a machine without one, they are skipped with the reason instead.
+# ---------------------------------------------------------------------------------------------
+
+
+def _torch_sees_cuda() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    gpu_items = [item for item in items if item.get_closest_marker("gpu")]
+    if not gpu_items or _torch_sees_cuda():
+        return
+    if "gpu" in (config.option.markexpr or ""):
+        no_gpu = pytest.mark.skip(reason="needs a CUDA GPU; torch sees none")
+        for item in gpu_items:
+            item.add_marker(no_gpu)
+        return
+    items[:] = [item for item in items if not item.get_closest_marker("gpu")]
+    config.hook.pytest_deselected(items=gpu_items)
+
+
+# ---------------------------------------------------------------------------------------------
+# Pipelines against diffusers: the same weights, latents and noise on both sides
+#
+# Reference: diffusers' StableDiffusionPipeline (DDIM, Euler, Euler-ancestral schedulers) and
+# LatentConsistencyModelPipeline in torch fp32 on the tiny random-weight models.
+# ---------------------------------------------------------------------------------------------
+
+IMAGE_TOLERANCE = 1e-3  # max abs difference on a 0..1 scale
+DIFFUSERS_SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "euler_ancestral": "EulerAncestralDiscreteScheduler",
+    "lcm": "LCMScheduler",
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class ParityCase:
+    """One call, made the same way to fewstep and to diffusers."""
+
+    id: str
+    family: str
+    sampler: str
+    guidance_scale: float
+    prompts: tuple[str, ...]
+    per_prompt: int
+    height: int
+    width: int
+    eta: float
+    steps: int
+
+
+# (id, family, sampler, guidance_scale, prompts, num_images_per_prompt, height, width, eta, steps)
+PARITY_CASES = {
+    case.id: case
+    for case in (
+        ParityCase("sd1-ddim-cfg-b1-square", "sd1", "ddim", 7.5, ("a red cat",), 1, 64, 64, 0.0, 4),
+        ParityCase(
+            "sd1-ddim-nocfg-b2-wide", "sd1", "ddim", 1.0, ("a red cat", "a dog"), 1, 64, 96, 0.0, 3
+        ),
+        ParityCase(
+            "sd1-ddim-eta-cfg-n2-tall", "sd1", "ddim", 5.0, ("a blue circle",), 2, 96, 64, 0.7, 3
+        ),
+        ParityCase(
+            "sd1-euler-cfg-b1-wide", "sd1", "euler", 7.5, ("a green square",), 1, 64, 96, 0.0, 4
+        ),
+        ParityCase(
+            "sd1-eulera-cfg-b2", "sd1", "euler_ancestral", 7.5, ("a cat", "a dog"),
+            1, 64, 64, 0.0, 4,
+        ),
+        ParityCase(
+            "sd2-vpred-ddim-cfg-b1", "sd2", "ddim", 7.5, ("a photo of a cat",), 1, 64, 64, 0.0, 4
+        ),
+        ParityCase(
+            "sd2-vpred-euler-nocfg-n2-wide", "sd2", "euler", 1.0, ("a photo of a dog",),
+            2, 64, 96, 0.0, 2,
+        ),
+        ParityCase(
+            "turbo-eulera-1step", "turbo", "euler_ancestral", 0.0, ("a red circle",),
+            1, 64, 64, 0.0, 1,
+        ),
+        ParityCase(
+            "turbo-eulera-cfg-b2-tall", "turbo", "euler_ancestral", 2.0, ("a cat", "a dog"),
+            1, 96, 64, 0.0, 4,
+        ),
+        ParityCase("turbo-euler-n2", "turbo", "euler", 0.0, ("a blue square",), 2, 64, 64, 0.0, 2),
+        ParityCase("lcm-w8.5-b1", "lcm", "lcm", 8.5, ("a red cat",), 1, 64, 64, 0.0, 4),
+        ParityCase("lcm-w1-b2-wide", "lcm", "lcm", 1.0, ("a cat", "a dog"), 1, 64, 96, 0.0, 2),
+        ParityCase("lcm-1step-n2", "lcm", "lcm", 3.0, ("a green circle",), 2, 64, 64, 0.0, 1),
+    )
+}  # fmt: skip
+
+
+class TorchNoise:
+    """Draws from a torch.Generator, so fewstep and diffusers see the same noise."""
+
+    def __init__(self, seed: int):
+        import torch
+
+        self._torch = torch
+        self.generator = torch.Generator().manual_seed(seed)
+
+    def standard_normal(self, size, dtype=np.float32):
+        torch = self._torch
+        return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
+
+
+class DiffusersParity:
+    """What the parity tests share: the tolerance, diffusers' reference pipelines, the noise a
+    torch.Generator draws, and one `ParityCase` run through a fewstep pipeline and diffusers."""
+
+    tolerance = IMAGE_TOLERANCE
+    noise = TorchNoise
+
+    def __init__(self, tiny_model):
+        self._tiny_model = tiny_model
+
+    def load_diffusers(self, folder, family: str, sampler: str):
+        """diffusers' pipeline of a diffusers folder, with the named scheduler."""
+        import diffusers
+
+        cls = diffusers.StableDiffusionPipeline
+        if family == "lcm":
+            cls = diffusers.LatentConsistencyModelPipeline
+        pipe = cls.from_pretrained(folder, safety_checker=None)
+        scheduler = getattr(diffusers, DIFFUSERS_SCHEDULERS[sampler])
+        pipe.scheduler = scheduler.from_config(pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    @staticmethod
+    def max_error(got: np.ndarray, expected: np.ndarray) -> float:
+        """max |got − expected|, once the shapes agree and the reference is not flat."""
+        assert got.shape == expected.shape, (got.shape, expected.shape)
+        assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
+        return float(np.abs(got - expected).max())
+
+    def run_case(self, ours, case: ParityCase) -> tuple[np.ndarray, np.ndarray]:
+        """(fewstep's images, diffusers' images) of `case` on its family's tiny model, from the
+        same latents and the same noise; `ours` is a fewstep Pipeline of that model."""
+        import torch
+
+        batch = len(case.prompts) * case.per_prompt
+        scale = ours.info.vae_scale_factor
+        shape = (batch, 4, case.height // scale, case.width // scale)
+        latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
+        prompts = list(case.prompts)
+        negative = None if case.family == "lcm" else ["ugly"] * len(prompts)
+        common = dict(
+            num_inference_steps=case.steps,
+            guidance_scale=case.guidance_scale,
+            height=case.height,
+            width=case.width,
+            num_images_per_prompt=case.per_prompt,
+            output_type="np",
+        )
+        reference = dict(
+            common,
+            latents=torch.from_numpy(latents.copy()),
+            generator=torch.Generator().manual_seed(11),
+        )
+        if case.family != "lcm":  # diffusers' LCM pipeline takes neither
+            reference.update(negative_prompt=negative, eta=case.eta)
+        folder = self._tiny_model(case.family)
+        expected = self.load_diffusers(folder, case.family, case.sampler)(prompts, **reference)
+        got = ours(
+            prompts,
+            negative_prompt=negative,
+            latents=latents,
+            generator=TorchNoise(11),
+            eta=case.eta,
+            scheduler=case.sampler,
+            **common,
+        )
+        assert got.images.shape == (batch, case.height, case.width, 3)
+        return got.images, expected.images
+
+
+@pytest.fixture(scope="session")
+def parity(tiny_model):
+    """The `DiffusersParity` helpers (skips without torch or diffusers)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    return DiffusersParity(tiny_model)
+
+
+@pytest.fixture(params=list(PARITY_CASES))
+def parity_case(request) -> ParityCase:
+    """Each `ParityCase`; a test narrows them with
+    `@pytest.mark.parametrize("parity_case", [ids], indirect=True)`."""
+    return PARITY_CASES[request.param]
+
+
+# ---------------------------------------------------------------------------------------------
+# fewstep.kernels against fp64 references
+#
+# Accuracy rule: with ref64 the fp64 computation on the same (exactly upcast) inputs, a kernel
+# (or a patched module) passes when
+#     max|kernel − ref64| <= 2 · max|torch_same_precision − ref64| + floor(dtype)
+# where torch_same_precision is the plain torch op (module) run in the kernel's dtype.
+# ---------------------------------------------------------------------------------------------
+
+
+def _rounding_floor(dtype, ref64) -> float:
+    """One rounding step of `dtype` at the output's largest magnitude: eps · max|ref64|.
+
+    Kernel and torch each round their fp32 result to `dtype` once (torch's GroupNorm+SiLU
+    twice). Two implementations that both round correctly can still land one representable
+    value apart where the fp32 results straddle a rounding boundary, and near max|ref64| that
+    spacing is up to eps·max|ref64|. When torch's own error happens to be small, 2·err_torch
+    alone would demand better than one rounding; the floor allows that one step and nothing
+    more (fp32 ≈ 1.2e-7, fp16 ≈ 9.8e-4, bf16 ≈ 7.8e-3, relative to max|ref64|).
+    """
+    import torch
+
+    finite = ref64[torch.isfinite(ref64)]
+    return torch.finfo(dtype).eps * (float(finite.abs().max()) if finite.numel() else 0.0)
+
+
+def _assert_matches_ref(got, torch_out, ref64, what: str) -> tuple[float, float]:
+    """The accuracy rule above; NaN in ref64 must be NaN in got, NaN elsewhere fails.
+
+    Returns (kernel error, torch error). On failure, lists the first mismatches.
+    """
+    import torch
+
+    assert got.shape == ref64.shape and got.dtype == torch_out.dtype, what
+    got64 = got.double()
+    ref_nan = torch.isnan(ref64)
+    err_torch_all = (torch_out.double() - ref64).abs()
+    err_torch = float(err_torch_all[~ref_nan].max()) if (~ref_nan).any() else 0.0
+    tol = 2 * err_torch + _rounding_floor(got.dtype, ref64)
+    err = (got64 - ref64).abs()
+    # `~(err <= tol)` is True for NaN errors, so a NaN where ref64 is finite fails.
+    bad = torch.where(ref_nan, ~torch.isnan(got64), ~(err <= tol))
+    err_kernel = float(err[~ref_nan].max()) if (~ref_nan).any() else 0.0
+    print(f"{what}: kernel err {err_kernel:.3g}, torch err {err_torch:.3g}, tol {tol:.3g}")
+    if bad.any():
+        idx = bad.nonzero()[:5]
+        lines = [
+            f"  {tuple(i.tolist())}: got {got64[tuple(i)].item():.8g}, "
+            f"expected {ref64[tuple(i)].item():.8g} (torch {torch_out[tuple(i)].item():.8g})"
+            for i in idx
+        ]
+        raise AssertionError(
+            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; kernel err "
+            f"{err_kernel:.3g} > tol {tol:.3g} (2 × torch err {err_torch:.3g} + floor); "
+            "first mismatches (index, got, expected):\n" + "\n".join(lines)
+        )
+    return err_kernel, err_torch
+
+
+@pytest.fixture(scope="session")
+def assert_matches_ref():
+    """(got, torch_out, ref64, what) -> (kernel error, torch error): the accuracy rule above."""
+    return _assert_matches_ref
+
+
+@pytest.fixture
+def kernel_calls(monkeypatch):
+    """Counts of Triton launches (not fallbacks) through fewstep.kernels.ops, and of GroupNorm
+    launches with an input bias (a time embedding added inside the kernel)."""
+    import fewstep.kernels.ops as kernel_ops
+
+    calls = {"group_norm": 0, "attention": 0, "geglu": 0, "layer_norm": 0}
+    for name in list(calls):
+        launcher = getattr(kernel_ops, name)
+
+        def counted(*args, _name=name, _launcher=launcher, **kwargs):
+            calls[_name] += 1
+            if kwargs.get("input_bias") is not None:
+                calls["input_bias"] = calls.get("input_bias", 0) + 1
+            return _launcher(*args, **kwargs)
+
+        monkeypatch.setattr(kernel_ops, name, counted)
+    return calls
+
+
+@pytest.fixture
+def one_torch_thread():
+    """torch on one CPU thread for the test: its thread pool spins against the other processes
+    on a small shared machine (a tiny U-Net step takes 1 s with 2 threads, 10 ms with 1)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+class TinyModules:
+    """The tiny models' diffusers modules, loaded and run the way the kernel tests need."""
+
+    def __init__(self, tiny_model):
+        self._tiny_model = tiny_model
+
+    def load(self, family: str, component: str, dtype=None):
+        """The family's "unet" or "vae" in eval mode without gradients (fp32 by default)."""
+        import diffusers
+        import torch
+
+        from fewstep.backends.torch_backend import diffusers_dtype_kwargs
+
+        cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
+        kwargs = diffusers_dtype_kwargs(dtype or torch.float32)
+        module = cls.from_pretrained(self._tiny_model(family) / component, **kwargs)
+        return module.eval().requires_grad_(False)
+
+    @staticmethod
+    def unet_inputs(module, batch: int, dtype):
+        """(sample [batch, C, 8, 8], timestep, encoder states [batch, 77, D]), seeded."""
+        import torch
+
+        gen = torch.Generator().manual_seed(0)
+        cfg = module.config
+        sample = torch.randn(batch, cfg.in_channels, 8, 8, generator=gen)
+        hidden = torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen)
+        return sample.to(dtype), torch.tensor(421.0), hidden.to(dtype)
+
+    @staticmethod
+    def run_unet(module, inputs):
+        import torch
+
+        sample, t, hidden = inputs
+        with torch.inference_mode():
+            return module(sample, t, hidden, return_dict=False)[0]
+
+
+@pytest.fixture(scope="session")
+def tiny_modules(tiny_model):
+    """The `TinyModules` helpers (skips without torch or diffusers)."""
+    pytest.importorskip("torch")
+    pytest.importorskip("diffusers")
+    return TinyModules(tiny_model)

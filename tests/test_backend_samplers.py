@@ -6,8 +6,8 @@ weights on onnxruntime. The packages: the tiny random-weight sd1 model exported 
 (conftest) and fp16 (here), and the bundled default model (fp16, v-prediction, LCM guidance
 embedding), each sampler forced with `scheduler=`.
 
-Tolerances. fp32: IMAGE_TOLERANCE, the max abs difference both backends keep to diffusers
-(measured between the backends: at most 1.1e-5). fp16: a PSNR floor, as for bf16 in
+Tolerances. fp32: `parity.tolerance` (conftest), the max abs difference both backends keep to
+diffusers (measured between the backends: at most 1.1e-5). fp16: a PSNR floor, as for bf16 in
 test_openvino.py: onnxruntime computes an fp16 graph in fp16 while OpenVINO computes it in f32
 from the fp16 weights, so they differ by fp16 rounding along the trajectory, and on the trained
 default model a few edge pixels move by up to 0.066 while the image stays > 50 dB away; a
@@ -27,8 +27,6 @@ import pytest
 
 pytest.importorskip("onnxruntime")
 pytest.importorskip("openvino")
-
-from parity import IMAGE_TOLERANCE  # noqa: E402
 
 import fewstep  # noqa: E402
 from fewstep.backends.base import create_backend  # noqa: E402
@@ -108,14 +106,14 @@ def generate(pipe: Pipeline, sampler: str, package: str) -> np.ndarray:
 
 @pytest.mark.parametrize("package", PACKAGES)
 @pytest.mark.parametrize("sampler", SAMPLERS)
-def test_openvino_matches_onnxruntime(pipeline, sampler, package, record_property):
+def test_openvino_matches_onnxruntime(pipeline, parity, sampler, package, record_property):
     expected = generate(pipeline("onnxruntime", package), sampler, package)
     got = generate(pipeline("openvino", package), sampler, package)
     assert got.shape == expected.shape == (len(PROMPTS), 64, 64, 3)
     assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
     if package.endswith("fp32"):
         err = np.abs(got - expected)
-        assert err.max() <= IMAGE_TOLERANCE, (
+        assert err.max() <= parity.tolerance, (
             f"max abs difference {err.max():.2e} at {np.unravel_index(err.argmax(), err.shape)}"
         )
     else:

@@ -1,6 +1,6 @@
 """fewstep.kernels against fp64 references, in Triton's interpreter (TRITON_INTERPRET=1, conftest).
 
-Accuracy rule: with ref64 the fp64 computation on the same
+Accuracy rule (conftest's `assert_matches_ref`): with ref64 the fp64 computation on the same
 (exactly upcast) inputs, a kernel passes when
 
     max|kernel − ref64| <= 2 · max|torch_same_precision − ref64| + floor(dtype)
@@ -70,54 +70,6 @@ DTYPES = [
 ]
 
 
-def floor(dtype: torch.dtype, ref64: torch.Tensor) -> float:
-    """One rounding step of `dtype` at the output's largest magnitude: eps · max|ref64|.
-
-    Kernel and torch each round their fp32 result to `dtype` once (torch's
-    GroupNorm+SiLU twice). Two implementations that both round correctly can
-    still land one representable value apart where the fp32 results straddle a
-    rounding boundary, and near max|ref64| that spacing is up to eps·max|ref64|.
-    When torch's own error happens to be small, 2·err_torch alone would demand
-    better than one rounding; the floor allows that one step and nothing more
-    (fp32 ≈ 1.2e-7, fp16 ≈ 9.8e-4, bf16 ≈ 7.8e-3, relative to max|ref64|).
-    """
-    finite = ref64[torch.isfinite(ref64)]
-    return torch.finfo(dtype).eps * (float(finite.abs().max()) if finite.numel() else 0.0)
-
-
-def assert_matches_ref(
-    got: torch.Tensor, torch_out: torch.Tensor, ref64: torch.Tensor, what: str
-) -> tuple[float, float]:
-    """The accuracy rule above; NaN in ref64 must be NaN in got, NaN elsewhere fails.
-
-    Returns (kernel error, torch error). On failure, lists the first mismatches.
-    """
-    assert got.shape == ref64.shape and got.dtype == torch_out.dtype, what
-    got64 = got.double()
-    ref_nan = torch.isnan(ref64)
-    err_torch_all = (torch_out.double() - ref64).abs()
-    err_torch = float(err_torch_all[~ref_nan].max()) if (~ref_nan).any() else 0.0
-    tol = 2 * err_torch + floor(got.dtype, ref64)
-    err = (got64 - ref64).abs()
-    # `~(err <= tol)` is True for NaN errors, so a NaN where ref64 is finite fails.
-    bad = torch.where(ref_nan, ~torch.isnan(got64), ~(err <= tol))
-    err_kernel = float(err[~ref_nan].max()) if (~ref_nan).any() else 0.0
-    print(f"{what}: kernel err {err_kernel:.3g}, torch err {err_torch:.3g}, tol {tol:.3g}")
-    if bad.any():
-        idx = bad.nonzero()[:5]
-        lines = [
-            f"  {tuple(i.tolist())}: got {got64[tuple(i)].item():.8g}, "
-            f"expected {ref64[tuple(i)].item():.8g} (torch {torch_out[tuple(i)].item():.8g})"
-            for i in idx
-        ]
-        raise AssertionError(
-            f"{what}: {int(bad.sum())} of {bad.numel()} elements off; kernel err "
-            f"{err_kernel:.3g} > tol {tol:.3g} (2 × torch err {err_torch:.3g} + floor); "
-            "first mismatches (index, got, expected):\n" + "\n".join(lines)
-        )
-    return err_kernel, err_torch
-
-
 def randn(*shape: int, gen: torch.Generator, dtype: torch.dtype, scale=1.0, shift=0.0):
     return (torch.randn(shape, generator=gen) * scale + shift).to(dtype)
 
@@ -164,7 +116,7 @@ def _group_norm_torch(x, groups, weight, bias, activation):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "groups", "channels_last"), GROUP_NORM_CASES)
-def test_group_norm_silu_matches_fp64(shape, groups, channels_last, dtype):
+def test_group_norm_silu_matches_fp64(assert_matches_ref, shape, groups, channels_last, dtype):
     x, weight, bias = _group_norm_inputs(shape, channels_last, dtype)
     got = group_norm(x, groups, weight, bias, activation="silu")
     ref64 = group_norm_ref(x.double(), groups, weight.double(), bias.double(), activation="silu")
@@ -236,7 +188,7 @@ def test_grid_sync_is_checked_once_per_device_before_the_default_uses_it(
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_group_norm_of_a_channel_slice(channels_last):
+def test_group_norm_of_a_channel_slice(assert_matches_ref, channels_last):
     """x not dense (channels 16..79 of a wider tensor): y is allocated dense, with other
     strides than x's, and the kernel must write it by its own."""
     wide, weight, bias = _group_norm_inputs((2, 96, 5, 7), channels_last, torch.float32)
@@ -250,7 +202,7 @@ def test_group_norm_of_a_channel_slice(channels_last):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_group_norm_plain_no_affine(dtype):
+def test_group_norm_plain_no_affine(assert_matches_ref, dtype):
     x, _, _ = _group_norm_inputs((2, 64, 6, 10), False, dtype)
     got = group_norm(x, 32)
     ref64 = group_norm_ref(x.double(), 32)
@@ -259,7 +211,7 @@ def test_group_norm_plain_no_affine(dtype):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_group_norm_split_statistics_large_mean(dtype, channels_last):
+def test_group_norm_split_statistics_large_mean(assert_matches_ref, dtype, channels_last):
     """Several programs and tiles per group, merged (Chan et al.), on data with mean ≫ std.
 
     A mean of 300 with unit std: E[x²] − E[x]² in fp32 would lose ~1e-2 of the
@@ -288,7 +240,7 @@ def test_group_norm_split_statistics_large_mean(dtype, channels_last):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_group_norm_adds_the_input_bias_first(dtype, channels_last):
+def test_group_norm_adds_the_input_bias_first(assert_matches_ref, dtype, channels_last):
     """A ResNet block's time embedding [N, C], added inside the kernel: against torch adding it
     in the same precision, then GroupNorm + SiLU."""
     x, weight, bias = _group_norm_inputs((2, 320, 6, 10), channels_last, dtype, seed=2)
@@ -305,7 +257,7 @@ def test_group_norm_adds_the_input_bias_first(dtype, channels_last):
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_group_norm_channel_blocks(channels_last):
+def test_group_norm_channel_blocks(assert_matches_ref, channels_last):
     """Tiles of 2 channels (a power of 2 that divides SD's 10: no masked lane), 1, and 16
     (the default's padded block), with and without a split."""
     x, weight, bias = _group_norm_inputs((1, 40, 6, 10), channels_last, torch.float16, seed=4)
@@ -400,7 +352,7 @@ def test_resident_programs_takes_the_tightest_limit():
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_group_norm_nan_propagates(channels_last):
+def test_group_norm_nan_propagates(assert_matches_ref, channels_last):
     x, weight, bias = _group_norm_inputs((1, 64, 7, 9), channels_last, torch.float16)
     x[0, 5, 2, 3] = float("nan")  # group 2 (channels 4, 5) becomes all NaN in torch
     got = group_norm(x, 32, weight, bias, activation="silu")
@@ -411,7 +363,7 @@ def test_group_norm_nan_propagates(channels_last):
     assert_matches_ref(got, expected, ref64, "group_norm with NaN")
 
 
-def test_comparison_fails_on_nan_and_lists_mismatches():
+def test_comparison_fails_on_nan_and_lists_mismatches(assert_matches_ref):
     """The checker itself: a NaN (or a wrong value) where the reference is finite must fail."""
     x, weight, bias = _group_norm_inputs((1, 64, 7, 9), False, torch.float32)
     ref64 = group_norm_ref(x.double(), 32, weight.double(), bias.double())
@@ -455,7 +407,7 @@ def test_group_norm_writes_every_output(monkeypatch, channels_last):
     assert not torch.isnan(got).any()
 
 
-def test_group_norm_launches_one_form_per_call(monkeypatch):
+def test_group_norm_launches_one_form_per_call(assert_matches_ref, monkeypatch):
     """Which kernels a call launches, on which grid, in which mode: split 1 the forward
     kernel's one pass; a split the statistics kernel, then the forward kernel merging its
     partials; one_launch the forward kernel's grid sync, as a cooperative launch."""
@@ -516,7 +468,7 @@ def _attention_inputs(b, h, l_q, l_kv, d, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("b", "h", "l_q", "l_kv", "d"), ATTENTION_CASES)
-def test_attention_matches_fp64(b, h, l_q, l_kv, d, dtype):
+def test_attention_matches_fp64(assert_matches_ref, b, h, l_q, l_kv, d, dtype):
     q, k, v = _attention_inputs(b, h, l_q, l_kv, d, dtype)
     got = attention(q, k, v)
     ref64 = attention_ref(q.double(), k.double(), v.double())
@@ -539,7 +491,7 @@ def test_head_dim_blocks_cover_the_head_dim_with_fewer_padded_lanes():
 
 
 @pytest.mark.parametrize("d", [40, 80, 160])
-def test_attention_padded_head_dim_agrees_with_two_blocks(d):
+def test_attention_padded_head_dim_agrees_with_two_blocks(assert_matches_ref, d):
     """The benchmark's baseline (one padded block) and the default (two blocks) both match."""
     q, k, v = _attention_inputs(1, 2, 48, 77, d, torch.float16, seed=5)
     ref64 = attention_ref(q.double(), k.double(), v.double())
@@ -550,7 +502,7 @@ def test_attention_padded_head_dim_agrees_with_two_blocks(d):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
-def test_attention_contiguous_inputs_and_scale(dtype):
+def test_attention_contiguous_inputs_and_scale(assert_matches_ref, dtype):
     q, k, v = (t.contiguous() for t in _attention_inputs(1, 2, 96, 96, 80, dtype, seed=3))
     got = attention(q, k, v, scale=0.3)
     ref64 = attention_ref(q.double(), k.double(), v.double(), scale=0.3)
@@ -559,7 +511,7 @@ def test_attention_contiguous_inputs_and_scale(dtype):
     assert_matches_ref(got, expected, ref64, f"attention scale=0.3 {dtype}")
 
 
-def test_attention_nan_propagates():
+def test_attention_nan_propagates(assert_matches_ref):
     q, k, v = _attention_inputs(1, 2, 40, 77, 40, torch.float16)
     q[0, 0, 3, 7] = float("nan")  # one query row of head 0
     k[0, 1, 50, 0] = float("nan")  # one key of head 1: every row of head 1
@@ -597,7 +549,7 @@ def _geglu_input(shape, dtype, seed=0):
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("shape", GEGLU_CASES)
-def test_geglu_matches_fp64(shape, dtype):
+def test_geglu_matches_fp64(assert_matches_ref, shape, dtype):
     x = _geglu_input(shape, dtype)
     h, g = x.chunk(2, dim=-1)
     torch_out = h * F.gelu(g)  # diffusers' GEGLU in x's precision
@@ -606,7 +558,7 @@ def test_geglu_matches_fp64(shape, dtype):
     assert_matches_ref(got, torch_out, geglu_ref(x.double()), f"geglu {shape} {dtype}")
 
 
-def test_geglu_strided_rows_nan_and_every_output(monkeypatch):
+def test_geglu_strided_rows_nan_and_every_output(assert_matches_ref, monkeypatch):
     wide = _geglu_input((2, 9, 2 * 48 + 16), torch.float32)
     x = wide[..., 8 : 8 + 2 * 48]  # rows strided past their width
     x[1, 3, 5] = float("nan")  # an h: its output is NaN, the others are not
@@ -631,7 +583,7 @@ LAYER_NORM_CASES = [
 
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize(("shape", "affine"), LAYER_NORM_CASES)
-def test_layer_norm_matches_fp64(shape, affine, dtype):
+def test_layer_norm_matches_fp64(assert_matches_ref, shape, affine, dtype):
     gen = torch.Generator().manual_seed(0)
     x = (torch.randn(shape, generator=gen) * 3 + 5).to(dtype)  # |mean| > std: no cancellation
     w = (torch.randn(shape[-1], generator=gen) + 1).to(dtype) if affine else None
@@ -644,7 +596,7 @@ def test_layer_norm_matches_fp64(shape, affine, dtype):
     assert_matches_ref(got, torch_out, ref64, f"layer_norm {shape} {dtype}")
 
 
-def test_layer_norm_strided_rows_nan_and_every_output(monkeypatch):
+def test_layer_norm_strided_rows_nan_and_every_output(assert_matches_ref, monkeypatch):
     wide = torch.randn(2, 9, 64 + 8, generator=torch.Generator().manual_seed(1))
     x = wide[..., 4 : 4 + 64]  # rows strided past their width
     x[1, 3, 5] = float("nan")  # poisons its row only

@@ -1,10 +1,11 @@
 """fewstep.kernels.patch on diffusers' tiny U-Nets and VAE, in Triton's interpreter (conftest).
 
 References: the same module unpatched (diffusers' own GroupNorm, SiLU and AttnProcessor2_0)
-in the same precision and in fp64. The accuracy rule is test_kernels.py's, applied to the
-whole module: max|patched − ref64| <= 2 · max|unpatched − ref64| + floor, where ref64 is
-the unpatched module in fp64 on the same (exactly upcast) inputs. Counts are checked
-against the modules the model has, counted here without the patcher's own rules.
+in the same precision and in fp64. The accuracy rule is the kernels' (conftest's
+`assert_matches_ref`), applied to the whole module: max|patched − ref64| <=
+2 · max|unpatched − ref64| + floor, where ref64 is the unpatched module in fp64 on the same
+(exactly upcast) inputs. Counts are checked against the modules the model has, counted here
+without the patcher's own rules.
 """
 
 from __future__ import annotations
@@ -16,10 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_kernels import assert_matches_ref  # noqa: E402
-
 import fewstep.kernels.ops as kernel_ops  # noqa: E402
-from fewstep.backends.torch_backend import diffusers_dtype_kwargs  # noqa: E402
 from fewstep.kernels import (  # noqa: E402
     KERNEL_NAMES,
     FewstepAttnProcessor,
@@ -34,35 +32,8 @@ pytestmark = [
     # The interpreter evaluates masked-off lanes too (see test_kernels.py).
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # torch's CPU thread pool spins against the other processes on a shared 2-core
-    # machine (a tiny U-Net step takes 1 s with 2 threads, 10 ms with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture
-def kernel_calls(monkeypatch):
-    """Counts of Triton launches (not fallbacks) through the custom ops, and of GroupNorm
-    launches with an input bias (a time embedding added inside the kernel)."""
-    calls = {"group_norm": 0, "attention": 0, "geglu": 0, "layer_norm": 0}
-    for name in list(calls):
-        launcher = getattr(kernel_ops, name)
-
-        def counted(*args, _name=name, _launcher=launcher, **kwargs):
-            calls[_name] += 1
-            if kwargs.get("input_bias") is not None:
-                calls["input_bias"] = calls.get("input_bias", 0) + 1
-            return _launcher(*args, **kwargs)
-
-        monkeypatch.setattr(kernel_ops, name, counted)
-    return calls
 
 
 def expected_counts(module: torch.nn.Module) -> dict[str, int]:
@@ -97,26 +68,6 @@ def expected_counts(module: torch.nn.Module) -> dict[str, int]:
     }
 
 
-def load(tiny_model, family: str, component: str, dtype=torch.float32) -> torch.nn.Module:
-    cls = diffusers.UNet2DConditionModel if component == "unet" else diffusers.AutoencoderKL
-    module = cls.from_pretrained(tiny_model(family) / component, **diffusers_dtype_kwargs(dtype))
-    return module.eval().requires_grad_(False)
-
-
-def unet_inputs(module, batch: int, dtype):
-    gen = torch.Generator().manual_seed(0)
-    cfg = module.config
-    sample = torch.randn(batch, cfg.in_channels, 8, 8, generator=gen)
-    hidden = torch.randn(batch, 77, cfg.cross_attention_dim, generator=gen)
-    return sample.to(dtype), torch.tensor(421.0), hidden.to(dtype)
-
-
-def run_unet(module, inputs):
-    sample, t, hidden = inputs
-    with torch.inference_mode():
-        return module(sample, t, hidden, return_dict=False)[0]
-
-
 def run_vae_decoder(module, z):
     with torch.inference_mode():
         return module.decode(z, return_dict=False)[0]
@@ -129,20 +80,22 @@ def run_vae_decoder(module, z):
         pytest.param("sd2", torch.float16, True, id="sd2-linear-proj-fp16-channels_last"),
     ],
 )
-def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype, channels_last):
-    module64 = load(tiny_model, family, "unet", torch.float64)
-    ref64 = run_unet(module64, unet_inputs(module64, 1, torch.float64))
-    module = load(tiny_model, family, "unet", dtype)
+def test_patched_unet_matches_unpatched(
+    tiny_modules, assert_matches_ref, kernel_calls, family, dtype, channels_last
+):
+    module64 = tiny_modules.load(family, "unet", torch.float64)
+    ref64 = tiny_modules.run_unet(module64, tiny_modules.unet_inputs(module64, 1, torch.float64))
+    module = tiny_modules.load(family, "unet", dtype)
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)
-    sample, t, hidden = unet_inputs(module, 1, dtype)
+    sample, t, hidden = tiny_modules.unet_inputs(module, 1, dtype)
     inputs = (sample.contiguous(memory_format=memory_format), t, hidden)
-    unpatched = run_unet(module, inputs)
+    unpatched = tiny_modules.run_unet(module, inputs)
     counts = expected_counts(module)
 
     patched_module, report = patch(module)
     assert patched_module is module and is_patched(module)
-    got = run_unet(module, inputs)
+    got = tiny_modules.run_unet(module, inputs)
 
     assert vars(report) == counts and report.resnet_blocks > 0 and report.transformer_outputs > 0
     # Every swapped op ran the Triton kernel, none fell back to torch.
@@ -156,10 +109,10 @@ def test_patched_unet_matches_unpatched(tiny_model, kernel_calls, family, dtype,
     assert_matches_ref(got, unpatched, ref64, f"{family} U-Net {dtype}")
 
 
-def test_patched_vae_decoder_matches_unpatched(tiny_model, kernel_calls):
-    module = load(tiny_model, "sd1", "vae")
+def test_patched_vae_decoder_matches_unpatched(tiny_modules, assert_matches_ref, kernel_calls):
+    module = tiny_modules.load("sd1", "vae")
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(1))
-    ref64 = run_vae_decoder(load(tiny_model, "sd1", "vae", torch.float64), z.double())
+    ref64 = run_vae_decoder(tiny_modules.load("sd1", "vae", torch.float64), z.double())
     unpatched = run_vae_decoder(module, z)
     counts = expected_counts(module)
     decoder_counts = expected_counts(module.decoder)  # what decode() runs
@@ -175,13 +128,13 @@ def test_patched_vae_decoder_matches_unpatched(tiny_model, kernel_calls):
     assert_matches_ref(got, unpatched, ref64, "sd1 VAE decoder fp32")
 
 
-def test_patch_is_idempotent_and_unpatch_restores(tiny_model):
-    module = load(tiny_model, "sd1", "unet")
+def test_patch_is_idempotent_and_unpatch_restores(tiny_modules):
+    module = tiny_modules.load("sd1", "unet")
     keys = list(module.state_dict())
     types = {name: type(m) for name, m in module.named_modules()}
     processors = {name: type(p) for name, p in module.attn_processors.items()}
-    inputs = unet_inputs(module, 1, torch.float32)
-    before = run_unet(module, inputs)
+    inputs = tiny_modules.unet_inputs(module, 1, torch.float32)
+    before = tiny_modules.run_unet(module, inputs)
 
     _, first = patch(module)
     _, second = patch(module)
@@ -195,34 +148,36 @@ def test_patch_is_idempotent_and_unpatch_restores(tiny_model):
     assert not is_patched(module)
     assert {name: type(m) for name, m in module.named_modules()} == types
     assert {name: type(p) for name, p in module.attn_processors.items()} == processors
-    assert torch.equal(run_unet(module, inputs), before)
+    assert torch.equal(tiny_modules.run_unet(module, inputs), before)
 
 
-def test_patched_ops_fall_back_to_torch_when_disabled(tiny_model, kernel_calls, monkeypatch):
-    module = load(tiny_model, "sd1", "unet")
-    inputs = unet_inputs(module, 2, torch.float32)
-    expected = run_unet(module, inputs)
+def test_patched_ops_fall_back_to_torch_when_disabled(tiny_modules, kernel_calls, monkeypatch):
+    module = tiny_modules.load("sd1", "unet")
+    inputs = tiny_modules.unet_inputs(module, 2, torch.float32)
+    expected = tiny_modules.run_unet(module, inputs)
     patch(module)
     monkeypatch.setenv(kernel_ops.DISABLE_ENV, "1")
-    got = run_unet(module, inputs)
+    got = tiny_modules.run_unet(module, inputs)
     assert kernel_calls == {"group_norm": 0, "attention": 0, "geglu": 0, "layer_norm": 0}
     # The fallback runs torch's own ops in diffusers' order: the same numbers.
     torch.testing.assert_close(got, expected, rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "channels_last"])
-def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels_last):
+def test_dropped_passes_change_no_value_and_keep_the_layout(
+    tiny_modules, assert_matches_ref, channels_last
+):
     """passes only (no kernels): attention without its division by 1, transformer outputs in
     their residual's layout. NCHW: diffusers' numbers bit for bit. channels_last stays so,
     and differs only by the rounding of torch's kernels on the other layout (the fp64 rule)."""
-    module = load(tiny_model, "sd2", "unet")  # linear projections: the other output path
-    module64 = load(tiny_model, "sd2", "unet", torch.float64)
-    ref64 = run_unet(module64, unet_inputs(module64, 2, torch.float64))
+    module = tiny_modules.load("sd2", "unet")  # linear projections: the other output path
+    module64 = tiny_modules.load("sd2", "unet", torch.float64)
+    ref64 = tiny_modules.run_unet(module64, tiny_modules.unet_inputs(module64, 2, torch.float64))
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)
-    sample, t, hidden = unet_inputs(module, 2, torch.float32)
+    sample, t, hidden = tiny_modules.unet_inputs(module, 2, torch.float32)
     inputs = (sample.contiguous(memory_format=memory_format), t, hidden)
-    expected = run_unet(module, inputs)
+    expected = tiny_modules.run_unet(module, inputs)
     outputs = []
     for m in module.modules():
         if type(m).__name__ == "Transformer2DModel":
@@ -236,7 +191,7 @@ def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels
     assert report.attention == expected_counts(module)["attention"]
     assert not any(p.kernel for p in module.attn_processors.values())
     outputs.clear()
-    got = run_unet(module, inputs)
+    got = tiny_modules.run_unet(module, inputs)
     if channels_last:
         assert_matches_ref(got, expected, ref64, "sd2 U-Net channels_last, passes dropped")
     else:
@@ -244,8 +199,8 @@ def test_dropped_passes_change_no_value_and_keep_the_layout(tiny_model, channels
     assert outputs and all(o.is_contiguous(memory_format=memory_format) for o in outputs)
 
 
-def test_a_later_patch_puts_sdpa_processors_on_the_kernel_and_unpatch_undoes_both(tiny_model):
-    module = load(tiny_model, "sd1", "unet")
+def test_a_later_patch_puts_sdpa_processors_on_the_kernel_and_unpatch_undoes_both(tiny_modules):
+    module = tiny_modules.load("sd1", "unet")
     original = {name: type(p) for name, p in module.attn_processors.items()}
     _, first = patch(module, group_norm=False, attention=False)
     _, second = patch(module, group_norm=False, attention=True)
@@ -274,9 +229,9 @@ def test_names_switches_and_report_come_from_the_rewrite_table():
     assert report.total == 0 and not is_patched(module)
 
 
-def test_kernels_argument_swaps_what_the_kernel_keywords_do(tiny_model):
-    by_name = load(tiny_model, "sd1", "unet")
-    by_keyword = load(tiny_model, "sd1", "unet")
+def test_kernels_argument_swaps_what_the_kernel_keywords_do(tiny_modules):
+    by_name = tiny_modules.load("sd1", "unet")
+    by_keyword = tiny_modules.load("sd1", "unet")
     _, named = patch(by_name, kernels=("attention", "geglu"))
     off = dict.fromkeys(("group_norm", "layer_norm", "upsample_conv", "pointwise_conv"), False)
     _, keywords = patch(by_keyword, **off)
@@ -304,15 +259,17 @@ def test_patch_rejects_unknown_switches_and_kernels_before_swapping(kwargs, give
     assert not is_patched(module) and type(module[0]) is torch.nn.GroupNorm
 
 
-def test_patched_unet_compiles_in_one_graph(tiny_model):
+def test_patched_unet_compiles_in_one_graph(tiny_modules):
     """torch.compile sees through every swap (custom ops, FusedResnetBlock, the processor,
     the transformers' output method): no graph break, the same numbers as eager."""
-    module = load(tiny_model, "sd1", "unet").to(memory_format=torch.channels_last)
+    module = tiny_modules.load("sd1", "unet").to(memory_format=torch.channels_last)
     patch(module)
-    sample, t, hidden = unet_inputs(module, 1, torch.float32)
+    sample, t, hidden = tiny_modules.unet_inputs(module, 1, torch.float32)
     inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(run_unet(compiled, inputs), run_unet(module, inputs))
+    torch.testing.assert_close(
+        tiny_modules.run_unet(compiled, inputs), tiny_modules.run_unet(module, inputs)
+    )
 
 
 @pytest.mark.parametrize("size", [(5, 7), (1, 1), (8, 8)])

@@ -32,7 +32,6 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 peft = pytest.importorskip("peft")
 
-from parity import IMAGE_TOLERANCE, TorchNoise, load_diffusers  # noqa: E402
 from safetensors.numpy import save_file  # noqa: E402
 
 from fewstep.cli import main as cli_main  # noqa: E402
@@ -192,7 +191,7 @@ def sd1(tiny_model, tiny_package, tmp_path_factory):
 # ---------------------------------------------------------------------------------------------
 
 
-def run_ours(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
+def run_ours(parity, pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
     return pipe(
         PROMPT,
         negative_prompt=NEGATIVE,
@@ -201,7 +200,7 @@ def run_ours(pipe: Pipeline, latents: np.ndarray) -> np.ndarray:
         height=64,
         width=64,
         latents=latents,
-        generator=TorchNoise(5),
+        generator=parity.noise(5),
         scheduler="ddim",
         output_type="np",
     ).images
@@ -240,8 +239,10 @@ def set_text_encoder_by_hand(pipe, pristine: dict, loras: list[tuple[LoraDef, fl
     return dropped
 
 
-def diffusers_fused(family: str, folder: Path, files: list[tuple[Path, float]], loras) -> tuple:
-    pipe = load_diffusers(folder, family, "ddim")
+def diffusers_fused(
+    parity, family: str, folder: Path, files: list[tuple[Path, float]], loras
+) -> tuple:
+    pipe = parity.load_diffusers(folder, family, "ddim")
     pristine = {k: v.clone() for k, v in pipe.text_encoder.state_dict().items()}
     for i, (path, scale) in enumerate(files):
         pipe.load_lora_weights(str(path), adapter_name=f"l{i}")
@@ -255,12 +256,12 @@ def latents_for(seed: int = 7) -> np.ndarray:
     return np.random.default_rng(seed).standard_normal((1, 4, 8, 8), dtype=np.float32)
 
 
-def assert_images_close(got: np.ndarray, expected: np.ndarray, base: np.ndarray) -> float:
+def assert_images_close(parity, got: np.ndarray, expected: np.ndarray, base: np.ndarray) -> float:
     assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
     effect = float(np.abs(expected - base).max())
-    assert effect > 50 * IMAGE_TOLERANCE, f"the LoRA barely changes the image ({effect:.2e})"
+    assert effect > 50 * parity.tolerance, f"the LoRA barely changes the image ({effect:.2e})"
     err = np.abs(got - expected)
-    assert err.max() <= IMAGE_TOLERANCE, (
+    assert err.max() <= parity.tolerance, (
         f"max abs difference {err.max():.2e} at {np.unravel_index(err.argmax(), err.shape)}"
     )
     return float(err.max())
@@ -272,37 +273,37 @@ def assert_images_close(got: np.ndarray, expected: np.ndarray, base: np.ndarray)
 
 
 @pytest.mark.parametrize("layout,scale", [("peft", 1.0), ("kohya", 0.7)])
-def test_image_matches_diffusers_fuse_lora(sd1, layout, scale):
+def test_image_matches_diffusers_fuse_lora(sd1, layout, scale, parity):
     lora_file = sd1[f"a_{layout}"]
     latents = latents_for()
     reference, dropped = diffusers_fused(
-        "sd1", sd1["folder"], [(lora_file, scale)], [(sd1["a"], scale)]
+        parity, "sd1", sd1["folder"], [(lora_file, scale)], [(sd1["a"], scale)]
     )  # noqa: E501
     print(f"diffusers left {dropped} text-encoder LoRA weights of the {layout} file unfolded")
     expected = run_diffusers(reference, latents)
-    base = run_ours(Pipeline.from_pretrained(sd1["package"]), latents)
+    base = run_ours(parity, Pipeline.from_pretrained(sd1["package"]), latents)
 
     at_load = run_ours(
-        Pipeline.from_pretrained(sd1["package"], loras=[(lora_file, scale)]), latents
+        parity, Pipeline.from_pretrained(sd1["package"], loras=[(lora_file, scale)]), latents
     )
-    err = assert_images_close(at_load, expected, base)
+    err = assert_images_close(parity, at_load, expected, base)
     print(f"sd1 {layout} fuse_lora({scale}): max abs error {err:.2e}")
 
     out = sd1["tmp"] / f"applied-{layout}"
     assert cli_main(["lora", "apply", str(sd1["package"]), "--lora", f"{lora_file}:{scale}",
                      "--out", str(out)]) == 0  # fmt: skip
-    applied = run_ours(Pipeline.from_pretrained(out), latents)
+    applied = run_ours(parity, Pipeline.from_pretrained(out), latents)
     assert np.array_equal(applied, at_load), "lora apply and the load-time fold differ"
 
 
 @pytest.mark.filterwarnings("ignore:Already found a `peft_config`:UserWarning")
-def test_two_adapters_match_diffusers_set_adapters(sd1):
+def test_two_adapters_match_diffusers_set_adapters(sd1, parity):
     from transformers import CLIPTextModel
 
     weights = (0.8, -0.6)
     files = [(sd1["a_kohya"], "a"), (sd1["b_peft"], "b")]
     latents = latents_for(11)
-    pipe = load_diffusers(sd1["folder"], "sd1", "ddim")
+    pipe = parity.load_diffusers(sd1["folder"], "sd1", "ddim")
     for path, name in files:
         pipe.load_lora_weights(str(path), adapter_name=name)
     pipe.set_adapters(["a", "b"], list(weights))
@@ -311,15 +312,15 @@ def test_two_adapters_match_diffusers_set_adapters(sd1):
     with torch.no_grad():
         hand_fold(pipe.text_encoder.state_dict(), sd1["a"].layers["text_encoder"], weights[0])
     expected = run_diffusers(pipe, latents)  # unfused: x @ W + w · s · B(A(x))
-    base = run_ours(Pipeline.from_pretrained(sd1["package"]), latents)
+    base = run_ours(parity, Pipeline.from_pretrained(sd1["package"]), latents)
     ours = Pipeline.from_pretrained(
         sd1["package"], loras=[(files[0][0], weights[0]), (files[1][0], weights[1])]
     )
-    err = assert_images_close(run_ours(ours, latents), expected, base)
+    err = assert_images_close(parity, run_ours(parity, ours, latents), expected, base)
     print(f"sd1 set_adapters{weights}: max abs error {err:.2e}")
 
 
-def test_sd2_image_matches_diffusers(tiny_model, tiny_package, tmp_path):
+def test_sd2_image_matches_diffusers(tiny_model, tiny_package, tmp_path, parity):
     """SD2: linear proj_in/proj_out (MatMul, stored transposed) and OpenCLIP text encoder."""
     folder, package = tiny_model("sd2"), tiny_package("sd2")
     lora = make_lora(
@@ -328,12 +329,12 @@ def test_sd2_image_matches_diffusers(tiny_model, tiny_package, tmp_path):
     )  # fmt: skip
     path = save_peft(lora, tmp_path / "sd2.safetensors")
     latents = latents_for(5)
-    reference, dropped = diffusers_fused("sd2", folder, [(path, 0.9)], [(lora, 0.9)])
+    reference, dropped = diffusers_fused(parity, "sd2", folder, [(path, 0.9)], [(lora, 0.9)])
     assert dropped == 0
     expected = run_diffusers(reference, latents)
-    base = run_ours(Pipeline.from_pretrained(package), latents)
-    got = run_ours(Pipeline.from_pretrained(package, loras=[(path, 0.9)]), latents)
-    err = assert_images_close(got, expected, base)
+    base = run_ours(parity, Pipeline.from_pretrained(package), latents)
+    got = run_ours(parity, Pipeline.from_pretrained(package, loras=[(path, 0.9)]), latents)
+    err = assert_images_close(parity, got, expected, base)
     print(f"sd2 peft fuse_lora(0.9): max abs error {err:.2e}")
 
 
@@ -358,7 +359,7 @@ def test_text_encoder_matches_hand_fold(sd1, layout):
     assert err <= 1e-5 * max(1.0, float(np.abs(expected).max()))
 
 
-def test_export_with_loras_matches_load_time_fold(sd1, tmp_path):
+def test_export_with_loras_matches_load_time_fold(sd1, tmp_path, parity):
     loras = [(sd1["a_kohya"], 0.7), (sd1["b_peft"], 0.5)]
     out = tmp_path / "exported"
     args = ["export", str(sd1["folder"]), str(out)]
@@ -372,8 +373,8 @@ def test_export_with_loras_matches_load_time_fold(sd1, tmp_path):
     ]
     assert manifest["loras"][0]["sha256"] == read_lora(sd1["a_kohya"]).sha256
     latents = latents_for(3)
-    exported = run_ours(Pipeline.from_pretrained(out), latents)
-    at_load = run_ours(Pipeline.from_pretrained(sd1["package"], loras=loras), latents)
+    exported = run_ours(parity, Pipeline.from_pretrained(out), latents)
+    at_load = run_ours(parity, Pipeline.from_pretrained(sd1["package"], loras=loras), latents)
     # torch folds in torch, the load-time fold in numpy: float32 rounding apart
     assert np.abs(exported - at_load).max() <= 1e-4
 
@@ -408,7 +409,7 @@ def test_lora_apply_writes_a_new_package_and_leaves_the_old_one(sd1, tmp_path):
     ]
 
 
-def test_folder_sharing_its_weights_folds_the_same(sd1, tmp_path):
+def test_folder_sharing_its_weights_folds_the_same(sd1, tmp_path, parity):
     """A diffusers folder that is also its package (fewstep.export.shared_weights): the
     weights, transposed ones included, are read from and written to the safetensors files."""
     from fewstep.export.shared_weights import combine_with_diffusers_folder
@@ -417,16 +418,18 @@ def test_folder_sharing_its_weights_folds_the_same(sd1, tmp_path):
     combine_with_diffusers_folder(sd1["package"], sd1["folder"], shared)
     before = hash_package_files(shared)
     loras, latents = [(sd1["a_peft"], 0.8)], latents_for()
-    base = run_ours(Pipeline.from_pretrained(sd1["package"]), latents)
-    expected = run_ours(Pipeline.from_pretrained(sd1["package"], loras=loras), latents)
-    at_load = run_ours(Pipeline.from_pretrained(shared, loras=loras), latents)
-    assert_images_close(at_load, expected, base)
+    base = run_ours(parity, Pipeline.from_pretrained(sd1["package"]), latents)
+    expected = run_ours(parity, Pipeline.from_pretrained(sd1["package"], loras=loras), latents)
+    at_load = run_ours(parity, Pipeline.from_pretrained(shared, loras=loras), latents)
+    assert_images_close(parity, at_load, expected, base)
     applied = tmp_path / "applied"
     apply_loras_to_package(shared, loras, applied)
     assert hash_package_files(shared) == before
-    assert np.array_equal(run_ours(Pipeline.from_pretrained(applied), latents), at_load)
+    assert np.array_equal(run_ours(parity, Pipeline.from_pretrained(applied), latents), at_load)
     # the copy is a diffusers folder with the LoRA folded in, as diffusers folds it
-    reference, _ = diffusers_fused("sd1", sd1["folder"], [(sd1["a_peft"], 0.8)], [(sd1["a"], 0.8)])
+    reference, _ = diffusers_fused(
+        parity, "sd1", sd1["folder"], [(sd1["a_peft"], 0.8)], [(sd1["a"], 0.8)]
+    )
     folded = diffusers.UNet2DConditionModel.from_pretrained(applied / "unet").state_dict()
     for name, want in reference.unet.state_dict().items():
         assert (folded[name] - want).abs().max() <= 1e-5, name
@@ -698,15 +701,15 @@ def test_torch_unfold_is_exact_and_swaps_do_not_blend(sd1):
     }
 
 
-def test_onnx_fold_unfold_is_exact(sd1):
+def test_onnx_fold_unfold_is_exact(sd1, parity):
     package = sd1["package"]
     before = hash_package_files(package)
     latents = latents_for(2)
-    base = run_ours(Pipeline.from_pretrained(package), latents)
-    a1 = run_ours(Pipeline.from_pretrained(package, loras=[(sd1["a_peft"], 0.8)]), latents)
-    run_ours(Pipeline.from_pretrained(package, loras=[(sd1["b_kohya"], 1.0)]), latents)
-    a2 = run_ours(Pipeline.from_pretrained(package, loras=[(sd1["a_peft"], 0.8)]), latents)
-    again = run_ours(Pipeline.from_pretrained(package), latents)
+    base = run_ours(parity, Pipeline.from_pretrained(package), latents)
+    a1 = run_ours(parity, Pipeline.from_pretrained(package, loras=[(sd1["a_peft"], 0.8)]), latents)
+    run_ours(parity, Pipeline.from_pretrained(package, loras=[(sd1["b_kohya"], 1.0)]), latents)
+    a2 = run_ours(parity, Pipeline.from_pretrained(package, loras=[(sd1["a_peft"], 0.8)]), latents)
+    again = run_ours(parity, Pipeline.from_pretrained(package), latents)
     assert np.array_equal(a1, a2)
     assert np.array_equal(base, again)
     assert not np.array_equal(base, a1)

@@ -18,8 +18,6 @@ import pytest
 ov = pytest.importorskip("openvino")
 torch = pytest.importorskip("torch")
 
-from parity import IMAGE_TOLERANCE, TorchNoise, load_diffusers  # noqa: E402
-
 from fewstep.backends.base import BackendError, create_backend  # noqa: E402
 from fewstep.backends.ov import PRECISIONS, OpenVINOBackend  # noqa: E402
 from fewstep.package import read_manifest, write_manifest  # noqa: E402
@@ -66,7 +64,17 @@ CASES = [
 
 @pytest.mark.parametrize("family,sampler,guidance,prompts,per_prompt,height,width,steps", CASES)
 def test_fp32_pipeline_matches_diffusers(
-    tiny_model, ov_pipeline, family, sampler, guidance, prompts, per_prompt, height, width, steps
+    tiny_model,
+    ov_pipeline,
+    parity,
+    family,
+    sampler,
+    guidance,
+    prompts,
+    per_prompt,
+    height,
+    width,
+    steps,
 ):
     ours = ov_pipeline(family)
     batch = len(prompts) * per_prompt
@@ -81,7 +89,7 @@ def test_fp32_pipeline_matches_diffusers(
         num_images_per_prompt=per_prompt,
         output_type="np",
     )
-    reference = load_diffusers(tiny_model(family), family, sampler)
+    reference = parity.load_diffusers(tiny_model(family), family, sampler)
     ref_kwargs = dict(
         kwargs,
         latents=torch.from_numpy(latents.copy()),
@@ -94,7 +102,7 @@ def test_fp32_pipeline_matches_diffusers(
         prompts,
         negative_prompt=negative,
         latents=latents,
-        generator=TorchNoise(11),
+        generator=parity.noise(11),
         scheduler=sampler,
         **kwargs,
     ).images
@@ -102,7 +110,7 @@ def test_fp32_pipeline_matches_diffusers(
     assert got.shape == expected.shape == (batch, height, width, 3)
     assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
     err = np.abs(got - expected)
-    assert err.max() <= IMAGE_TOLERANCE, (
+    assert err.max() <= parity.tolerance, (
         f"max abs difference {err.max():.2e} at {np.unravel_index(err.argmax(), err.shape)}"
     )
 

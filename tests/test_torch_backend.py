@@ -1,10 +1,11 @@
 """The torch backend on the CPU: one pipeline, two backends.
 
 References: the onnxruntime backend on the package exported from the same diffusers folder
-(same seed, same image, graph by graph and end to end), diffusers' own pipelines (the
-parity helpers of test_pipeline_parity.py), and, for fewstep.kernels swapped in (Triton's
-interpreter, conftest), the torch backend in fp64: the kernels' image error must stay within
-2 × the fp32 torch backend's own error against it, plus one fp32 rounding.
+(same seed, same image, graph by graph and end to end), diffusers' own pipelines (conftest's
+parity cases and helpers, as for onnxruntime in test_pipeline_parity.py), and, for
+fewstep.kernels swapped in (Triton's interpreter, conftest), the torch backend in fp64: the
+kernels' image error must stay within 2 × the fp32 torch backend's own error against it, plus
+one fp32 rounding.
 CUDA graphs and fp16 need a GPU: the `gpu` tests at the end (and benchmarks/gpu_suite.py).
 """
 
@@ -15,10 +16,6 @@ import pytest
 
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
-
-import test_kernels_patch  # noqa: E402
-from parity import IMAGE_TOLERANCE, TorchNoise, load_diffusers  # noqa: E402
-from test_pipeline_parity import CASES  # noqa: E402
 
 from fewstep.backends.base import BackendError, create_backend  # noqa: E402
 from fewstep.backends.torch_backend import (  # noqa: E402
@@ -33,22 +30,12 @@ from fewstep.package import PackageError  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
 
 FAMILIES = ("sd1", "sd2", "lcm", "turbo")
-kernel_calls = test_kernels_patch.kernel_calls  # the fixture: counts Triton launches
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:overflow encountered in exp:RuntimeWarning"),
     pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning"),
+    pytest.mark.usefixtures("one_torch_thread"),
 ]
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread():
-    # torch's CPU thread pool spins against the other processes on a shared 2-core
-    # machine (a tiny U-Net step takes 1 s with 2 threads, 10 ms with 1).
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @pytest.fixture(scope="module")
@@ -67,12 +54,6 @@ def pipelines(tiny_model, tiny_package):
         return cache[family, backend]
 
     return get
-
-
-def max_error(got: np.ndarray, expected: np.ndarray) -> float:
-    assert got.shape == expected.shape
-    assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
-    return float(np.abs(got - expected).max())
 
 
 # -- against onnxruntime: same seed, same image ------------------------------------------------
@@ -99,13 +80,13 @@ ORT_CASES = [
 
 
 @pytest.mark.parametrize(("family", "kwargs"), ORT_CASES)
-def test_same_seed_same_image_as_onnxruntime(pipelines, family, kwargs):
+def test_same_seed_same_image_as_onnxruntime(pipelines, parity, family, kwargs):
     prompt = ["a red cat", "a blue circle"]
     ort = pipelines(family, "onnxruntime")(prompt, seed=1234, output_type="np", **kwargs)
     ours = pipelines(family, "torch")(prompt, seed=1234, output_type="np", **kwargs)
-    err = max_error(ours.images, ort.images)
+    err = parity.max_error(ours.images, ort.images)
     print(f"{family} {kwargs}: torch vs onnxruntime max abs error {err:.2e}")
-    assert err <= IMAGE_TOLERANCE
+    assert err <= parity.tolerance
     assert ours.seed == ort.seed == 1234
     other = pipelines(family, "torch")(prompt, seed=1235, output_type="np", **kwargs)
     assert np.abs(other.images - ours.images).max() > 0.05  # the seed matters
@@ -160,11 +141,10 @@ def test_run_refuses_unknown_and_missing_inputs(pipelines):
 
 # -- against diffusers ---------------------------------------------------------------------------
 
-DIFFUSERS_CASES = [
-    c
-    for c in CASES
-    if c.id
-    in (
+
+@pytest.mark.parametrize(
+    "parity_case",
+    [
         "sd1-ddim-cfg-b1-square",
         "sd1-ddim-eta-cfg-n2-tall",
         "sd1-eulera-cfg-b2",
@@ -173,55 +153,22 @@ DIFFUSERS_CASES = [
         "turbo-euler-n2",
         "lcm-w8.5-b1",
         "lcm-w1-b2-wide",
-    )
-]
-
-
-@pytest.mark.parametrize(
-    "family,sampler,guidance,prompts,per_prompt,height,width,eta,steps", DIFFUSERS_CASES
+    ],
+    indirect=True,
 )
-def test_matches_diffusers(
-    tiny_model, pipelines, family, sampler, guidance, prompts, per_prompt, height, width, eta, steps
-):
-    ours = pipelines(family, "torch")
-    batch = len(prompts) * per_prompt
-    shape = (batch, 4, height // 8, width // 8)
-    latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
-    negative = None if family == "lcm" else ["ugly"] * len(prompts)
-    common = dict(
-        num_inference_steps=steps,
-        guidance_scale=guidance,
-        height=height,
-        width=width,
-        num_images_per_prompt=per_prompt,
-        output_type="np",
-    )
-    ref_kwargs = dict(
-        common,
-        latents=torch.from_numpy(latents.copy()),
-        generator=torch.Generator().manual_seed(11),
-    )
-    if family != "lcm":
-        ref_kwargs.update(negative_prompt=negative, eta=eta)
-    expected = load_diffusers(tiny_model(family), family, sampler)(prompts, **ref_kwargs).images
-    got = ours(
-        prompts,
-        negative_prompt=negative,
-        latents=latents,
-        generator=TorchNoise(11),
-        eta=eta,
-        scheduler=sampler,
-        **common,
-    ).images
-    err = max_error(got, expected)
-    print(f"{family}-{sampler}: torch backend vs diffusers max abs error {err:.2e}")
-    assert err <= IMAGE_TOLERANCE
+def test_matches_diffusers(pipelines, parity, parity_case):
+    got, expected = parity.run_case(pipelines(parity_case.family, "torch"), parity_case)
+    err = parity.max_error(got, expected)
+    print(f"{parity_case.id}: torch backend vs diffusers max abs error {err:.2e}")
+    assert err <= parity.tolerance
 
 
 # -- fewstep.kernels in Triton's interpreter -----------------------------------------------------
 
 
-def test_kernels_in_interpreter_match_within_kernel_error(tiny_model, pipelines, kernel_calls):
+def test_kernels_in_interpreter_match_within_kernel_error(
+    tiny_model, pipelines, parity, kernel_calls
+):
     folder = tiny_model("sd1")
     kwargs = dict(num_inference_steps=1, guidance_scale=7.5, seed=5, output_type="np")
     ref64 = Pipeline.from_pretrained(folder, backend="torch", dtype="fp64")
@@ -235,8 +182,8 @@ def test_kernels_in_interpreter_match_within_kernel_error(tiny_model, pipelines,
     got = patched("a red cat", **kwargs).images
     assert all(calls > 0 for calls in kernel_calls.values())  # every kernel ran, no fallbacks
 
-    err_torch = max_error(torch_fp32, expected)
-    err_kernel = max_error(got, expected)
+    err_torch = parity.max_error(torch_fp32, expected)
+    err_kernel = parity.max_error(got, expected)
     tol = 2 * err_torch + np.finfo(np.float32).eps  # images are in 0..1
     print(f"kernels: image err {err_kernel:.2e}, fp32 torch err {err_torch:.2e}, tol {tol:.2e}")
     assert err_kernel <= tol
@@ -348,8 +295,7 @@ def test_timings_and_outputs_are_host_side(pipelines):
 # -- GPU: CUDA graphs, fp16, kernels (run by benchmarks/gpu_suite.py's checks too) --------------
 
 
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.gpu  # conftest runs it where torch sees a CUDA GPU
 @pytest.mark.parametrize("family", FAMILIES)
 def test_cuda_graphs_and_kernels_match_eager_fp16(tiny_model, family):
     kwargs = dict(num_inference_steps=2, seed=9, output_type="np")

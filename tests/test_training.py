@@ -3,6 +3,7 @@ stopped at a checkpoint and resumed ends with the same weights as one that never
 the outputs are diffusers folders that diffusers, fewstep's exporter and the runtime load."""
 
 import json
+import math
 import pathlib
 import shutil
 import sys
@@ -266,6 +267,143 @@ def test_schedule_target_and_split_agree_with_diffusers(prediction_type):
     x0, eps = schedule.split(target, x, a)
     torch.testing.assert_close(x0, latents, rtol=0, atol=1e-4)
     torch.testing.assert_close(eps, noise, rtol=0, atol=1e-4)
+
+
+# -- LCM distillation against diffusers' consistency_distillation example --------------------
+#
+# The reference below is the Latent Consistency Distillation step of diffusers'
+# examples/consistency_distillation/train_lcm_distill_sd_wds.py, its formulas written out:
+# α_t = √ᾱ_t, σ_t = √(1 − ᾱ_t); x̂_0 and ε̂ from the output as `get_predicted_original_sample`
+# and `get_predicted_noise`; c_skip, c_out as `scalings_for_boundary_conditions` (σ_data 0.5,
+# timestep scaling 10); the teacher's conditional and unconditional calls made separately and
+# combined as pred = cond + w · (cond − uncond); `DDIMSolver.ddim_step` with its table of ᾱ_prev
+# ([ᾱ_0, ᾱ at each earlier solver timestep]); the target network at t_n = t_{n+k} − k (≥ 0);
+# the pseudo-Huber loss. Formulas in fp64 on the fp32 U-Net outputs.
+
+LCD_SOLVER_STEPS = 50
+
+
+def _reference_x0_and_eps(prediction_type, output, x, alpha, sigma):
+    if prediction_type == "epsilon":
+        return (x - sigma * output) / alpha, output
+    return alpha * x - sigma * output, alpha * output + sigma * x  # v-prediction
+
+
+def _reference_boundary_scalings(t):
+    scaled = 10.0 * t.double()
+    c_skip = 0.25 / (scaled**2 + 0.25)
+    c_out = scaled / (scaled**2 + 0.25) ** 0.5
+    return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
+
+
+def _reference_guidance_embedding(w, dim):
+    half = dim // 2
+    freqs = torch.exp(torch.arange(half, dtype=torch.float64) * -(math.log(10000.0) / (half - 1)))
+    args = (w.double() * 1000.0)[:, None] * freqs[None, :]
+    return torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+
+
+def _reference_lcd(nets, prediction_type, batch, huber_c):
+    """(loss, student's model_pred, target) as diffusers' example computes them."""
+    student, teacher, target = nets
+    scheduler = diffusers.DDPMScheduler.from_config(
+        common.Schedule(prediction_type).scheduler_config("ddim")
+    )
+    alphas_cumprod = scheduler.alphas_cumprod.double()
+    alpha_schedule, sigma_schedule = alphas_cumprod.sqrt(), (1 - alphas_cumprod).sqrt()
+    topk = scheduler.config.num_train_timesteps // LCD_SOLVER_STEPS
+    solver_timesteps = torch.arange(1, LCD_SOLVER_STEPS + 1) * topk - 1
+    solver_alphas_prev = torch.cat([alphas_cumprod[:1], alphas_cumprod[solver_timesteps[:-1]]])
+
+    def per_sample(table, t):
+        return table[t].view(-1, 1, 1, 1)
+
+    def x0_eps(net, x, t, context, **kwargs):
+        output = net(x.float(), t, context, **kwargs).sample.double()
+        alpha, sigma = per_sample(alpha_schedule, t), per_sample(sigma_schedule, t)
+        return _reference_x0_and_eps(prediction_type, output, x.double(), alpha, sigma)
+
+    index, w, context = batch["index"], batch["w"].double(), batch["context"]
+    start = solver_timesteps[index]
+    end = torch.clamp(start - topk, min=0)
+    latents, noise = batch["latents"].double(), batch["noise"].double()
+    noisy = per_sample(alpha_schedule, start) * latents + per_sample(sigma_schedule, start) * noise
+    w_embedding = _reference_guidance_embedding(w, student.config.time_cond_proj_dim).float()
+
+    with torch.no_grad():
+        pred_x0, _ = x0_eps(student, noisy, start, context, timestep_cond=w_embedding)
+        c_skip_start, c_out_start = _reference_boundary_scalings(start)
+        model_pred = c_skip_start * noisy + c_out_start * pred_x0
+
+        uncond_context = batch["uncond_context"].expand_as(context)
+        cond_x0, cond_eps = x0_eps(teacher, noisy, start, context)
+        uncond_x0, uncond_eps = x0_eps(teacher, noisy, start, uncond_context)
+        w4 = w.view(-1, 1, 1, 1)
+        guided_x0 = cond_x0 + w4 * (cond_x0 - uncond_x0)
+        guided_eps = cond_eps + w4 * (cond_eps - uncond_eps)
+        alpha_prev = per_sample(solver_alphas_prev, index)
+        x_prev = alpha_prev.sqrt() * guided_x0 + (1 - alpha_prev).sqrt() * guided_eps
+
+        target_x0, _ = x0_eps(target, x_prev, end, context, timestep_cond=w_embedding)
+        c_skip, c_out = _reference_boundary_scalings(end)
+        target_value = c_skip * x_prev + c_out * target_x0
+    loss = torch.mean(torch.sqrt((model_pred - target_value) ** 2 + huber_c**2) - huber_c)
+    return loss, model_pred, target_value
+
+
+@pytest.fixture(scope="module")
+def lcd_nets(tiny_model):
+    """(student, teacher, target): the tiny sd1 U-Net as teacher; a student with a random
+    guidance projection; a target network a little away from the student."""
+    teacher = diffusers.UNet2DConditionModel.from_pretrained(tiny_model("sd1") / "unet")
+    teacher = teacher.eval().requires_grad_(False)
+    torch.manual_seed(0)
+    student = distill_lcm.make_student(teacher, 16)
+    torch.nn.init.normal_(student.time_embedding.cond_proj.weight, std=0.5)
+    target = distill_lcm.make_student(teacher, 16).requires_grad_(False)
+    with torch.no_grad():
+        for p_target, p_student in zip(target.parameters(), student.parameters(), strict=True):
+            p_target.copy_(p_student + 0.01 * torch.randn_like(p_student))
+    return student, teacher, target
+
+
+def _lcd_batch(w):
+    gen = torch.Generator().manual_seed(3)
+    return {
+        "latents": torch.randn(4, 4, 8, 8, generator=gen),
+        "noise": torch.randn(4, 4, 8, 8, generator=gen),
+        "index": torch.tensor([0, 1, 23, LCD_SOLVER_STEPS - 1]),  # t_n clamped at 0, then not
+        "w": torch.tensor(w, dtype=torch.float64),
+        "context": torch.randn(4, 77, 32, generator=gen),
+        "uncond_context": torch.randn(1, 77, 32, generator=gen),
+    }
+
+
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_lcm_distillation_loss_and_target_match_diffusers_example(lcd_nets, prediction_type):
+    student, teacher, target = lcd_nets
+    batch = _lcd_batch([2.0, 9.5, 0.5, 14.0])
+    huber_c = 0.001
+    loss, prediction, target_value = distill_lcm.distillation_loss(
+        student,
+        teacher,
+        target,
+        common.Schedule(prediction_type),
+        **batch,
+        num_ddim_timesteps=LCD_SOLVER_STEPS,
+        huber_c=huber_c,
+    )
+    want_loss, want_prediction, want_target = _reference_lcd(
+        lcd_nets, prediction_type, batch, huber_c
+    )
+    # The guidance moves the target far more than the tolerance: CFG mistakes cannot hide.
+    _, _, unguided = _reference_lcd(lcd_nets, prediction_type, _lcd_batch([0.0] * 4), huber_c)
+    scale = float(want_target.abs().max())
+    assert float((want_target - unguided).abs().max()) > 1e-2 * scale
+    for got, want in ((prediction, want_prediction), (target_value, want_target)):
+        torch.testing.assert_close(got.double(), want, rtol=0, atol=1e-5 * scale)
+    torch.testing.assert_close(loss.double(), want_loss, rtol=1e-5, atol=0)
+    assert prediction.requires_grad and not target_value.requires_grad  # only the student learns
 
 
 def test_min_snr_weight_keeps_the_pure_noise_step_for_v_prediction():

@@ -16,9 +16,6 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from test_kernels import assert_matches_ref  # noqa: E402
-from test_kernels_patch import load, run_unet, unet_inputs  # noqa: E402
-
 import fewstep.kernels.ops as kernel_ops  # noqa: E402
 from fewstep.kernels import tuning  # noqa: E402
 from fewstep.kernels.patch import (  # noqa: E402
@@ -259,22 +256,24 @@ def test_tuned_attention_without_the_kernel_chooses_among_sdpa(timed_by_table, m
     assert tuning.choices() == []
 
 
-def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model, timed_by_table):
+def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(
+    tiny_modules, assert_matches_ref, timed_by_table
+):
     table, _ = timed_by_table
     table.update({"kernel": 1.0, "kernel-two-launch": 2.0, "torch": 3.0})
-    module64 = load(tiny_model, "sd1", "unet", torch.float64)
-    ref64 = run_unet(module64, unet_inputs(module64, 1, torch.float64))
-    module = load(tiny_model, "sd1", "unet").to(memory_format=torch.channels_last)
-    sample, t, hidden = unet_inputs(module, 1, torch.float32)
+    module64 = tiny_modules.load("sd1", "unet", torch.float64)
+    ref64 = tiny_modules.run_unet(module64, tiny_modules.unet_inputs(module64, 1, torch.float64))
+    module = tiny_modules.load("sd1", "unet").to(memory_format=torch.channels_last)
+    sample, t, hidden = tiny_modules.unet_inputs(module, 1, torch.float32)
     inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
-    unpatched = run_unet(module, inputs)
+    unpatched = tiny_modules.run_unet(module, inputs)
 
     patch(module, tune=True)
     fused = [m for m in module.modules() if type(m) in FUSED_OPS]
     processors = [m.processor for m in module.modules() if type(m).__name__ == "Attention"]
     assert {type(m) for m in fused} == set(FUSED_OPS) and all(m.tune for m in fused)
     assert processors and all(isinstance(p, FewstepAttnProcessor) and p.tune for p in processors)
-    got = run_unet(module, inputs)
+    got = tiny_modules.run_unet(module, inputs)
 
     chosen = {c["op"]: c["chosen"] for c in tuning.choices()}
     ops = {"group_norm", "attention", "geglu", "layer_norm", "upsample_conv", "pointwise_conv"}
@@ -283,16 +282,18 @@ def test_patch_with_tune_tunes_every_swapped_op_and_matches_diffusers(tiny_model
     assert_matches_ref(got, unpatched, ref64, "tuned sd1 U-Net fp32")
 
 
-def test_a_tuned_unet_compiles_in_one_graph(tiny_model):
+def test_a_tuned_unet_compiles_in_one_graph(tiny_modules):
     """Under torch.compile's tracing a tuned module keeps one path (the first candidate's
     where the choice is made in Python: the upsamplers' and 1×1 convolutions'): no graph
     break."""
-    module = load(tiny_model, "sd1", "unet").to(memory_format=torch.channels_last)
+    module = tiny_modules.load("sd1", "unet").to(memory_format=torch.channels_last)
     patch(module, tune=True)
-    sample, t, hidden = unet_inputs(module, 1, torch.float32)
+    sample, t, hidden = tiny_modules.unet_inputs(module, 1, torch.float32)
     inputs = (sample.contiguous(memory_format=torch.channels_last), t, hidden)
     compiled = torch.compile(module, backend="aot_eager", fullgraph=True)
-    torch.testing.assert_close(run_unet(compiled, inputs), run_unet(module, inputs))
+    torch.testing.assert_close(
+        tiny_modules.run_unet(compiled, inputs), tiny_modules.run_unet(module, inputs)
+    )
 
 
 @pytest.mark.gpu
@@ -315,7 +316,7 @@ def test_device_time_tells_a_slow_matmul_from_a_fast_one():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_tuned_attention_times_each_sdpa_backend_and_the_kernel():
+def test_tuned_attention_times_each_sdpa_backend_and_the_kernel(assert_matches_ref):
     gen = torch.Generator(device="cuda").manual_seed(0)
     q, k, v = torch.randn(3, 2, 8, 1024, 40, generator=gen, device="cuda").half()
     got = kernel_ops.attention_op(q, k, v, None, True)

@@ -56,6 +56,84 @@ def w_embedding(w: torch.Tensor, dim: int) -> torch.Tensor:
     return torch.from_numpy(guidance_scale_embedding(w.double().numpy(), dim))
 
 
+def skipping_step(
+    index: torch.Tensor, num_ddim_timesteps: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(t_{n+k}, t_n) of DDIM skip-schedule indices: t_{n+k} = (index + 1)·k − 1 and
+    t_n = t_{n+k} − k, clamped at 0 (k = 1000 / num_ddim_timesteps)."""
+    k = common.NUM_TRAIN_TIMESTEPS // num_ddim_timesteps
+    t_start = (index + 1) * k - 1
+    return t_start, torch.clamp(t_start - k, min=0)
+
+
+def consistency_output(unet, x, t, alpha, w_emb, context, schedule: common.Schedule, bf16: bool):
+    """f(x, t, w, c) = c_skip(t)·x + c_out(t)·x̂_0, x̂_0 from the U-Net's output at x_t."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = unet(x, t, context, timestep_cond=w_emb).sample.float()
+    x0, _ = schedule.split(out, x, alpha)
+    c_skip, c_out = boundary_scalings(t)
+    return c_skip * x + c_out * x0
+
+
+@torch.no_grad()
+def teacher_ddim_step(
+    teacher, x, t, alpha, alpha_prev, w, context, uncond_context, schedule, bf16: bool
+):
+    """x_{t_n}: one DDIM step of the teacher from x_{t_{n+k}} with the LCM paper's CFG (eq. 9),
+    cond + w·(cond − uncond) on both x̂_0 and ε̂, the conditional half first in the batch."""
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        out = teacher(
+            torch.cat([x, x]),
+            torch.cat([t, t]),
+            torch.cat([context, uncond_context.expand_as(context)]),
+        ).sample.float()
+    x0_both, eps_both = schedule.split(out, torch.cat([x, x]), torch.cat([alpha, alpha]))
+    x0_cond, x0_uncond = x0_both.chunk(2)
+    eps_cond, eps_uncond = eps_both.chunk(2)
+    w4 = w.float().view(-1, 1, 1, 1)
+    x0_guided = x0_cond + w4 * (x0_cond - x0_uncond)
+    eps_guided = eps_cond + w4 * (eps_cond - eps_uncond)
+    return alpha_prev.sqrt() * x0_guided + (1 - alpha_prev).sqrt() * eps_guided
+
+
+def distillation_loss(
+    student,
+    teacher,
+    target,
+    schedule: common.Schedule,
+    *,
+    latents: torch.Tensor,
+    noise: torch.Tensor,
+    index: torch.Tensor,
+    w: torch.Tensor,
+    context: torch.Tensor,
+    uncond_context: torch.Tensor,
+    num_ddim_timesteps: int,
+    huber_c: float,
+    bf16: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(loss, the student's f at x_{t_{n+k}}, the target network's f at the teacher's
+    x_{t_n}) of one batch (steps 1-4 of the module docstring); `index` picks each sample's
+    DDIM timestep, `w` its guidance scale. Gradients flow into the student only."""
+    alphas = schedule.alphas_cumprod()
+    t_start, t_prev = skipping_step(index, num_ddim_timesteps)
+    a_start, a_prev = alphas[t_start].view(-1, 1, 1, 1), alphas[t_prev].view(-1, 1, 1, 1)
+    x_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
+    w_emb = w_embedding(w, student.config.time_cond_proj_dim)  # [B, D]
+    prediction = consistency_output(
+        student, x_start, t_start, a_start, w_emb, context, schedule, bf16
+    )
+    x_prev = teacher_ddim_step(
+        teacher, x_start, t_start, a_start, a_prev, w, context, uncond_context, schedule, bf16
+    )
+    with torch.no_grad():
+        target_value = consistency_output(
+            target, x_prev, t_prev, a_prev, w_emb, context, schedule, bf16
+        )
+    loss = (torch.sqrt((prediction - target_value) ** 2 + huber_c**2) - huber_c).mean()
+    return loss, prediction, target_value
+
+
 def load_teacher(folder: pathlib.Path):
     from diffusers import AutoencoderKL, UNet2DConditionModel
     from transformers import CLIPTextModel
@@ -149,9 +227,6 @@ def main(argv: list[str] | None = None) -> None:
         start, compute_seconds = state["step"], state["compute_seconds"]
 
     schedule = common.Schedule.of_model(teacher_dir)  # the student keeps the teacher's
-    alphas = schedule.alphas_cumprod()
-    k = common.NUM_TRAIN_TIMESTEPS // cfg.num_ddim_timesteps
-    ddim_timesteps = torch.arange(1, cfg.num_ddim_timesteps + 1) * k - 1  # 19, 39, ..., 999
     with torch.no_grad():
         uncond_context = text_encoder(tokenize([""])).last_hidden_state  # [1, 77, C]
     eval_prompts = [p for p in scenes.evaluation_prompts() if p.kind == "single"][
@@ -205,45 +280,25 @@ def main(argv: list[str] | None = None) -> None:
             with torch.no_grad():
                 context = text_encoder(tokenize(captions)).last_hidden_state  # [B, 77, C]
             index = torch.randint(0, cfg.num_ddim_timesteps, (batch,), generator=gen)
-            t_start = ddim_timesteps[index]  # t_{n+k}
-            t_prev = torch.clamp(t_start - k, min=0)  # t_n
             noise = torch.randn(latents.shape, generator=gen)
             w = cfg.w_min + (cfg.w_max - cfg.w_min) * torch.rand(
                 batch, generator=gen, dtype=torch.float64
             )
-            w_emb = w_embedding(w, cfg.time_cond_proj_dim)  # [B, D]
-            w4 = w.float().view(-1, 1, 1, 1)
-            a_start, a_prev = alphas[t_start].view(-1, 1, 1, 1), alphas[t_prev].view(-1, 1, 1, 1)
-            x_start = a_start.sqrt() * latents + (1 - a_start).sqrt() * noise
-            skip_start, out_start = boundary_scalings(t_start)
-            skip_prev, out_prev = boundary_scalings(t_prev)
-
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                out_student = student(x_start, t_start, context, timestep_cond=w_emb).sample.float()
-            x0_student, _ = schedule.split(out_student, x_start, a_start)
-            prediction = skip_start * x_start + out_start * x0_student
-
-            with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=cfg.bf16):
-                out_teacher = teacher(
-                    torch.cat([x_start, x_start]),
-                    torch.cat([t_start, t_start]),
-                    torch.cat([context, uncond_context.expand_as(context)]),
-                ).sample.float()
-                x0_both, eps_both = schedule.split(
-                    out_teacher, torch.cat([x_start, x_start]), torch.cat([a_start, a_start])
-                )
-                x0_cond, x0_uncond = x0_both.chunk(2)
-                eps_cond, eps_uncond = eps_both.chunk(2)
-                x0_guided = x0_cond + w4 * (x0_cond - x0_uncond)
-                eps_guided = eps_cond + w4 * (eps_cond - eps_uncond)
-                x_prev = a_prev.sqrt() * x0_guided + (1 - a_prev).sqrt() * eps_guided  # DDIM step
-                out_target = target(x_prev, t_prev, context, timestep_cond=w_emb).sample.float()
-                x0_target, _ = schedule.split(out_target, x_prev, a_prev)
-                target_value = skip_prev * x_prev + out_prev * x0_target
-
-            loss = (
-                torch.sqrt((prediction - target_value) ** 2 + cfg.huber_c**2) - cfg.huber_c
-            ).mean()
+            loss, _, _ = distillation_loss(
+                student,
+                teacher,
+                target,
+                schedule,
+                latents=latents,
+                noise=noise,
+                index=index,
+                w=w,
+                context=context,
+                uncond_context=uncond_context,
+                num_ddim_timesteps=cfg.num_ddim_timesteps,
+                huber_c=cfg.huber_c,
+                bf16=cfg.bf16,
+            )
             loss.backward()
             grad_norm = torch.nn.utils.clip_grad_norm_(student.parameters(), cfg.grad_clip)
             optimizer.step()
