@@ -7,6 +7,7 @@ hands over to fewstep.export (the `export` extra), imported only when used.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import logging
 import sys
@@ -114,13 +115,18 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_export(args: argparse.Namespace) -> int:
+def _from_export_extra(command: str, module: str, name: str) -> Any:
+    """`name` from `module`, which needs torch and diffusers: an ImportError naming the extra."""
     try:
-        from fewstep.export import export_package
+        return getattr(importlib.import_module(module), name)
     except ImportError as e:
         raise ImportError(
-            f"fewstep export needs the export extra: pip install 'fewstep[export]' ({e})"
+            f"fewstep {command} needs the export extra: pip install 'fewstep[export]' ({e})"
         ) from e
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    export_package = _from_export_extra("export", "fewstep.export", "export_package")
     export_package(
         args.src,
         args.out,
@@ -190,12 +196,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    try:
-        from fewstep.benchmarks.pipeline_bench import run_bench
-    except ImportError as e:
-        raise ImportError(
-            f"fewstep bench needs the export extra: pip install 'fewstep[export]' ({e})"
-        ) from e
+    run_bench = _from_export_extra("bench", "fewstep.benchmarks.pipeline_bench", "run_bench")
     run_bench(
         models=args.models.split(","),
         steps=[int(s) for s in args.steps.split(",")],
