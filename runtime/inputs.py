@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 import numpy as np
@@ -57,12 +57,12 @@ class CheckedInputs:
     prompts: list[str]
     negative_prompts: list[str]
     num_inference_steps: int
-    guidance_scale: float
+    guidance_scale: float | tuple[float, ...]  # one for the call, or one per image
     height: int
     width: int
     num_images_per_prompt: int
-    seed: int | None
-    generator: NoiseSource | None
+    seed: int | tuple[int, ...] | None  # one for the call, or one per image
+    generator: NoiseSource | tuple[NoiseSource, ...] | None
     latents: np.ndarray | None  # float32 [B, C, h, w], finite
     eta: float
     guidance_rescale: float
@@ -128,6 +128,34 @@ def check_size(name: str, value: int, multiple: int) -> int:
     return size
 
 
+def check_guidance(name: str, value: Any) -> float:
+    return check_number(name, value, 0.0, MAX_GUIDANCE_SCALE)
+
+
+def check_generator(name: str, value: Any) -> NoiseSource:
+    if isinstance(value, np.random.RandomState) or not callable(  # no dtype= in RandomState
+        getattr(value, "standard_normal", None)
+    ):
+        raise ValueError(
+            f"{name} must be a numpy Generator (numpy.random.default_rng(seed)) or another "
+            f"NoiseSource, got {type(value).__name__}"
+        )
+    return value
+
+
+def per_image(name: str, value: Any, batch: int, check: Callable[[str, Any], Any]) -> Any:
+    """One checked value, or a list/tuple of one per image (prompts × num_images_per_prompt,
+    in that order) as a tuple: what lets requests with their own seeds and guidance share a
+    batch and each get the images it would get alone."""
+    if not isinstance(value, (list, tuple)):
+        return check(name, value)
+    if len(value) != batch:
+        raise ValueError(
+            f"{name} as a list must have one entry per image ({batch}), got {len(value)}"
+        )
+    return tuple(check(f"{name}[{i}]", v) for i, v in enumerate(value))
+
+
 def check_latents(value: Any, shape: tuple[int, ...]) -> np.ndarray:
     """Float latents of `shape` with finite values → float32 (a copy when cast)."""
     try:
@@ -190,7 +218,6 @@ def check_inputs(
                 f"got {len(negatives)}"
             )
     steps = check_integer("num_inference_steps", num_inference_steps, 1, limits.max_steps)
-    guidance = check_number("guidance_scale", guidance_scale, 0.0, MAX_GUIDANCE_SCALE)
     height = check_size("height", height, info.size_multiple)
     width = check_size("width", width, info.size_multiple)
     if height * width > limits.max_pixels:
@@ -210,21 +237,21 @@ def check_inputs(
         raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
     if scheduler is not None and (not isinstance(scheduler, str) or scheduler not in samplers):
         raise ValueError(f"scheduler must be one of {tuple(samplers)}, got {scheduler!r}")
+    batch = len(prompts) * per_prompt
+    guidance = per_image("guidance_scale", guidance_scale, batch, check_guidance)
+    if isinstance(guidance, tuple) and len({g > 1 for g in guidance}) > 1:
+        raise ValueError(
+            "guidance_scale values must all be > 1 (guided) or all <= 1 (unguided) in one "
+            f"call, got {list(guidance)}"
+        )
     if seed is not None and generator is not None:
         raise ValueError("pass either seed or generator, not both")
     if seed is not None:
-        seed = check_integer("seed", seed, 0, MAX_SEED)
-    if generator is not None and (
-        isinstance(generator, np.random.RandomState)  # its standard_normal takes no dtype
-        or not callable(getattr(generator, "standard_normal", None))
-    ):
-        raise ValueError(
-            "generator must be a numpy Generator (numpy.random.default_rng(seed)) or another "
-            f"NoiseSource, got {type(generator).__name__}"
-        )
+        seed = per_image("seed", seed, batch, lambda name, v: check_integer(name, v, 0, MAX_SEED))
+    if generator is not None:
+        generator = per_image("generator", generator, batch, check_generator)
     checked_latents = None
     if latents is not None:
-        batch = len(prompts) * per_prompt
         scale = info.vae_scale_factor
         shape = (batch, info.latent_channels, height // scale, width // scale)
         checked_latents = check_latents(latents, shape)

@@ -42,7 +42,7 @@ logger = logging.getLogger(__name__)
 @dataclasses.dataclass
 class PipelineOutput:
     images: Any  # list of PIL images, or float32 array [B, H, W, 3] in 0..1
-    seed: int | None  # the seed the noise came from (None when a generator was passed)
+    seed: int | list[int] | None  # the seed(s) the noise came from (None for generators)
     timings_ms: dict[str, Any]  # total; with timings=True also each stage's (see __call__)
     settings: dict[str, Any]  # the resolved arguments, for metadata and logs
 
@@ -56,6 +56,19 @@ def rescale_noise_cfg(
     std_cfg = ops.std(noise_cfg, axes)
     rescaled = noise_cfg * (std_cond / std_cfg)
     return rescale * rescaled + (1.0 - rescale) * noise_cfg
+
+
+def noise_drawer(source: Any) -> Any:
+    """draw(shape) → float32 standard normal noise [B, …] from `source`: a seed or a
+    generator for the whole batch, or a tuple of them, one per image (each draws its own
+    rows, so an image's noise does not depend on the other images of the batch)."""
+    if not isinstance(source, tuple):
+        rng = np.random.default_rng(source) if isinstance(source, (int, np.integer)) else source
+        return lambda shape: rng.standard_normal(shape, dtype=np.float32)
+    rngs = [np.random.default_rng(s) if isinstance(s, (int, np.integer)) else s for s in source]
+    return lambda shape: np.concatenate(
+        [rng.standard_normal((1, *shape[1:]), dtype=np.float32) for rng in rngs]
+    )
 
 
 def _no_sync() -> None:
@@ -148,12 +161,12 @@ class Pipeline:
         prompt: str | Sequence[str],
         negative_prompt: str | Sequence[str] | None = None,
         num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
+        guidance_scale: float | Sequence[float] | None = None,
         height: int | None = None,
         width: int | None = None,
         num_images_per_prompt: int = 1,
-        seed: int | None = None,
-        generator: NoiseSource | None = None,
+        seed: int | Sequence[int] | None = None,
+        generator: NoiseSource | Sequence[NoiseSource] | None = None,
         latents: np.ndarray | None = None,
         eta: float = 0.0,
         guidance_rescale: float = 0.0,
@@ -210,10 +223,11 @@ class Pipeline:
         )
         latents = args.latents
         use_embedded_guidance = info.guidance_embedding_dim is not None
-        do_cfg = guidance > 1.0 and not use_embedded_guidance
-        if seed is None and generator is None:
+        guided = (guidance if isinstance(guidance, tuple) else (guidance,))[0] > 1.0
+        do_cfg = guided and not use_embedded_guidance
+        if seed is None and args.generator is None:
             seed = secrets.randbits(63)
-        rng = args.generator if args.generator is not None else np.random.default_rng(seed)
+        draw = noise_drawer(args.generator if args.generator is not None else seed)
         ops = self.backend.array_ops
 
         # 2. Text conditioning: [uncond; cond] stacked into one batch of 2B when guiding.
@@ -222,7 +236,7 @@ class Pipeline:
         embeds = ops.repeat(self.encode_prompt(texts), num_images_per_prompt)
         cond: dict[str, Any] = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
         if info.guidance_embedding_dim is not None:
-            w = np.full((batch,), guidance - 1.0, dtype=np.float32)
+            w = np.broadcast_to(np.subtract(guidance, 1.0), (batch,)).astype(np.float32)
             embedding = guidance_scale_embedding(w, info.guidance_embedding_dim)
             cond["timestep_cond"] = ops.asarray(embedding)  # [B, time_cond_proj_dim]
         # With `timings`, each stage waits for the device before the clock is read; without,
@@ -237,8 +251,13 @@ class Pipeline:
 
         # 3. Initial latents, scaled to the sampler's starting noise level, on the backend.
         if latents is None:
-            latents = rng.standard_normal(latent_shape, dtype=np.float32)
+            latents = draw(latent_shape)
         latents = ops.asarray((latents * np.float32(sampler.init_noise_sigma)).astype(np.float32))
+
+        # Per-image guidance scales multiply row by row: [B, 1, 1, 1].
+        cfg_scale: Any = guidance
+        if isinstance(guidance, tuple):
+            cfg_scale = ops.asarray(np.array(guidance, np.float32).reshape(-1, 1, 1, 1))
 
         # 4. Denoising loop.
         steps_iter = range(len(sampler.timesteps))
@@ -258,12 +277,12 @@ class Pipeline:
             stage_ms["unet_call"].append((time.perf_counter() - t_unet) * 1e3)
             if do_cfg:
                 uncond, text = noise_pred[:batch], noise_pred[batch:]
-                noise_pred = uncond + guidance * (text - uncond)
+                noise_pred = uncond + cfg_scale * (text - uncond)
                 if guidance_rescale > 0:
                     noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale, ops)
             noise = None
             if sampler.needs_noise:
-                noise = ops.asarray(rng.standard_normal(tuple(noise_pred.shape), dtype=np.float32))
+                noise = ops.asarray(draw(tuple(noise_pred.shape)))
             out = sampler.step(noise_pred, i, latents, noise=noise)
             latents = ops.float32(out.prev_sample)
             sync()
@@ -281,11 +300,11 @@ class Pipeline:
             "prompt": prompts,
             "negative_prompt": negatives,
             "num_inference_steps": steps,
-            "guidance_scale": guidance,
+            "guidance_scale": list(guidance) if isinstance(guidance, tuple) else guidance,
             "height": height,
             "width": width,
             "sampler": type(sampler).__name__,
-            "seed": seed_used,
+            "seed": list(seed_used) if isinstance(seed_used, tuple) else seed_used,
         }
         result = numpy_to_pil(images) if args.output_type == "pil" else images
-        return PipelineOutput(result, seed_used, timings_ms, settings)
+        return PipelineOutput(result, settings["seed"], timings_ms, settings)
