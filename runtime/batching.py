@@ -1,0 +1,332 @@
+"""Dynamic batching: requests that can share U-Net calls are gathered into one pipeline call.
+
+A `Batcher` owns one worker thread and one pipeline. `submit` queues a `GenerationRequest`
+and returns a `concurrent.futures.Future` of that request's images; the worker takes the
+oldest queued request, gathers the queued requests with the same `batch_key` (everything that
+must be equal to share a call: size, steps, sampler, eta, guidance rescale, guided or not) for
+up to `max_wait_ms` after the oldest one arrived, runs them as ONE `Pipeline` call with a
+prompt, negative prompt, seed and guidance scale per image, and splits the images back.
+
+Seeds follow A1111's convention: a request with seed s and n images uses seeds s, s+1, …,
+s+n-1, one per image, so each request gets the same images alone or batched with others (the
+pipeline draws each image's noise from its own seed; see `Pipeline.__call__`). A request of n
+images therefore equals `pipeline(prompt, seed=[s, …, s+n-1], num_images_per_prompt=n)`, and
+for n = 1 `pipeline(prompt, seed=s)`.
+
+Limits: one worker, so one call runs at a time (a GPU runs one batch best anyway); requests
+are gathered only with others of the same key, never padded or reordered across keys; a
+failing call fails every request of its batch. Requests are checked against a fewstep
+`Pipeline`'s model and limits at `submit`, so one bad request is refused before it can share
+a batch with others.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import threading
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future
+from typing import Any
+
+from fewstep.inputs import MAX_SEED, check_inputs, check_integer, check_number, check_text
+from fewstep.pipeline import Pipeline
+from fewstep.samplers import SAMPLERS
+
+logger = logging.getLogger(__name__)
+
+BUCKETS = (1, 2, 4, 8, 16)
+OUTPUT_TYPES = ("pil", "np")
+
+
+class QueueFull(RuntimeError):
+    """The batcher's queue holds `max_queue` requests; try again later (HTTP 503/429)."""
+
+
+class Closed(RuntimeError):
+    """The batcher is closed and takes no more requests."""
+
+
+def bucket(n: int, sizes: Sequence[int] = BUCKETS) -> int:
+    """The smallest size in `sizes` that holds n images (to pad a batch to a captured size)."""
+    n = check_integer("n", n, 1)
+    fitting = [s for s in sizes if s >= n]
+    if not fitting:
+        raise ValueError(f"n must be at most the largest bucket {max(sizes)}, got {n}")
+    return min(fitting)
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationRequest:
+    """One client's request: `n` images of one prompt. None takes the model's default.
+
+    `seed` is required (a server draws one when the client gives none) so that the images
+    are reproducible; image i uses seed + i.
+    """
+
+    prompt: str
+    seed: int
+    n: int = 1
+    negative_prompt: str = ""
+    guidance_scale: float | None = None
+    num_inference_steps: int | None = None
+    height: int | None = None
+    width: int | None = None
+    scheduler: str | None = None
+    eta: float = 0.0
+    guidance_rescale: float = 0.0
+
+    def __post_init__(self) -> None:
+        # Types and ranges here; the model's sizes and limits at Batcher.submit.
+        check_text("prompt", self.prompt, max_chars=2**62)
+        check_text("negative_prompt", self.negative_prompt, max_chars=2**62)
+        n = check_integer("n", self.n, 1)
+        check_integer("seed", self.seed, 0, MAX_SEED - (n - 1))  # seed + n - 1 is a seed too
+        if self.guidance_scale is not None:
+            check_number("guidance_scale", self.guidance_scale, 0.0, 100.0)
+        check_number("eta", self.eta, 0.0, 1.0)
+        check_number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+
+    @property
+    def seeds(self) -> list[int]:
+        return [self.seed + i for i in range(self.n)]
+
+    @property
+    def batch_key(self) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call. Prompts, negative prompts,
+        seeds and guidance scales go per image; guided-or-not decides whether the U-Net runs
+        on a doubled batch, so it must agree (None, the model's default, is its own group)."""
+        guided = None if self.guidance_scale is None else self.guidance_scale > 1.0
+        return (
+            self.height,
+            self.width,
+            self.num_inference_steps,
+            self.scheduler,
+            self.eta,
+            self.guidance_rescale,
+            guided,
+        )
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchRecord:
+    """What one pipeline call did: `wait_ms` is how long its oldest request was queued."""
+
+    requests: int
+    images: int
+    wait_ms: float
+    run_ms: float
+    ok: bool
+
+
+@dataclasses.dataclass
+class _Queued:
+    request: GenerationRequest
+    future: Future[list[Any]]
+    submitted: float  # time.monotonic()
+
+
+class Batcher:
+    """Queue of requests and one worker thread that runs them in batches (module docstring).
+
+    `output_type` "pil" gives each future a list of PIL images, "np" a list of float32
+    [H, W, 3] arrays in 0..1. `on_batch` is called with each `BatchRecord` on the worker
+    thread; `stats()` returns the last `keep_stats` records.
+    """
+
+    def __init__(
+        self,
+        pipeline: Callable[..., Any],
+        max_batch: int = 8,
+        max_wait_ms: float = 10.0,
+        max_queue: int = 64,
+        output_type: str = "pil",
+        on_batch: Callable[[BatchRecord], None] | None = None,
+        keep_stats: int = 1000,
+    ):
+        self.pipeline = pipeline
+        self.max_batch = check_integer("max_batch", max_batch, 1)
+        self.max_wait_s = check_number("max_wait_ms", max_wait_ms, 0.0, 60_000.0) / 1e3
+        self.max_queue = check_integer("max_queue", max_queue, 1)
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type must be one of {OUTPUT_TYPES}, got {output_type!r}")
+        self.output_type = output_type
+        self.on_batch = on_batch
+        self._records: collections.deque[BatchRecord] = collections.deque(
+            maxlen=check_integer("keep_stats", keep_stats, 1)
+        )
+        self._queue: collections.deque[_Queued] = collections.deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._work, name="fewstep-batcher", daemon=True)
+        self._thread.start()
+
+    # -- client side ----------------------------------------------------------------------
+
+    def submit(self, request: GenerationRequest) -> Future[list[Any]]:
+        """Queue `request`; never blocks. Raises ValueError for a request the model refuses,
+        QueueFull when `max_queue` requests wait, Closed after `close`."""
+        if not isinstance(request, GenerationRequest):
+            raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
+        self._check_against_model(request)
+        future: Future[list[Any]] = Future()
+        with self._cond:
+            if self._closed:
+                raise Closed("the batcher is closed")
+            if len(self._queue) >= self.max_queue:
+                self._drop_cancelled()
+            if len(self._queue) >= self.max_queue:
+                raise QueueFull(f"the queue holds its maximum of {self.max_queue} requests")
+            self._queue.append(_Queued(request, future, time.monotonic()))
+            self._cond.notify()
+        return future
+
+    def _check_against_model(self, request: GenerationRequest) -> None:
+        """Check the request alone as the pipeline would (sizes, steps, sampler, limits)."""
+        pipe = self.pipeline
+        if not isinstance(pipe, Pipeline):
+            return
+        check_inputs(
+            info=pipe.info,
+            limits=pipe.limits,
+            samplers=SAMPLERS,
+            latents=None,
+            generator=None,
+            output_type=self.output_type,
+            **self._call_arguments([request]),
+        )
+
+    def stats(self) -> list[BatchRecord]:
+        with self._cond:
+            return list(self._records)
+
+    def queued(self) -> int:
+        with self._cond:
+            return len(self._queue)
+
+    def close(self, drain: bool = True, timeout: float | None = None) -> bool:
+        """Take no more requests; with `drain` finish the queued ones, else cancel them; wait
+        up to `timeout` seconds for the running batch. True when the worker has finished."""
+        with self._cond:
+            self._closed = True
+            if not drain:
+                for item in self._queue:
+                    item.future.cancel()
+                self._queue.clear()
+            self._cond.notify_all()
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def __enter__(self) -> Batcher:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- worker side ----------------------------------------------------------------------
+
+    def _drop_cancelled(self) -> None:
+        self._queue = collections.deque(q for q in self._queue if not q.future.cancelled())
+
+    def _work(self) -> None:
+        while True:
+            batch = self._gather()
+            if batch is None:
+                return
+            # A future cancelled while queued is dropped here; the others can't be cancelled now.
+            batch = [q for q in batch if q.future.set_running_or_notify_cancel()]
+            if batch:
+                self._run(batch)
+
+    def _gather(self) -> list[_Queued] | None:
+        """Wait for the oldest request, then gather compatible ones until the batch is full,
+        `max_wait_ms` after the oldest arrived has passed, or the batcher closes. None when
+        closed and empty."""
+        with self._cond:
+            while not self._queue:
+                if self._closed:
+                    return None
+                self._cond.wait()
+            head = self._queue.popleft()
+            batch = [head]
+            images = head.request.n
+            key = head.request.batch_key
+            deadline = head.submitted + self.max_wait_s
+            while images < self.max_batch:
+                for item in list(self._queue):
+                    n = item.request.n
+                    if item.request.batch_key == key and images + n <= self.max_batch:
+                        self._queue.remove(item)
+                        batch.append(item)
+                        images += n
+                left = deadline - time.monotonic()
+                if images >= self.max_batch or left <= 0 or self._closed:
+                    break
+                self._cond.wait(left)
+            return batch
+
+    def _call_arguments(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
+        """One call for all `requests`: each prompt repeated for its images, a seed and a
+        guidance scale per image; the shared settings from the first (their keys agree)."""
+        first = requests[0]
+        guidance = None
+        if first.guidance_scale is not None:
+            guidance = [r.guidance_scale for r in requests for _ in range(r.n)]
+        return dict(
+            prompt=[r.prompt for r in requests for _ in range(r.n)],
+            negative_prompt=[r.negative_prompt for r in requests for _ in range(r.n)],
+            seed=[s for r in requests for s in r.seeds],
+            guidance_scale=guidance,
+            num_images_per_prompt=1,
+            num_inference_steps=first.num_inference_steps,
+            height=first.height,
+            width=first.width,
+            scheduler=first.scheduler,
+            eta=first.eta,
+            guidance_rescale=first.guidance_rescale,
+        )
+
+    def _run(self, batch: list[_Queued]) -> None:
+        requests = [q.request for q in batch]
+        images = sum(r.n for r in requests)
+        started = time.monotonic()
+        ok = False
+        try:
+            output = self.pipeline(output_type=self.output_type, **self._call_arguments(requests))
+            results = list(output.images)
+            if len(results) != images:
+                raise RuntimeError(f"the pipeline returned {len(results)} images for {images}")
+            start = 0
+            for item in batch:
+                item.future.set_result(results[start : start + item.request.n])
+                start += item.request.n
+            ok = True
+        except Exception as e:  # the batch's requests fail; the worker goes on
+            logger.warning("batch of %d requests failed: %r", len(batch), e)
+            for item in batch:
+                if not item.future.done():
+                    item.future.set_exception(e)
+        finally:
+            self._record(batch, images, started, ok)
+
+    def _record(self, batch: list[_Queued], images: int, started: float, ok: bool) -> None:
+        now = time.monotonic()
+        record = BatchRecord(
+            requests=len(batch),
+            images=images,
+            wait_ms=(started - min(q.submitted for q in batch)) * 1e3,
+            run_ms=(now - started) * 1e3,
+            ok=ok,
+        )
+        with self._cond:
+            self._records.append(record)
+        if self.on_batch is not None:
+            try:
+                self.on_batch(record)
+            except Exception:
+                logger.exception("on_batch callback failed")
+
+
+__all__ = ["BatchRecord", "Batcher", "Closed", "GenerationRequest", "QueueFull", "bucket"]
