@@ -1,4 +1,4 @@
-"""The `fewstep` command: export, generate, info, demo, bench, lora.
+"""The `fewstep` command: export, generate, info, demo, bench, lora, serve.
 
 Flags mirror the Python API's argument names in kebab-case. `fewstep export`
 hands over to fewstep.export (the `export` extra), imported only when used.
@@ -10,6 +10,7 @@ import argparse
 import importlib
 import json
 import logging
+import os
 import sys
 import time
 import traceback
@@ -209,6 +210,47 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+def _served_models(specs: list[str]) -> dict[str, Path]:
+    """--model NAME=PATH values → {name: path}; none gives the bundled model as "default"."""
+    from fewstep.package import default_model
+
+    if not specs:
+        return {"default": default_model()}
+    models: dict[str, Path] = {}
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"--model must be NAME=PATH, got {spec!r}")
+        if name in models:
+            raise ValueError(f"--model names must be unique, got {name!r} twice")
+        models[name] = Path(path)
+    return models
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    try:
+        serve = importlib.import_module("fewstep.serve")
+    except ImportError as e:
+        raise ImportError(
+            f"fewstep serve needs the serve extra: pip install 'fewstep[serve]' ({e})"
+        ) from e
+    from fewstep.pipeline import Pipeline
+
+    pipelines = {
+        name: Pipeline.from_pretrained(path, backend=args.backend)
+        for name, path in _served_models(args.model).items()
+    }
+    app = serve.create_app(
+        pipelines,
+        api_key=args.api_key or os.environ.get("FEWSTEP_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+    )
+    serve.run(app, host=args.host, port=args.port)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fewstep", description=__doc__.splitlines()[0])
     parser.add_argument("-v", "--verbose", action="store_true")
@@ -258,6 +300,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--note", default=None, help="appended to the results' `what` field")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("serve", help="HTTP service with OpenAI's image generation API")
+    p.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=PATH",
+        help="a model package served as NAME; repeatable, the first is the default "
+        "(default: default=<the bundled 64x64 scenes model>)",
+    )
+    p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--api-key", default=None, help="bearer key clients must send (default: $FEWSTEP_API_KEY)"
+    )
+    p.add_argument("--max-batch", type=int, default=8, help="images per pipeline call")
+    p.add_argument("--max-wait-ms", type=float, default=10.0, help="to gather a batch")
+    p.add_argument("--max-queue", type=int, default=64, help="queued requests per model")
+    p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("lora", help="LoRA files and model packages")
     lora_sub = p.add_subparsers(dest="lora_command", required=True)
