@@ -295,8 +295,14 @@ class Pipeline:
         stage_ms["vae_decoder"] = (time.perf_counter() - t0) * 1e3
         total_ms = (time.perf_counter() - t_start) * 1e3  # the images are on the host: synced
         timings_ms = {**stage_ms, "total": total_ms} if timings else {"total": total_ms}
-        seed_used = seed if args.generator is None else None
-        settings = {
+        seed_out: int | list[int] | None  # the seeds used; None: the caller's generators
+        if args.generator is not None:
+            seed_out = None
+        elif isinstance(seed, Sequence):
+            seed_out = [int(s) for s in seed]
+        else:
+            seed_out = seed
+        settings: dict[str, Any] = {
             "prompt": prompts,
             "negative_prompt": negatives,
             "num_inference_steps": steps,
@@ -304,7 +310,7 @@ class Pipeline:
             "height": height,
             "width": width,
             "sampler": type(sampler).__name__,
-            "seed": list(seed_used) if isinstance(seed_used, tuple) else seed_used,
+            "seed": seed_out,
         }
         result = numpy_to_pil(images) if args.output_type == "pil" else images
-        return PipelineOutput(result, settings["seed"], timings_ms, settings)
+        return PipelineOutput(result, seed_out, timings_ms, settings)
