@@ -58,6 +58,21 @@ def bucket(n: int, sizes: Sequence[int] = BUCKETS) -> int:
     return min(fitting)
 
 
+class RequestImages(list[Any]):
+    """One request's images (a list), and `settings`: what the pipeline resolved for them,
+    its batch's `PipelineOutput.settings` with the per-image entries (prompts, seeds,
+    guidance scales) cut to this request's images."""
+
+    def __init__(
+        self, images: list[Any], settings: dict[str, Any], start: int, stop: int, total: int
+    ):
+        super().__init__(images)
+        self.settings = {
+            key: value[start:stop] if isinstance(value, list) and len(value) == total else value
+            for key, value in settings.items()
+        }
+
+
 @dataclasses.dataclass(frozen=True)
 class GenerationRequest:
     """One client's request: `n` images of one prompt. None takes the model's default.
@@ -124,7 +139,7 @@ class BatchRecord:
 @dataclasses.dataclass
 class _Queued:
     request: GenerationRequest
-    future: Future[list[Any]]
+    future: Future[RequestImages]
     submitted: float  # time.monotonic()
 
 
@@ -165,13 +180,13 @@ class Batcher:
 
     # -- client side ----------------------------------------------------------------------
 
-    def submit(self, request: GenerationRequest) -> Future[list[Any]]:
+    def submit(self, request: GenerationRequest) -> Future[RequestImages]:
         """Queue `request`; never blocks. Raises ValueError for a request the model refuses,
         QueueFull when `max_queue` requests wait, Closed after `close`."""
         if not isinstance(request, GenerationRequest):
             raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
         self._check_against_model(request)
-        future: Future[list[Any]] = Future()
+        future: Future[RequestImages] = Future()
         with self._cond:
             if self._closed:
                 raise Closed("the batcher is closed")
@@ -298,10 +313,14 @@ class Batcher:
             results = list(output.images)
             if len(results) != images:
                 raise RuntimeError(f"the pipeline returned {len(results)} images for {images}")
+            call_settings = getattr(output, "settings", {})
             start = 0
             for item in batch:
-                item.future.set_result(results[start : start + item.request.n])
-                start += item.request.n
+                stop = start + item.request.n
+                item.future.set_result(
+                    RequestImages(results[start:stop], call_settings, start, stop, images)
+                )
+                start = stop
             ok = True
         except Exception as e:  # the batch's requests fail; the worker goes on
             logger.warning("batch of %d requests failed: %r", len(batch), e)
@@ -329,4 +348,12 @@ class Batcher:
                 logger.exception("on_batch callback failed")
 
 
-__all__ = ["BatchRecord", "Batcher", "Closed", "GenerationRequest", "QueueFull", "bucket"]
+__all__ = [
+    "BatchRecord",
+    "Batcher",
+    "Closed",
+    "GenerationRequest",
+    "QueueFull",
+    "RequestImages",
+    "bucket",
+]

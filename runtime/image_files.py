@@ -84,7 +84,8 @@ def numbered_names(path: Path) -> Iterator[Path]:
         yield path.with_name(f"{path.stem}-{i}{path.suffix}")
 
 
-def _encode(image: Any, fmt: str, parameters: str, file: Any) -> None:
+def encode_image(image: Any, fmt: str, parameters: str, file: Any) -> None:
+    """Write a PIL image in `fmt` (a value of IMAGE_FORMATS) to `file` with `parameters`."""
     if fmt == "PNG":
         from PIL.PngImagePlugin import PngInfo
 
@@ -136,7 +137,7 @@ def save_images(
         tmp = Path(tmp_name)
         try:
             with os.fdopen(fd, "wb") as f:
-                _encode(image, fmt, parameters, f)
+                encode_image(image, fmt, parameters, f)
             os.chmod(tmp, 0o644)  # mkstemp's 0600 would follow the name
             for name in names:
                 if overwrite:

@@ -59,13 +59,18 @@ def sha256_file(path: str | Path, chunk_size: int = 1 << 20) -> str:
     return digest.hexdigest()
 
 
+def check_file_size(path: Path, max_bytes: int = MAX_JSON_BYTES) -> None:
+    """PackageError naming a package's text file that is larger than any real one."""
+    size = path.stat().st_size
+    if size > max_bytes:
+        raise PackageError(f"package file {path} is {size} bytes, more than {max_bytes} allowed")
+
+
 def read_json(path: Path, max_bytes: int = MAX_JSON_BYTES) -> dict[str, Any]:
     """A package's JSON object file; PackageError naming it when missing, too large or corrupt."""
     if not path.is_file():
         raise PackageError(f"missing package file: {path}")
-    size = path.stat().st_size
-    if size > max_bytes:
-        raise PackageError(f"package file {path} is {size} bytes, more than {max_bytes} allowed")
+    check_file_size(path, max_bytes)
     try:
         data = json.loads(path.read_bytes())
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:

@@ -48,12 +48,11 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from fewstep.batching import Batcher, Closed, GenerationRequest, QueueFull
-from fewstep.image_files import a1111_parameters
+from fewstep.batching import Batcher, Closed, GenerationRequest, QueueFull, RequestImages
+from fewstep.image_files import a1111_parameters, encode_image
 from fewstep.inputs import check_integer, check_number
 from fewstep.package import read_manifest
 from fewstep.pipeline import Pipeline
-from fewstep.samplers import create_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -260,40 +259,24 @@ def generation_request(body: dict[str, Any]) -> GenerationRequest:
 # -- images ---------------------------------------------------------------------------------
 
 
-def image_settings(pipe: Pipeline, request: GenerationRequest) -> dict[str, Any]:
-    """What the pipeline resolves for `request` (its defaults filled in), for the metadata."""
-    info = pipe.info
-    sampler = create_sampler(request.scheduler or info.scheduler_class, info.scheduler_config)
-    guidance = request.guidance_scale
-    return {
-        "num_inference_steps": request.num_inference_steps or info.default_num_inference_steps,
-        "guidance_scale": info.default_guidance_scale if guidance is None else guidance,
-        "height": request.height or info.default_height,
-        "width": request.width or info.default_width,
-        "sampler": type(sampler).__name__,
-    }
-
-
-def png_b64(image: Any, parameters: str) -> str:
-    """A PIL image as base64 PNG bytes with A1111's `parameters` text chunk."""
-    from PIL.PngImagePlugin import PngInfo
-
-    meta = PngInfo()
-    meta.add_text("parameters", parameters)
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", pnginfo=meta)
-    return base64.b64encode(buffer.getvalue()).decode("ascii")
-
-
 def encode_images(
-    images: list[Any], request: GenerationRequest, settings: dict[str, Any], model: str, hash_: Any
+    images: RequestImages, request: GenerationRequest, model: str, model_hash: Any
 ) -> list[dict[str, str]]:
+    """Base64 PNGs with A1111's `parameters` chunk, from what the pipeline resolved."""
+    settings = images.settings
+    guidance = settings["guidance_scale"]
+    settings = {
+        **settings,
+        "guidance_scale": guidance[0] if isinstance(guidance, list) else guidance,
+    }
     data = []
     for image, seed in zip(images, request.seeds, strict=True):
         text = a1111_parameters(
-            request.prompt, request.negative_prompt, {**settings, "seed": seed}, model, hash_
+            request.prompt, request.negative_prompt, {**settings, "seed": seed}, model, model_hash
         )
-        data.append({"b64_json": png_b64(image, text)})
+        buffer = io.BytesIO()
+        encode_image(image, "PNG", text, buffer)
+        data.append({"b64_json": base64.b64encode(buffer.getvalue()).decode("ascii")})
     return data
 
 
@@ -358,7 +341,6 @@ async def generate_images(request: Request, service: Service) -> Response:
     batcher = service.batchers.get(model)
     if not service.ready or batcher is None:
         raise APIError(503, "the service is not ready or is shutting down")
-    pipe = service.models[model]
     try:
         future = batcher.submit(gen)
     except QueueFull as e:
@@ -375,10 +357,7 @@ async def generate_images(request: Request, service: Service) -> Response:
         if future.cancelled():  # cancelled by a closing batcher, not by this request's task
             raise APIError(503, "the service is shutting down") from None
         raise
-    settings = image_settings(pipe, gen)
-    data = await asyncio.to_thread(
-        encode_images, images, gen, settings, model, service.model_hashes[model]
-    )
+    data = await asyncio.to_thread(encode_images, images, gen, model, service.model_hashes[model])
     return JSONResponse({"created": int(time.time()), "data": data})
 
 

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, processors
 
-from fewstep.package import MAX_JSON_BYTES, PackageError, read_json
+from fewstep.package import PackageError, check_file_size, read_json
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ def build_clip_bpe(
 
 
 def _read_merges(path: Path) -> list[tuple[str, str]]:
-    _check_size(path)
+    check_file_size(path)
     merges = []
     try:
         text = path.read_text(encoding="utf-8")
@@ -99,16 +99,10 @@ def _read_merges(path: Path) -> list[tuple[str, str]]:
     return merges
 
 
-def _check_size(path: Path) -> None:
-    size = path.stat().st_size
-    if size > MAX_JSON_BYTES:
-        raise PackageError(f"package file {path} is {size} bytes, more than {MAX_JSON_BYTES}")
-
-
 def _read_tokenizer(folder: Path, pad: str) -> Tokenizer:
     path = folder / "tokenizer.json"
     if path.is_file():
-        _check_size(path)
+        check_file_size(path)
         try:
             return Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises plain Exception for every parse error
