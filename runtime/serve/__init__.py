@@ -1,0 +1,20 @@
+"""`fewstep serve`: an HTTP service over fewstep pipelines, with dynamic batching.
+
+Built on Starlette and uvicorn (the `serve` extra) rather than a larger framework: the lean
+runtime stays lean, with small dependencies and no pydantic; requests are checked by
+fewstep's own argument checks, so errors name the field as the Python API's do.
+
+- app.py: the routes, start-up, shutdown with draining, `create_app` and `run`;
+- service.py: one `Batcher` per model and the path of a generation request (429/503/504);
+- openai_api.py: OpenAI's Images API; errors.py: OpenAI's error shape;
+- metrics.py: Prometheus metrics.
+
+Limits: no streaming, no image URLs, no image edits or variations; one process, one batcher
+per model; the key is a single shared bearer token.
+"""
+
+from fewstep.serve.app import create_app, run
+from fewstep.serve.errors import APIError
+from fewstep.serve.service import MAX_BODY_BYTES
+
+__all__ = ["MAX_BODY_BYTES", "APIError", "create_app", "run"]

@@ -1,0 +1,174 @@
+"""The ASGI app: routes, start-up and shutdown, and `run` with a draining shutdown.
+
+Endpoints (errors in OpenAI's shape, see errors.py):
+- `GET /health`: 200 while the process answers (never needs a key).
+- `GET /ready`: 200 once every model's batcher runs; 503 before, and while draining.
+- `GET /metrics`: Prometheus text (metrics.py).
+- `GET /v1/models`, `POST /v1/images/generations`: OpenAI's Images API (openai_api.py).
+
+With an API key, every endpoint but /health needs `Authorization: Bearer <key>`. A request
+body is read at most `MAX_BODY_BYTES` far (413 beyond). No CORS headers are sent, so
+browsers on other origins cannot call the service.
+
+Shutdown (`run`): the first SIGTERM or SIGINT starts a drain: /ready and new generations
+answer 503 while the queued and running requests finish (up to `drain_timeout` seconds);
+then uvicorn stops, sends the finished responses and the process exits 0. A second signal
+stops at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import threading
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+from starlette.applications import Starlette
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from fewstep.inputs import check_integer, check_number
+from fewstep.pipeline import Pipeline
+from fewstep.serve import openai_api
+from fewstep.serve.errors import APIError, answered_in_error_shape, http_error
+from fewstep.serve.metrics import Metrics, RequestMetrics
+from fewstep.serve.service import Service
+
+logger = logging.getLogger("fewstep.serve")
+
+Endpoint = Callable[[Request, Service], Awaitable[Response]]
+
+
+def service_of(request: Request) -> Service:
+    service: Service = request.app.state.fewstep
+    return service
+
+
+def keyed(endpoint: Endpoint) -> Callable[[Request], Awaitable[Response]]:
+    """`endpoint` behind the key check, with its errors in OpenAI's shape."""
+
+    async def handle(request: Request) -> Response:
+        service = service_of(request)
+        service.check_key(request)
+        return await endpoint(request, service)
+
+    return answered_in_error_shape(handle)
+
+
+async def health(request: Request) -> Response:
+    return JSONResponse({"status": "ok"})
+
+
+async def ready(request: Request, service: Service) -> Response:
+    if not service.ready:
+        raise APIError(503, "shutting down" if service.draining else "not ready")
+    return JSONResponse({"status": "ready", "models": list(service.models)})
+
+
+async def metrics(request: Request, service: Service) -> Response:
+    metrics: Metrics = request.app.state.metrics
+    return metrics.text()
+
+
+def _check_models(models: Any) -> dict[str, Pipeline]:
+    if not isinstance(models, dict) or not models:
+        raise ValueError(f"models must be a non-empty dict of name → Pipeline, got {models!r:.80}")
+    for name, pipe in models.items():
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"models must have non-empty string names, got {name!r}")
+        if not isinstance(pipe, Pipeline):
+            raise ValueError(f"models[{name!r}] must be a fewstep Pipeline, got {pipe!r:.80}")
+    return models
+
+
+def create_app(
+    models: dict[str, Pipeline],
+    api_key: str | None = None,
+    max_batch: int = 8,
+    max_wait_ms: float = 10,
+    max_queue: int = 64,
+    request_timeout: float = 300.0,
+) -> Starlette:
+    """A Starlette app serving `models` by name (the first is the default); module docstring.
+
+    The batchers start with the app (its lifespan) and are drained, finishing queued
+    requests, when it stops. `request_timeout` (seconds) bounds one request's wait for its
+    images (504 past it).
+    """
+    models = _check_models(models)
+    if api_key is not None and (not isinstance(api_key, str) or not api_key):
+        raise ValueError("api_key must be a non-empty string or None")
+    # Checked now, not at start-up, so a bad option fails where the app is made.
+    options = {
+        "max_batch": check_integer("max_batch", max_batch, 1),
+        "max_wait_ms": check_number("max_wait_ms", max_wait_ms, 0.0, 60_000.0),
+        "max_queue": check_integer("max_queue", max_queue, 1),
+    }
+    timeout = check_number("request_timeout", request_timeout, 0.001, 86_400.0)
+    service = Service(models, api_key, options, timeout)
+    metrics_ = Metrics(service.queue_depths)
+    service.on_batch = metrics_.observe_batch
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        service.start()
+        try:
+            yield
+        finally:
+            await asyncio.to_thread(service.close)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/ready", keyed(ready), methods=["GET"]),
+        Route("/metrics", keyed(metrics), methods=["GET"]),
+        Route("/v1/models", keyed(openai_api.list_models), methods=["GET"]),
+        Route("/v1/images/generations", keyed(openai_api.generate_images), methods=["POST"]),
+    ]
+    app = Starlette(
+        routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}
+    )
+    app.state.fewstep = service
+    app.state.metrics = metrics_
+    app.add_middleware(RequestMetrics, metrics=metrics_, routes=routes)
+    return app
+
+
+def run(
+    app: Starlette, host: str = "127.0.0.1", port: int = 8000, drain_timeout: float = 60.0
+) -> None:
+    """Serve `app` with uvicorn until a signal; the first one drains (module docstring)."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        draining = False
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            if self.draining:  # a second signal: stop now
+                super().handle_exit(sig, frame)
+                return
+            self.draining = True
+            logger.info("draining: finishing queued requests, refusing new ones")
+            threading.Thread(target=self.drain_then_exit, args=(sig, frame), daemon=True).start()
+
+        def drain_then_exit(self, sig: int, frame: Any) -> None:
+            service: Service = app.state.fewstep
+            started = time.monotonic()
+            if not service.drain(timeout=drain_timeout):
+                logger.warning("drain timeout of %g s passed; stopping", drain_timeout)
+            logger.info("drained in %.1f s", time.monotonic() - started)
+            super().handle_exit(sig, frame)
+
+    config = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        timeout_graceful_shutdown=math.ceil(drain_timeout),
+    )
+    DrainingServer(config).run()

@@ -1,0 +1,196 @@
+"""The service's state and the path every generation request takes, whichever API it came by.
+
+`Service` holds one `Batcher` per served model, the API key and the life-cycle flags
+(ready, draining). `Service.generate` submits a `GenerationRequest` and waits for its images
+without blocking the event loop, turning the batcher's outcomes into HTTP answers: 429 with
+`Retry-After` when the queue is full (at once, without waiting on the model), 503 when not
+ready or draining, 504 past the request timeout, and a dropped request when the client
+disconnects. Work not yet started is dropped in the last two cases; a batch that has started
+runs to its end (its other requests still want their images).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import Callable
+from typing import Any
+
+from starlette.requests import Request
+
+from fewstep.batching import (
+    Batcher,
+    BatchRecord,
+    Closed,
+    GenerationRequest,
+    QueueFull,
+    RequestImages,
+)
+from fewstep.package import read_manifest
+from fewstep.pipeline import Pipeline
+from fewstep.serve.errors import APIError, ClientGone
+
+MAX_BODY_BYTES = 64 * 1024
+
+
+class Service:
+    """One batcher per model, made at start-up (`start`) and drained at shutdown (`close`).
+
+    `on_batch` sees each batch's record (metrics); `request_timeout` is in seconds.
+    """
+
+    def __init__(
+        self,
+        models: dict[str, Pipeline],
+        api_key: str | None,
+        batcher_options: dict[str, Any],
+        request_timeout: float,
+        on_batch: Callable[[str, BatchRecord], None] | None = None,
+    ):
+        self.models = dict(models)
+        self.api_key = api_key
+        self.batcher_options = batcher_options
+        self.request_timeout = request_timeout
+        self.on_batch = on_batch
+        self.batchers: dict[str, Batcher] = {}
+        self.ready = False
+        self.draining = False
+        self.created = int(time.time())
+        self.model_hashes = {name: _unet_hash(pipe) for name, pipe in self.models.items()}
+
+    @property
+    def default_model(self) -> str:
+        return next(iter(self.models))
+
+    def start(self) -> None:
+        for name, pipe in self.models.items():
+            self.batchers[name] = Batcher(
+                pipe, output_type="pil", on_batch=self._batch_callback(name), **self.batcher_options
+            )
+        self.ready = True
+
+    def _batch_callback(self, name: str) -> Callable[[BatchRecord], None] | None:
+        on_batch = self.on_batch
+        if on_batch is None:
+            return None
+        return lambda record: on_batch(name, record)
+
+    def drain(self, timeout: float | None = None) -> bool:
+        """Refuse new requests (503) and finish the queued and running ones, waiting up to
+        `timeout` seconds for each model; True when all finished."""
+        self.ready, self.draining = False, True
+        return all([b.close(drain=True, timeout=timeout) for b in self.batchers.values()])
+
+    def close(self) -> None:
+        self.drain(timeout=60)
+
+    def queue_depths(self) -> dict[str, int]:
+        return {name: batcher.queued() for name, batcher in self.batchers.items()}
+
+    def check_key(self, request: Request) -> None:
+        if self.api_key is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, given = header.partition(" ")
+        ok = scheme.lower() == "bearer" and hmac.compare_digest(
+            given.strip().encode(), self.api_key.encode()
+        )
+        if not ok:
+            raise APIError(
+                401,
+                "missing or wrong API key (Authorization: Bearer <key>)",
+                code="invalid_api_key",
+            )
+
+    def model_named(self, model: Any, param: str = "model") -> str:
+        """The served model called `model` (None: the default); 404 for any other name."""
+        model = self.default_model if model is None else model
+        if not isinstance(model, str) or model not in self.models:
+            raise APIError(
+                404,
+                f"model {model!r} is not served; served: {list(self.models)}",
+                param,
+                "model_not_found",
+            )
+        return model
+
+    async def generate(
+        self,
+        model: str,
+        gen: GenerationRequest,
+        request: Request,
+        param_of: Callable[[str], str | None],
+    ) -> RequestImages:
+        """The images of `gen` from `model`'s batcher. `param_of` maps a refusal's message
+        to the request field it names (each API names its fields its own way)."""
+        batcher = self.batchers.get(model)
+        if self.draining:
+            raise APIError(503, "the service is shutting down", code="shutting_down")
+        if not self.ready or batcher is None:
+            raise APIError(503, "the service is not ready", code="not_ready")
+        try:
+            future = batcher.submit(gen)
+        except QueueFull as e:
+            raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from e
+        except Closed as e:
+            raise APIError(503, "the service is shutting down", code="shutting_down") from e
+        except ValueError as e:
+            raise APIError(400, str(e), param_of(str(e))) from e
+        images = asyncio.wrap_future(future)
+        gone = asyncio.ensure_future(_disconnected(request))
+        try:
+            done, _ = await asyncio.wait(
+                {images, gone}, timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            gone.cancel()
+        if images not in done:
+            future.cancel()  # dropped if its batch has not started
+            if gone in done:
+                raise ClientGone()
+            raise APIError(
+                504, f"no images within the request timeout of {self.request_timeout:g} s"
+            )
+        if future.cancelled():  # cancelled by a closing batcher
+            raise APIError(503, "the service is shutting down", code="shutting_down")
+        try:
+            return images.result()
+        except ValueError as e:  # the pipeline refused a setting the checks let through
+            raise APIError(400, str(e), param_of(str(e))) from e
+
+
+async def _disconnected(request: Request) -> None:
+    """Returns when the client has gone (the body is read, so the next message is that)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+def _unet_hash(pipe: Pipeline) -> str | None:
+    path = getattr(pipe, "path", None)
+    manifest = read_manifest(path) if path is not None else None
+    return (manifest or {}).get("files", {}).get("unet/model.onnx")
+
+
+async def read_json_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The body as a JSON object, read at most `limit` bytes far (413 beyond)."""
+    too_big = APIError(413, f"the request body must be at most {limit} bytes")
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
+        raise APIError(400, f"the request body is not valid JSON: {e}") from e
+    if not isinstance(body, dict):
+        raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
+    return body
