@@ -8,10 +8,6 @@ and one whose pipeline is held at a gate with a queue of one, to fill the queue.
 
 from __future__ import annotations
 
-import base64
-import contextlib
-import io
-import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -24,7 +20,8 @@ uvicorn = pytest.importorskip("uvicorn")
 httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 
-from PIL import Image  # noqa: E402
+
+from serving import GatedPipeline, decode_png, error_of, live_server  # noqa: E402
 
 from fewstep.image_files import a1111_parameters  # noqa: E402
 from fewstep.package import default_model, read_manifest  # noqa: E402
@@ -33,42 +30,6 @@ from fewstep.serve import MAX_BODY_BYTES, create_app  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 KEY = "sk-test-key"
-
-
-class GatedPipeline(Pipeline):
-    """The default model's pipeline, holding every call until `gate` is set."""
-
-    def __init__(self, pipe: Pipeline):
-        super().__init__(pipe.info, pipe.tokenizer, pipe.backend, pipe.path, pipe.limits)
-        self.gate = threading.Event()
-        self.entered = threading.Event()
-
-    def __call__(self, *args, **kwargs):
-        self.entered.set()
-        assert self.gate.wait(20), "gate never opened"
-        return super().__call__(*args, **kwargs)
-
-
-@contextlib.contextmanager
-def live_server(app) -> Iterator[str]:
-    """Run `app` on a free port in a thread; yields its base URL; stops it at the end."""
-    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind(("127.0.0.1", 0))
-    port = sock.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not server.started:
-        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
-        time.sleep(0.01)
-    try:
-        yield f"http://127.0.0.1:{port}"
-    finally:
-        server.should_exit = True
-        thread.join(10)
-        sock.close()
 
 
 @pytest.fixture(scope="module")
@@ -92,19 +53,6 @@ def post(base: str, body=None, content=None, headers=None) -> httpx.Response:
     return httpx.post(
         f"{base}/v1/images/generations", json=body, content=content, headers=headers, timeout=30
     )
-
-
-def error_of(response: httpx.Response) -> dict:
-    error = response.json()["error"]
-    assert set(error) == {"message", "type", "param", "code"}
-    return error
-
-
-def decode_png(b64: str) -> Image.Image:
-    image = Image.open(io.BytesIO(base64.b64decode(b64)))
-    assert image.format == "PNG"
-    image.load()
-    return image
 
 
 # -- images -----------------------------------------------------------------------------------

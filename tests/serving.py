@@ -1,0 +1,67 @@
+"""What the HTTP service's tests share: a live uvicorn server on 127.0.0.1, a pipeline held at
+a gate, and readers of the service's answers."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import socket
+import threading
+import time
+from collections.abc import Iterator
+
+import httpx
+import uvicorn
+from PIL import Image
+
+from fewstep.pipeline import Pipeline
+
+
+class GatedPipeline(Pipeline):
+    """The default model's pipeline, holding every call until `gate` is set."""
+
+    def __init__(self, pipe: Pipeline):
+        super().__init__(pipe.info, pipe.tokenizer, pipe.backend, pipe.path, pipe.limits)
+        self.gate = threading.Event()
+        self.entered = threading.Event()
+
+    def __call__(self, *args, **kwargs):
+        self.entered.set()
+        assert self.gate.wait(20), "gate never opened"
+        return super().__call__(*args, **kwargs)
+
+
+@contextlib.contextmanager
+def live_server(app) -> Iterator[str]:
+    """Run `app` on a free port in a thread; yields its base URL; stops it at the end."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(10)
+        sock.close()
+
+
+def error_of(response: httpx.Response) -> dict:
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"}
+    return error
+
+
+def decode_png(b64: str) -> Image.Image:
+    image = Image.open(io.BytesIO(base64.b64decode(b64)))
+    assert image.format == "PNG"
+    image.load()
+    return image
