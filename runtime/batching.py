@@ -13,9 +13,15 @@ pipeline draws each image's noise from its own seed; see `Pipeline.__call__`). A
 images therefore equals `pipeline(prompt, seed=[s, …, s+n-1], num_images_per_prompt=n)`, and
 for n = 1 `pipeline(prompt, seed=s)`.
 
+`batch_sizes` pads each call up to the smallest of a few sizes (1, 2, 4, 8, …) that holds it,
+with copies of its last image whose results are dropped: a backend that captures a CUDA graph
+per batch size then reuses a few graphs instead of capturing one per size. The padding
+images change no other image, since each image draws its own noise.
+
 Limits: one worker, so one call runs at a time (a GPU runs one batch best anyway); requests
-are gathered only with others of the same key, never padded or reordered across keys; a
-failing call fails every request of its batch. Requests are checked against a fewstep
+are gathered only with others of the same key, never reordered across keys; a batch holds
+at most `max_batch` images and at most the pipeline's `Limits.max_images`; a failing call
+fails every request of its batch. Requests are checked against a fewstep
 `Pipeline`'s model and limits at `submit`, so one bad request is refused before it can share
 a batch with others.
 """
@@ -37,7 +43,8 @@ from fewstep.samplers import SAMPLERS
 
 logger = logging.getLogger(__name__)
 
-BUCKETS = (1, 2, 4, 8, 16)
+# batch sizes a CUDA-graph backend is padded to (see `batch_sizes`)
+CUDA_GRAPH_BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
 OUTPUT_TYPES = ("pil", "np")
 
 
@@ -47,15 +54,6 @@ class QueueFull(RuntimeError):
 
 class Closed(RuntimeError):
     """The batcher is closed and takes no more requests."""
-
-
-def bucket(n: int, sizes: Sequence[int] = BUCKETS) -> int:
-    """The smallest size in `sizes` that holds n images (to pad a batch to a captured size)."""
-    n = check_integer("n", n, 1)
-    fitting = [s for s in sizes if s >= n]
-    if not fitting:
-        raise ValueError(f"n must be at most the largest bucket {max(sizes)}, got {n}")
-    return min(fitting)
 
 
 class RequestImages(list[Any]):
@@ -160,9 +158,17 @@ class Batcher:
         output_type: str = "pil",
         on_batch: Callable[[BatchRecord], None] | None = None,
         keep_stats: int = 1000,
+        batch_sizes: Sequence[int] | None = None,
     ):
         self.pipeline = pipeline
         self.max_batch = check_integer("max_batch", max_batch, 1)
+        if isinstance(pipeline, Pipeline):
+            self.max_batch = min(self.max_batch, pipeline.limits.max_images)
+        self.batch_sizes: tuple[int, ...] = ()
+        if batch_sizes is not None:
+            limit = pipeline.limits.max_images if isinstance(pipeline, Pipeline) else None
+            sizes = {check_integer("batch_sizes[]", s, 1) for s in batch_sizes}
+            self.batch_sizes = tuple(sorted(s for s in sizes if limit is None or s <= limit))
         self.max_wait_s = check_number("max_wait_ms", max_wait_ms, 0.0, 60_000.0) / 1e3
         self.max_queue = check_integer("max_queue", max_queue, 1)
         if output_type not in OUTPUT_TYPES:
@@ -282,18 +288,22 @@ class Batcher:
                 self._cond.wait(left)
             return batch
 
-    def _call_arguments(self, requests: Sequence[GenerationRequest]) -> dict[str, Any]:
+    def _call_arguments(
+        self, requests: Sequence[GenerationRequest], pad_to: int = 0
+    ) -> dict[str, Any]:
         """One call for all `requests`: each prompt repeated for its images, a seed and a
-        guidance scale per image; the shared settings from the first (their keys agree)."""
+        guidance scale per image; the shared settings from the first (their keys agree).
+        With `pad_to`, the last image is repeated until the call holds that many."""
         first = requests[0]
-        guidance = None
-        if first.guidance_scale is not None:
-            guidance = [r.guidance_scale for r in requests for _ in range(r.n)]
+        images = [(r, seed) for r in requests for seed in r.seeds]
+        images += images[-1:] * max(0, pad_to - len(images))
         return dict(
-            prompt=[r.prompt for r in requests for _ in range(r.n)],
-            negative_prompt=[r.negative_prompt for r in requests for _ in range(r.n)],
-            seed=[s for r in requests for s in r.seeds],
-            guidance_scale=guidance,
+            prompt=[r.prompt for r, _ in images],
+            negative_prompt=[r.negative_prompt for r, _ in images],
+            seed=[seed for _, seed in images],
+            guidance_scale=None
+            if first.guidance_scale is None
+            else [r.guidance_scale for r, _ in images],
             num_images_per_prompt=1,
             num_inference_steps=first.num_inference_steps,
             height=first.height,
@@ -308,17 +318,20 @@ class Batcher:
         images = sum(r.n for r in requests)
         started = time.monotonic()
         ok = False
+        size = min((s for s in self.batch_sizes if s >= images), default=images)
         try:
-            output = self.pipeline(output_type=self.output_type, **self._call_arguments(requests))
+            arguments = self._call_arguments(requests, pad_to=size)
+            output = self.pipeline(output_type=self.output_type, **arguments)
             results = list(output.images)
-            if len(results) != images:
-                raise RuntimeError(f"the pipeline returned {len(results)} images for {images}")
+            if len(results) != size:
+                raise RuntimeError(f"the pipeline returned {len(results)} images for {size}")
+            results = results[:images]
             call_settings = getattr(output, "settings", {})
             start = 0
             for item in batch:
                 stop = start + item.request.n
                 item.future.set_result(
-                    RequestImages(results[start:stop], call_settings, start, stop, images)
+                    RequestImages(results[start:stop], call_settings, start, stop, size)
                 )
                 start = stop
             ok = True
@@ -355,5 +368,4 @@ __all__ = [
     "GenerationRequest",
     "QueueFull",
     "RequestImages",
-    "bucket",
 ]

@@ -236,9 +236,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from e
     from fewstep.pipeline import Pipeline
 
+    limits = Limits(
+        max_pixels=args.max_pixels,
+        max_images=args.max_images,
+        max_steps=args.max_steps,
+        max_prompt_chars=args.max_prompt_chars,
+    )
+    options: dict[str, Any] = {"precision": args.precision} if args.precision is not None else {}
+    models = _served_models(args.model)  # every flag checked before any model loads
     pipelines = {
-        name: Pipeline.from_pretrained(path, backend=args.backend)
-        for name, path in _served_models(args.model).items()
+        name: Pipeline.from_pretrained(path, backend=args.backend, limits=limits, **options)
+        for name, path in models.items()
     }
     app = serve.create_app(
         pipelines,
@@ -246,8 +254,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
     )
-    serve.run(app, host=args.host, port=args.port)
+    serve.run(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
     return 0
 
 
@@ -311,6 +320,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: default=<the bundled 64x64 scenes model>)",
     )
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
+    p.add_argument("--precision", default=None, help="backend precision, passed through")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
@@ -319,6 +329,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-batch", type=int, default=8, help="images per pipeline call")
     p.add_argument("--max-wait-ms", type=float, default=10.0, help="to gather a batch")
     p.add_argument("--max-queue", type=int, default=64, help="queued requests per model")
+    p.add_argument(
+        "--request-timeout", type=float, default=300.0, help="seconds a request may wait (504)"
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=60.0,
+        help="seconds queued requests get to finish after SIGTERM",
+    )
+    defaults = Limits()
+    p.add_argument("--max-pixels", type=int, default=defaults.max_pixels, help="per image")
+    p.add_argument("--max-images", type=int, default=defaults.max_images, help="per request")
+    p.add_argument("--max-steps", type=int, default=defaults.max_steps)
+    p.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("lora", help="LoRA files and model packages")

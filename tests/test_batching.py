@@ -20,8 +20,8 @@ from fewstep.batching import (
     Closed,
     GenerationRequest,
     QueueFull,
-    bucket,
 )
+from fewstep.inputs import Limits
 from fewstep.pipeline import Pipeline
 
 BOUND = 1e-5  # as tests/test_per_image.py: bit-identical measured, float32 rounding allowed
@@ -263,10 +263,36 @@ def test_request_fields_are_checked(kwargs, match):
         GenerationRequest("a", **kwargs)
 
 
-def test_bucket():
-    assert [bucket(n) for n in (1, 2, 3, 4, 5, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 16, 16]
-    assert bucket(3, sizes=(6, 3, 12)) == 3
-    with pytest.raises(ValueError, match="at most the largest bucket 16, got 17"):
-        bucket(17)
-    with pytest.raises(ValueError, match="n must be an integer >= 1"):
-        bucket(0)
+def test_calls_are_padded_to_the_batch_sizes_and_the_padding_dropped():
+    stub = StubPipeline(open_gate=False)
+    batcher = Batcher(stub, max_batch=8, max_wait_ms=0, batch_sizes=(1, 2, 4, 8))
+    held = hold_worker(stub, batcher)  # 8 images: a full batch, no padding
+    three = batcher.submit(GenerationRequest("three", seed=10, n=3))
+    two = batcher.submit(GenerationRequest("two", seed=20, n=2))
+    stub.gate.set()
+    assert held.result(timeout=5) == ["hold#" + str(i) for i in range(8)]
+    assert three.result(timeout=5) == ["three#10", "three#11", "three#12"]
+    assert two.result(timeout=5) == ["two#20", "two#21"]
+    assert batcher.close(timeout=5)
+    # 5 images padded to 8 with copies of the last one
+    assert stub.calls[1]["prompt"] == ["three"] * 3 + ["two"] * 5
+    assert stub.calls[1]["seed"] == [10, 11, 12, 20, 21, 21, 21, 21]
+    assert [r.images for r in batcher.stats()] == [8, 5]
+
+
+def test_padding_changes_no_image_and_stays_within_the_limits(sd1):
+    request = GenerationRequest("a red circle", seed=5, n=3, num_inference_steps=2, height=32)
+    limited = Pipeline(sd1.info, sd1.tokenizer, sd1.backend, sd1.path, Limits(max_images=6))
+    with Batcher(limited, max_batch=8, batch_sizes=(1, 2, 4, 8), output_type="np") as batcher:
+        assert batcher.max_batch == 6 and batcher.batch_sizes == (1, 2, 4)
+        padded = batcher.submit(request).result(timeout=60)
+    alone = sd1(
+        "a red circle",
+        seed=[5, 6, 7],
+        num_images_per_prompt=3,
+        num_inference_steps=2,
+        height=32,
+        output_type="np",
+    )
+    np.testing.assert_allclose(np.stack(padded), alone.images, rtol=0, atol=BOUND)
+    assert padded.settings["seed"] == [5, 6, 7]

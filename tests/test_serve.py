@@ -24,6 +24,7 @@ openai = pytest.importorskip("openai")
 from serving import GatedPipeline, decode_png, error_of, live_server  # noqa: E402
 
 from fewstep.image_files import a1111_parameters  # noqa: E402
+from fewstep.inputs import Limits  # noqa: E402
 from fewstep.package import default_model, read_manifest  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
 from fewstep.serve import MAX_BODY_BYTES, create_app  # noqa: E402
@@ -244,13 +245,19 @@ def test_cli_serve_builds_the_app_from_its_flags(monkeypatch):
     from fewstep.cli import main
 
     served = {}
-    monkeypatch.setattr(fewstep.serve, "run", lambda app, host, port: served.update(locals()))
+    monkeypatch.setattr(
+        fewstep.serve, "run", lambda app, host, port, drain_timeout: served.update(locals())
+    )
     monkeypatch.setenv("FEWSTEP_API_KEY", "from-env")
     argv = ["serve", "--model", f"scenes={default_model()}", "--port", "8123", "--max-queue", "3"]
+    argv += ["--request-timeout", "9", "--drain-timeout", "7", "--max-images", "5"]
+    argv += ["--max-pixels", "4096", "--max-steps", "12", "--max-prompt-chars", "100"]
     assert main(argv) == 0
     service = served["app"].state.fewstep
     assert list(service.models) == ["scenes"] and service.api_key == "from-env"
     assert service.batcher_options == {"max_batch": 8, "max_wait_ms": 10.0, "max_queue": 3}
+    assert service.request_timeout == 9.0 and served["drain_timeout"] == 7.0
+    assert service.models["scenes"].limits == Limits(4096, 5, 12, 100)
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)
     assert main(["serve", "--api-key", "flag"]) == 0  # the flag wins; the default model
     assert list(served["app"].state.fewstep.models) == ["default"]

@@ -21,6 +21,7 @@ from typing import Any
 from starlette.requests import Request
 
 from fewstep.batching import (
+    CUDA_GRAPH_BATCH_SIZES,
     Batcher,
     BatchRecord,
     Closed,
@@ -67,7 +68,11 @@ class Service:
     def start(self) -> None:
         for name, pipe in self.models.items():
             self.batchers[name] = Batcher(
-                pipe, output_type="pil", on_batch=self._batch_callback(name), **self.batcher_options
+                pipe,
+                output_type="pil",
+                on_batch=self._batch_callback(name),
+                batch_sizes=padded_batch_sizes(pipe),
+                **self.batcher_options,
             )
         self.ready = True
 
@@ -167,6 +172,12 @@ async def _disconnected(request: Request) -> None:
         message = await request.receive()
         if message["type"] == "http.disconnect":
             return
+
+
+def padded_batch_sizes(pipe: Pipeline) -> tuple[int, ...] | None:
+    """The sizes batches are padded to: a backend replaying CUDA graphs captures one graph per
+    batch size, so a few sizes are reused instead of one captured per size; None otherwise."""
+    return CUDA_GRAPH_BATCH_SIZES if getattr(pipe.backend, "cuda_graphs", False) else None
 
 
 def _unet_hash(pipe: Pipeline) -> str | None:
