@@ -202,13 +202,24 @@ class Batcher:
                 raise QueueFull(f"the queue holds its maximum of {self.max_queue} requests")
             self._queue.append(_Queued(request, future, time.monotonic()))
             self._cond.notify()
+        future.add_done_callback(self._forget_if_cancelled)
         return future
+
+    def _forget_if_cancelled(self, future: Future[RequestImages]) -> None:
+        """A request cancelled while queued leaves the queue at once (its place is free)."""
+        if future.cancelled():
+            with self._cond:
+                self._drop_cancelled()
 
     def _check_against_model(self, request: GenerationRequest) -> None:
         """Check the request alone as the pipeline would (sizes, steps, sampler, limits)."""
         pipe = self.pipeline
         if not isinstance(pipe, Pipeline):
             return
+        if request.n > pipe.limits.max_images:  # before the call's n-long lists are built
+            raise ValueError(
+                f"n must be at most {pipe.limits.max_images} images per call, got {request.n}"
+            )
         check_inputs(
             info=pipe.info,
             limits=pipe.limits,

@@ -236,6 +236,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         ) from e
     from fewstep.pipeline import Pipeline
 
+    logging.getLogger("fewstep.serve").setLevel(logging.INFO)  # start-up, drain, errors' ids
     limits = Limits(
         max_pixels=args.max_pixels,
         max_images=args.max_images,

@@ -132,7 +132,12 @@ def test_ready_is_503_until_started(pipe):
     client = TestClient(app)  # without `with`, the lifespan has not run: no batchers yet
     assert client.get("/ready").status_code == 503
     assert client.get("/health").status_code == 200
-    with client:
+    with client:  # the warm-up runs beside the server: /ready turns 200 when it is done
+        deadline = time.monotonic() + 30
+        while client.get("/ready").status_code == 503:
+            assert client.get("/health").status_code == 200
+            assert time.monotonic() < deadline, "never ready"
+            time.sleep(0.01)
         assert client.get("/ready").status_code == 200
     assert app.state.fewstep.ready is False  # closed at shutdown
 

@@ -2,7 +2,8 @@
 
 Endpoints (errors in OpenAI's shape, see errors.py):
 - `GET /health`: 200 while the process answers (never needs a key).
-- `GET /ready`: 200 once every model's batcher runs; 503 before, and while draining.
+- `GET /ready`: 200 once every model is warmed up and its batcher runs; 503 before (the
+  warm-up runs after the server starts listening), and while draining.
 - `GET /metrics`: Prometheus text (metrics.py).
 - `GET /v1/models`, `POST /v1/images/generations`: OpenAI's Images API (openai_api.py).
 
@@ -76,6 +77,11 @@ async def metrics(request: Request, service: Service) -> Response:
     return metrics.text()
 
 
+def _log_start_failure(task: asyncio.Task[None]) -> None:
+    if not task.cancelled() and task.exception() is not None:
+        logger.error("start-up failed; the service stays not ready", exc_info=task.exception())
+
+
 def _check_models(models: Any) -> dict[str, Pipeline]:
     if not isinstance(models, dict) or not models:
         raise ValueError(f"models must be a non-empty dict of name → Pipeline, got {models!r:.80}")
@@ -117,10 +123,14 @@ def create_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
-        service.start()
+        # Warm-up runs beside the server: /health answers at once, /ready once it is done.
+        starting = asyncio.create_task(asyncio.to_thread(service.start))
+        starting.add_done_callback(_log_start_failure)
         try:
             yield
         finally:
+            with contextlib.suppress(Exception):
+                await starting
             await asyncio.to_thread(service.close)
 
     routes = [
@@ -146,24 +156,24 @@ def run(
     import uvicorn
 
     class DrainingServer(uvicorn.Server):
-        draining = False
-
+        # uvicorn's own handler re-raises the signal after shutdown (exit status 143); a
+        # drained service exits 0 instead, so it sets the flags itself.
         def handle_exit(self, sig: int, frame: Any) -> None:
-            if self.draining:  # a second signal: stop now
-                super().handle_exit(sig, frame)
+            if service.draining:  # a second signal: stop now
+                self.should_exit = self.force_exit = True
                 return
-            self.draining = True
             logger.info("draining: finishing queued requests, refusing new ones")
-            threading.Thread(target=self.drain_then_exit, args=(sig, frame), daemon=True).start()
+            service.ready, service.draining = False, True  # before the thread starts
+            threading.Thread(target=self.drain_then_exit, daemon=True).start()
 
-        def drain_then_exit(self, sig: int, frame: Any) -> None:
-            service: Service = app.state.fewstep
+        def drain_then_exit(self) -> None:
             started = time.monotonic()
             if not service.drain(timeout=drain_timeout):
                 logger.warning("drain timeout of %g s passed; stopping", drain_timeout)
             logger.info("drained in %.1f s", time.monotonic() - started)
-            super().handle_exit(sig, frame)
+            self.should_exit = True
 
+    service: Service = app.state.fewstep
     config = uvicorn.Config(
         app,
         host=host,

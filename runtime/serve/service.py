@@ -34,6 +34,7 @@ from fewstep.pipeline import Pipeline
 from fewstep.serve.errors import APIError, ClientGone
 
 MAX_BODY_BYTES = 64 * 1024
+WARM_UP_PROMPT = "warm-up"
 
 
 class Service:
@@ -66,6 +67,10 @@ class Service:
         return next(iter(self.models))
 
     def start(self) -> None:
+        """Warm each model up (its first call at the default size loads and plans what a
+        first request would otherwise wait for), then start the batchers; ready after."""
+        for pipe in self.models.values():
+            pipe(WARM_UP_PROMPT, seed=0, num_inference_steps=1, output_type="pil")
         for name, pipe in self.models.items():
             self.batchers[name] = Batcher(
                 pipe,
