@@ -7,7 +7,8 @@ fewstep's own argument checks, so errors name the field as the Python API's do.
 - app.py: the routes, start-up, shutdown with draining, `create_app` and `run`;
 - service.py: one `Batcher` per model and the path of a generation request (429/503/504);
 - openai_api.py: OpenAI's Images API; errors.py: OpenAI's error shape;
-- metrics.py: Prometheus metrics.
+- metrics.py: Prometheus metrics;
+- page.py: the web page at `GET /` (index.html: plain HTML and JavaScript).
 
 Limits: no streaming, no image URLs, no image edits or variations; one process, one batcher
 per model; the key is a single shared bearer token.

@@ -5,6 +5,7 @@ Endpoints (errors in OpenAI's shape, see errors.py):
 - `GET /ready`: 200 once every model is warmed up and its batcher runs; 503 before (the
   warm-up runs after the server starts listening), and while draining.
 - `GET /metrics`: Prometheus text (metrics.py).
+- `GET /`: the web page (no key needed); `GET /page/settings`: what it offers (page.py).
 - `GET /v1/models`, `POST /v1/images/generations`: OpenAI's Images API (openai_api.py).
 
 With an API key, every endpoint but /health needs `Authorization: Bearer <key>`. A request
@@ -36,7 +37,7 @@ from starlette.routing import Route
 
 from fewstep.inputs import check_integer, check_number
 from fewstep.pipeline import Pipeline
-from fewstep.serve import openai_api
+from fewstep.serve import openai_api, page
 from fewstep.serve.errors import APIError, answered_in_error_shape, http_error
 from fewstep.serve.metrics import Metrics, RequestMetrics
 from fewstep.serve.service import Service
@@ -134,6 +135,8 @@ def create_app(
             await asyncio.to_thread(service.close)
 
     routes = [
+        Route("/", page.index, methods=["GET"]),
+        Route("/page/settings", keyed(page.settings), methods=["GET"]),
         Route("/health", health, methods=["GET"]),
         Route("/ready", keyed(ready), methods=["GET"]),
         Route("/metrics", keyed(metrics), methods=["GET"]),
