@@ -1,19 +1,16 @@
-"""What the HTTP service's tests share: a live uvicorn server on 127.0.0.1, a pipeline held at
-a gate, and readers of the service's answers."""
+"""What the HTTP service's tests share: a live uvicorn server on 127.0.0.1 in this process,
+a pipeline held at a gate, and readers of the service's answers. (`fewstep serve` in a process
+of its own: fewstep.benchmarks.served.)"""
 
 from __future__ import annotations
 
 import base64
 import contextlib
 import io
-import os
 import socket
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
-from pathlib import Path
 
 import httpx
 import uvicorn
@@ -47,6 +44,8 @@ def live_server(app) -> Iterator[str]:
     (warmed up); stops it at the end."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    # Accepted sockets inherit it: without, each answer waits ~40 ms on a delayed ACK.
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.bind(("127.0.0.1", 0))
     port = sock.getsockname()[1]
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
@@ -76,44 +75,3 @@ def decode_png(b64: str) -> Image.Image:
     assert image.format == "PNG"
     image.load()
     return image
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def status_of(url: str) -> int | None:
-    """The status of GET `url`, None when nothing answers."""
-    try:
-        return httpx.get(url, timeout=5).status_code
-    except httpx.TransportError:
-        return None
-
-
-@contextlib.contextmanager
-def served_process(args: list[str], log: Path) -> Iterator[tuple[str, subprocess.Popen]]:
-    """`fewstep serve <args>` in its own process (its own interpreter lock, signals of its
-    own), its output in `log`; yields (base URL, process) once /ready answers 200."""
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    command = [sys.executable, "-c", "from fewstep.cli import main; raise SystemExit(main())"]
-    with open(log, "w") as out:
-        server = subprocess.Popen(
-            [*command, "serve", "--port", str(port), *args],
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            env=os.environ,
-        )
-        try:
-            deadline = time.monotonic() + 60
-            while status_of(f"{base}/ready") != 200:
-                assert server.poll() is None, f"the server exited: {log.read_text()[-2000:]}"
-                assert time.monotonic() < deadline, "the server did not become ready"
-                time.sleep(0.1)
-            yield base, server
-        finally:
-            if server.poll() is None:
-                server.kill()
-                server.wait(10)

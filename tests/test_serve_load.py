@@ -24,11 +24,10 @@ from serving import (  # noqa: E402
     decode_png,
     error_of,
     live_server,
-    served_process,
-    status_of,
 )
 
 from fewstep.benchmarks.http_load import post_each_at_once  # noqa: E402
+from fewstep.benchmarks.served import served_process, status_of  # noqa: E402
 from fewstep.package import default_model  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
 from fewstep.serve import create_app  # noqa: E402
