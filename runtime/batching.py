@@ -328,7 +328,6 @@ class Batcher:
         requests = [q.request for q in batch]
         images = sum(r.n for r in requests)
         started = time.monotonic()
-        ok = False
         size = min((s for s in self.batch_sizes if s >= images), default=images)
         try:
             arguments = self._call_arguments(requests, pad_to=size)
@@ -336,23 +335,22 @@ class Batcher:
             results = list(output.images)
             if len(results) != size:
                 raise RuntimeError(f"the pipeline returned {len(results)} images for {size}")
-            results = results[:images]
-            call_settings = getattr(output, "settings", {})
-            start = 0
-            for item in batch:
-                stop = start + item.request.n
-                item.future.set_result(
-                    RequestImages(results[start:stop], call_settings, start, stop, size)
-                )
-                start = stop
-            ok = True
         except Exception as e:  # the batch's requests fail; the worker goes on
             logger.warning("batch of %d requests failed: %r", len(batch), e)
+            self._record(batch, images, started, ok=False)
             for item in batch:
-                if not item.future.done():
-                    item.future.set_exception(e)
-        finally:
-            self._record(batch, images, started, ok)
+                item.future.set_exception(e)
+            return
+        # Recorded before any request sees its images, so its client reads stats with it.
+        self._record(batch, images, started, ok=True)
+        call_settings = getattr(output, "settings", {})
+        start = 0
+        for item in batch:
+            stop = start + item.request.n
+            item.future.set_result(
+                RequestImages(results[start:stop], call_settings, start, stop, size)
+            )
+            start = stop
 
     def _record(self, batch: list[_Queued], images: int, started: float, ok: bool) -> None:
         now = time.monotonic()

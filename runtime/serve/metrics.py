@@ -27,7 +27,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from fewstep.batching import BatchRecord
 
-BATCH_SIZES = (1, 2, 4, 8, 16, 32, 64)
+# every size up to 16 its own bucket, so a histogram tells the batch sizes exactly there
+BATCH_SIZES = (*range(1, 17), 24, 32, 48, 64)
 SECONDS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
 
 
