@@ -23,18 +23,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from fewstep.samplers.a1111 import A1111_SAMPLERS
+
 # suffix → Pillow format
 IMAGE_FORMATS = {".png": "PNG", ".jpg": "JPEG", ".jpeg": "JPEG", ".webp": "WEBP"}
 DEFAULT_IMAGE_NAME = "image.png"
 EXIF_IFD = 0x8769  # the Exif sub-IFD, which holds UserComment
 EXIF_USER_COMMENT = 0x9286
 _UNICODE_PREFIX = b"UNICODE\0"
-SAMPLER_LABELS = {
-    "DDIMSampler": "DDIM",
-    "LCMSampler": "LCM",
-    "EulerSampler": "Euler",
-    "EulerAncestralSampler": "Euler a",
-}
+# The pipeline's `settings["sampler"]` (a `scheduler=` value) → A1111's name for it.
+SAMPLER_LABELS = {scheduler: label for label, scheduler in A1111_SAMPLERS.items()}
 
 
 def a1111_parameters(

@@ -3,8 +3,8 @@
 Follows diffusers' `StableDiffusionPipeline.__call__` and
 `LatentConsistencyModelPipeline.__call__` (src/diffusers/pipelines/…) step for
 step, so that the same weights, initial latents and noise give the same images.
-Deviations: PNDM configs run DDIM (see fewstep.samplers); the safety checker is
-not part of the package; a non-finite image is an error, never an output.
+Deviations: the safety checker is not part of the package; a non-finite image is an error,
+never an output.
 
 A `Pipeline` holds only immutable model state (configs, tokenizer, backend
 sessions); everything that belongs to one call lives in that call, so one
@@ -177,10 +177,11 @@ class Pipeline:
     ) -> PipelineOutput:
         """Generate images; diffusers' argument names (fewstep.inputs checks them all first).
 
-        `progress` shows a progress bar over the steps. `timings` records each stage's time
-        in `timings_ms` (text_encoder; sampler_step and unet_call per step; vae_decoder),
-        waiting for the device after each; without it only `total` is recorded and a GPU
-        backend is never waited on mid-call.
+        `progress` shows a progress bar over the U-Net calls. `timings` records each stage's
+        time in `timings_ms` (text_encoder; sampler_step and unet_call per U-Net call;
+        vae_decoder), waiting for the device after each; without it only `total` is recorded
+        and a GPU backend is never waited on mid-call. A sampler may call the U-Net more than
+        once a step (Heun: 2n − 1 calls for n steps); `settings["unet_calls"]` says how often.
         """
         info = self.info
         t_start = time.perf_counter()
@@ -245,7 +246,7 @@ class Pipeline:
         sync()
         stage_ms: dict[str, Any] = {
             "text_encoder": (time.perf_counter() - t0) * 1e3,
-            "sampler_step": [],  # the whole step: scaling, U-Net call, guidance, update
+            "sampler_step": [],  # per U-Net call: scaling, U-Net call, guidance, update
             "unet_call": [],  # the backend's U-Net call alone
         }
 
@@ -309,7 +310,8 @@ class Pipeline:
             "guidance_scale": list(guidance) if isinstance(guidance, tuple) else guidance,
             "height": height,
             "width": width,
-            "sampler": type(sampler).__name__,
+            "sampler": sampler.name,  # the `scheduler=` value that makes it again
+            "unet_calls": len(sampler.timesteps),
             "seed": seed_out,
         }
         result = numpy_to_pil(images) if args.output_type == "pil" else images

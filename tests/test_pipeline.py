@@ -39,7 +39,7 @@ def lcm(tiny_package):
         (dict(num_images_per_prompt=0), "num_images_per_prompt"),
         (dict(latents=np.zeros((1, 4, 8, 9), np.float32)), "latents must have shape"),
         (dict(output_type="latent-ish"), "output_type"),
-        (dict(scheduler="pndm"), "scheduler"),
+        (dict(scheduler="lms"), "scheduler"),
         (dict(eta=-0.5), "eta"),
         (dict(guidance_rescale=2.0), "guidance_rescale"),
         (dict(seed=-3), "seed"),
@@ -168,7 +168,9 @@ def test_the_device_is_waited_on_only_when_timings_are_asked(sd1, monkeypatch):
     out = sd1("a cat", num_inference_steps=3, seed=0, output_type="np")
     assert counting.waits == 0 and set(out.timings_ms) == {"total"}
     timed = sd1("a cat", num_inference_steps=3, seed=0, output_type="np", timings=True)
-    assert counting.waits == 1 + 3 * 3  # after the text encoder; around each U-Net call, per step
-    assert len(timed.timings_ms["sampler_step"]) == len(timed.timings_ms["unet_call"]) == 3
+    # After the text encoder; 3 around each U-Net call: PLMS makes n + 1 = 4 for 3 steps.
+    assert timed.settings["unet_calls"] == 4
+    assert counting.waits == 1 + 3 * 4
+    assert len(timed.timings_ms["sampler_step"]) == len(timed.timings_ms["unet_call"]) == 4
     assert {"text_encoder", "vae_decoder", "total"} <= set(timed.timings_ms)
     np.testing.assert_array_equal(out.images, timed.images)

@@ -1,4 +1,6 @@
-"""fewstep's samplers against the diffusers schedulers of the same name.
+"""fewstep's DDIM, LCM, Euler and Euler-ancestral samplers against the diffusers schedulers
+of the same name (the others: test_samplers_diffusers.py; names and configs:
+test_samplers_names.py).
 
 Each sampler is compared with ``<DiffusersScheduler>.from_config(same dict)``:
 
@@ -17,8 +19,6 @@ Each sampler is compared with ``<DiffusersScheduler>.from_config(same dict)``:
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 import pytest
 
@@ -27,23 +27,29 @@ pytest.importorskip("diffusers")
 
 from diffusers import (  # noqa: E402
     DDIMScheduler,
+    DPMSolverMultistepScheduler,
     EulerAncestralDiscreteScheduler,
     EulerDiscreteScheduler,
+    HeunDiscreteScheduler,
     LCMScheduler,
+    PNDMScheduler,
+    UniPCMultistepScheduler,
 )
 from diffusers.schedulers import (  # noqa: E402
     scheduling_euler_ancestral_discrete,
     scheduling_lcm,
 )
 
-import fewstep.samplers as samplers_module  # noqa: E402
 from fewstep.samplers import (  # noqa: E402
-    SAMPLERS,
     DDIMSampler,
+    DPMSolverMultistepSampler,
     EulerAncestralSampler,
     EulerSampler,
+    HeunSampler,
     LCMSampler,
+    PNDMSampler,
     SchedulerConfig,
+    UniPCSampler,
     create_sampler,
     guidance_scale_embedding,
     sampler_name_for,
@@ -52,6 +58,7 @@ from fewstep.samplers import (  # noqa: E402
 # diffusers' Euler schedulers call np.array() on torch tensors (numpy 2 complains).
 pytestmark = pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning")
 
+SAMPLERS = ("ddim", "lcm", "euler", "euler_ancestral")  # the ones this file compares
 SHAPE = (1, 4, 8, 8)  # [B, C, H/8, W/8]: a 64×64 image's latents
 STEP_COUNTS = (1, 2, 4, 8, 50)
 SPACINGS = ("leading", "trailing", "linspace")
@@ -64,7 +71,7 @@ SD_SCHEDULE = {
 }
 # Realistic configs, as the models ship them.
 CONFIGS = {
-    # SD 1.x (with DDIM swapped in for its PNDM)
+    # SD 1.x, with DDIM swapped in for its PNDM
     "ddim": {**SD_SCHEDULE, "steps_offset": 1, "set_alpha_to_one": False, "clip_sample": False},
     # LCM-distilled SD 1.5
     "lcm": {**SD_SCHEDULE, "original_inference_steps": 50, "steps_offset": 0},
@@ -196,12 +203,21 @@ SCHEDULES = {
 }
 
 
-@pytest.mark.parametrize("name", SAMPLERS)
+ALL_CLASSES = {
+    **DIFFUSERS_CLASSES,
+    "pndm": PNDMScheduler,
+    "heun": HeunDiscreteScheduler,
+    "dpmpp_2m": DPMSolverMultistepScheduler,
+    "unipc": UniPCMultistepScheduler,
+}
+
+
+@pytest.mark.parametrize("name", list(ALL_CLASSES))
 @pytest.mark.parametrize("schedule", list(SCHEDULES), ids=list(SCHEDULES))
 def test_alphas_cumprod_bit_exact(name, schedule):
     config = SCHEDULES[schedule]  # class defaults fill the rest, for both
     ours = create_sampler(name, config)
-    ref = DIFFUSERS_CLASSES[name].from_config(config)
+    ref = ALL_CLASSES[name].from_config(config)
     assert ours.alphas_cumprod.dtype == np.float64
     np.testing.assert_array_equal(ours.alphas_cumprod, ref.alphas_cumprod.double().numpy())
 
@@ -525,54 +541,34 @@ def test_guidance_scale_embedding_matches_diffusers(dim):
     ("class_name", "cls"),
     [
         ("DDIMScheduler", DDIMSampler),
-        ("PNDMScheduler", DDIMSampler),
+        ("PNDMScheduler", PNDMSampler),
         ("LCMScheduler", LCMSampler),
         ("EulerDiscreteScheduler", EulerSampler),
         ("EulerAncestralDiscreteScheduler", EulerAncestralSampler),
+        ("HeunDiscreteScheduler", HeunSampler),
+        ("DPMSolverMultistepScheduler", DPMSolverMultistepSampler),
+        ("UniPCMultistepScheduler", UniPCSampler),
         ("ddim", DDIMSampler),
         ("lcm", LCMSampler),
         ("euler", EulerSampler),
         ("euler_ancestral", EulerAncestralSampler),
+        ("pndm", PNDMSampler),
+        ("heun", HeunSampler),
+        ("dpmpp_2m", DPMSolverMultistepSampler),
+        ("unipc", UniPCSampler),
     ],
 )
 def test_create_sampler_by_name(class_name, cls):
     assert type(create_sampler(class_name, SD_SCHEDULE)) is cls
-    assert sampler_name_for(class_name) == cls.name
+    assert sampler_name_for(class_name) == cls.family
 
 
 def test_unknown_sampler_names_the_allowed_values():
     with pytest.raises(ValueError, match="sampler must be one of") as info:
-        create_sampler("DPMSolverMultistepScheduler", SD_SCHEDULE)
-    for allowed in (*SAMPLERS, "PNDMScheduler", "EulerDiscreteScheduler"):
+        create_sampler("LMSDiscreteScheduler", SD_SCHEDULE)
+    for allowed in ("dpmpp_2m_karras", "plms", "PNDMScheduler", "DPMSolverMultistepScheduler"):
         assert allowed in str(info.value)
-    assert "DPMSolverMultistepScheduler" in str(info.value)
-
-
-def test_pndm_config_gets_ddim_and_warns_once(caplog, monkeypatch):
-    monkeypatch.setattr(samplers_module, "_warned_pndm", False)
-    # SD 1.5's scheduler_config.json
-    pndm = {
-        "_class_name": "PNDMScheduler",
-        "_diffusers_version": "0.6.0",
-        **SD_SCHEDULE,
-        "set_alpha_to_one": False,
-        "skip_prk_steps": True,
-        "steps_offset": 1,
-        "trained_betas": None,
-        "clip_sample": False,
-    }
-    with caplog.at_level(logging.WARNING, logger="fewstep.samplers"):
-        sampler = create_sampler("PNDMScheduler", pndm)
-        create_sampler("PNDMScheduler", pndm)
-    assert sum("PNDMScheduler" in r.getMessage() for r in caplog.records) == 1
-    sampler.set_timesteps(25)
-    ref = DDIMScheduler.from_config(pndm)
-    ref.set_timesteps(25)
-    np.testing.assert_array_equal(sampler.timesteps, ref.timesteps.numpy())
-    assert sampler.final_alpha_cumprod == float(ref.final_alpha_cumprod)
-    # Without the keys, the stand-in follows PNDM (no clipping, ᾱ_prev = ᾱ_0), not DDIM.
-    bare = create_sampler("PNDMScheduler", SD_SCHEDULE)
-    assert not bare.config.clip_sample and not bare.config.set_alpha_to_one
+    assert "LMSDiscreteScheduler" in str(info.value)
 
 
 def test_config_from_dict_defaults_and_unknown_keys():
@@ -597,19 +593,24 @@ def test_config_from_dict_defaults_and_unknown_keys():
 
 
 @pytest.mark.parametrize(
-    ("key", "value"),
+    ("sampler", "key", "value"),
     [
-        ("thresholding", True),
-        ("use_karras_sigmas", True),
-        ("interpolation_type", "log_linear"),
-        ("beta_schedule", "sigmoid"),
-        ("prediction_type", "flow"),
-        ("timestep_spacing", "karras"),
+        ("ddim", "thresholding", True),
+        ("euler", "interpolation_type", "log_linear"),
+        ("euler", "use_exponential_sigmas", True),
+        ("heun", "use_beta_sigmas", True),
+        ("dpmpp_2m", "use_lu_lambdas", True),
+        ("dpmpp_2m", "variance_type", "learned_range"),
+        ("unipc", "predict_x0", False),
+        ("unipc", "final_sigmas_type", "sigma_max"),
+        ("ddim", "beta_schedule", "sigmoid"),
+        ("ddim", "prediction_type", "flow"),
+        ("ddim", "timestep_spacing", "karras"),
     ],
 )
-def test_unsupported_config_raises_naming_the_field(key, value):
+def test_unsupported_config_raises_naming_the_field(sampler, key, value):
     with pytest.raises(NotImplementedError, match=key):
-        SchedulerConfig.from_dict({key: value})
+        SchedulerConfig.from_dict({key: value}, sampler=sampler)
 
 
 def test_euler_ancestral_rejects_sample_prediction():

@@ -2,7 +2,8 @@
 
 Follows diffusers `src/diffusers/schedulers/scheduling_ddim.py` (``__init__``:
 beta schedules and ``alphas_cumprod``; ``rescale_zero_terminal_snr``) and
-``configuration_utils.ConfigMixin.from_config`` (field names and defaults).
+``configuration_utils.ConfigMixin.from_config`` (field names and defaults: each
+diffusers class reads only the keys its ``__init__`` takes, ``CLASS_KEYS``).
 Pure numpy: no torch or diffusers import, so the lean runtime can sample.
 
 The noise schedule is the *float32* one diffusers builds (and that training
@@ -16,9 +17,10 @@ predicted x0 at t = 999 by ~1e-5: enough to lose exactness against
 diffusers for no gain in quality.
 
 Deviations and limits:
-- ``thresholding=True`` (dynamic thresholding), Karras/exponential/beta
-  sigmas, ``interpolation_type="log_linear"``, continuous timesteps and
-  ``final_sigmas_type="sigma_min"`` raise NotImplementedError naming the field.
+- ``thresholding=True`` (dynamic thresholding), exponential, beta, λ-uniform
+  and flow sigmas, dynamic shifting, ``interpolation_type="log_linear"``,
+  continuous timesteps, learned variances and UniPC's ``predict_x0=False``
+  raise NotImplementedError naming the field.
 - The betas reproduce torch's CPU linspace (each value computed from the
   nearer end as one fused multiply-add). Our sum is formed in float64 and
   rounded once more to float32; that is exact whenever the sum fits in
@@ -52,13 +54,102 @@ class SamplerOutput(NamedTuple):
     denoised: Array  # the model's current estimate of x0   [B, C, H, W]
 
 
+# The keys each diffusers class's __init__ takes (diffusers 0.42), by our sampler family;
+# ``from_dict`` ignores the others, as ``from_config`` does.
+_COMMON_KEYS = frozenset(
+    {
+        "num_train_timesteps",
+        "beta_start",
+        "beta_end",
+        "beta_schedule",
+        "trained_betas",
+        "prediction_type",
+        "timestep_spacing",
+        "steps_offset",
+    }
+)
+_OTHER_SIGMAS = frozenset({"use_exponential_sigmas", "use_beta_sigmas"})
+CLASS_KEYS: dict[str, frozenset[str]] = {
+    "ddim": _COMMON_KEYS
+    | {
+        "set_alpha_to_one",
+        "clip_sample",
+        "clip_sample_range",
+        "thresholding",
+        "rescale_betas_zero_snr",
+    },
+    "pndm": _COMMON_KEYS | {"set_alpha_to_one", "skip_prk_steps"},
+    "lcm": _COMMON_KEYS
+    | {
+        "set_alpha_to_one",
+        "clip_sample",
+        "clip_sample_range",
+        "thresholding",
+        "rescale_betas_zero_snr",
+        "original_inference_steps",
+        "timestep_scaling",
+    },
+    "euler": _COMMON_KEYS
+    | _OTHER_SIGMAS
+    | {
+        "interpolation_type",
+        "use_karras_sigmas",
+        "sigma_min",
+        "sigma_max",
+        "timestep_type",
+        "rescale_betas_zero_snr",
+        "final_sigmas_type",
+    },
+    "euler_ancestral": _COMMON_KEYS | {"rescale_betas_zero_snr"},
+    "heun": _COMMON_KEYS
+    | _OTHER_SIGMAS
+    | {"use_karras_sigmas", "clip_sample", "clip_sample_range"},
+    "dpmpp_2m": _COMMON_KEYS
+    | _OTHER_SIGMAS
+    | {
+        "solver_order",
+        "thresholding",
+        "algorithm_type",
+        "solver_type",
+        "lower_order_final",
+        "euler_at_final",
+        "use_karras_sigmas",
+        "use_lu_lambdas",
+        "use_flow_sigmas",
+        "final_sigmas_type",
+        "lambda_min_clipped",
+        "variance_type",
+        "rescale_betas_zero_snr",
+        "use_dynamic_shifting",
+    },
+    "unipc": _COMMON_KEYS
+    | _OTHER_SIGMAS
+    | {
+        "solver_order",
+        "thresholding",
+        "predict_x0",
+        "solver_type",
+        "lower_order_final",
+        "disable_corrector",
+        "use_karras_sigmas",
+        "use_flow_sigmas",
+        "final_sigmas_type",
+        "rescale_betas_zero_snr",
+        "use_dynamic_shifting",
+        "sigma_min",
+        "sigma_max",
+    },
+}
+FINAL_SIGMAS_TYPES = ("zero", "sigma_min")
+
+
 @dataclass(frozen=True)
 class SchedulerConfig:
     """A diffusers ``scheduler_config.json`` with diffusers' field names.
 
-    Defaults are ``DDIMScheduler``'s; ``from_dict(..., sampler=...)`` applies
-    the defaults of the diffusers class that the sampler stands for, so a
-    partial dict means what it means to diffusers' ``from_config``.
+    Defaults are ``DDIMScheduler``'s; ``from_dict(..., sampler=...)`` reads the
+    keys and applies the defaults of the diffusers class that the sampler
+    stands for, so a partial dict means what it means to diffusers' ``from_config``.
     """
 
     num_train_timesteps: int = 1000
@@ -77,22 +168,35 @@ class SchedulerConfig:
     # LCM
     original_inference_steps: int = 50
     timestep_scaling: float = 10.0
-    # Euler
+    # PNDM
+    skip_prk_steps: bool = False
+    # Euler, Heun, DPM-Solver, UniPC: σ schedules
     interpolation_type: str = "linear"
     use_karras_sigmas: bool = False
     use_exponential_sigmas: bool = False
     use_beta_sigmas: bool = False
+    use_lu_lambdas: bool = False
+    use_flow_sigmas: bool = False
+    use_dynamic_shifting: bool = False
     timestep_type: str = "discrete"
     final_sigmas_type: str = "zero"
     sigma_min: float | None = None
     sigma_max: float | None = None
+    # DPM-Solver and UniPC: multistep solvers
+    solver_order: int = 2
+    algorithm_type: str = "dpmsolver++"
+    solver_type: str = "midpoint"
+    lower_order_final: bool = True
+    euler_at_final: bool = False
+    lambda_min_clipped: float = -math.inf
+    variance_type: str | None = None
+    predict_x0: bool = True
+    disable_corrector: tuple[int, ...] = ()
 
     # Defaults of the diffusers classes, where they differ from DDIMScheduler's.
-    # "pndm" is the DDIM stand-in for PNDMScheduler configs: PNDM's own
-    # defaults, and no clipping (PNDM never clips).
     CLASS_DEFAULTS: ClassVar[dict[str, dict[str, Any]]] = {
         "ddim": {},
-        "pndm": {"set_alpha_to_one": False, "clip_sample": False},
+        "pndm": {"set_alpha_to_one": False},
         "lcm": {
             "beta_start": 0.00085,
             "beta_end": 0.012,
@@ -101,6 +205,14 @@ class SchedulerConfig:
         },
         "euler": {"timestep_spacing": "linspace"},
         "euler_ancestral": {"timestep_spacing": "linspace"},
+        "heun": {
+            "beta_start": 0.00085,
+            "beta_end": 0.012,
+            "clip_sample": False,
+            "timestep_spacing": "linspace",
+        },
+        "dpmpp_2m": {"timestep_spacing": "linspace"},
+        "unipc": {"timestep_spacing": "linspace", "solver_type": "bh2"},
     }
 
     def __post_init__(self) -> None:
@@ -118,14 +230,18 @@ class SchedulerConfig:
                 f"steps_offset must be between 0 and num_train_timesteps - 1, "
                 f"got {self.steps_offset}"
             )
-        if self.original_inference_steps < 1:
-            raise ValueError(
-                f"original_inference_steps must be >= 1, got {self.original_inference_steps}"
-            )
+        for field in ("original_inference_steps", "solver_order"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be >= 1, got {getattr(self, field)}")
         for field in ("clip_sample_range", "timestep_scaling", "sigma_min", "sigma_max"):
             value = getattr(self, field)
             if value is not None and not (math.isfinite(value) and value > 0):
                 raise ValueError(f"{field} must be a finite number > 0, got {value!r}")
+        low, high = self.sigma_min, self.sigma_max
+        if low is not None and high is not None and not low < high:
+            raise ValueError(f"sigma_min must be below sigma_max, got {low} and {high}")
+        if math.isnan(self.lambda_min_clipped):
+            raise ValueError("lambda_min_clipped must be a number or -inf, got nan")
         if self.trained_betas is not None:
             if len(self.trained_betas) != self.num_train_timesteps:
                 raise ValueError(
@@ -145,14 +261,22 @@ class SchedulerConfig:
                 f"timestep_spacing must be one of {TIMESTEP_SPACINGS}, "
                 f"got {self.timestep_spacing!r}"
             )
+        if self.final_sigmas_type not in FINAL_SIGMAS_TYPES:
+            raise NotImplementedError(
+                f"final_sigmas_type must be one of {FINAL_SIGMAS_TYPES}, "
+                f"got {self.final_sigmas_type!r}"
+            )
         unsupported = {
             "thresholding": (self.thresholding, False),
-            "use_karras_sigmas": (self.use_karras_sigmas, False),
             "use_exponential_sigmas": (self.use_exponential_sigmas, False),
             "use_beta_sigmas": (self.use_beta_sigmas, False),
+            "use_lu_lambdas": (self.use_lu_lambdas, False),
+            "use_flow_sigmas": (self.use_flow_sigmas, False),
+            "use_dynamic_shifting": (self.use_dynamic_shifting, False),
             "interpolation_type": (self.interpolation_type, "linear"),
             "timestep_type": (self.timestep_type, "discrete"),
-            "final_sigmas_type": (self.final_sigmas_type, "zero"),
+            "variance_type": (self.variance_type, None),
+            "predict_x0": (self.predict_x0, True),
         }
         for field, (value, supported) in unsupported.items():
             if value != supported:
@@ -162,17 +286,17 @@ class SchedulerConfig:
 
     @classmethod
     def from_dict(cls, config: Mapping[str, Any], sampler: str = "ddim") -> SchedulerConfig:
-        """Build from a diffusers scheduler config dict; unknown keys are ignored.
-
-        ``sampler`` picks whose defaults fill absent keys (a key of
-        ``CLASS_DEFAULTS``). A null flag is False, as it is to diffusers; a
-        null number or string is an error.
+        """Build from a diffusers scheduler config dict, as the diffusers class of
+        `sampler` (a key of ``CLASS_DEFAULTS``) reads it: its own keys, its defaults for
+        the absent ones; other keys are ignored. A null flag is False, as it is to
+        diffusers; a null number or string is an error.
         """
         if sampler not in cls.CLASS_DEFAULTS:
             raise ValueError(f"sampler must be one of {tuple(cls.CLASS_DEFAULTS)}, got {sampler!r}")
         values: dict[str, Any] = dict(cls.CLASS_DEFAULTS[sampler])
+        keys = CLASS_KEYS[sampler]
         for field in dataclasses.fields(cls):
-            if field.name not in config:
+            if field.name not in config or field.name not in keys:
                 continue
             value = config[field.name]
             if value is None:
@@ -196,6 +320,12 @@ def _field_value(name: str, default: Any, value: Any) -> Any:
         ):
             raise ValueError(f"trained_betas must be a list of numbers, got {value!r:.80}")
         return tuple(float(b) for b in value)
+    if name == "disable_corrector":
+        if not isinstance(value, list) or not all(
+            isinstance(i, int) and not isinstance(i, bool) for i in value
+        ):
+            raise ValueError(f"disable_corrector must be a list of integers, got {value!r:.80}")
+        return tuple(value)
     if isinstance(default, int):
         if not number or not math.isfinite(value) or value != int(value):
             raise ValueError(f"{name} must be an integer, got {value!r:.80}")
@@ -299,29 +429,72 @@ def spaced_timesteps(config: SchedulerConfig, num_inference_steps: int) -> np.nd
     return np.round(T - np.arange(n) * (T / n)) - 1
 
 
+def multistep_timesteps(config: SchedulerConfig, num_inference_steps: int, last: int) -> np.ndarray:
+    """The descending integer timesteps of DPM-Solver and UniPC, int64.
+
+    diffusers spaces n + 1 points over [0, last) and drops the lowest ("linspace",
+    "leading"), so the last step starts above t = 0; "trailing" steps down from `last`
+    by T/n. `last` is T, or fewer where DPM-Solver's ``lambda_min_clipped`` cuts the
+    noisiest train steps (then "trailing" can give fewer than n timesteps, as in
+    diffusers). Trailing values below 0 (diffusers' spurious −1, see
+    ``spaced_timesteps``) are dropped.
+    """
+    n = num_inference_steps
+    if config.timestep_spacing == "linspace":
+        return np.linspace(0, last - 1, n + 1).round()[::-1][:-1].astype(np.int64)
+    if config.timestep_spacing == "leading":
+        leading = (np.arange(n + 1) * (last // (n + 1)))[::-1][:-1]
+        return leading.astype(np.int64) + config.steps_offset
+    trailing = np.arange(last, 0, -config.num_train_timesteps / n).round().astype(np.int64) - 1
+    return trailing[trailing >= 0]
+
+
+def check_timestep_range(config: SchedulerConfig, timesteps: np.ndarray, n: int) -> None:
+    """ValueError when a schedule leaves 0..T−1 (a "leading" schedule that ``steps_offset``
+    pushes past T − 1, say); diffusers fails later with an IndexError or reads ᾱ[−1]."""
+    T = config.num_train_timesteps
+    if timesteps.min() < 0 or timesteps.max() >= T:
+        raise ValueError(
+            f"num_inference_steps={n} with timestep_spacing={config.timestep_spacing!r} and "
+            f"steps_offset={config.steps_offset} gives timesteps {timesteps.max()}.."
+            f"{timesteps.min()}, outside 0..{T - 1}"
+        )
+
+
 class Sampler:
-    """What every sampler offers; one instance per generation (it holds the schedule).
+    """What every sampler offers; one instance per generation (it holds the schedule, and a
+    multistep sampler the history of its steps).
 
     ``set_timesteps(n)`` first, then for each ``step_index`` in
-    ``range(len(timesteps))``: ``scale_model_input`` → U-Net at
-    ``timesteps[step_index]`` → ``step``.
+    ``range(len(timesteps))``, in order: ``scale_model_input`` → U-Net at
+    ``timesteps[step_index]`` → ``step``. ``len(timesteps)`` is the number of U-Net calls:
+    n for most samplers, more for some (Heun: 2n − 1, PNDM: n + 1 or n + 9).
     """
 
-    name: ClassVar[str]  # our name, a member of fewstep.samplers.SAMPLERS
+    family: ClassVar[str]  # whose diffusers keys and defaults: a key of CLASS_DEFAULTS
     label: ClassVar[str]  # for messages
+    takes_karras: ClassVar[bool] = False  # whether use_karras_sigmas means something here
     config: SchedulerConfig
     alphas_cumprod: np.ndarray  # [T] float64
-    timesteps: np.ndarray  # [n] what the U-Net receives as `timestep`
+    timesteps: np.ndarray  # [calls] what the U-Net receives as `timestep`
     num_inference_steps: int
     init_noise_sigma: float = 1.0  # std of the initial latents x_T
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any]) -> None:
         if not isinstance(config, SchedulerConfig):
-            config = SchedulerConfig.from_dict(config, sampler=self.name)
+            config = SchedulerConfig.from_dict(config, sampler=self.family)
         self.config = config
         self.alphas_cumprod = alphas_cumprod(config)
         self.timesteps = np.zeros(0, dtype=np.int64)
         self.num_inference_steps = 0
+        self._next_step = 0  # the step_index a multistep sampler takes next
+
+    @property
+    def name(self) -> str:
+        """The ``scheduler=`` value that makes this sampler (a member of
+        fewstep.samplers.SAMPLERS): the family, plus "_karras" with Karras sigmas."""
+        karras = self.takes_karras and self.config.use_karras_sigmas
+        return self.family + ("_karras" if karras else "")
 
     @property
     def needs_noise(self) -> bool:
@@ -357,6 +530,15 @@ class Sampler:
         if not 0 <= step_index < len(self.timesteps):
             raise ValueError(
                 f"step_index must be between 0 and {len(self.timesteps) - 1}, got {step_index}"
+            )
+
+    def _check_next_step(self, step_index: int) -> None:
+        """For samplers that keep a history of their steps: each step once, in order."""
+        self._check_step_index(step_index)
+        if step_index != self._next_step:
+            raise ValueError(
+                f"{self.label} steps in order from 0 (it keeps a history): step_index must be "
+                f"{self._next_step} next, got {step_index}"
             )
 
     def _check_noise(self, noise: Array | None, model_output: Array) -> Array:

@@ -2,8 +2,7 @@
 
 Follows diffusers `src/diffusers/schedulers/scheduling_ddim.py` (0.42:
 ``DDIMScheduler.set_timesteps`` and ``step``) and matches it to float64
-precision on random inputs. Also the deterministic stand-in for
-``PNDMScheduler`` configs (see ``fewstep.samplers.create_sampler``).
+precision on random inputs.
 
 Like diffusers, ᾱ_prev is read at ``t − T // n`` (T = num_train_timesteps,
 n = num_inference_steps), not at the next timestep of the list. The two agree
@@ -32,11 +31,18 @@ from typing import Any
 
 import numpy as np
 
-from .base import Array, Sampler, SamplerOutput, SchedulerConfig, spaced_timesteps
+from .base import (
+    Array,
+    Sampler,
+    SamplerOutput,
+    SchedulerConfig,
+    check_timestep_range,
+    spaced_timesteps,
+)
 
 
 class DDIMSampler(Sampler):
-    name = "ddim"
+    family = "ddim"
     label = "DDIM"
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any], eta: float = 0.0) -> None:
@@ -58,15 +64,9 @@ class DDIMSampler(Sampler):
         return float(eta)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        T = self.config.num_train_timesteps
-        self._check_num_inference_steps(num_inference_steps, T)
+        self._check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
         timesteps = np.round(spaced_timesteps(self.config, num_inference_steps)).astype(np.int64)
-        if timesteps.min() < 0 or timesteps.max() >= T:
-            raise ValueError(
-                f"num_inference_steps={num_inference_steps} with timestep_spacing="
-                f"{self.config.timestep_spacing!r} and steps_offset={self.config.steps_offset} "
-                f"gives timesteps {timesteps.max()}..{timesteps.min()}, outside 0..{T - 1}"
-            )
+        check_timestep_range(self.config, timesteps, num_inference_steps)
         self.timesteps = timesteps
         self.num_inference_steps = num_inference_steps
 

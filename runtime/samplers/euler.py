@@ -13,7 +13,9 @@ Follows diffusers `src/diffusers/schedulers/scheduling_euler_discrete.py` and
 ``init_noise_sigma``, ``scale_model_input``, ``step``) and matches them on
 random inputs (see "precision" below). σ_t = √((1 − ᾱ_t)/ᾱ_t) is interpolated
 linearly at the (float) timesteps and 0 is appended; ``timesteps`` are
-diffusers' float32 values, which the U-Net receives.
+diffusers' float32 values, which the U-Net receives. ``use_karras_sigmas``
+(EDM eq. 5 between the ends of that schedule, fewstep.samplers.sigmas) and
+``final_sigmas_type`` as in EulerDiscreteScheduler.
 
 Precision: diffusers builds σ in float32 with torch's float32 sqrt (within
 1 ulp on the CPU, not correctly rounded) and casts ``sample`` to float32
@@ -26,13 +28,16 @@ Deviations and limits:
 - ``num_inference_steps`` outside 1..T raises ValueError (diffusers accepts 0
   and divides by zero for "leading"); "trailing" takes n timesteps where
   diffusers' float ``arange`` adds a spurious −1 for some n (61, 103, …).
-- Euler: ``s_churn`` and friends at their defaults (0: no churn). Karras,
-  exponential and beta sigmas, log-linear interpolation, continuous
-  timesteps and ``final_sigmas_type="sigma_min"`` are not implemented.
+- Euler: ``s_churn`` and friends at their defaults (0: no churn). Exponential
+  and beta sigmas, log-linear interpolation and continuous timesteps are not
+  implemented.
 - Euler-ancestral takes its noise as ``noise=``; it is needed wherever σ_up > 0
   (every step but the last). diffusers draws (and discards) noise on the last
   step too. ``prediction_type="sample"`` raises NotImplementedError there, as
   in diffusers.
+- diffusers' EulerAncestralDiscreteScheduler takes no ``use_karras_sigmas`` (a
+  config's is ignored, as there). fewstep's "euler_ancestral_karras" sets it:
+  EulerDiscreteScheduler's Karras schedule under the ancestral step.
 """
 
 from __future__ import annotations
@@ -44,20 +49,18 @@ from typing import Any
 import numpy as np
 
 from .base import Array, Sampler, SamplerOutput, SchedulerConfig, spaced_timesteps
+from .sigmas import euler_schedule, train_sigmas
 
 
 class EulerSampler(Sampler):
-    name = "euler"
+    family = "euler"
     label = "Euler"
+    takes_karras = True
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any]) -> None:
         super().__init__(config)
-        alphas_cumprod = self.alphas_cumprod.copy()
-        if self.config.rescale_betas_zero_snr:
-            # ᾱ_T = 0 would make σ_T infinite; diffusers sets it to 2^−24 (σ_T ≈ 4096).
-            alphas_cumprod[-1] = 2.0**-24
         # σ_t of each train timestep t = 0..T−1, ascending.   [T]
-        self.train_sigmas = np.sqrt((1.0 - alphas_cumprod) / alphas_cumprod)
+        self.train_sigmas = train_sigmas(self.config, self.alphas_cumprod)
         self.sigmas = np.zeros(0)  # [n + 1] after set_timesteps
         self.init_noise_sigma = self._init_noise_sigma(self.train_sigmas)
 
@@ -70,16 +73,12 @@ class EulerSampler(Sampler):
         return math.sqrt(sigma_max**2 + 1.0)
 
     def set_timesteps(self, num_inference_steps: int) -> None:
-        self._check_num_inference_steps(num_inference_steps, self.config.num_train_timesteps)
-        timesteps = spaced_timesteps(self.config, num_inference_steps).astype(np.float32)
-        # σ at the float32 timesteps the U-Net sees, linear in t between train steps.
-        sigmas = np.interp(
-            timesteps.astype(np.float64), np.arange(len(self.train_sigmas)), self.train_sigmas
-        )
-        self.timesteps = timesteps
-        self.sigmas = np.append(sigmas, 0.0)
-        self.init_noise_sigma = self._init_noise_sigma(sigmas)
-        self.num_inference_steps = num_inference_steps
+        n = num_inference_steps
+        self._check_num_inference_steps(n, self.config.num_train_timesteps)
+        spaced = spaced_timesteps(self.config, n)
+        self.timesteps, self.sigmas = euler_schedule(self.config, self.train_sigmas, spaced)
+        self.init_noise_sigma = self._init_noise_sigma(self.sigmas)
+        self.num_inference_steps = n
 
     def scale_model_input(self, sample: Array, step_index: int) -> Array:
         """c_in(σ)·x = x/√(σ² + 1): the VP U-Net's input at noise level σ (EDM Table 1)."""
@@ -118,7 +117,7 @@ class EulerSampler(Sampler):
 
 
 class EulerAncestralSampler(EulerSampler):
-    name = "euler_ancestral"
+    family = "euler_ancestral"
     label = "Euler-ancestral"
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any]) -> None:

@@ -37,7 +37,7 @@ SIGMA_DATA = 0.5  # σ_data of the boundary condition (Consistency Models, Appen
 
 
 class LCMSampler(Sampler):
-    name = "lcm"
+    family = "lcm"
     label = "LCM"
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any]) -> None:
