@@ -76,6 +76,9 @@ def test_16_concurrent_clients_get_their_own_images_and_batches_form(pipe):
     assert single_calls < calls  # some call held more than one request
     ok = (("endpoint", GENERATIONS), ("status", "200"))
     assert samples[("fewstep_requests_total", ok)] == 16
+    for stage, count in (("queue", calls), ("pipeline", calls), ("encode", 16)):
+        labels = (("model", "default"), ("stage", stage))
+        assert samples[("fewstep_stage_seconds_count", labels)] == count
 
 
 def test_a_full_queue_answers_429_at_once_and_every_accepted_request_completes(tmp_path):

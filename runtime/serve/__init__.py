@@ -7,6 +7,8 @@ fewstep's own argument checks, so errors name the field as the Python API's do.
 - app.py: the routes, start-up, shutdown with draining, `create_app` and `run`;
 - service.py: one `Batcher` per model and the path of a generation request (429/503/504);
 - openai_api.py: OpenAI's Images API; errors.py: OpenAI's error shape;
+- a1111_api.py: A1111's txt2img, samplers and sd-models; pngs.py: PNGs with infotexts;
+- openapi.py: the OpenAPI 3.1 document at `GET /openapi.json`;
 - metrics.py: Prometheus metrics;
 - page.py: the web page at `GET /` (index.html: plain HTML and JavaScript).
 

@@ -37,7 +37,7 @@ from starlette.routing import Route
 
 from fewstep.inputs import check_integer, check_number
 from fewstep.pipeline import Pipeline
-from fewstep.serve import openai_api, page
+from fewstep.serve import a1111_api, openai_api, openapi, page
 from fewstep.serve.errors import APIError, answered_in_error_shape, http_error
 from fewstep.serve.metrics import Metrics, RequestMetrics
 from fewstep.serve.service import Service
@@ -120,7 +120,7 @@ def create_app(
     timeout = check_number("request_timeout", request_timeout, 0.001, 86_400.0)
     service = Service(models, api_key, options, timeout)
     metrics_ = Metrics(service.queue_depths)
-    service.on_batch = metrics_.observe_batch
+    service.on_batch, service.on_stage = metrics_.observe_batch, metrics_.observe_stage
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
@@ -142,6 +142,10 @@ def create_app(
         Route("/metrics", keyed(metrics), methods=["GET"]),
         Route("/v1/models", keyed(openai_api.list_models), methods=["GET"]),
         Route("/v1/images/generations", keyed(openai_api.generate_images), methods=["POST"]),
+        Route("/sdapi/v1/txt2img", keyed(a1111_api.txt2img), methods=["POST"]),
+        Route("/sdapi/v1/samplers", keyed(a1111_api.samplers), methods=["GET"]),
+        Route("/sdapi/v1/sd-models", keyed(a1111_api.sd_models), methods=["GET"]),
+        Route("/openapi.json", keyed(openapi.openapi_json), methods=["GET"]),
     ]
     app = Starlette(
         routes=routes, lifespan=lifespan, exception_handlers={HTTPException: http_error}

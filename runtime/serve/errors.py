@@ -84,4 +84,6 @@ async def http_error(request: Request, exc: Any) -> Response:
     """Starlette's own errors (unknown path, wrong method) in OpenAI's shape."""
     status = exc.status_code if isinstance(exc, HTTPException) else 500
     detail = exc.detail if isinstance(exc, HTTPException) else "internal error"
-    return error_response(APIError(status, f"{detail}: {request.method} {request.url.path}"))
+    headers = dict(exc.headers or {}) if isinstance(exc, HTTPException) else None  # 405's Allow
+    message = f"{detail}: {request.method} {request.url.path}"
+    return error_response(APIError(status, message, headers=headers))

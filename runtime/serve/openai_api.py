@@ -11,9 +11,6 @@ field is refused, naming it. Each image comes back as a base64 PNG carrying A111
 
 from __future__ import annotations
 
-import asyncio
-import base64
-import io
 import re
 import secrets
 import time
@@ -22,9 +19,9 @@ from typing import Any
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 
-from fewstep.batching import GenerationRequest, RequestImages
-from fewstep.image_files import a1111_parameters, encode_image
+from fewstep.batching import GenerationRequest
 from fewstep.serve.errors import APIError
+from fewstep.serve.pngs import png_base64
 from fewstep.serve.service import Service, read_json_body
 
 # fewstep's fields of a generation request, besides OpenAI's prompt/model/n/size/response_format
@@ -104,28 +101,6 @@ def generation_request(body: dict[str, Any]) -> GenerationRequest:
         raise APIError(400, str(e), param_of(str(e))) from e
 
 
-def png_base64(
-    images: RequestImages, request: GenerationRequest, model: str, model_hash: Any
-) -> list[str]:
-    """Each image as a base64 PNG with A1111's `parameters` text chunk (its own seed), from
-    what the pipeline resolved for it."""
-    settings = images.settings
-    guidance = settings["guidance_scale"]
-    settings = {
-        **settings,
-        "guidance_scale": guidance[0] if isinstance(guidance, list) else guidance,
-    }
-    encoded = []
-    for image, seed in zip(images, request.seeds, strict=True):
-        text = a1111_parameters(
-            request.prompt, request.negative_prompt, {**settings, "seed": seed}, model, model_hash
-        )
-        buffer = io.BytesIO()
-        encode_image(image, "PNG", text, buffer)
-        encoded.append(base64.b64encode(buffer.getvalue()).decode("ascii"))
-    return encoded
-
-
 async def list_models(request: Request, service: Service) -> Response:
     data = [
         {"id": name, "object": "model", "created": service.created, "owned_by": "fewstep"}
@@ -139,5 +114,5 @@ async def generate_images(request: Request, service: Service) -> Response:
     model = service.model_named(body.get("model"))
     gen = generation_request(body)
     images = await service.generate(model, gen, request, param_of)
-    pngs = await asyncio.to_thread(png_base64, images, gen, model, service.model_hashes[model])
+    pngs = await service.encode(model, png_base64, images, gen, model, service.model_hashes[model])
     return JSONResponse({"created": int(time.time()), "data": [{"b64_json": p} for p in pngs]})

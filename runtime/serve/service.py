@@ -16,7 +16,7 @@ import hmac
 import json
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from starlette.requests import Request
 
@@ -34,13 +34,15 @@ from fewstep.pipeline import Pipeline
 from fewstep.serve.errors import APIError, ClientGone
 
 MAX_BODY_BYTES = 64 * 1024
+T = TypeVar("T")
 WARM_UP_PROMPT = "warm-up"
 
 
 class Service:
     """One batcher per model, made at start-up (`start`) and drained at shutdown (`close`).
 
-    `on_batch` sees each batch's record (metrics); `request_timeout` is in seconds.
+    `on_batch` sees each batch's record and `on_stage` (model, stage, seconds) the other
+    timed stages (metrics); `request_timeout` is in seconds.
     """
 
     def __init__(
@@ -50,12 +52,14 @@ class Service:
         batcher_options: dict[str, Any],
         request_timeout: float,
         on_batch: Callable[[str, BatchRecord], None] | None = None,
+        on_stage: Callable[[str, str, float], None] | None = None,
     ):
         self.models = dict(models)
         self.api_key = api_key
         self.batcher_options = batcher_options
         self.request_timeout = request_timeout
         self.on_batch = on_batch
+        self.on_stage = on_stage
         self.batchers: dict[str, Batcher] = {}
         self.ready = False
         self.draining = False
@@ -80,6 +84,28 @@ class Service:
                 **self.batcher_options,
             )
         self.ready = True
+
+    def add_model(self, name: str, pipe: Pipeline) -> None:
+        """Serve `pipe` as `name` from now on, with a batcher of its own (a running service:
+        a model loaded on demand, such as a LoRA variant on Ray, fewstep.serve.ray_app)."""
+        batcher = Batcher(
+            pipe,
+            output_type="pil",
+            on_batch=self._batch_callback(name),
+            batch_sizes=padded_batch_sizes(pipe),
+            **self.batcher_options,
+        )
+        self.model_hashes[name] = _unet_hash(pipe)
+        self.models[name] = pipe
+        self.batchers[name] = batcher
+
+    def remove_model(self, name: str, timeout: float | None = 60) -> bool:
+        """Stop serving `name` (404 from now on) after its queued requests finish, waiting
+        up to `timeout` seconds; True when they did."""
+        self.models.pop(name, None)
+        self.model_hashes.pop(name, None)
+        batcher = self.batchers.pop(name, None)
+        return batcher is None or batcher.close(drain=True, timeout=timeout)
 
     def _batch_callback(self, name: str) -> Callable[[BatchRecord], None] | None:
         on_batch = self.on_batch
@@ -169,6 +195,15 @@ class Service:
             return images.result()
         except ValueError as e:  # the pipeline refused a setting the checks let through
             raise APIError(400, str(e), param_of(str(e))) from e
+
+    async def encode(self, model: str, encode: Callable[..., T], *args: Any) -> T:
+        """`encode(*args)` (PNG encoding) on a worker thread, timed as `model`'s "encode"
+        stage; off the event loop, so other requests are answered meanwhile."""
+        started = time.perf_counter()
+        result = await asyncio.to_thread(encode, *args)
+        if self.on_stage is not None:
+            self.on_stage(model, "encode", time.perf_counter() - started)
+        return result
 
 
 async def _disconnected(request: Request) -> None:
