@@ -60,7 +60,7 @@ def pipelines(tiny_model, tiny_package):
 
 # (family, call arguments): each family's defaults, plus the CFG, rescale and noise paths
 ORT_CASES = [
-    pytest.param("sd1", dict(num_inference_steps=4), id="sd1-pndm-as-ddim-cfg"),
+    pytest.param("sd1", dict(num_inference_steps=4), id="sd1-plms-cfg"),
     pytest.param(
         "sd1",
         dict(
