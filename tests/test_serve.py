@@ -28,6 +28,7 @@ from fewstep.inputs import Limits  # noqa: E402
 from fewstep.package import default_model, read_manifest  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
 from fewstep.serve import MAX_BODY_BYTES, create_app  # noqa: E402
+from training import scenes  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 KEY = "sk-test-key"
@@ -80,6 +81,10 @@ def test_openai_client_gets_the_pipelines_images_with_a1111_parameters(url, pipe
         assert image.text["parameters"] == a1111_parameters(
             PROMPT, "", settings, "default", unet_hash
         )
+        # the colours asked for are there, as the default model's own analyzer reads them
+        seen = scenes.analyze(image)
+        assert seen["background"] == "blue"
+        assert "red" in [o["color"] for o in seen["objects"]]
     assert isinstance(result.created, int)
 
 
@@ -285,3 +290,35 @@ def test_cli_serve_without_the_extra_names_it(monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "fewstep.serve", None)  # import fails as if not installed
     assert main(["serve"]) == 2
     assert "pip install 'fewstep[serve]'" in capsys.readouterr().err
+
+
+# -- CORS ---------------------------------------------------------------------------------------
+
+
+def test_no_cors_headers_unless_origins_are_named(url, pipe):
+    origin = {"Origin": "https://app.example.com"}
+    plain = httpx.get(f"{url}/v1/models", headers=origin, timeout=10)
+    assert plain.status_code == 200 and "access-control-allow-origin" not in plain.headers
+    app = create_app({"default": pipe}, cors_origins=["https://app.example.com"])
+    with live_server(app) as base:
+        allowed = httpx.get(f"{base}/v1/models", headers=origin, timeout=10)
+        preflight = httpx.options(
+            f"{base}/v1/images/generations",
+            headers={
+                **origin,
+                "Access-Control-Request-Method": "POST",
+                "Access-Control-Request-Headers": "authorization, content-type",
+            },
+            timeout=10,
+        )
+        other = httpx.get(f"{base}/v1/models", headers={"Origin": "https://evil.example"})
+    assert allowed.headers["access-control-allow-origin"] == "https://app.example.com"
+    assert preflight.status_code == 200
+    assert "POST" in preflight.headers["access-control-allow-methods"]
+    assert "access-control-allow-origin" not in other.headers
+
+
+@pytest.mark.parametrize("origins", [["*"], ["app.example.com"], "https://a.example", [3]])
+def test_cors_origins_must_be_origins(pipe, origins):
+    with pytest.raises(ValueError, match="cors_origins"):
+        create_app({"default": pipe}, cors_origins=origins)

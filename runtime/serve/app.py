@@ -9,8 +9,8 @@ Endpoints (errors in OpenAI's shape, see errors.py):
 - `GET /v1/models`, `POST /v1/images/generations`: OpenAI's Images API (openai_api.py).
 
 With an API key, every endpoint but /health needs `Authorization: Bearer <key>`. A request
-body is read at most `MAX_BODY_BYTES` far (413 beyond). No CORS headers are sent, so
-browsers on other origins cannot call the service.
+body is read at most `MAX_BODY_BYTES` far (413 beyond). No CORS headers are sent unless
+`cors_origins` names the origins whose pages may call the service.
 
 Shutdown (`run`): the first SIGTERM or SIGINT starts a drain: /ready and new generations
 answer 503 while the queued and running requests finish (up to `drain_timeout` seconds);
@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import logging
 import math
+import re
 import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -31,6 +32,7 @@ from typing import Any
 
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -43,6 +45,8 @@ from fewstep.serve.metrics import Metrics, RequestMetrics
 from fewstep.serve.service import Service
 
 logger = logging.getLogger("fewstep.serve")
+
+ORIGIN = re.compile(r"https?://[A-Za-z0-9.-]+(:[0-9]{1,5})?")
 
 Endpoint = Callable[[Request, Service], Awaitable[Response]]
 
@@ -83,6 +87,22 @@ def _log_start_failure(task: asyncio.Task[None]) -> None:
         logger.error("start-up failed; the service stays not ready", exc_info=task.exception())
 
 
+def _check_origins(origins: Any) -> list[str]:
+    """Each origin is scheme://host[:port] as browsers send it; "*" is refused (the key
+    would then work from any page)."""
+    if origins is None:
+        return []
+    if not isinstance(origins, (list, tuple)):
+        raise ValueError(f"cors_origins must be a list of origins, got {origins!r:.80}")
+    for origin in origins:
+        if not isinstance(origin, str) or not ORIGIN.fullmatch(origin):
+            raise ValueError(
+                f'cors_origins entries must be origins such as "https://app.example.com" '
+                f"(scheme://host[:port]), got {origin!r:.80}"
+            )
+    return list(origins)
+
+
 def _check_models(models: Any) -> dict[str, Pipeline]:
     if not isinstance(models, dict) or not models:
         raise ValueError(f"models must be a non-empty dict of name → Pipeline, got {models!r:.80}")
@@ -101,14 +121,17 @@ def create_app(
     max_wait_ms: float = 10,
     max_queue: int = 64,
     request_timeout: float = 300.0,
+    cors_origins: list[str] | None = None,
 ) -> Starlette:
     """A Starlette app serving `models` by name (the first is the default); module docstring.
 
     The batchers start with the app (its lifespan) and are drained, finishing queued
     requests, when it stops. `request_timeout` (seconds) bounds one request's wait for its
-    images (504 past it).
+    images (504 past it). `cors_origins`: the browser origins ("https://app.example") allowed
+    to call the service from their pages; none by default.
     """
     models = _check_models(models)
+    origins = _check_origins(cors_origins)
     if api_key is not None and (not isinstance(api_key, str) or not api_key):
         raise ValueError("api_key must be a non-empty string or None")
     # Checked now, not at start-up, so a bad option fails where the app is made.
@@ -153,6 +176,13 @@ def create_app(
     app.state.fewstep = service
     app.state.metrics = metrics_
     app.add_middleware(RequestMetrics, metrics=metrics_, routes=routes)
+    if origins:
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type"],
+        )
     return app
 
 
