@@ -20,6 +20,18 @@ from typing import Any
 from fewstep.backends.base import BACKENDS
 from fewstep.inputs import Limits
 from fewstep.samplers import SAMPLERS
+from fewstep.samplers.a1111 import A1111_SAMPLERS
+
+
+def _scheduler(name: str) -> str:
+    """fewstep's sampler name, or the one A1111's name means."""
+    if name in SAMPLERS:
+        return name
+    if name in A1111_SAMPLERS:
+        return A1111_SAMPLERS[name]
+    raise argparse.ArgumentTypeError(
+        f"must be one of {list(SAMPLERS)} or A1111's {list(A1111_SAMPLERS)}, got {name!r}"
+    )
 
 
 def _add_generation_args(p: argparse.ArgumentParser) -> None:
@@ -33,7 +45,14 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
-    p.add_argument("--scheduler", choices=SAMPLERS, default=None)
+    p.add_argument(
+        "--scheduler",
+        type=_scheduler,
+        default=None,
+        metavar="NAME",
+        help=f'one of {", ".join(SAMPLERS)}, or A1111\'s name ("DPM++ 2M Karras", "Euler a", '
+        "...); default: the package's own",
+    )
     p.add_argument("--backend", choices=BACKENDS, default="onnxruntime")
     p.add_argument(
         "--precision",
@@ -227,6 +246,37 @@ def _served_models(specs: list[str]) -> dict[str, Path]:
     return models
 
 
+def _serve_on_ray(
+    args: argparse.Namespace, models: dict[str, Path], limits: Limits, options: dict[str, Any]
+) -> int:
+    """`fewstep serve --ray`: the same app on `--replicas` Ray Serve replicas (ray_app.py)."""
+    try:
+        ray_app = importlib.import_module("fewstep.serve.ray_app")
+    except ImportError as e:
+        raise ImportError(
+            f"fewstep serve --ray needs the ray extra: pip install 'fewstep[ray]' ({e})"
+        ) from e
+    replicas = 1 if args.replicas is None else args.replicas
+    if replicas < 1:
+        raise ValueError(f"--replicas must be an integer >= 1, got {replicas}")
+    settings = ray_app.ServeSettings(
+        models={name: str(path) for name, path in models.items()},
+        backend=args.backend,
+        backend_options=options,
+        limits=limits,
+        api_key=args.api_key or os.environ.get("FEWSTEP_API_KEY") or None,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+        max_queue=args.max_queue,
+        request_timeout=args.request_timeout,
+        cors_origins=args.cors_origin,
+    )
+    ray_app.serve_on_ray(
+        settings, replicas, host=args.host, port=args.port, drain_timeout=args.drain_timeout
+    )
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     try:
         serve = importlib.import_module("fewstep.serve")
@@ -245,6 +295,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
     )
     options: dict[str, Any] = {"precision": args.precision} if args.precision is not None else {}
     models = _served_models(args.model)  # every flag checked before any model loads
+    if args.replicas is not None and not args.ray:
+        raise ValueError(f"--replicas needs --ray, got --replicas {args.replicas} alone")
+    if args.ray:
+        return _serve_on_ray(args, models, limits, options)
     pipelines = {
         name: Pipeline.from_pretrained(path, backend=args.backend, limits=limits, **options)
         for name, path in models.items()
@@ -256,6 +310,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         max_wait_ms=args.max_wait_ms,
         max_queue=args.max_queue,
         request_timeout=args.request_timeout,
+        cors_origins=args.cors_origin,
     )
     serve.run(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
     return 0
@@ -344,6 +399,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-images", type=int, default=defaults.max_images, help="per request")
     p.add_argument("--max-steps", type=int, default=defaults.max_steps)
     p.add_argument("--max-prompt-chars", type=int, default=defaults.max_prompt_chars)
+    p.add_argument(
+        "--cors-origin",
+        action="append",
+        default=[],
+        metavar="ORIGIN",
+        help="a browser origin (https://app.example.com) whose pages may call the service; "
+        "repeatable (default: none)",
+    )
+    p.add_argument(
+        "--ray",
+        action="store_true",
+        help="serve on Ray Serve replicas (the ray extra; docs/serving-ray.md): a local Ray "
+        "cluster, or the one $RAY_ADDRESS names",
+    )
+    p.add_argument(
+        "--replicas", type=int, default=None, help="with --ray: replicas of the app (default 1)"
+    )
     p.set_defaults(func=cmd_serve)
 
     p = sub.add_parser("lora", help="LoRA files and model packages")

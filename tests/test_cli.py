@@ -52,6 +52,7 @@ FLAGS = [
     (["--num-images-per-prompt", "2"], {"num_images_per_prompt": 2}),
     (["--seed", "4"], {"seed": 4}),
     (["--scheduler", "euler_ancestral"], {"scheduler": "euler_ancestral"}),
+    (["--scheduler", "DPM++ 2M Karras"], {"scheduler": "dpmpp_2m_karras"}),  # A1111's name
     (["--scheduler", "ddim", "--eta", "1.0"], {"scheduler": "ddim", "eta": 1.0}),
     (["--guidance-rescale", "0.7"], {"guidance_rescale": 0.7}),
 ]

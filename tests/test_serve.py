@@ -22,6 +22,7 @@ openai = pytest.importorskip("openai")
 
 
 from serving import GatedPipeline, decode_png, error_of, live_server  # noqa: E402
+from starlette.middleware.cors import CORSMiddleware  # noqa: E402
 
 from fewstep.image_files import a1111_parameters  # noqa: E402
 from fewstep.inputs import Limits  # noqa: E402
@@ -262,7 +263,10 @@ def test_cli_serve_builds_the_app_from_its_flags(monkeypatch):
     argv = ["serve", "--model", f"scenes={default_model()}", "--port", "8123", "--max-queue", "3"]
     argv += ["--request-timeout", "9", "--drain-timeout", "7", "--max-images", "5"]
     argv += ["--max-pixels", "4096", "--max-steps", "12", "--max-prompt-chars", "100"]
+    argv += ["--cors-origin", "https://app.example.com"]
     assert main(argv) == 0
+    cors = [m for m in served["app"].user_middleware if m.cls is CORSMiddleware]
+    assert [m.kwargs["allow_origins"] for m in cors] == [["https://app.example.com"]]
     service = served["app"].state.fewstep
     assert list(service.models) == ["scenes"] and service.api_key == "from-env"
     assert service.batcher_options == {"max_batch": 8, "max_wait_ms": 10.0, "max_queue": 3}

@@ -10,10 +10,12 @@ fewstep's own argument checks, so errors name the field as the Python API's do.
 - a1111_api.py: A1111's txt2img, samplers and sd-models; pngs.py: PNGs with infotexts;
 - openapi.py: the OpenAPI 3.1 document at `GET /openapi.json`;
 - metrics.py: Prometheus metrics;
-- page.py: the web page at `GET /` (index.html: plain HTML and JavaScript).
+- page.py: the web page at `GET /` (index.html: plain HTML and JavaScript);
+- ray_app.py, ray_loras.py: the same app on Ray Serve replicas, with LoRA variants (the ray
+  extra).
 
-Limits: no streaming, no image URLs, no image edits or variations; one process, one batcher
-per model; the key is a single shared bearer token.
+Limits: no streaming, no image URLs, no image edits or variations; one batcher per model in
+each process (or Ray replica); the key is a single shared bearer token.
 """
 
 from fewstep.serve.app import create_app, run
