@@ -65,7 +65,7 @@ class RequestImages(list[Any]):
         self, images: list[Any], settings: dict[str, Any], start: int, stop: int, total: int
     ):
         super().__init__(images)
-        self.settings = {
+        self.settings: dict[str, Any] = {
             key: value[start:stop] if isinstance(value, list) and len(value) == total else value
             for key, value in settings.items()
         }

@@ -339,7 +339,7 @@ def generation_request(body: dict[str, Any], service: Service) -> tuple[str, Txt
     info = pipe.info
     sampler = scheduler or sampler_name_for(info.scheduler_class, info.scheduler_config)
     eta = ddim_eta(body.get("eta"), sampler)
-    given = {
+    given: dict[str, Any] = {
         "num_inference_steps": body.get("steps"),
         "guidance_scale": body.get("cfg_scale"),
         "height": body.get("height"),

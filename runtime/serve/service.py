@@ -176,9 +176,10 @@ class Service:
             raise APIError(400, str(e), param_of(str(e))) from e
         images = asyncio.wrap_future(future)
         gone = asyncio.ensure_future(_disconnected(request))
+        waiters: set[asyncio.Future[Any]] = {images, gone}
         try:
             done, _ = await asyncio.wait(
-                {images, gone}, timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED
+                waiters, timeout=self.request_timeout, return_when=asyncio.FIRST_COMPLETED
             )
         finally:
             gone.cancel()
