@@ -223,7 +223,10 @@ def run_bench(
     }
     overhead = None
     if 1 in concurrencies:
-        overhead = case(1, 1)["latency_ms"]["p50"] - direct["pipeline_p50"]
+        overhead = {
+            f"max_batch_{batch}": case(batch, 1)["latency_ms"]["p50"] - direct["pipeline_p50"]
+            for batch in (max_batch, 1)
+        }
     return {
         "what": (
             "fewstep serve under a closed loop of n=1 requests on loopback: batching "

@@ -153,7 +153,7 @@ class Batcher:
         self,
         pipeline: Callable[..., Any],
         max_batch: int = 8,
-        max_wait_ms: float = 10.0,
+        max_wait_ms: float = 2.0,
         max_queue: int = 64,
         output_type: str = "pil",
         on_batch: Callable[[BatchRecord], None] | None = None,

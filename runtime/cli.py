@@ -383,7 +383,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--api-key", default=None, help="bearer key clients must send (default: $FEWSTEP_API_KEY)"
     )
     p.add_argument("--max-batch", type=int, default=8, help="images per pipeline call")
-    p.add_argument("--max-wait-ms", type=float, default=10.0, help="to gather a batch")
+    p.add_argument(
+        "--max-wait-ms",
+        type=float,
+        default=2.0,
+        help="how long a batch's first request waits for others (batches also form while "
+        "the previous one runs)",
+    )
     p.add_argument("--max-queue", type=int, default=64, help="queued requests per model")
     p.add_argument(
         "--request-timeout", type=float, default=300.0, help="seconds a request may wait (504)"

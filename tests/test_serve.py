@@ -269,7 +269,7 @@ def test_cli_serve_builds_the_app_from_its_flags(monkeypatch):
     assert [m.kwargs["allow_origins"] for m in cors] == [["https://app.example.com"]]
     service = served["app"].state.fewstep
     assert list(service.models) == ["scenes"] and service.api_key == "from-env"
-    assert service.batcher_options == {"max_batch": 8, "max_wait_ms": 10.0, "max_queue": 3}
+    assert service.batcher_options == {"max_batch": 8, "max_wait_ms": 2.0, "max_queue": 3}
     assert service.request_timeout == 9.0 and served["drain_timeout"] == 7.0
     assert service.models["scenes"].limits == Limits(4096, 5, 12, 100)
     assert (served["host"], served["port"]) == ("127.0.0.1", 8123)

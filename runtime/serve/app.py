@@ -118,7 +118,7 @@ def create_app(
     models: dict[str, Pipeline],
     api_key: str | None = None,
     max_batch: int = 8,
-    max_wait_ms: float = 10,
+    max_wait_ms: float = 2.0,
     max_queue: int = 64,
     request_timeout: float = 300.0,
     cors_origins: list[str] | None = None,

@@ -72,7 +72,7 @@ class ServeSettings:
     limits: Limits = dataclasses.field(default_factory=Limits)
     api_key: str | None = None
     max_batch: int = 8
-    max_wait_ms: float = 10.0
+    max_wait_ms: float = 2.0
     max_queue: int = 64
     request_timeout: float = 300.0
     lora_dir: str | None = None
