@@ -179,3 +179,31 @@ def test_metrics_text_is_prometheus_and_unknown_paths_share_one_label(pipe):
     other = (("endpoint", "other"), ("status", "404"))
     assert samples[("fewstep_requests_total", other)] == 3
     assert not any(("endpoint", "/nope") in labels for _, labels in samples)
+
+
+class FailingPipeline(Pipeline):
+    """The default model's pipeline, failing every call with a prompt containing "boom"."""
+
+    def __init__(self, pipe: Pipeline):
+        super().__init__(pipe.info, pipe.tokenizer, pipe.backend, pipe.path, pipe.limits)
+
+    def __call__(self, *args, **kwargs):
+        if any("boom" in p for p in kwargs.get("prompt", [])):
+            raise RuntimeError("the U-Net fell over")
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_failing_batch_answers_500_with_a_logged_id_and_the_next_batch_runs(pipe, caplog):
+    app = create_app({"default": FailingPipeline(pipe)})
+    with live_server(app) as base:
+        failed = httpx.post(f"{base}{GENERATIONS}", json={"prompt": "boom", "seed": 1}, timeout=30)
+        after = httpx.post(
+            f"{base}{GENERATIONS}", json={"prompt": "a circle", "seed": 1}, timeout=30
+        )
+    assert failed.status_code == 500
+    error = error_of(failed)
+    assert error["type"] == "server_error" and "the U-Net fell over" not in error["message"]
+    error_id = error["message"].removeprefix("internal error (id ").removesuffix(")")
+    logged = [r for r in caplog.records if error_id in r.getMessage()]
+    assert len(logged) == 1 and "the U-Net fell over" in str(logged[0].exc_info[1])
+    assert after.status_code == 200 and len(after.json()["data"]) == 1
