@@ -1,4 +1,5 @@
-"""The four exported graphs: each one's ONNX contract and the torch module that fulfils it.
+"""The exported graphs (four; five for SDXL): each one's ONNX contract and the torch module
+that fulfils it.
 
 As in TensorRT's demo/Diffusion `models.py`, each graph declares its export contract in one
 place, a frozen `GraphSpec`: input and output names in order, their shapes with named dynamic
@@ -8,6 +9,14 @@ in that order, so the exporter, the verification and the tests all read the same
 Names and layout follow Hugging Face optimum's ONNX Stable Diffusion export
 (docs/reference.md#onnx-layout). Axis names: `batch`, `sequence` (tokens); `height`/`width` are
 always in latent pixels, `image_height`/`image_width` in image pixels.
+
+SDXL, as optimum exports it (`CLIPTextOnnxConfig`, `CLIPTextWithProjectionOnnxConfig`,
+`UNetOnnxConfig` with `output_hidden_states` set on both encoders): `text_encoder` adds the
+outputs `hidden_states.0` … `hidden_states.L` (the embeddings, then each of its L layers, before
+the final layer norm); `text_encoder_2` (CLIPTextModelWithProjection) outputs `text_embeds`,
+`last_hidden_state` and the same `hidden_states.*`; the U-Net takes `text_embeds` (the pooled,
+projected output of encoder 2) and `time_ids` (six sizes) after `encoder_hidden_states`, and
+`timestep_cond` after those when it has a guidance embedding.
 
 Precision: in an fp16 package every float input, weight and output is fp16 except `timestep`,
 which stays float32 (diffusers computes the sinusoidal embedding in float32 and casts; Euler's
@@ -28,6 +37,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from fewstep.package import SDXL_TIME_IDS
+
 FLOAT = "float"  # the graph's float precision: float32 in fp32 packages, float16 in fp16 ones
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
 
@@ -39,7 +50,8 @@ class TensorSpec:
     name: str
     shape: tuple[int | str, ...]
     dtype: str = FLOAT  # FLOAT, "float32" (whatever the precision) or "int64"
-    fill: str = "normal"  # how to draw a sample: normal | uniform (in [-1, 1]) | tokens | timestep
+    # how to draw a sample: normal | uniform (in [-1, 1]) | tokens | timestep | sizes
+    fill: str = "normal"
     high: int = 0  # tokens: ids are drawn from [0, high)
 
     def resolved_dtype(self, precision: str) -> str:
@@ -52,7 +64,7 @@ class TensorSpec:
 class GraphSpec:
     """The export contract of one graph (see module docstring)."""
 
-    name: str  # package folder: text_encoder | unet | vae_decoder | vae_encoder
+    name: str  # package folder: text_encoder | text_encoder_2 | unet | vae_decoder | vae_encoder
     inputs: tuple[TensorSpec, ...]
     outputs: tuple[TensorSpec, ...]
     make_module: Callable[[], torch.nn.Module]  # a wrapper taking exactly `inputs`, in order
@@ -109,6 +121,8 @@ class GraphSpec:
                 out[t.name] = rng.integers(0, t.high, size=shape, dtype=np.int64)
             elif t.fill == "timestep":  # fractional, as Euler's interpolated timesteps are
                 out[t.name] = np.asarray(rng.uniform(1.0, 999.0), dtype=np.float32)
+            elif t.fill == "sizes":  # SDXL's time_ids: pixel sizes and offsets, multiples of 8
+                out[t.name] = (8 * rng.integers(0, 257, size=shape)).astype(np.float32)
             elif t.fill == "uniform":
                 out[t.name] = rng.uniform(-1.0, 1.0, size=shape).astype(np.float32)
             else:
@@ -134,14 +148,24 @@ class GraphSpec:
 
 
 class TextEncoderGraph(torch.nn.Module):
-    def __init__(self, text_encoder: torch.nn.Module):
+    """input_ids [B, S] int64 -> CLIPTextModel: last_hidden_state [B, S, H], pooler_output
+    [B, H]; CLIPTextModelWithProjection: text_embeds [B, P], last_hidden_state. With
+    `hidden_states`, then hidden_states.0 … .L [B, S, H] (optimum's order)."""
+
+    def __init__(self, text_encoder: torch.nn.Module, hidden_states: bool = False):
         super().__init__()
         self.text_encoder = text_encoder
+        self.hidden_states = hidden_states
 
-    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        # input_ids [B, S] int64 -> last_hidden_state [B, S, H], pooler_output [B, H]
-        out = self.text_encoder(input_ids=input_ids, return_dict=True)
-        return out.last_hidden_state, out.pooler_output
+    def forward(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        out = self.text_encoder(
+            input_ids=input_ids, output_hidden_states=self.hidden_states, return_dict=True
+        )
+        if hasattr(out, "text_embeds"):
+            first: tuple[torch.Tensor, ...] = (out.text_embeds, out.last_hidden_state)
+        else:
+            first = (out.last_hidden_state, out.pooler_output)
+        return first + (tuple(out.hidden_states) if self.hidden_states else ())
 
 
 class UNetGraph(torch.nn.Module):
@@ -158,6 +182,32 @@ class UNetGraph(torch.nn.Module):
     ) -> torch.Tensor:
         return self.unet(
             sample, timestep, encoder_hidden_states, timestep_cond=timestep_cond, return_dict=False
+        )[0]  # [B, C_out, h, w]
+
+
+class SDXLUNetGraph(torch.nn.Module):
+    """The U-Net with SDXL's added conditioning as two plain inputs (optimum's order)."""
+
+    def __init__(self, unet: torch.nn.Module):
+        super().__init__()
+        self.unet = unet
+
+    def forward(
+        self,
+        sample: torch.Tensor,  # [B, C, h, w]
+        timestep: torch.Tensor,  # [] float32
+        encoder_hidden_states: torch.Tensor,  # [B, S, D]: both encoders' states, concatenated
+        text_embeds: torch.Tensor,  # [B, P]: encoder 2's pooled, projected output
+        time_ids: torch.Tensor,  # [B, 6]: original size, crop top-left, target size
+        timestep_cond: torch.Tensor | None = None,  # [B, time_cond_proj_dim]
+    ) -> torch.Tensor:
+        return self.unet(
+            sample,
+            timestep,
+            encoder_hidden_states,
+            timestep_cond=timestep_cond,
+            added_cond_kwargs={"text_embeds": text_embeds, "time_ids": time_ids},
+            return_dict=False,
         )[0]  # [B, C_out, h, w]
 
 
@@ -193,24 +243,33 @@ def _vae_scale(vae_config: Any) -> int:
     return 2 ** (len(vae_config.block_out_channels) - 1)
 
 
-def text_encoder_spec(text_encoder: Any) -> GraphSpec:
-    hidden = text_encoder.config.hidden_size
-    return GraphSpec(
-        name="text_encoder",
-        inputs=(
-            TensorSpec(
-                "input_ids",
-                ("batch", "sequence"),
-                "int64",
-                "tokens",
-                high=text_encoder.config.vocab_size,
-            ),
-        ),
-        outputs=(
-            TensorSpec("last_hidden_state", ("batch", "sequence", hidden)),
+def text_encoder_spec(
+    text_encoder: Any, name: str = "text_encoder", hidden_states: bool = False
+) -> GraphSpec:
+    """A CLIPTextModel's graph, or a CLIPTextModelWithProjection's (SDXL's encoder 2); with
+    `hidden_states` (SDXL) every layer's hidden states are outputs too."""
+    cfg = text_encoder.config
+    hidden = cfg.hidden_size
+    states = ("batch", "sequence", hidden)
+    if hasattr(text_encoder, "text_projection"):
+        outputs = [
+            TensorSpec("text_embeds", ("batch", cfg.projection_dim)),
+            TensorSpec("last_hidden_state", states),
+        ]
+    else:
+        outputs = [
+            TensorSpec("last_hidden_state", states),
             TensorSpec("pooler_output", ("batch", hidden)),
-        ),
-        make_module=lambda: TextEncoderGraph(text_encoder),
+        ]
+    if hidden_states:
+        outputs += [
+            TensorSpec(f"hidden_states.{i}", states) for i in range(cfg.num_hidden_layers + 1)
+        ]
+    return GraphSpec(
+        name=name,
+        inputs=(TensorSpec("input_ids", ("batch", "sequence"), "int64", "tokens", cfg.vocab_size),),
+        outputs=tuple(outputs),
+        make_module=lambda: TextEncoderGraph(text_encoder, hidden_states),
         latent_multiple=1,
         image_scale=1,
     )
@@ -223,13 +282,21 @@ def unet_spec(unet: Any, vae: Any) -> GraphSpec:
         TensorSpec("timestep", (), "float32", "timestep"),
         TensorSpec("encoder_hidden_states", ("batch", "sequence", cfg.cross_attention_dim)),
     ]
+    sdxl = cfg.addition_embed_type == "text_time"
+    if sdxl:
+        pooled = (
+            cfg.projection_class_embeddings_input_dim - SDXL_TIME_IDS * cfg.addition_time_embed_dim
+        )
+        inputs.append(TensorSpec("text_embeds", ("batch", pooled)))
+        inputs.append(TensorSpec("time_ids", ("batch", SDXL_TIME_IDS), fill="sizes"))
     if cfg.time_cond_proj_dim:
         inputs.append(TensorSpec("timestep_cond", ("batch", cfg.time_cond_proj_dim)))
+    wrapper = SDXLUNetGraph if sdxl else UNetGraph
     return GraphSpec(
         name="unet",
         inputs=tuple(inputs),
         outputs=(TensorSpec("out_sample", ("batch", cfg.out_channels, "height", "width")),),
-        make_module=lambda: UNetGraph(unet),
+        make_module=lambda: wrapper(unet),
         latent_multiple=2 ** (len(cfg.block_out_channels) - 1),
         image_scale=_vae_scale(vae.config),
     )
@@ -265,14 +332,15 @@ def vae_encoder_spec(vae: Any) -> GraphSpec:
     )
 
 
-def graph_specs(unet: Any, vae: Any, text_encoder: Any) -> list[GraphSpec]:
-    """The package's graphs in export order."""
-    return [
-        text_encoder_spec(text_encoder),
-        unet_spec(unet, vae),
-        vae_decoder_spec(vae),
-        vae_encoder_spec(vae),
-    ]
+def graph_specs(
+    unet: Any, vae: Any, text_encoder: Any, text_encoder_2: Any = None
+) -> list[GraphSpec]:
+    """The package's graphs in export order; SDXL's when `text_encoder_2` is given."""
+    sdxl = text_encoder_2 is not None
+    encoders = [text_encoder_spec(text_encoder, hidden_states=sdxl)]
+    if sdxl:
+        encoders.append(text_encoder_spec(text_encoder_2, "text_encoder_2", hidden_states=True))
+    return [*encoders, unet_spec(unet, vae), vae_decoder_spec(vae), vae_encoder_spec(vae)]
 
 
 def fp16_copy(module: torch.nn.Module) -> torch.nn.Module:
@@ -293,11 +361,11 @@ def fp16_copy(module: torch.nn.Module) -> torch.nn.Module:
 
 
 def keeps_fp32_vae_decoder(family: str, vae_config: Any) -> bool:
-    """Whether an fp16 package keeps its VAE decoder in fp32.
+    """Whether an fp16 package keeps its VAE graphs (decoder and encoder) in fp32.
 
     diffusers' SDXL pipelines upcast the VAE when its config says `force_upcast` (the SDXL VAE
-    overflows in fp16: NaN / black images); SD 1.x/2.x pipelines run their VAE in fp16 whatever
-    the flag (AutoencoderKL defaults it to True, so SD 1.5's config carries it too). We follow
-    the same rule.
+    overflows in fp16: NaN / black images), to decode and, in img2img, to encode; SD 1.x/2.x
+    pipelines run their VAE in fp16 whatever the flag (AutoencoderKL defaults it to True, so
+    SD 1.5's config carries it too). We follow the same rule.
     """
     return family == "sdxl" and bool(getattr(vae_config, "force_upcast", True))

@@ -5,8 +5,11 @@ generated name (`onnx::MatMul_1627`); conv and Gemm weights keep their parameter
 than rely on those naming habits, this matches bytes: every float initializer of 2 or more
 dimensions is hashed, and every 2-D/4-D parameter of the exported module is looked up as
 stored and (2-D) transposed; a hit is confirmed by comparing the values. The result is exact
-for whatever exporter wrote the graph. Parameters with no hit (constant folding merged them
-into something else) are listed as `unmapped`; a LoRA on one of them is an error at fold time.
+for whatever exporter wrote the graph. Initializers are read one at a time and only their
+digests kept (a hit reads its initializer again), so an SDXL U-Net's 10 GB of weights are
+never held a second time beside the torch module. Parameters with no hit (constant folding
+merged them into something else) are listed as `unmapped`; a LoRA on one of them is an error at
+fold time.
 Equal parameters share one initializer (torch.onnx deduplicates by value); both names then map
 to it, and `fewstep.lora` refuses to fold into a shared one.
 
@@ -36,7 +39,8 @@ _FLOAT_TYPES = (1, 10, 11)  # float32, float16, float64
 
 def _digest(array: np.ndarray) -> tuple[str, tuple[int, ...], bytes]:
     data = np.ascontiguousarray(array)
-    return data.dtype.str, data.shape, hashlib.blake2b(data.tobytes(), digest_size=16).digest()
+    # hashes the array's own buffer: no bytes copy
+    return data.dtype.str, data.shape, hashlib.blake2b(data.data, digest_size=16).digest()
 
 
 def match_initializers(graph: str, module: Any, onnx_path: Path) -> tuple[dict, list[str]]:
@@ -46,11 +50,10 @@ def match_initializers(graph: str, module: Any, onnx_path: Path) -> tuple[dict, 
     the graph's component (`unet.…`, `text_encoder.…`).
     """
     index = read_onnx_index(onnx_path)
-    by_value: dict[tuple, list[tuple[str, np.ndarray]]] = {}
+    by_value: dict[tuple, list[str]] = {}  # digest -> initializer names
     for name, loc in index.initializers.items():
         if loc.data_type in _FLOAT_TYPES and len(loc.shape) >= 2 and loc.offset >= 0:
-            value = loc.read()
-            by_value.setdefault(_digest(value), []).append((name, value))
+            by_value.setdefault(_digest(loc.read()), []).append(name)
     weights: dict[str, MappedWeight] = {}
     unmapped: list[str] = []
     for param_name, param in module.named_parameters():
@@ -61,8 +64,8 @@ def match_initializers(graph: str, module: Any, onnx_path: Path) -> tuple[dict, 
         orientations = [(value, False)] + ([(value.T, True)] if value.ndim == 2 else [])
         hit = None
         for candidate, transposed in orientations:
-            for init_name, init_value in by_value.get(_digest(candidate), []):
-                if np.array_equal(init_value, candidate):
+            for init_name in by_value.get(_digest(candidate), []):
+                if np.array_equal(index.initializers[init_name].read(), candidate):
                     hit = MappedWeight(init_name, transposed)
                     break
             if hit:

@@ -25,9 +25,12 @@ to `export_graph` (`dynamic_shapes` with `Dim.AUTO`, `ONNXProgram.save`, then re
 axes).
 
 External data: graphs whose weights exceed 2 GiB (protobuf's limit; the SD fp32 U-Net is
-3.4 GB) keep their weights in one `model.onnx_data` file beside `model.onnx`, optimum's
-convention. torch writes one file per tensor for such graphs; we export into a scratch folder
-and re-save with onnx, which also gives smaller graphs one self-contained `model.onnx`.
+3.4 GB, SDXL's 10 GB and its second text encoder 2.8 GB) keep their weights in one
+`model.onnx_data` file beside `model.onnx`, optimum's convention. torch writes one file per
+tensor for such graphs into a scratch folder; `write_graph` then streams those files into
+`model.onnx_data` a chunk at a time and rewrites only the graph's references to them, so the
+weights are never loaded as ONNX tensors (the torch module is the one copy in memory).
+Graphs under the threshold are saved as one self-contained `model.onnx`.
 """
 
 from __future__ import annotations
@@ -43,6 +46,9 @@ MIN_OPSET = 17  # LayerNormalization as one op; what optimum and TensorRT's demo
 MAX_OPSET = 20  # the TorchScript exporter's newest (torch.onnx._constants)
 EXTERNAL_DATA_THRESHOLD_BYTES = 2 * 1024**3  # protobuf's hard limit on one message
 EXTERNAL_DATA_NAME = "model.onnx_data"
+EXTERNAL_MIN_BYTES = 1024  # smaller tensors stay in the graph (onnx's own default threshold)
+DATA_ALIGNMENT = 4096  # tensor offsets in the data file, a page apart (memory-mappable)
+COPY_CHUNK_BYTES = 64 << 20
 MODEL_NAME = "model.onnx"
 
 _ONNX_DTYPES = {1: "float32", 10: "float16", 7: "int64", 6: "int32", 11: "float64", 9: "bool"}
@@ -82,33 +88,93 @@ def export_graph(
                 do_constant_folding=True,
                 dynamo=False,
             )
-        model = onnx.load(str(scratch / MODEL_NAME))  # pulls in torch's per-tensor files
         path = out_dir / MODEL_NAME
-        if initializer_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES:
-            onnx.save_model(
-                model,
-                str(path),
-                save_as_external_data=True,
-                all_tensors_to_one_file=True,
-                location=EXTERNAL_DATA_NAME,
-                size_threshold=1024,
-            )
-        else:
-            onnx.save_model(model, str(path))
-        del model
+        write_graph(scratch / MODEL_NAME, path)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
     onnx.checker.check_model(str(path))  # by path: works with external data too
     return path
 
 
-def initializer_bytes(model: Any) -> int:
-    """Bytes of a graph's weights (embedded or already-loaded external data)."""
+def write_graph(src: Path, dst: Path) -> None:
+    """Save the graph at `src` (weights embedded, or in files beside it) as `dst`: embedded when
+    they come to at most EXTERNAL_DATA_THRESHOLD_BYTES, else in one EXTERNAL_DATA_NAME beside
+    `dst`, streamed (module docstring)."""
+    import onnx
+
+    model = onnx.load(str(src), load_external_data=False)
+    if weight_bytes(model, src.parent) <= EXTERNAL_DATA_THRESHOLD_BYTES:
+        onnx.load_external_data_for_model(model, str(src.parent))  # under 2 GiB
+        onnx.save_model(model, str(dst))
+        return
+    with open(dst.parent / EXTERNAL_DATA_NAME, "wb") as data:
+        for tensor in model.graph.initializer:
+            if _is_external(tensor) or len(tensor.raw_data) >= EXTERNAL_MIN_BYTES:
+                _move_to_data_file(tensor, src.parent, data)
+    onnx.save_model(model, str(dst))
+
+
+def _is_external(tensor: Any) -> bool:
+    from onnx import TensorProto
+
+    return bool(tensor.data_location == TensorProto.EXTERNAL)
+
+
+def _external_info(tensor: Any, base: Path) -> tuple[Path, int, int]:
+    """(file, offset, length) of an external tensor, the file checked to lie inside `base`."""
+    from fewstep.package import package_path
+
+    info = {entry.key: entry.value for entry in tensor.external_data}
+    path = package_path(base, info.get("location"), f"tensor {tensor.name!r}: external data")
+    offset = int(info.get("offset", 0))
+    length = int(info["length"]) if "length" in info else path.stat().st_size - offset
+    return path, offset, length
+
+
+def _move_to_data_file(tensor: Any, base: Path, data: Any) -> None:
+    """Append the tensor's bytes to the open data file (at an aligned offset) and point the
+    tensor there."""
+    from onnx import TensorProto
+
+    data.write(b"\0" * (-data.tell() % DATA_ALIGNMENT))
+    offset = data.tell()
+    if _is_external(tensor):
+        path, start, length = _external_info(tensor, base)
+        with open(path, "rb") as f:
+            f.seek(start)
+            _copy_bytes(f, data, length)
+    else:
+        data.write(tensor.raw_data)
+        tensor.ClearField("raw_data")
+    del tensor.external_data[:]
+    for key, value in (
+        ("location", EXTERNAL_DATA_NAME),
+        ("offset", str(offset)),
+        ("length", str(data.tell() - offset)),
+    ):
+        entry = tensor.external_data.add()
+        entry.key, entry.value = key, value
+    tensor.data_location = TensorProto.EXTERNAL
+
+
+def _copy_bytes(src: Any, dst: Any, length: int) -> None:
+    while length > 0:
+        chunk = src.read(min(length, COPY_CHUNK_BYTES))
+        if not chunk:
+            raise ValueError(f"external data ends {length} bytes early")
+        dst.write(chunk)
+        length -= len(chunk)
+
+
+def weight_bytes(model: Any, base: Path) -> int:
+    """Bytes of a graph's initializers: embedded, or in external files under `base`."""
     from onnx import numpy_helper
 
     total = 0
     for tensor in model.graph.initializer:
-        if tensor.raw_data:
+        if _is_external(tensor):
+            total += _external_info(tensor, base)[2]
+        elif tensor.raw_data:
             total += len(tensor.raw_data)
         else:
             total += numpy_helper.to_array(tensor).nbytes

@@ -12,10 +12,13 @@ everything is built in a hidden sibling folder `.{out.name}.tmp-XXXX` and rename
 the end; any failure (an exception, Ctrl-C) removes the temporary folder and leaves nothing at
 `out`, and one left by a killed export is removed by the next export to the same `out`.
 
-The package's tokenizer/ holds both layouts whatever the source shipped: tokenizer.json (the
-lean runtime, fast tokenizers) and vocab.json + merges.txt (optimum, slow tokenizers), each
-derived from the other when the source lacks it (SD 1.x repositories have no tokenizer.json;
-transformers 5 saves only tokenizer.json).
+The package's tokenizer/ (and SDXL's tokenizer_2/) holds both layouts whatever the source
+shipped: tokenizer.json (the lean runtime, fast tokenizers) and vocab.json + merges.txt
+(optimum, slow tokenizers), each derived from the other when the source lacks it (SD 1.x
+repositories have no tokenizer.json; transformers 5 saves only tokenizer.json).
+
+SDXL packages add text_encoder_2/ and tokenizer_2/ (optimum's SDXL layout, graphs.py has the
+I/O). LoRAs are not folded into SDXL exports yet (NotImplementedError before anything loads).
 """
 
 from __future__ import annotations
@@ -53,6 +56,7 @@ TRACE_BATCH = 1  # the verification runs batch 2, so a batch axis baked in by tr
 # Which source component each graph's config.json comes from.
 GRAPH_CONFIGS = {
     "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder_2",  # SDXL
     "unet": "unet",
     "vae_decoder": "vae",
     "vae_encoder": "vae",
@@ -75,6 +79,11 @@ def _check_arguments(
             f"out must be a new or empty folder, got {str(out)!r} (exists and is not empty)"
         )
     return check_source(src, config), out_path
+
+
+def _graph_names(spec: SourceSpec) -> list[str]:
+    """The graphs the package will hold, in export order."""
+    return [name for name in GRAPH_CONFIGS if spec.sdxl or name != "text_encoder_2"]
 
 
 def export_package(
@@ -107,8 +116,13 @@ def export_package(
         scale. Files, scales and keys are checked before anything is written.
     """
     spec, out_path = _check_arguments(src, out, dtype, opset, config)
+    if spec.sdxl and loras:
+        raise NotImplementedError(
+            "loras: folding LoRAs into an SDXL export is not supported yet (its kohya names "
+            "follow Stability's U-Net layout and a second text encoder); export without loras"
+        )
     checked = load_loras(loras)
-    stage_names = ["load", *(f"export {name}" for name in GRAPH_CONFIGS), "verify", "write"]
+    stage_names = ["load", *(f"export {name}" for name in _graph_names(spec)), "verify", "write"]
     if checked:
         stage_names.insert(1, "fold loras")
     if not verify:
@@ -136,11 +150,11 @@ def _build_package(
             folds = fold_lora_torch({"unet": model.unet, "text_encoder": model.text_encoder}, loras)
             log.note(f"folded {len(loras)} LoRA file(s) into {len(folds)} weights")
     family = family_from_configs(dict(model.unet.config))
-    specs = graph_specs(model.unet, model.vae, model.text_encoder)
+    specs = graph_specs(model.unet, model.vae, model.text_encoder, model.text_encoder_2)
     upcast_vae = dtype == "fp16" and keeps_fp32_vae_decoder(family, model.vae.config)
     precisions = {s.name: dtype for s in specs}
-    if upcast_vae:
-        precisions["vae_decoder"] = "fp32"  # recorded per graph in the manifest
+    if upcast_vae:  # recorded per graph in the manifest
+        precisions["vae_decoder"] = precisions["vae_encoder"] = "fp32"
     unet_multiple = next(s.latent_multiple for s in specs if s.name == "unet")
     sequence = int(model.text_encoder.config.max_position_embeddings)
 
@@ -186,7 +200,8 @@ def _export_one(
 
 
 def _write_metadata(tmp: Path, model: SourceModel) -> None:
-    """model_index.json, scheduler/scheduler_config.json and tokenizer/ (+ tokenizer.json)."""
+    """model_index.json, scheduler/scheduler_config.json, tokenizer/ (+ tokenizer.json) and
+    SDXL's tokenizer_2/."""
     if model.spec.kind == "diffusers":
         shutil.copyfile(model.spec.path / "model_index.json", tmp / "model_index.json")
     else:
@@ -196,6 +211,8 @@ def _write_metadata(tmp: Path, model: SourceModel) -> None:
     (tmp / "scheduler").mkdir()
     shutil.copyfile(model.scheduler_config_path, tmp / "scheduler" / "scheduler_config.json")
     _write_tokenizer(model.tokenizer_dir, tmp / "tokenizer")
+    if model.tokenizer_2_dir is not None:
+        _write_tokenizer(model.tokenizer_2_dir, tmp / "tokenizer_2")
 
 
 def _single_file_model_index(model: SourceModel) -> dict[str, Any]:

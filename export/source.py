@@ -1,7 +1,8 @@
 """The export's input: a diffusers folder or a single-file `.safetensors` checkpoint.
 
 `check_source` validates what the user named (cheaply, from file names and JSON configs,
-before any weights are read); `load_source` then loads the three torch components in fp32.
+before any weights are read); `load_source` then loads the torch components in fp32 (three;
+four for SDXL).
 
 - Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: unpickling runs code the
   file chose, and `torch.load(weights_only=True)` has had bypasses
@@ -10,8 +11,14 @@ before any weights are read); `load_source` then loads the three torch component
 - Single files are converted by diffusers' own single-file loader
   (`diffusers/loaders/single_file_utils.py`), offline: `config=` must be a local diffusers
   folder that provides the component configs, the tokenizer and the scheduler.
-- Families: SD 1.x, SD 2.x and their few-step descendants (LCM, SD-Turbo). SDXL (a second
-  text encoder, `addition_embed_type="text_time"`) is not exported yet: NotImplementedError.
+- Families: SD 1.x, SD 2.x and their few-step descendants (LCM, SD-Turbo), and SDXL (base
+  and Turbo: a U-Net with `addition_embed_type="text_time"` and a second text encoder,
+  `text_encoder_2/` + `tokenizer_2/`), from diffusers folders. NotImplementedError for what
+  is not: SDXL single files, the SDXL refiner (no first text encoder, aesthetic score in
+  `time_ids`), other added conditionings. An SDXL folder whose widths disagree (the U-Net's
+  `cross_attention_dim` against the two encoders' widths, its
+  `projection_class_embeddings_input_dim` against 6 time ids and encoder 2's projection) is
+  a ValueError naming the keys, since no pipeline could run it.
 - model_index.json names a [library, class] per component, and diffusers imports the library
   by name: a folder that ships `evilmod.py` and names it would run it (the folder is on
   `sys.path` under `python -m`, in a notebook started there). Only `MODEL_INDEX_CLASSES` are
@@ -27,8 +34,11 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import json
+import os
 from pathlib import Path
 from typing import Any
+
+from fewstep.package import SDXL_TIME_IDS
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -38,6 +48,11 @@ COMPONENTS = {
     "unet": ("diffusers", "UNet2DConditionModel"),
     "vae": ("diffusers", "AutoencoderKL"),
     "text_encoder": ("transformers", "CLIPTextModel"),
+}
+# SDXL adds these (diffusers' StableDiffusionXLPipeline).
+SDXL_COMPONENTS = {
+    **COMPONENTS,
+    "text_encoder_2": ("transformers", "CLIPTextModelWithProjection"),
 }
 # Schedulers of the SD-family pipelines (diffusers' KarrasDiffusionSchedulers, LCM, TCD): only
 # the package's scheduler_config.json is read, never the class, but the name must be one.
@@ -50,8 +65,9 @@ SCHEDULER_CLASSES = (
 )  # fmt: skip
 # model_index.json entry -> the [library, class] pairs accepted for it.
 MODEL_INDEX_CLASSES: dict[str, tuple[tuple[str, str], ...]] = {
-    **{name: (default,) for name, default in COMPONENTS.items()},
+    **{name: (default,) for name, default in SDXL_COMPONENTS.items()},
     "tokenizer": (("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")),
+    "tokenizer_2": (("transformers", "CLIPTokenizer"), ("transformers", "CLIPTokenizerFast")),
     "scheduler": tuple(("diffusers", name) for name in SCHEDULER_CLASSES),
 }
 
@@ -63,6 +79,12 @@ class SourceSpec:
     path: Path
     kind: str  # one of SOURCE_KINDS
     config_dir: Path  # the diffusers folder with model_index.json, tokenizer/, scheduler/
+    sdxl: bool = False  # text_encoder_2/ and tokenizer_2/ too
+
+    @property
+    def components(self) -> dict[str, tuple[str, str]]:
+        """The torch components to load: name -> default [library, class]."""
+        return SDXL_COMPONENTS if self.sdxl else COMPONENTS
 
     def describe(self) -> dict[str, str]:
         out = {"path": str(self.path.resolve()), "kind": self.kind}
@@ -82,9 +104,11 @@ class SourceModel:
     model_index: dict[str, Any]
     scheduler_config_path: Path
     tokenizer_dir: Path
+    text_encoder_2: Any = None  # SDXL: transformers CLIPTextModelWithProjection
+    tokenizer_2_dir: Path | None = None  # SDXL
 
 
-def refuse_pickle(src: str | Path) -> None:
+def refuse_pickle(src: str | os.PathLike) -> None:
     """Raise before anything touches a pickle checkpoint (by name: the file need not exist)."""
     suffix = Path(src).suffix.lower()
     if suffix in PICKLE_SUFFIXES:
@@ -197,35 +221,84 @@ def _check_tokenizer_folder(tokenizer: Path, what: str) -> None:
     read_bpe_model(tokenizer / "tokenizer.json")  # the package's vocab.json + merges.txt
 
 
-def _check_diffusers_folder(folder: Path, what: str, need_weights: bool) -> None:
+def _check_diffusers_folder(folder: Path, what: str, need_weights: bool) -> bool:
+    """Check a diffusers folder's configs (and weights' presence); True for SDXL."""
     model_index = _read_json(folder / "model_index.json", what)
     for name in MODEL_INDEX_CLASSES:
         model_index_class(model_index, name, what)
-    if "text_encoder_2" in model_index:
-        raise NotImplementedError(
-            f"{what}: model_index.json has text_encoder_2 (SDXL); SDXL export is not supported yet"
-        )
     unet_config = _read_json(folder / "unet" / "config.json", what)
-    if unet_config.get("addition_embed_type") is not None:
-        raise NotImplementedError(
-            f"{what}: unet config addition_embed_type={unet_config['addition_embed_type']!r} "
-            "(SDXL-style added conditioning) is not supported yet"
-        )
-    for name in ("vae", "text_encoder"):
-        _read_json(folder / name / "config.json", what)
+    sdxl = _is_sdxl(model_index, unet_config, what)
+    components = SDXL_COMPONENTS if sdxl else COMPONENTS
+    configs = {name: _read_json(folder / name / "config.json", what) for name in components}
+    if sdxl:
+        _check_sdxl_widths(configs, what)
     _read_json(folder / "scheduler" / "scheduler_config.json", what)
-    _check_tokenizer_folder(folder / "tokenizer", what)
+    for tokenizer in ("tokenizer", "tokenizer_2") if sdxl else ("tokenizer",):
+        _check_tokenizer_folder(folder / tokenizer, what)
     if need_weights:
-        for name in COMPONENTS:
+        for name in components:
             if not any((folder / name).glob("*.safetensors")):
                 raise ValueError(
                     f"{what}: {folder / name} has no .safetensors weights; pickle weights "
                     "(.bin, .ckpt) are refused because loading them runs code. Convert them "
                     "to safetensors first."
                 )
+    return sdxl
 
 
-def check_source(src: str | Path, config: str | Path | None) -> SourceSpec:
+def _is_sdxl(model_index: dict[str, Any], unet_config: dict[str, Any], what: str) -> bool:
+    """Whether the folder is an SDXL pipeline fewstep exports; NotImplementedError naming what
+    makes it one it does not (module docstring)."""
+    added = unet_config.get("addition_embed_type")
+    if added not in (None, "text_time"):
+        raise NotImplementedError(
+            f"{what}: unet config addition_embed_type={added!r} is not supported (fewstep "
+            "exports None, SD 1.x/2.x, and 'text_time', SDXL)"
+        )
+    has_encoder_2 = model_index.get("text_encoder_2") not in (None, [None, None])
+    has_encoder_1 = model_index.get("text_encoder", []) != [None, None]
+    if added is None:
+        if has_encoder_2:
+            raise NotImplementedError(
+                f"{what}: model_index.json has text_encoder_2 but the unet config has no "
+                "addition_embed_type='text_time'; fewstep exports a second text encoder only "
+                "for SDXL"
+            )
+        return False
+    if not (has_encoder_1 and has_encoder_2) or model_index.get("requires_aesthetics_score"):
+        raise NotImplementedError(
+            f"{what}: an SDXL U-Net (addition_embed_type='text_time') needs text_encoder and "
+            "text_encoder_2 in model_index.json and no requires_aesthetics_score; the SDXL "
+            "refiner (text_encoder_2 alone, aesthetic score) is not supported"
+        )
+    return True
+
+
+def _check_sdxl_widths(configs: dict[str, dict[str, Any]], what: str) -> None:
+    """The U-Net's added-conditioning and cross-attention widths must match the encoders'."""
+    unet, te1, te2 = configs["unet"], configs["text_encoder"], configs["text_encoder_2"]
+    cross = unet.get("cross_attention_dim")
+    width_1, width_2 = te1.get("hidden_size"), te2.get("hidden_size")
+    if not (isinstance(width_1, int) and isinstance(width_2, int)) or cross != width_1 + width_2:
+        raise ValueError(
+            f"{what}: unet cross_attention_dim ({cross!r}) must be text_encoder hidden_size + "
+            f"text_encoder_2 hidden_size ({width_1!r} + {width_2!r}): SDXL concatenates "
+            "both encoders' hidden states"
+        )
+    time_dim = unet.get("addition_time_embed_dim")
+    projection = te2.get("projection_dim")
+    expected = unet.get("projection_class_embeddings_input_dim")
+    if not (isinstance(time_dim, int) and isinstance(projection, int)) or expected != (
+        SDXL_TIME_IDS * time_dim + projection
+    ):
+        raise ValueError(
+            f"{what}: unet projection_class_embeddings_input_dim ({expected!r}) must be "
+            f"{SDXL_TIME_IDS} x addition_time_embed_dim ({time_dim!r}) + text_encoder_2 "
+            f"projection_dim ({projection!r})"
+        )
+
+
+def check_source(src: str | os.PathLike, config: str | os.PathLike | None) -> SourceSpec:
     """Validate `src` (and `config` for single files) without loading any weights."""
     refuse_pickle(src)
     path = Path(src)
@@ -236,8 +309,8 @@ def check_source(src: str | Path, config: str | Path | None) -> SourceSpec:
             raise ValueError(
                 f"src must be a diffusers folder with model_index.json, got {str(src)!r}"
             )
-        _check_diffusers_folder(path, f"src {str(src)!r}", need_weights=True)
-        return SourceSpec(path=path, kind="diffusers", config_dir=path)
+        sdxl = _check_diffusers_folder(path, f"src {str(src)!r}", need_weights=True)
+        return SourceSpec(path=path, kind="diffusers", config_dir=path, sdxl=sdxl)
     if path.suffix.lower() not in SINGLE_FILE_SUFFIXES:
         raise ValueError(
             f"src must be a diffusers folder or a {'/'.join(SINGLE_FILE_SUFFIXES)} checkpoint, "
@@ -251,7 +324,11 @@ def check_source(src: str | Path, config: str | Path | None) -> SourceSpec:
     config_dir = Path(config)
     if not config_dir.is_dir():
         raise ValueError(f"config must be a local diffusers folder, got {str(config)!r}")
-    _check_diffusers_folder(config_dir, f"config {str(config)!r}", need_weights=False)
+    if _check_diffusers_folder(config_dir, f"config {str(config)!r}", need_weights=False):
+        raise NotImplementedError(
+            f"single-file SDXL checkpoints are not supported (config {str(config)!r} is an SDXL "
+            "folder); export the diffusers folder instead"
+        )
     unet_config = _read_json(config_dir / "unet" / "config.json", "config")
     if unet_config.get("time_cond_proj_dim"):
         # diffusers 0.42's single_file_utils has no rule for time_embedding.cond_proj: the
@@ -296,29 +373,31 @@ def _load_single_file(spec: SourceSpec, model_index: dict[str, Any]) -> tuple[An
 
 
 def load_source(spec: SourceSpec) -> SourceModel:
-    """Load the U-Net, VAE and text encoder in fp32, eval mode, gradients off."""
+    """Load the U-Net, VAE and text encoder(s) in fp32, eval mode, gradients off."""
     import torch
 
     model_index = _read_json(spec.config_dir / "model_index.json", "model_index")
     if spec.kind == "diffusers":
-        unet, vae, text_encoder = (
-            _component_class(model_index, name).from_pretrained(
+        modules = {
+            name: _component_class(model_index, name).from_pretrained(
                 spec.path / name, torch_dtype=torch.float32, use_safetensors=True
             )
-            for name in COMPONENTS
-        )
+            for name in spec.components
+        }
     else:
-        unet, vae, text_encoder = _load_single_file(spec, model_index)
-    for module in (unet, vae, text_encoder):
+        modules = dict(zip(COMPONENTS, _load_single_file(spec, model_index), strict=True))
+    for module in modules.values():
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module.float()
         module.eval().requires_grad_(False)
     return SourceModel(
         spec=spec,
-        unet=unet,
-        vae=vae,
-        text_encoder=text_encoder,
+        unet=modules["unet"],
+        vae=modules["vae"],
+        text_encoder=modules["text_encoder"],
+        text_encoder_2=modules.get("text_encoder_2"),
         model_index=model_index,
         scheduler_config_path=spec.config_dir / "scheduler" / "scheduler_config.json",
         tokenizer_dir=spec.config_dir / "tokenizer",
+        tokenizer_2_dir=spec.config_dir / "tokenizer_2" if spec.sdxl else None,
     )

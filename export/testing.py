@@ -2,11 +2,21 @@
 
 `make_tiny_model(path, family)` writes a complete diffusers folder (model_index.json, unet/,
 vae/, text_encoder/, tokenizer/, scheduler/) whose configs have the shape of a real model of
-that family (SD 1.5, SD 2.1, LCM Dreamshaper v7, SD-Turbo) at a few hundred thousand
-parameters, so that diffusers' own pipelines load it and every code path that branches on the
-family (prediction type, linear projections, per-block head counts, `time_cond_proj_dim`, the
+that family (SD 1.5, SD 2.1, LCM Dreamshaper v7, SD-Turbo; SDXL and SDXL-Turbo, which add
+text_encoder_2/ and tokenizer_2/) at a few hundred thousand parameters, so that diffusers' own
+pipelines load it and every code path that branches on the family (prediction type, linear
+projections, per-block head counts, `time_cond_proj_dim`, SDXL's added conditioning, the
 scheduler and its spacing, the pad token) is exercised in seconds. Weights are fp32
 safetensors, identical byte for byte for the same seed.
+
+SDXL families (`SDXL_FAMILIES`): a CLIPTextModel (OpenAI CLIP layout, quick_gelu, pad
+`<|endoftext|>`) and a CLIPTextModelWithProjection (OpenCLIP layout, gelu, pad `!`) of
+different widths whose penultimate hidden states, concatenated, are the U-Net's
+`cross_attention_dim`; a U-Net with `addition_embed_type="text_time"` whose
+`projection_class_embeddings_input_dim` is 6 × `addition_time_embed_dim` + encoder 2's
+`projection_dim`, SDXL's block pattern (no attention at the highest resolution) and two
+transformer layers per block at the lowest; a VAE with SDXL's scaling factor and
+`force_upcast`. Both tokenizers are saved as transformers 5 saves them (tokenizer.json only).
 
 The tokenizer is a real CLIP byte-level BPE (the algorithm of openai/CLIP `simple_tokenizer.py`,
 GPT-2's `bytes_to_unicode`) with a tiny vocabulary: the 256 byte symbols, the same with `</w>`,
@@ -17,7 +27,9 @@ repositories ship), "vocab+json" (those and tokenizer.json, as SD 2.x repositori
 "json" (tokenizer.json + tokenizer_config.json only: what transformers 5 saves).
 
 Limits: torch, diffusers and transformers are imported inside the functions, so importing
-this module stays cheap; only the SD 1.x/2.x families (no SDXL).
+this module stays cheap. SDXL models have no single-file layout here (conftest's
+`save_single_file` writes SD 1.x/2.x only) and no refiner variant (text_encoder_2 alone,
+aesthetic score).
 """
 
 from __future__ import annotations
@@ -31,7 +43,9 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
-FAMILIES = ("sd1", "sd2", "lcm", "turbo")
+FAMILIES = ("sd1", "sd2", "lcm", "turbo")  # one text encoder
+SDXL_FAMILIES = ("sdxl", "sdxl_turbo")  # two text encoders, added conditioning
+ALL_FAMILIES = FAMILIES + SDXL_FAMILIES
 
 TOKENIZER_LAYOUTS = ("vocab", "vocab+json", "json")
 
@@ -202,6 +216,63 @@ _TEXT_ENCODER_ACT = {"clip": "quick_gelu", "openclip": "gelu"}
 
 # One seed stream per component, so that changing one never shifts another.
 _COMPONENT_STREAMS = {"unet": 0, "vae": 1, "text_encoder": 2}
+# SDXL's second text encoder draws from its own stream past every seed's first three, so the
+# streams above (and the SD families' weights) stay what they were.
+_TEXT_ENCODER_2_STREAM = 1 << 40
+
+# SDXL (stabilityai/stable-diffusion-xl-base-1.0) at tiny scale. Encoder 1 is 32 wide, encoder
+# 2 is 64 wide with a 40-wide projection, so a mixed-up width or the wrong pooled output fails
+# loudly; cross_attention_dim is their sum.
+_SDXL_TEXT_TIME_DIM = 8  # addition_time_embed_dim (SDXL: 256)
+_SDXL_TEXT_ENCODER = {**_TEXT_ENCODER_BASE, "num_hidden_layers": 3}
+_SDXL_TEXT_ENCODER_2 = {
+    **_TEXT_ENCODER_BASE,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "num_hidden_layers": 3,
+    "projection_dim": 40,
+}
+_SDXL_UNET = {
+    "sample_size": 8,
+    "in_channels": 4,
+    "out_channels": 4,
+    "layers_per_block": 1,
+    "block_out_channels": (16, 32, 64),
+    "down_block_types": ("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    "up_block_types": ("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
+    "transformer_layers_per_block": (1, 1, 2),  # SDXL: (1, 2, 10); the mid block takes the last
+    "attention_head_dim": (2, 4, 8),  # read as head counts, as SDXL's (5, 10, 20) are
+    "use_linear_projection": True,
+    "cross_attention_dim": _SDXL_TEXT_ENCODER["hidden_size"] + _SDXL_TEXT_ENCODER_2["hidden_size"],
+    "addition_embed_type": "text_time",
+    "addition_time_embed_dim": _SDXL_TEXT_TIME_DIM,
+    # six size values (original, crop, target) embedded, then the pooled text embedding
+    "projection_class_embeddings_input_dim": (
+        6 * _SDXL_TEXT_TIME_DIM + _SDXL_TEXT_ENCODER_2["projection_dim"]
+    ),
+    "norm_num_groups": 8,
+}
+_SDXL_VAE = {**_VAE_CONFIG, "scaling_factor": 0.13025, "force_upcast": True}
+_SDXL_SCHEDULERS = {
+    # the base model's: Euler, leading spacing
+    "sdxl": {
+        "_class_name": "EulerDiscreteScheduler",
+        **_BETAS,
+        "prediction_type": "epsilon",
+        "interpolation_type": "linear",
+        "use_karras_sigmas": False,
+        "steps_offset": 1,
+        "timestep_spacing": "leading",
+    },
+    # stabilityai/sdxl-turbo's: Euler-ancestral, trailing spacing (1-4 steps, no guidance)
+    "sdxl_turbo": {
+        "_class_name": "EulerAncestralDiscreteScheduler",
+        **_BETAS,
+        "prediction_type": "epsilon",
+        "steps_offset": 1,
+        "timestep_spacing": "trailing",
+    },
+}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -370,6 +441,8 @@ def _redraw_parameters(module, generator) -> None:
 def _generator(seed: int, component: str):
     import torch
 
+    if component == "text_encoder_2":
+        return torch.Generator().manual_seed(seed + _TEXT_ENCODER_2_STREAM)
     return torch.Generator().manual_seed(
         seed * len(_COMPONENT_STREAMS) + _COMPONENT_STREAMS[component]
     )
@@ -390,43 +463,106 @@ def make_tiny_model(
 ) -> pathlib.Path:
     """Write a tiny random-weight diffusers folder of `family` to `path`; returns the path.
 
-    family: one of `FAMILIES` ("sd1", "sd2", "lcm", "turbo").
+    family: one of `ALL_FAMILIES` ("sd1", "sd2", "lcm", "turbo", "sdxl", "sdxl_turbo").
     seed: the weights are a pure function of it (same seed: byte-identical safetensors).
     tokenizer_layout: one of TOKENIZER_LAYOUTS (module docstring); None follows the family's
-        Hub repos (SD1/LCM: "vocab", SD2/Turbo: "vocab+json").
+        Hub repos (SD1/LCM: "vocab", SD2/Turbo: "vocab+json"), and for SDXL what
+        transformers 5 saves ("json"), for both tokenizers.
     """
-    if family not in FAMILIES:
-        raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family must be one of {ALL_FAMILIES}, got {family!r}")
     if not isinstance(seed, int) or seed < 0:
         raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     if tokenizer_layout is not None and tokenizer_layout not in TOKENIZER_LAYOUTS:
         raise ValueError(
             f"tokenizer_layout must be one of {TOKENIZER_LAYOUTS} or None, got {tokenizer_layout!r}"
         )
+    root = pathlib.Path(path)
+    if family in SDXL_FAMILIES:
+        return _make_tiny_sdxl(root, family, seed, tokenizer_layout or "json")
+    return _make_tiny_sd(root, family, seed, tokenizer_layout)
 
+
+def _clip_text_config(vocab: dict[str, int], pad_token: str, act: str, **sizes: Any):
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **sizes,
+        hidden_act=_TEXT_ENCODER_ACT[act],
+        vocab_size=len(vocab),
+        bos_token_id=vocab[BOS_TOKEN],
+        eos_token_id=vocab[EOS_TOKEN],
+        pad_token_id=vocab[pad_token],
+    )
+
+
+def _save_text_encoder(text_encoder, folder: pathlib.Path) -> None:
+    """config.json + model.safetensors in the Hub layout.
+
+    Hub SD repos store CLIPTextModel with the `text_model.` prefix; transformers >= 5.6 saves
+    it without. Writing the Hub layout lets transformers 4 and 5 both load it.
+    CLIPTextModelWithProjection keeps its own names (`text_model.…`, `text_projection.…`).
+    """
+    folder.mkdir(parents=True, exist_ok=True)
+    config = text_encoder.config
+    config.architectures = [type(text_encoder).__name__]
+    config.dtype = "float32"
+    config.save_pretrained(folder)
+    if hasattr(text_encoder, "text_projection"):
+        state = {k: v for k, v in text_encoder.state_dict().items() if "position_ids" not in k}
+    else:
+        state = {
+            "text_model." + k: v for k, v in text_encoder_state(text_encoder.state_dict()).items()
+        }
+    save_safetensors(state, folder / "model.safetensors")
+
+
+def _save_scheduler(scheduler: dict[str, Any], folder: pathlib.Path) -> str:
+    """Write scheduler_config.json through diffusers' class; returns the class name."""
+    import diffusers
+
+    config = dict(scheduler)
+    scheduler_class = getattr(diffusers, config.pop("_class_name"))
+    scheduler_class.from_config(config).save_pretrained(folder)
+    return scheduler_class.__name__
+
+
+def _model_index(pipeline_class: str, scheduler_class: str, **extra: Any) -> dict[str, Any]:
+    import diffusers
+
+    return {
+        "_class_name": pipeline_class,
+        "_diffusers_version": diffusers.__version__,
+        "feature_extractor": [None, None],
+        "image_encoder": [None, None],
+        **extra,
+        "scheduler": ["diffusers", scheduler_class],
+        "text_encoder": ["transformers", "CLIPTextModel"],
+        "tokenizer": ["transformers", "CLIPTokenizer"],
+        "unet": ["diffusers", "UNet2DConditionModel"],
+        "vae": ["diffusers", "AutoencoderKL"],
+    }
+
+
+def _make_tiny_sd(
+    root: pathlib.Path, family: str, seed: int, tokenizer_layout: str | None
+) -> pathlib.Path:
     import diffusers
     import torch
-    from transformers import CLIPTextConfig, CLIPTextModel
+    from transformers import CLIPTextModel
 
     spec = _FAMILY_SPECS[family]
-    root = pathlib.Path(path)
     root.mkdir(parents=True, exist_ok=True)
 
     layout = spec.tokenizer_layout if tokenizer_layout is None else tokenizer_layout
     vocab = write_clip_tokenizer(root / "tokenizer", spec.pad_token, layout=layout)
-    vocab_size = len(vocab)
 
     # Construction draws default inits from torch's global generator; keep the caller's state.
     with torch.random.fork_rng(devices=[]):
         unet = diffusers.UNet2DConditionModel(**_UNET_BASE, **spec.unet)
         vae = diffusers.AutoencoderKL(**_VAE_CONFIG)
-        text_config = CLIPTextConfig(
-            **_TEXT_ENCODER_BASE,
-            hidden_act=_TEXT_ENCODER_ACT[spec.text_encoder],
-            vocab_size=vocab_size,
-            bos_token_id=vocab[BOS_TOKEN],
-            eos_token_id=vocab[EOS_TOKEN],
-            pad_token_id=vocab[spec.pad_token],
+        text_config = _clip_text_config(
+            vocab, spec.pad_token, spec.text_encoder, **_TEXT_ENCODER_BASE
         )
         text_encoder = CLIPTextModel(text_config)
 
@@ -436,35 +572,60 @@ def make_tiny_model(
 
     unet.save_pretrained(root / "unet", safe_serialization=True)
     vae.save_pretrained(root / "vae", safe_serialization=True)
+    _save_text_encoder(text_encoder, root / "text_encoder")
+    scheduler_class = _save_scheduler(spec.scheduler, root / "scheduler")
 
-    # Hub SD repos store the text encoder with the `text_model.` prefix; transformers >= 5.6
-    # saves CLIPTextModel without it. Write the Hub layout: both transformers 4 and 5 load it.
-    te_dir = root / "text_encoder"
-    te_dir.mkdir(exist_ok=True)
-    text_config.architectures = ["CLIPTextModel"]
-    text_config.dtype = "float32"
-    text_config.save_pretrained(te_dir)
-    state = text_encoder_state(text_encoder.state_dict())
-    save_safetensors({"text_model." + k: v for k, v in state.items()}, te_dir / "model.safetensors")
-
-    scheduler_config = dict(spec.scheduler)
-    scheduler_class = getattr(diffusers, scheduler_config.pop("_class_name"))
-    scheduler_class.from_config(scheduler_config).save_pretrained(root / "scheduler")
-
-    model_index = {
-        "_class_name": spec.pipeline_class,
-        "_diffusers_version": diffusers.__version__,
-        "feature_extractor": [None, None],
-        "image_encoder": [None, None],
-        "requires_safety_checker": False,
-        "safety_checker": [None, None],
-        "scheduler": ["diffusers", scheduler_class.__name__],
-        "text_encoder": ["transformers", "CLIPTextModel"],
-        "tokenizer": ["transformers", "CLIPTokenizer"],
-        "unet": ["diffusers", "UNet2DConditionModel"],
-        "vae": ["diffusers", "AutoencoderKL"],
-    }
+    model_index = _model_index(
+        spec.pipeline_class,
+        scheduler_class,
+        requires_safety_checker=False,
+        safety_checker=[None, None],
+    )
     (root / "model_index.json").write_text(json.dumps(model_index, indent=2) + "\n")
+    return root
+
+
+def _make_tiny_sdxl(root: pathlib.Path, family: str, seed: int, layout: str) -> pathlib.Path:
+    """SDXL (base or Turbo) at tiny scale: the module docstring says what it has."""
+    import diffusers
+    import torch
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    root.mkdir(parents=True, exist_ok=True)
+    vocab = write_clip_tokenizer(root / "tokenizer", EOS_TOKEN, layout=layout)
+    write_clip_tokenizer(root / "tokenizer_2", "!", layout=layout)
+
+    with torch.random.fork_rng(devices=[]):
+        unet = diffusers.UNet2DConditionModel(**_SDXL_UNET)
+        vae = diffusers.AutoencoderKL(**_SDXL_VAE)
+        text_encoder = CLIPTextModel(
+            _clip_text_config(vocab, EOS_TOKEN, "clip", **_SDXL_TEXT_ENCODER)
+        )
+        text_encoder_2 = CLIPTextModelWithProjection(
+            _clip_text_config(vocab, "!", "openclip", **_SDXL_TEXT_ENCODER_2)
+        )
+    for name, module in (
+        ("unet", unet),
+        ("vae", vae),
+        ("text_encoder", text_encoder),
+        ("text_encoder_2", text_encoder_2),
+    ):
+        _redraw_parameters(module, _generator(seed, name))
+
+    unet.save_pretrained(root / "unet", safe_serialization=True)
+    vae.save_pretrained(root / "vae", safe_serialization=True)
+    _save_text_encoder(text_encoder, root / "text_encoder")
+    _save_text_encoder(text_encoder_2, root / "text_encoder_2")
+    scheduler_class = _save_scheduler(_SDXL_SCHEDULERS[family], root / "scheduler")
+
+    model_index = _model_index(
+        "StableDiffusionXLPipeline",
+        scheduler_class,
+        force_zeros_for_empty_prompt=True,
+        text_encoder_2=["transformers", "CLIPTextModelWithProjection"],
+        tokenizer_2=["transformers", "CLIPTokenizer"],
+    )
+    (root / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
     return root
 
 

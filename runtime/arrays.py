@@ -47,6 +47,11 @@ class ArrayOps(Protocol):
         """No NaN or infinity in x."""
         ...
 
+    def to_host(self, x: Any) -> np.ndarray:
+        """x as a float32 numpy array on the host (img2img samples the VAE encoder's
+        latent distribution there, with the host's noise)."""
+        ...
+
     def to_images(self, decoded: Any, as_uint8: bool) -> np.ndarray:
         """VAE output [B, 3, H, W] in -1..1 → host images [B, H, W, 3]: float32
         clip(x / 2 + 0.5, 0, 1), or with `as_uint8` that × 255 rounded half to even (what
@@ -78,6 +83,9 @@ class NumpyOps:
 
     def all_finite(self, x: np.ndarray) -> bool:
         return bool(np.isfinite(x).all())
+
+    def to_host(self, x: np.ndarray) -> np.ndarray:
+        return np.asarray(x, dtype=np.float32)
 
     def to_images(self, decoded: np.ndarray, as_uint8: bool) -> np.ndarray:
         # In place on one buffer, and [B, H, W, 3] as a view (as diffusers' images): several

@@ -46,6 +46,20 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eta", type=float, default=0.0)
     p.add_argument("--guidance-rescale", type=float, default=0.0)
     p.add_argument(
+        "--image",
+        default=None,
+        metavar="PATH",
+        help="img2img: start from this PNG, JPEG or WebP image (its size, rounded down to the "
+        "model's size multiple, unless --height/--width are given)",
+    )
+    p.add_argument(
+        "--strength",
+        type=float,
+        default=None,
+        help="img2img: how much of the schedule runs, in (0, 1] (default 0.8); "
+        "int(steps x strength) steps run",
+    )
+    p.add_argument(
         "--scheduler",
         type=_scheduler,
         default=None,
@@ -115,6 +129,8 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
         guidance_rescale=args.guidance_rescale,
         scheduler=args.scheduler,
         progress=True,
+        image=args.image,
+        strength=args.strength,
     )
     manifest = read_manifest(model) or {}
     unet_hash = manifest.get("files", {}).get("unet/model.onnx")

@@ -1,10 +1,10 @@
 """Image files as fewstep writes them: PNG, JPEG or WebP, with A1111's generation parameters.
 
 The parameters text (`<prompt>\\nNegative prompt: <neg>\\nSteps: 20, Sampler: Euler a, CFG
-scale: 7, Seed: 123, Size: 512x512, Model hash: …, Model: …`, the negative line only when set)
-goes where A1111's web UI writes and reads it: a PNG `parameters` tEXt chunk; for JPEG and
-WebP, EXIF UserComment in the UNICODE character code (an 8-byte `UNICODE\\0` prefix, then
-UTF-16 big-endian).
+scale: 7, Seed: 123, Size: 512x512, Model hash: …, Model: …`, the negative line only when set;
+img2img adds `, Denoising strength: 0.75` last, as A1111 writes it) goes where A1111's web UI
+writes and reads it: a PNG `parameters` tEXt chunk; for JPEG and WebP, EXIF UserComment in the
+UNICODE character code (an 8-byte `UNICODE\\0` prefix, then UTF-16 big-endian).
 
 Files are never half-written and never silently replaced: each image is written to a hidden
 temporary file beside its name, then hard-linked to the name, which fails if the name exists
@@ -55,6 +55,8 @@ def a1111_parameters(
     if model_hash:
         fields.append(f"Model hash: {model_hash[:10]}")
     fields.append(f"Model: {model_name}")
+    if settings.get("strength") is not None:  # img2img, after the model as A1111 puts it
+        fields.append(f"Denoising strength: {float(settings['strength'])}")
     lines.append(", ".join(fields))
     return "\n".join(lines)
 

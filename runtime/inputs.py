@@ -6,6 +6,9 @@ that names it, says what is allowed and shows the value given. Numbers may be Py
 scalars alike; a bool is not a number here (`num_inference_steps=True` is a mistake, not 1),
 and a string is not a number either (`eta="0.5"`).
 
+img2img's `image` is checked and decoded here too (fewstep.image_inputs), last, since decoding
+a file is the costliest check; its size then decides height and width unless they are given.
+
 `Limits` bound the work one call can ask for: pixels per image, images per call (across all
 prompts), sampler steps and prompt length. A server takes these from strangers, so the
 defaults are what a user of SD-family models asks for (2048² is past SDXL's native 1024²;
@@ -21,11 +24,13 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from fewstep.image_inputs import ImageInput, check_image
 from fewstep.package import ModelInfo
 
 OUTPUT_TYPES = ("pil", "np")
 MAX_SEED = 2**64 - 1
 MAX_GUIDANCE_SCALE = 100.0
+DEFAULT_STRENGTH = 0.8  # img2img, as diffusers' img2img pipelines default it
 
 
 class NoiseSource(Protocol):
@@ -68,6 +73,8 @@ class CheckedInputs:
     guidance_rescale: float
     output_type: str
     scheduler: str | None
+    image: ImageInput | None = None  # img2img's input images, at the call's size
+    strength: float | None = None  # img2img only: the share of the schedule that runs
 
     @property
     def batch(self) -> int:
@@ -126,6 +133,24 @@ def check_size(name: str, value: int, multiple: int) -> int:
             f"downsample by {multiple} in all), got {size}"
         )
     return size
+
+
+def check_strength(value: Any) -> float:
+    """img2img's strength: a number in (0, 1], the share of the schedule that runs."""
+    ok = isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(
+        value, (bool, np.bool_)
+    )
+    if ok and math.isfinite(value) and 0 < value <= 1:
+        return float(value)
+    raise ValueError(f"strength must be a number in (0, 1] (0 excluded), got {value!r}")
+
+
+def check_pixels(height: int, width: int, limits: Limits) -> None:
+    if height * width > limits.max_pixels:
+        raise ValueError(
+            f"height × width must be at most {limits.max_pixels} pixels, got "
+            f"{height}×{width} = {height * width}"
+        )
 
 
 def check_guidance(name: str, value: Any) -> float:
@@ -195,15 +220,19 @@ def check_inputs(
     info: ModelInfo,
     samplers: Sequence[str],
     limits: Limits,
+    image: Any = None,
+    strength: Any = None,
 ) -> CheckedInputs:
     """Check one call's arguments; None for steps, guidance, height or width takes the
-    model's default."""
+    model's default. With `image` (img2img, fewstep.image_inputs) the size is the image's
+    unless height and width say otherwise, and `strength` defaults to DEFAULT_STRENGTH."""
     if num_inference_steps is None:
         num_inference_steps = info.default_num_inference_steps
     if guidance_scale is None:
         guidance_scale = info.default_guidance_scale
-    height = info.default_height if height is None else height
-    width = info.default_width if width is None else width
+    if image is None:
+        height = info.default_height if height is None else height
+        width = info.default_width if width is None else width
     prompts = check_texts("prompt", prompt, limits.max_prompt_chars)
     if negative_prompt is None:
         negatives = [""] * len(prompts)
@@ -218,19 +247,24 @@ def check_inputs(
                 f"got {len(negatives)}"
             )
     steps = check_integer("num_inference_steps", num_inference_steps, 1, limits.max_steps)
-    height = check_size("height", height, info.size_multiple)
-    width = check_size("width", width, info.size_multiple)
-    if height * width > limits.max_pixels:
-        raise ValueError(
-            f"height × width must be at most {limits.max_pixels} pixels, got "
-            f"{height}×{width} = {height * width}"
-        )
+    if height is not None:
+        height = check_size("height", height, info.size_multiple)
+    if width is not None:
+        width = check_size("width", width, info.size_multiple)
+    if height is not None and width is not None:
+        check_pixels(height, width, limits)
     per_prompt = check_integer("num_images_per_prompt", num_images_per_prompt, 1)
     if len(prompts) * per_prompt > limits.max_images:
         raise ValueError(
             f"a call makes at most {limits.max_images} images, got {len(prompts)} prompts × "
             f"num_images_per_prompt {per_prompt} = {len(prompts) * per_prompt}"
         )
+    if image is None and strength is not None:
+        raise ValueError(f"strength is for img2img: pass it with an image, got {strength!r} alone")
+    if image is not None:
+        strength = check_strength(DEFAULT_STRENGTH if strength is None else strength)
+        if latents is not None:
+            raise ValueError("pass either image (img2img) or latents, not both")
     eta = check_number("eta", eta, 0.0, 1.0)
     guidance_rescale = check_number("guidance_rescale", guidance_rescale, 0.0, 1.0)
     if not isinstance(output_type, str) or output_type not in OUTPUT_TYPES:
@@ -250,6 +284,19 @@ def check_inputs(
         seed = per_image("seed", seed, batch, lambda name, v: check_integer(name, v, 0, MAX_SEED))
     if generator is not None:
         generator = per_image("generator", generator, batch, check_generator)
+    image_input = None
+    if image is not None:  # last: decoding files is the costly check
+        image_input = check_image(
+            image,
+            prompts=len(prompts),
+            per_prompt=per_prompt,
+            multiple=info.size_multiple,
+            max_pixels=limits.max_pixels,
+            height=height,
+            width=width,
+        )
+        height, width = image_input.height, image_input.width
+        check_pixels(height, width, limits)
     checked_latents = None
     if latents is not None:
         scale = info.vae_scale_factor
@@ -270,4 +317,6 @@ def check_inputs(
         guidance_rescale=guidance_rescale,
         output_type=output_type,
         scheduler=scheduler,
+        image=image_input,
+        strength=strength,
     )

@@ -6,6 +6,7 @@ Layout (docs/architecture.md#the-model-package):
     scheduler/scheduler_config.json
     tokenizer/                       vocab.json + merges.txt (+ tokenizer.json)
     text_encoder/model.onnx (+ config.json)
+    tokenizer_2/, text_encoder_2/    SDXL only (+ model.onnx_data past 2 GiB)
     unet/model.onnx (+ model.onnx_data, config.json)
     vae_decoder/model.onnx (+ config.json)
     vae_encoder/model.onnx (+ config.json)
@@ -34,8 +35,9 @@ MANIFEST_NAME = "fewstep.json"
 MANIFEST_VERSION = 1
 FAMILIES = ("sd1", "sd2", "sdxl")
 PRECISIONS = ("fp32", "fp16")
-GRAPH_NAMES = ("text_encoder", "unet", "vae_decoder", "vae_encoder")
-REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")
+GRAPH_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
+REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")  # and text_encoder_2 for SDXL
+SDXL_TIME_IDS = 6  # SDXL's size conditioning: original size, crop top-left, target size
 # The default model, trained by training/ and installed with fewstep: one folder that is both
 # its diffusers folder and its model package (fewstep.export.shared_weights).
 DEFAULT_MODEL_DIR = Path(__file__).resolve().parent / "models" / "scenes"
@@ -122,7 +124,7 @@ class ModelInfo:
 
 
 def default_generation_settings(
-    scheduler_config: dict[str, Any], guidance_embedding_dim: int | None
+    scheduler_config: dict[str, Any], guidance_embedding_dim: int | None, family: str = "sd1"
 ) -> tuple[int, float]:
     """(num_inference_steps, guidance_scale) users of each family expect
     (docs/reference.md#model-families)."""
@@ -131,7 +133,7 @@ def default_generation_settings(
         return 4, 8.5
     if cls.startswith("Euler") and scheduler_config.get("timestep_spacing") == "trailing":
         return 1, 0.0  # ADD-distilled (SD-Turbo, SDXL-Turbo): 1-4 steps, no CFG
-    return 50, 7.5
+    return 50, 5.0 if family == "sdxl" else 7.5  # diffusers' SDXL pipeline guides at 5
 
 
 def family_from_configs(unet_config: dict[str, Any]) -> str:
@@ -209,9 +211,10 @@ def read_model_info(root: str | Path) -> ModelInfo:
     if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not scaling > 0:
         raise PackageError(f"{vae_path}: scaling_factor must be a number > 0, got {scaling!r}")
     prediction = sched_cfg.get("prediction_type", "epsilon")
-    steps, guidance = default_generation_settings(sched_cfg, guidance_dim)
+    family = family_from_configs(unet_cfg)
+    steps, guidance = default_generation_settings(sched_cfg, guidance_dim, family)
     return ModelInfo(
-        family=family_from_configs(unet_cfg),
+        family=family,
         prediction_type=prediction,
         latent_channels=_config_int(unet_cfg, "in_channels", 4, unet_path, MAX_CHANNELS),
         vae_scale_factor=vae_scale,
@@ -327,6 +330,15 @@ def read_manifest(root: str | Path) -> dict[str, Any] | None:
     return manifest
 
 
+def required_graphs(root: Path) -> tuple[str, ...]:
+    """The graphs a package cannot run without: REQUIRED_GRAPHS, and text_encoder_2 when its
+    U-Net config says SDXL (a missing or corrupt config is reported by read_model_info)."""
+    unet_config = root / "unet" / "config.json"
+    if unet_config.is_file() and family_from_configs(read_json(unet_config)) == "sdxl":
+        return (*REQUIRED_GRAPHS, "text_encoder_2")
+    return REQUIRED_GRAPHS
+
+
 def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any] | None:
     """Check that the graphs are there and, with a manifest, that every file is intact.
 
@@ -335,7 +347,7 @@ def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any
     root = Path(root)
     if not root.is_dir():
         raise PackageError(f"model package not found: {root}")
-    for name in REQUIRED_GRAPHS:
+    for name in required_graphs(root):
         if not (root / name / "model.onnx").is_file():
             raise PackageError(f"missing package file: {root / name / 'model.onnx'}")
     package_files(root)  # no link leads out of the package

@@ -2,7 +2,8 @@
 
 Follows diffusers' `StableDiffusionPipeline.__call__` and
 `LatentConsistencyModelPipeline.__call__` (src/diffusers/pipelines/…) step for
-step, so that the same weights, initial latents and noise give the same images.
+step, so that the same weights, initial latents and noise give the same images; for SDXL,
+`StableDiffusionXLPipeline.__call__`, whose text conditioning is fewstep.prompt_sdxl's.
 Deviations: the safety checker is not part of the package; a non-finite image is an error,
 never an output.
 
@@ -30,8 +31,10 @@ import numpy as np
 
 from fewstep.arrays import NUMPY_OPS, ArrayOps
 from fewstep.backends.base import Backend, backend_class, check_options
+from fewstep.image_inputs import ImageInput, sample_image_latents
 from fewstep.inputs import Limits, NoiseSource, check_inputs
 from fewstep.package import ModelInfo, read_model_info
+from fewstep.prompt_sdxl import SDXLTextEncoders, refuse_sdxl_arguments
 from fewstep.samplers import SAMPLERS, create_sampler, sampler_name_for
 from fewstep.samplers.lcm import guidance_scale_embedding
 from fewstep.tokenizer import CLIPTokenizer
@@ -90,11 +93,16 @@ class Pipeline:
         backend: Backend,
         path: Path,
         limits: Limits | None = None,
+        sdxl: SDXLTextEncoders | None = None,
     ):
         self.info = info
         self.tokenizer = tokenizer
         self.backend = backend
         self.path = path
+        # SDXL's second tokenizer and conditioning settings (read from `path` when not given)
+        if sdxl is None and info.family == "sdxl":
+            sdxl = SDXLTextEncoders.from_folder(path)
+        self.sdxl = sdxl
         self.limits = Limits() if limits is None else limits
         if not isinstance(self.limits, Limits):
             raise ValueError(f"limits must be a fewstep.Limits, got {limits!r}")
@@ -126,7 +134,8 @@ class Pipeline:
         backend_cls.verify_model(root, check_hashes=check_hashes)
         info = read_model_info(root)
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
-        return cls(info, tokenizer, backend_cls(root, **backend_options), root, limits)
+        sdxl = SDXLTextEncoders.from_folder(root) if info.family == "sdxl" else None
+        return cls(info, tokenizer, backend_cls(root, **backend_options), root, limits, sdxl)
 
     # -- stages ---------------------------------------------------------------------------
 
@@ -154,6 +163,41 @@ class Pipeline:
             )
         return ops.to_images(decoded, as_uint8)
 
+    def encode_image(self, pixels: np.ndarray) -> np.ndarray:
+        """Images [N, 3, H, W] in -1..1 → the VAE encoder's latent distribution, on the host:
+        float32 [N, 2C, H/f, W/f], mean then log-variance."""
+        ops = self.backend.array_ops
+        out = self.backend.run("vae_encoder", sample=ops.asarray(pixels))["latent_parameters"]
+        if not ops.all_finite(out):
+            raise FloatingPointError(
+                "vae_encoder produced non-finite values (an fp16 VAE overflows on some models; "
+                "export the VAE in fp32)"
+            )
+        return ops.to_host(out)
+
+    def check_image_encoder(self) -> None:
+        """ValueError naming the graph when the model has no VAE encoder (img2img needs it)."""
+        if not self.backend.has_graph("vae_encoder"):
+            raise ValueError(
+                f"image (img2img) needs the model's VAE encoder, and {self.path} has no "
+                "vae_encoder graph (vae_encoder/model.onnx); export the model with "
+                "`fewstep export` to include it"
+            )
+
+    def image_latents(
+        self, image: ImageInput, sampler: Any, draw: Any, per_image: bool
+    ) -> np.ndarray:
+        """img2img's initial latents on the host, float32 [B, C, h, w]: the images' latents
+        (a sample of the encoder's distribution) noised to the sampler's first timestep, as
+        diffusers' img2img `prepare_latents` (the sample's noise first, then the added
+        noise, from the same source)."""
+        moments = self.encode_image(image.pixels)
+        clean = sample_image_latents(
+            moments, image.rows, draw, per_image, self.info.vae_scaling_factor
+        )
+        noisy = sampler.add_noise(clean, draw(clean.shape), sampler.begin_index)
+        return np.asarray(noisy, dtype=np.float32)
+
     # -- the call -------------------------------------------------------------------------
 
     def __call__(
@@ -174,14 +218,37 @@ class Pipeline:
         scheduler: str | None = None,
         progress: bool = False,
         timings: bool = False,
+        image: Any = None,
+        strength: float | None = None,
+        prompt_2: str | Sequence[str] | None = None,
+        negative_prompt_2: str | Sequence[str] | None = None,
+        original_size: tuple[int, int] | None = None,
+        crops_coords_top_left: tuple[int, int] | None = None,
+        target_size: tuple[int, int] | None = None,
+        negative_original_size: tuple[int, int] | None = None,
+        negative_crops_coords_top_left: tuple[int, int] | None = None,
+        negative_target_size: tuple[int, int] | None = None,
     ) -> PipelineOutput:
         """Generate images; diffusers' argument names (fewstep.inputs checks them all first).
 
         `progress` shows a progress bar over the U-Net calls. `timings` records each stage's
-        time in `timings_ms` (text_encoder; sampler_step and unet_call per U-Net call;
-        vae_decoder), waiting for the device after each; without it only `total` is recorded
-        and a GPU backend is never waited on mid-call. A sampler may call the U-Net more than
-        once a step (Heun: 2n − 1 calls for n steps); `settings["unet_calls"]` says how often.
+        time in `timings_ms` (text_encoder; vae_encoder for img2img; sampler_step and
+        unet_call per U-Net call; vae_decoder), waiting for the device after each; without it
+        only `total` is recorded and a GPU backend is never waited on mid-call. A sampler may
+        call the U-Net more than once a step (Heun: 2n − 1 calls for n steps);
+        `settings["unet_calls"]` says how often.
+
+        img2img (diffusers' img2img pipelines): `image` (fewstep.image_inputs: PIL images,
+        arrays, image files) is encoded by the VAE encoder and noised to the first timestep
+        that `strength` (default 0.8) keeps; int(steps × strength) steps then run (LCM: all
+        steps, over the lower part of its schedule). The size is the image's, rounded down
+        to the model's size multiple, unless height and width are given.
+
+        SDXL (fewstep.prompt_sdxl, diffusers' StableDiffusionXLPipeline): `prompt_2` and
+        `negative_prompt_2` go to the second text encoder (default: `prompt`,
+        `negative_prompt`); the size conditioning `original_size`, `crops_coords_top_left`,
+        `target_size` (default: (height, width), (0, 0), (height, width)) and its `negative_`
+        counterparts for the unconditional half. Other models refuse these arguments.
         """
         info = self.info
         t_start = time.perf_counter()
@@ -204,17 +271,47 @@ class Pipeline:
             info=info,
             samplers=SAMPLERS,
             limits=self.limits,
+            image=image,
+            strength=strength,
         )
         prompts, negatives = args.prompts, args.negative_prompts
         steps, guidance = args.num_inference_steps, args.guidance_scale
         height, width, num_images_per_prompt = args.height, args.width, args.num_images_per_prompt
         eta, guidance_rescale, seed = args.eta, args.guidance_rescale, args.seed
+        sdxl_given = {
+            "prompt_2": prompt_2,
+            "negative_prompt_2": negative_prompt_2,
+            "original_size": original_size,
+            "crops_coords_top_left": crops_coords_top_left,
+            "target_size": target_size,
+            "negative_original_size": negative_original_size,
+            "negative_crops_coords_top_left": negative_crops_coords_top_left,
+            "negative_target_size": negative_target_size,
+        }
+        if self.sdxl is None:
+            refuse_sdxl_arguments(info.family, sdxl_given)
+            sdxl_args = None
+        else:
+            sdxl_args = self.sdxl.check(
+                prompts,
+                negatives,
+                negative_prompt is not None,
+                height,
+                width,
+                self.limits.max_prompt_chars,
+                sdxl_given,
+            )
 
         sampler_name = args.scheduler or info.scheduler_class
         # eta only means something to DDIM; diffusers ignores it elsewhere, and so do we.
         options = {"eta": eta} if sampler_name_for(sampler_name) == "ddim" else {}
         sampler = create_sampler(sampler_name, info.scheduler_config, **options)
-        sampler.set_timesteps(steps)  # raises ValueError when steps exceed what it allows
+        # Both raise ValueError when steps (and strength) ask for what the sampler can't do.
+        if args.strength is not None:  # img2img: set exactly when an image is given
+            self.check_image_encoder()
+            sampler.set_img2img_timesteps(steps, args.strength)
+        else:
+            sampler.set_timesteps(steps)
         batch = args.batch
         latent_shape = (
             batch,
@@ -233,9 +330,20 @@ class Pipeline:
 
         # 2. Text conditioning: [uncond; cond] stacked into one batch of 2B when guiding.
         t0 = time.perf_counter()
-        texts = negatives + prompts if do_cfg else prompts
-        embeds = ops.repeat(self.encode_prompt(texts), num_images_per_prompt)
-        cond: dict[str, Any] = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
+        if self.sdxl is not None and sdxl_args is not None:  # + text_embeds, time_ids
+            cond = self.sdxl.conditioning(
+                self.backend,
+                self.tokenizer,
+                prompts,
+                negatives,
+                sdxl_args,
+                do_cfg,
+                num_images_per_prompt,
+            )
+        else:
+            texts = negatives + prompts if do_cfg else prompts
+            embeds = ops.repeat(self.encode_prompt(texts), num_images_per_prompt)
+            cond = {"encoder_hidden_states": embeds}  # [(2)B, 77, C]
         if info.guidance_embedding_dim is not None:
             w = np.broadcast_to(np.subtract(guidance, 1.0), (batch,)).astype(np.float32)
             embedding = guidance_scale_embedding(w, info.guidance_embedding_dim)
@@ -250,10 +358,18 @@ class Pipeline:
             "unet_call": [],  # the backend's U-Net call alone
         }
 
-        # 3. Initial latents, scaled to the sampler's starting noise level, on the backend.
-        if latents is None:
-            latents = draw(latent_shape)
-        latents = ops.asarray((latents * np.float32(sampler.init_noise_sigma)).astype(np.float32))
+        # 3. Initial latents on the backend: noise scaled to the sampler's starting level, or
+        # (img2img) the image's latents noised to the first timestep that runs.
+        t0 = time.perf_counter()
+        if args.image is not None:
+            per_image = isinstance(args.generator if args.generator is not None else seed, tuple)
+            latents = ops.asarray(self.image_latents(args.image, sampler, draw, per_image))
+            stage_ms["vae_encoder"] = (time.perf_counter() - t0) * 1e3
+        else:
+            if latents is None:
+                latents = draw(latent_shape)
+            scaled = latents * np.float32(sampler.init_noise_sigma)
+            latents = ops.asarray(scaled.astype(np.float32))
 
         # Per-image guidance scales multiply row by row: [B, 1, 1, 1].
         cfg_scale: Any = guidance
@@ -261,7 +377,7 @@ class Pipeline:
             cfg_scale = ops.asarray(np.array(guidance, np.float32).reshape(-1, 1, 1, 1))
 
         # 4. Denoising loop.
-        steps_iter = range(len(sampler.timesteps))
+        steps_iter = range(sampler.begin_index, len(sampler.timesteps))
         if progress:
             from tqdm.auto import tqdm
 
@@ -311,8 +427,12 @@ class Pipeline:
             "height": height,
             "width": width,
             "sampler": sampler.name,  # the `scheduler=` value that makes it again
-            "unet_calls": len(sampler.timesteps),
+            "unet_calls": len(sampler.timesteps) - sampler.begin_index,
             "seed": seed_out,
         }
+        if args.image is not None:
+            settings["strength"] = args.strength
+        if sdxl_args is not None:
+            settings.update(sdxl_args.settings())
         result = numpy_to_pil(images) if args.output_type == "pil" else images
         return PipelineOutput(result, seed_out, timings_ms, settings)

@@ -157,7 +157,9 @@ def test_manifest_records_model_errors_and_hashes(family, tiny_package, tiny_mod
     assert set(manifest["versions"]) >= {"fewstep", "torch", "diffusers", "onnx", "onnxruntime"}
     # Each graph folder carries its component's diffusers/transformers config.
     src = tiny_model(family)
-    for graph, component in package_writer.GRAPH_CONFIGS.items():
+    assert set(manifest["graphs"]) == set(GRAPHS)  # no text_encoder_2 outside SDXL
+    for graph in GRAPHS:
+        component = package_writer.GRAPH_CONFIGS[graph]
         assert (pkg / graph / "config.json").read_bytes() == (
             src / component / "config.json"
         ).read_bytes()
@@ -424,16 +426,140 @@ def test_unsupported_sources_are_named(tiny_model, tmp_path, no_loading):
     src = tmp_path / "src"
     shutil.copytree(tiny_model("sd1"), src)
     index = json.loads((src / "model_index.json").read_text())
-    (src / "model_index.json").write_text(
-        json.dumps({**index, "text_encoder_2": index["text_encoder"]})
-    )
-    with pytest.raises(NotImplementedError, match="text_encoder_2"):
+    encoder_2 = ["transformers", "CLIPTextModelWithProjection"]
+    (src / "model_index.json").write_text(json.dumps({**index, "text_encoder_2": encoder_2}))
+    with pytest.raises(NotImplementedError, match="text_encoder_2 but the unet config has no"):
         export_package(src, tmp_path / "pkg", progress=False)
     (src / "model_index.json").write_text(json.dumps(index))
     weights = src / "unet" / "diffusion_pytorch_model.safetensors"
     weights.rename(weights.with_suffix(".bin"))
     with pytest.raises(ValueError, match=r"unet has no \.safetensors weights"):
         export_package(src, tmp_path / "pkg", progress=False)
+
+
+def _edit_json(path: Path, **changes) -> dict:
+    """Rewrite a JSON file with `changes` (None removes a key); returns the original."""
+    original = json.loads(path.read_text())
+    edited = {**original, **changes}
+    path.write_text(json.dumps({k: v for k, v in edited.items() if v is not None}))
+    return original
+
+
+@pytest.mark.parametrize(
+    "file, changes, error, match",
+    [
+        ("model_index.json", dict(text_encoder=[None, None]), NotImplementedError, "refiner"),
+        ("model_index.json", dict(tokenizer_2=None, text_encoder_2=None), NotImplementedError,
+         "needs text_encoder and text_encoder_2"),
+        ("model_index.json", dict(requires_aesthetics_score=True), NotImplementedError,
+         "requires_aesthetics_score"),
+        ("unet/config.json", dict(addition_embed_type="text_image"), NotImplementedError,
+         "addition_embed_type='text_image' is not supported"),
+        ("unet/config.json", dict(cross_attention_dim=95), ValueError,
+         r"cross_attention_dim \(95\) must be text_encoder hidden_size \+ text_encoder_2 "
+         r"hidden_size \(32 \+ 64\)"),
+        ("unet/config.json", dict(projection_class_embeddings_input_dim=87), ValueError,
+         r"projection_class_embeddings_input_dim \(87\) must be 6 x addition_time_embed_dim "
+         r"\(8\) \+ text_encoder_2 projection_dim \(40\)"),
+        ("text_encoder_2/config.json", dict(projection_dim=None), ValueError,
+         r"text_encoder_2 projection_dim \(None\)"),
+    ],
+)  # fmt: skip
+def test_sdxl_sources_it_cannot_run_are_named(
+    file, changes, error, match, tiny_model, tmp_path, no_loading
+):
+    import shutil
+
+    src = tmp_path / "src"
+    shutil.copytree(tiny_model("sdxl"), src)
+    _edit_json(src / file, **changes)
+    with pytest.raises(error, match=match):
+        export_package(src, tmp_path / "pkg", progress=False)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_sdxl_single_files_and_loras_are_refused_before_loading(tiny_model, tmp_path, no_loading):
+    ckpt = tmp_path / "sdxl.safetensors"
+    ckpt.write_bytes(b"unused: the config is checked first")
+    with pytest.raises(NotImplementedError, match="single-file SDXL checkpoints"):
+        export_package(ckpt, tmp_path / "pkg", config=tiny_model("sdxl"), progress=False)
+    lora = tmp_path / "lora.safetensors"
+    lora.write_bytes(b"unused: refused before it is read")
+    with pytest.raises(NotImplementedError, match="loras: folding LoRAs into an SDXL export"):
+        export_package(tiny_model("sdxl"), tmp_path / "pkg", loras=[(lora, 1.0)], progress=False)
+    assert not (tmp_path / "pkg").exists()
+
+
+def test_weights_in_files_per_tensor_are_streamed_into_one_data_file(
+    tiny_package, tmp_path, monkeypatch
+):
+    """What torch writes for a graph past 2 GiB (one file per tensor) becomes one
+    model.onnx_data, page-aligned, without any tensor being loaded as an ONNX tensor."""
+    source = tiny_package("sd1") / "unet" / "model.onnx"
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    onnx.save_model(
+        onnx.load(str(source)),
+        str(scratch / "model.onnx"),
+        save_as_external_data=True,
+        all_tensors_to_one_file=False,
+        size_threshold=0,
+    )
+    assert len(list(scratch.iterdir())) > 20  # torch's layout: a file per tensor
+    monkeypatch.setattr(onnx_io, "EXTERNAL_DATA_THRESHOLD_BYTES", 1 << 16)  # the graph's past it
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("a tensor was loaded into memory")
+
+    monkeypatch.setattr(onnx, "load_external_data_for_model", loaded)
+    monkeypatch.setattr(onnx.external_data_helper, "load_external_data_for_tensor", loaded)
+    out = tmp_path / "out"
+    out.mkdir()
+    onnx_io.write_graph(scratch / "model.onnx", out / "model.onnx")
+    monkeypatch.undo()
+
+    assert sorted(p.name for p in out.iterdir()) == ["model.onnx", "model.onnx_data"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    external = [t for t in model.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    assert len(external) > 20
+    for tensor in external:
+        info = {e.key: e.value for e in tensor.external_data}
+        assert info["location"] == "model.onnx_data" and int(info["offset"]) % 4096 == 0
+    feed = _inputs(tiny_package("sd1"), "unet", batch=2, height=2, width=4, seed=1)
+    got = _session(out / "model.onnx").run(None, feed)
+    ref = _session(source).run(None, feed)
+    np.testing.assert_array_equal(got[0], ref[0])
+
+
+def test_lora_map_holds_one_initializer_at_a_time(tiny_model, tiny_package):
+    """Matching weights to initializers keeps digests, not values: memory beyond the graph's
+    index stays within a few tensors, not the whole graph's weights (10 GB for SDXL's U-Net)."""
+    import tracemalloc
+
+    from diffusers import UNet2DConditionModel
+
+    from fewstep.export.graphs import UNetGraph
+    from fewstep.export.lora_map import match_initializers
+    from fewstep.onnx_proto import read_onnx_index
+
+    path = tiny_package("sd1") / "unet" / "model.onnx"
+    module = UNetGraph(UNet2DConditionModel.from_pretrained(tiny_model("sd1") / "unet"))
+    tracemalloc.start()
+    try:
+        index = read_onnx_index(path)  # what match_initializers reads first
+        index_peak = tracemalloc.get_traced_memory()[1]
+        sizes = [loc.nbytes for loc in index.initializers.values() if len(loc.shape) >= 2]
+        del index
+        tracemalloc.reset_peak()
+        start = tracemalloc.get_traced_memory()[0]
+        weights, unmapped = match_initializers("unet", module, path)
+        peak = tracemalloc.get_traced_memory()[1] - start
+    finally:
+        tracemalloc.stop()
+    assert max(sizes) * 4 < sum(sizes)  # a test that can tell the two apart
+    assert peak < index_peak + 4 * max(sizes), (peak, index_peak, max(sizes), sum(sizes))
+    stored = json.loads((path.parent / "lora_map.json").read_text())
+    assert sorted(weights) == sorted(stored["weights"]) and unmapped == stored["unmapped"]
 
 
 # ---------------------------------------------------------------------------------------------

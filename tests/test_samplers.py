@@ -645,8 +645,8 @@ def test_lcm_steps_message_and_original_steps():
         sampler.set_timesteps(60)
     with pytest.raises(ValueError, match="original_inference_steps"):
         create_sampler("lcm", {**CONFIGS["lcm"], "original_inference_steps": 2000})
-    with pytest.raises(NotImplementedError, match="strength"):
-        sampler.set_timesteps(4, strength=0.5)
+    with pytest.raises(ValueError, match="strength"):  # 4 steps from int(50 × 0.06) = 3
+        sampler.set_timesteps(4, strength=0.06)
     with pytest.raises(ValueError, match="strength"):
         sampler.set_timesteps(4, strength=1.5)
 

@@ -69,8 +69,8 @@ def _load(folder):
 
 
 def test_unknown_family_is_a_value_error(tmp_path):
-    with pytest.raises(ValueError, match=r"family must be one of .*'sd1'.*'turbo'.*got 'sdxl'"):
-        make_tiny_model(tmp_path / "m", "sdxl")
+    with pytest.raises(ValueError, match=r"family must be one of .*'sd1'.*'sdxl_turbo'.*got 'sd3'"):
+        make_tiny_model(tmp_path / "m", "sd3")
     assert not (tmp_path / "m").exists()
 
 

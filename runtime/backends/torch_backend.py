@@ -198,6 +198,9 @@ class TorchArrayOps:
     def all_finite(self, x: Any) -> bool:
         return bool(self._torch.isfinite(x).all())
 
+    def to_host(self, x: Any) -> np.ndarray:
+        return x.float().cpu().numpy()
+
     def to_images(self, decoded: Any, as_uint8: bool) -> np.ndarray:
         # On the device, transposition included: the host copies out finished images.
         images = (decoded.float() / 2 + 0.5).clamp_(0.0, 1.0)

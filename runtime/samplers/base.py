@@ -461,6 +461,13 @@ def check_timestep_range(config: SchedulerConfig, timesteps: np.ndarray, n: int)
         )
 
 
+def check_strength(strength: float) -> float:
+    """img2img's `strength`, the share of the schedule that runs: 0 < strength <= 1."""
+    if not 0.0 < strength <= 1.0:
+        raise ValueError(f"strength must be in (0, 1], got {strength}")
+    return float(strength)
+
+
 class Sampler:
     """What every sampler offers; one instance per generation (it holds the schedule, and a
     multistep sampler the history of its steps).
@@ -469,6 +476,9 @@ class Sampler:
     ``range(len(timesteps))``, in order: ``scale_model_input`` → U-Net at
     ``timesteps[step_index]`` → ``step``. ``len(timesteps)`` is the number of U-Net calls:
     n for most samplers, more for some (Heun: 2n − 1, PNDM: n + 1 or n + 9).
+
+    img2img: ``set_img2img_timesteps(n, strength)`` instead, then ``add_noise`` at
+    ``begin_index`` and the steps from ``begin_index`` on.
     """
 
     family: ClassVar[str]  # whose diffusers keys and defaults: a key of CLASS_DEFAULTS
@@ -479,6 +489,8 @@ class Sampler:
     timesteps: np.ndarray  # [calls] what the U-Net receives as `timestep`
     num_inference_steps: int
     init_noise_sigma: float = 1.0  # std of the initial latents x_T
+    order: ClassVar[int] = 1  # calls per step as diffusers' img2img counts them (Heun: 2)
+    begin_index: int = 0  # the call a run begins at: later for img2img (skip_steps)
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any]) -> None:
         if not isinstance(config, SchedulerConfig):
@@ -507,6 +519,44 @@ class Sampler:
 
     def set_timesteps(self, num_inference_steps: int) -> None:
         raise NotImplementedError
+
+    def set_img2img_timesteps(self, num_inference_steps: int, strength: float) -> None:
+        """The schedule of an img2img run that starts from an image noised to `strength`
+        (0 < strength <= 1), as diffusers' img2img pipelines build it (``get_timesteps``):
+        ``set_timesteps(n)``, then the first t_start = n − min(⌊n·strength⌋, n) steps are
+        skipped (``skip_steps``), so ⌊n·strength⌋ steps run. ValueError when none would."""
+        check_strength(strength)
+        self.set_timesteps(num_inference_steps)
+        kept = min(int(num_inference_steps * strength), num_inference_steps)
+        if kept < 1:
+            enough = math.ceil(1 / strength)
+            while int(enough * strength) < 1:  # float rounding: 49 × (1/49) < 1
+                enough += 1
+            raise ValueError(
+                f"num_inference_steps × strength must be at least 1 (img2img runs "
+                f"int(num_inference_steps × strength) steps), got {num_inference_steps} × "
+                f"{strength} = {num_inference_steps * strength:g}: raise num_inference_steps to "
+                f"{enough} or strength to at least 1/{num_inference_steps}"
+            )
+        self.skip_steps(num_inference_steps - kept)
+
+    def skip_steps(self, steps: int) -> None:
+        """Begin the run `steps` steps into the schedule, at call ``steps · order``
+        (diffusers' ``set_begin_index``); a sampler that keeps a history starts it afresh
+        there, as diffusers' multistep schedulers do."""
+        if not 0 <= steps < self.num_inference_steps:
+            raise ValueError(
+                f"steps must be between 0 and {self.num_inference_steps - 1}, got {steps}"
+            )
+        self.begin_index = steps * self.order
+        self._next_step = self.begin_index
+
+    def add_noise(self, original: Array, noise: Array, step_index: int) -> Array:
+        """Clean latents `original` noised to the level of call `step_index` (diffusers'
+        ``add_noise`` at ``timesteps[step_index]``): x_t = √ᾱ_t·x0 + √(1−ᾱ_t)·ε."""
+        self._check_step_index(step_index)
+        alpha_prod = float(self.alphas_cumprod[int(self.timesteps[step_index])])
+        return math.sqrt(alpha_prod) * original + math.sqrt(1.0 - alpha_prod) * noise
 
     def scale_model_input(self, sample: Array, step_index: int) -> Array:
         self._check_step_index(step_index)

@@ -69,6 +69,7 @@ class DDIMSampler(Sampler):
         check_timestep_range(self.config, timesteps, num_inference_steps)
         self.timesteps = timesteps
         self.num_inference_steps = num_inference_steps
+        self.begin_index = 0
 
     def step(
         self,

@@ -140,6 +140,7 @@ class DPMSolverMultistepSampler(Sampler):
         self.timesteps = timesteps
         self.sigmas = np.append(sigmas, final_sigma(c, train))
         self.num_inference_steps = len(timesteps)
+        self.begin_index = 0
         self._previous: tuple[Array, float] | None = None  # (x̂0, σ) of the step before
         self._next_step = 0
 
@@ -155,6 +156,13 @@ class DPMSolverMultistepSampler(Sampler):
         if self._previous is None or lower_final:
             return 1
         return c.solver_order
+
+    def add_noise(self, original: Array, noise: Array, step_index: int) -> Array:
+        """α_t·x0 + σ_t·ε at the σ of call `step_index` (a Karras level where there is one),
+        as diffusers' ``add_noise`` from its begin index, for img2img."""
+        self._check_step_index(step_index)
+        alpha_t, sigma_t = vp_alpha_sigma(float(self.sigmas[step_index]))
+        return alpha_t * original + sigma_t * noise
 
     def step(
         self, model_output: Array, step_index: int, sample: Array, noise: Array | None = None

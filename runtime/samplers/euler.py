@@ -79,12 +79,19 @@ class EulerSampler(Sampler):
         self.timesteps, self.sigmas = euler_schedule(self.config, self.train_sigmas, spaced)
         self.init_noise_sigma = self._init_noise_sigma(self.sigmas)
         self.num_inference_steps = n
+        self.begin_index = 0
 
     def scale_model_input(self, sample: Array, step_index: int) -> Array:
         """c_in(σ)·x = x/√(σ² + 1): the VP U-Net's input at noise level σ (EDM Table 1)."""
         self._check_step_index(step_index)
         sigma = float(self.sigmas[step_index])
         return sample / math.sqrt(sigma**2 + 1.0)
+
+    def add_noise(self, original: Array, noise: Array, step_index: int) -> Array:
+        """x0 + σ·ε at the σ of call `step_index` (diffusers' ``add_noise`` from its
+        begin index), for img2img."""
+        self._check_step_index(step_index)
+        return original + float(self.sigmas[step_index]) * noise
 
     def _denoise(self, model_output: Array, sigma: float, sample: Array) -> Array:
         """D(x; σ), the denoised estimate, from the U-Net output (EDM Table 1, VP column)."""

@@ -32,6 +32,7 @@ from .sigmas import euler_schedule
 class HeunSampler(EulerSampler):
     family = "heun"
     label = "Heun"
+    order = 2  # img2img skips two calls per step: call 2k starts step k
 
     def __init__(self, config: SchedulerConfig | Mapping[str, Any]) -> None:
         super().__init__(config)
@@ -48,6 +49,7 @@ class HeunSampler(EulerSampler):
         self.sigmas = np.concatenate([sigmas[:1], sigmas[1:-1].repeat(2), sigmas[-1:]])
         self.init_noise_sigma = self._init_noise_sigma(self.sigmas)
         self.num_inference_steps = n
+        self.begin_index = 0
         self._first = None
         self._next_step = 0
 

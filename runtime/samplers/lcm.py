@@ -13,8 +13,9 @@ random inputs.
 
 Deviations and limits:
 - ``num_inference_steps`` must lie in 1..original_inference_steps (diffusers
-  divides by zero for 0); ``strength`` other than 1.0 (img2img) and custom
-  timesteps are not implemented yet. ``thresholding`` is not supported.
+  divides by zero for 0); with img2img's ``strength``, at most
+  ⌊original_inference_steps · strength⌋ (diffusers raises there too). Custom
+  timesteps are not implemented. ``thresholding`` is not supported.
 - LCM timesteps are all ≥ k − 1 ≥ 0, so ``set_alpha_to_one`` never applies
   (as in diffusers); ``timestep_spacing`` is ignored (as in diffusers).
 - The noise added between steps is passed in (``noise=``); the last step adds
@@ -31,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from .base import Array, Sampler, SamplerOutput, SchedulerConfig
+from .base import Array, Sampler, SamplerOutput, SchedulerConfig, check_strength
 
 SIGMA_DATA = 0.5  # σ_data of the boundary condition (Consistency Models, Appendix C)
 
@@ -54,20 +55,34 @@ class LCMSampler(Sampler):
         return True
 
     def set_timesteps(self, num_inference_steps: int, strength: float = 1.0) -> None:
-        if strength != 1.0:
-            if not 0.0 < strength <= 1.0:
-                raise ValueError(f"strength must be in (0, 1], got {strength}")
-            raise NotImplementedError(f"strength other than 1.0 (img2img), got {strength}")
+        """n timesteps of the distillation schedule; with `strength` < 1 (img2img) of its
+        lowest ⌊original_inference_steps · strength⌋ timesteps only."""
+        check_strength(strength)
         original = self.config.original_inference_steps
         self._check_num_inference_steps(num_inference_steps, original)
         # The distillation schedule: every k-th train timestep, k = T // original
         # ("skipping step" k of LCM §4.3), ending at k − 1; descending.
         k = self.config.num_train_timesteps // original
-        origin = (np.arange(original, 0, -1) * k - 1).astype(np.int64)
+        count = int(original * strength)
+        if count < num_inference_steps:
+            raise ValueError(
+                f"num_inference_steps must be at most int(original_inference_steps × strength) "
+                f"= int({original} × {strength}) = {count} for LCM img2img (its steps are taken "
+                f"from that many distillation timesteps), got {num_inference_steps}: lower "
+                "num_inference_steps or raise strength"
+            )
+        origin = (np.arange(count, 0, -1) * k - 1).astype(np.int64)
         # n of them, evenly spaced by index, starting at the noisiest.
-        picks = np.floor(np.linspace(0, original, num_inference_steps, endpoint=False))
+        picks = np.floor(np.linspace(0, count, num_inference_steps, endpoint=False))
         self.timesteps = origin[picks.astype(np.int64)]
         self.num_inference_steps = num_inference_steps
+        self.begin_index = 0
+
+    def set_img2img_timesteps(self, num_inference_steps: int, strength: float) -> None:
+        """LCM's own img2img schedule (diffusers' LatentConsistencyModelImg2ImgPipeline
+        passes `strength` to ``LCMScheduler.set_timesteps``): all n steps run, over the lower
+        part of the distillation schedule; nothing is skipped."""
+        self.set_timesteps(num_inference_steps, strength)
 
     def boundary_condition(self, timestep: int) -> tuple[float, float]:
         """(c_skip, c_out) at ``timestep``, with s = timestep·timestep_scaling:

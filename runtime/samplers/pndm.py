@@ -25,6 +25,8 @@ Deviations and limits:
   "trailing" takes n timesteps (see fewstep.samplers.base.spaced_timesteps).
 - diffusers returns no x0 estimate; ``denoised`` here is the x0 that this call's own U-Net
   output predicts at its timestep (DDIM eq. 12's "predicted x0").
+- img2img (``skip_steps``) starts the method afresh at the first kept timestep, where
+  diffusers' img2img pipelines misalign it (see ``skip_steps``).
 """
 
 from __future__ import annotations
@@ -87,6 +89,14 @@ class PNDMSampler(Sampler):
         ascending = np.round(spaced_timesteps(self.config, n)).astype(np.int64)[::-1]
         check_timestep_range(self.config, ascending, n)
         self.step_ratio = T // n  # δ
+        self._ascending = ascending
+        self._set_calls(ascending)
+        self.num_inference_steps = n
+        self.begin_index = 0
+        self._reset()
+
+    def _set_calls(self, ascending: np.ndarray) -> None:
+        """The U-Net calls of a run over the `ascending` timesteps, from the top one."""
         if self.config.skip_prk_steps:
             # PLMS from the top; the second timestep comes twice (pseudo improved Euler).
             calls = np.concatenate([ascending[:-1], ascending[-2:-1], ascending[-1:]])[::-1]
@@ -99,7 +109,30 @@ class PNDMSampler(Sampler):
             calls = np.concatenate([prk, ascending[:-PRK_STEPS][::-1]])
             self.prk_calls = len(prk)
         self.timesteps = calls.astype(np.int64)
-        self.num_inference_steps = n
+
+    def skip_steps(self, steps: int) -> None:
+        """Begin `steps` steps in (img2img): the run starts afresh at the first kept
+        timestep, with the pseudo improved Euler step (PLMS) or the PRK warm-up over the top
+        kept steps, δ still T // n; ``timesteps`` become the kept run's calls.
+
+        Deviation: diffusers' PNDMScheduler has no begin index, and its img2img pipelines
+        feed it the tail of the full call list, which its call counter misreads: the PLMS
+        start's second call lands one level off (or, for steps >= 2, every later step is
+        labelled one level lower than its sample), and the PRK warm-up ignores the skip.
+        """
+        if not 0 <= steps < self.num_inference_steps:
+            raise ValueError(
+                f"steps must be between 0 and {self.num_inference_steps - 1}, got {steps}"
+            )
+        kept = self._ascending[: len(self._ascending) - steps]
+        if not self.config.skip_prk_steps and len(kept) < PRK_STEPS + 1:
+            raise ValueError(
+                f"{self.label} with its PRK warm-up needs at least {PRK_STEPS + 1} steps to run, "
+                f"got {len(kept)} (img2img runs int(num_inference_steps × strength)): raise "
+                "num_inference_steps or strength, or use 'plms'"
+            )
+        self._set_calls(kept)
+        self.begin_index = 0
         self._reset()
 
     def step(

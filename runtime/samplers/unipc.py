@@ -101,9 +101,17 @@ class UniPCSampler(Sampler):
             last = final_sigma(c, train)
         self.sigmas = np.append(sigmas, last)
         self.num_inference_steps = len(self.timesteps)
+        self.begin_index = 0
         self._x0s: list[Array] = []  # the x̂0 of the last steps, newest last
         self._last: tuple[Array, int] | None = None  # (x, order) the last prediction was from
         self._next_step = 0
+
+    def add_noise(self, original: Array, noise: Array, step_index: int) -> Array:
+        """α_t·x0 + σ_t·ε at the σ of call `step_index` (a Karras level where there is one),
+        as diffusers' ``add_noise`` from its begin index, for img2img."""
+        self._check_step_index(step_index)
+        alpha_t, sigma_t = vp_alpha_sigma(float(self.sigmas[step_index]))
+        return alpha_t * original + sigma_t * noise
 
     def step(
         self, model_output: Array, step_index: int, sample: Array, noise: Array | None = None
