@@ -7,6 +7,12 @@ must be equal to share a call: size, steps, sampler, eta, guidance rescale, guid
 up to `max_wait_ms` after the oldest one arrived, runs them as ONE `Pipeline` call with a
 prompt, negative prompt, seed and guidance scale per image, and splits the images back.
 
+img2img: a request may carry an input `image` (decoded, e.g. a PIL image or a uint8 array;
+one image for all its n images) and a `strength`. Its key then holds the strength and the
+size the pipeline resizes the image to (the given height/width, else the image's size rounded
+down to the model's size multiple), so only requests whose images make latents of one size
+and run one schedule share a call; the call gets one image per generated image.
+
 Seeds follow A1111's convention: a request with seed s and n images uses seeds s, s+1, …,
 s+n-1, one per image, so each request gets the same images alone or batched with others (the
 pipeline draws each image's noise from its own seed; see `Pipeline.__call__`). A request of n
@@ -37,9 +43,19 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from typing import Any
 
-from fewstep.inputs import MAX_SEED, check_inputs, check_integer, check_number, check_text
+import numpy as np
+
+from fewstep.inputs import (
+    DEFAULT_STRENGTH,
+    MAX_SEED,
+    check_inputs,
+    check_integer,
+    check_number,
+    check_strength,
+    check_text,
+)
 from fewstep.pipeline import Pipeline
-from fewstep.samplers import SAMPLERS
+from fewstep.samplers import SAMPLERS, create_sampler
 
 logger = logging.getLogger(__name__)
 
@@ -76,7 +92,9 @@ class GenerationRequest:
     """One client's request: `n` images of one prompt. None takes the model's default.
 
     `seed` is required (a server draws one when the client gives none) so that the images
-    are reproducible; image i uses seed + i.
+    are reproducible; image i uses seed + i. `image` (img2img): the input image, a PIL
+    image or an [H, W, 3] array as `Pipeline.__call__(image=...)` takes it, used for all n
+    images; `strength` goes with it (None: the pipeline's default, DEFAULT_STRENGTH).
     """
 
     prompt: str
@@ -90,6 +108,9 @@ class GenerationRequest:
     scheduler: str | None = None
     eta: float = 0.0
     guidance_rescale: float = 0.0
+    # not compared: arrays have no truth value, and a request is no dict key
+    image: Any = dataclasses.field(default=None, compare=False, repr=False)
+    strength: float | None = None
 
     def __post_init__(self) -> None:
         # Types and ranges here; the model's sizes and limits at Batcher.submit.
@@ -101,6 +122,21 @@ class GenerationRequest:
             check_number("guidance_scale", self.guidance_scale, 0.0, 100.0)
         check_number("eta", self.eta, 0.0, 1.0)
         check_number("guidance_rescale", self.guidance_rescale, 0.0, 1.0)
+        if self.image is not None:
+            image_size(self.image)  # a PIL image or an [H, W, 3] array
+        if self.strength is not None:
+            if self.image is None:
+                raise ValueError(
+                    f"strength is for img2img: pass it with an image, got {self.strength!r} alone"
+                )
+            check_strength(self.strength)
+
+    @property
+    def img2img_strength(self) -> float | None:
+        """The strength the call runs at; None without an image (not img2img)."""
+        if self.image is None:
+            return None
+        return DEFAULT_STRENGTH if self.strength is None else float(self.strength)
 
     @property
     def seeds(self) -> list[int]:
@@ -108,10 +144,24 @@ class GenerationRequest:
 
     @property
     def batch_key(self) -> tuple[Any, ...]:
-        """Requests with equal keys can share one pipeline call. Prompts, negative prompts,
-        seeds and guidance scales go per image; guided-or-not decides whether the U-Net runs
-        on a doubled batch, so it must agree (None, the model's default, is its own group)."""
+        """`key_for` a model of any size multiple (the image's own size, unrounded)."""
+        return self.key_for(1)
+
+    def key_for(self, size_multiple: int) -> tuple[Any, ...]:
+        """Requests with equal keys can share one pipeline call on a model whose sizes are
+        multiples of `size_multiple`. Prompts, negative prompts, seeds, guidance scales and
+        input images go per image; guided-or-not decides whether the U-Net runs on a doubled
+        batch, so it must agree (None, the model's default, is its own group); img2img's
+        strength and the size its images are resized to must agree too."""
         guided = None if self.guidance_scale is None else self.guidance_scale > 1.0
+        img2img = None
+        if self.image is not None:
+            height, width = image_size(self.image)
+            img2img = (
+                self.img2img_strength,
+                self.height if self.height is not None else height - height % size_multiple,
+                self.width if self.width is not None else width - width % size_multiple,
+            )
         return (
             self.height,
             self.width,
@@ -120,7 +170,22 @@ class GenerationRequest:
             self.eta,
             self.guidance_rescale,
             guided,
+            img2img,
         )
+
+
+def image_size(image: Any) -> tuple[int, int]:
+    """(height, width) of a request's input image: a PIL image or an [H, W, 3] array."""
+    from PIL import Image
+
+    if isinstance(image, Image.Image):
+        return int(image.height), int(image.width)
+    if isinstance(image, np.ndarray) and image.ndim == 3 and image.shape[2] == 3:
+        return int(image.shape[0]), int(image.shape[1])
+    raise ValueError(
+        "image must be a PIL image or a numpy array [height, width, 3], got "
+        f"{type(image).__name__} {getattr(image, 'shape', '')}"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +204,7 @@ class _Queued:
     request: GenerationRequest
     future: Future[RequestImages]
     submitted: float  # time.monotonic()
+    key: tuple[Any, ...]  # the request's batch key for this batcher's model
 
 
 class Batcher:
@@ -192,6 +258,7 @@ class Batcher:
         if not isinstance(request, GenerationRequest):
             raise ValueError(f"request must be a GenerationRequest, got {type(request).__name__}")
         self._check_against_model(request)
+        key = self._key(request)
         future: Future[RequestImages] = Future()
         with self._cond:
             if self._closed:
@@ -200,7 +267,7 @@ class Batcher:
                 self._drop_cancelled()
             if len(self._queue) >= self.max_queue:
                 raise QueueFull(f"the queue holds its maximum of {self.max_queue} requests")
-            self._queue.append(_Queued(request, future, time.monotonic()))
+            self._queue.append(_Queued(request, future, time.monotonic(), key))
             self._cond.notify()
         future.add_done_callback(self._forget_if_cancelled)
         return future
@@ -211,8 +278,14 @@ class Batcher:
             with self._cond:
                 self._drop_cancelled()
 
+    def _key(self, request: GenerationRequest) -> tuple[Any, ...]:
+        pipe = self.pipeline
+        multiple = pipe.info.size_multiple if isinstance(pipe, Pipeline) else 1
+        return request.key_for(multiple)
+
     def _check_against_model(self, request: GenerationRequest) -> None:
-        """Check the request alone as the pipeline would (sizes, steps, sampler, limits)."""
+        """Check the request alone as the pipeline would (sizes, steps, sampler, limits; for
+        img2img the VAE encoder, the image and the steps that strength keeps)."""
         pipe = self.pipeline
         if not isinstance(pipe, Pipeline):
             return
@@ -220,15 +293,23 @@ class Batcher:
             raise ValueError(
                 f"n must be at most {pipe.limits.max_images} images per call, got {request.n}"
             )
-        check_inputs(
+        arguments = self._call_arguments([request])
+        if request.image is not None:
+            pipe.check_image_encoder()
+            arguments["image"] = request.image  # one decode here, not one per image
+        checked = check_inputs(
             info=pipe.info,
             limits=pipe.limits,
             samplers=SAMPLERS,
             latents=None,
             generator=None,
             output_type=self.output_type,
-            **self._call_arguments([request]),
+            **arguments,
         )
+        if checked.strength is not None:  # the steps that strength keeps (none: refused)
+            name = checked.scheduler or pipe.info.scheduler_class
+            sampler = create_sampler(name, pipe.info.scheduler_config)
+            sampler.set_img2img_timesteps(checked.num_inference_steps, checked.strength)
 
     def stats(self) -> list[BatchRecord]:
         with self._cond:
@@ -284,12 +365,12 @@ class Batcher:
             head = self._queue.popleft()
             batch = [head]
             images = head.request.n
-            key = head.request.batch_key
+            key = head.key
             deadline = head.submitted + self.max_wait_s
             while images < self.max_batch:
                 for item in list(self._queue):
                     n = item.request.n
-                    if item.request.batch_key == key and images + n <= self.max_batch:
+                    if item.key == key and images + n <= self.max_batch:
                         self._queue.remove(item)
                         batch.append(item)
                         images += n
@@ -303,11 +384,15 @@ class Batcher:
         self, requests: Sequence[GenerationRequest], pad_to: int = 0
     ) -> dict[str, Any]:
         """One call for all `requests`: each prompt repeated for its images, a seed and a
-        guidance scale per image; the shared settings from the first (their keys agree).
-        With `pad_to`, the last image is repeated until the call holds that many."""
+        guidance scale per image (img2img: an input image per image); the shared settings
+        from the first (their keys agree). With `pad_to`, the last image is repeated until
+        the call holds that many."""
         first = requests[0]
         images = [(r, seed) for r in requests for seed in r.seeds]
         images += images[-1:] * max(0, pad_to - len(images))
+        img2img: dict[str, Any] = {}
+        if first.image is not None:
+            img2img = dict(image=[r.image for r, _ in images], strength=first.img2img_strength)
         return dict(
             prompt=[r.prompt for r, _ in images],
             negative_prompt=[r.negative_prompt for r, _ in images],
@@ -322,6 +407,7 @@ class Batcher:
             scheduler=first.scheduler,
             eta=first.eta,
             guidance_rescale=first.guidance_rescale,
+            **img2img,
         )
 
     def _run(self, batch: list[_Queued]) -> None:

@@ -22,6 +22,7 @@ from fewstep.batching import (
     QueueFull,
 )
 from fewstep.inputs import Limits
+from fewstep.package import default_model
 from fewstep.pipeline import Pipeline
 
 BOUND = 1e-5  # as tests/test_per_image.py: bit-identical measured, float32 rounding allowed
@@ -296,3 +297,111 @@ def test_padding_changes_no_image_and_stays_within_the_limits(sd1):
     )
     np.testing.assert_allclose(np.stack(padded), alone.images, rtol=0, atol=BOUND)
     assert padded.settings["seed"] == [5, 6, 7]
+
+
+# -- img2img ----------------------------------------------------------------------------------
+
+
+def picture(height: int, width: int, seed: int) -> np.ndarray:
+    """A uint8 RGB image [H, W, 3]: gradients plus noise, so the encoder sees structure."""
+    y, x = np.mgrid[0:height, 0:width]
+    rng = np.random.default_rng(seed)
+    base = np.stack([x / width, y / height, (x + y) / (width + height)], axis=-1) * 200
+    return (base + rng.integers(0, 56, (height, width, 3))).astype(np.uint8)
+
+
+def test_img2img_requests_batched_get_what_their_own_call_gives(sd1):
+    common = dict(num_inference_steps=4, scheduler="euler_ancestral", guidance_scale=3.0)
+    # 40×36 rounds down to 32×32 on this model (multiple 16): shares a call with the 32×32 one
+    a = GenerationRequest("a", seed=3, n=2, image=picture(40, 36, 1), strength=0.5, **common)
+    b = GenerationRequest("b", seed=9, image=picture(32, 32, 2), strength=0.5, **common)
+    c = GenerationRequest("c", seed=5, image=picture(32, 32, 3), strength=0.75, **common)
+    d = GenerationRequest("d", seed=1, height=32, width=32, **common)  # txt2img: its own call
+    with Batcher(sd1, max_batch=8, max_wait_ms=300, output_type="np") as batcher:
+        futures = [batcher.submit(r) for r in (a, b, c, d)]
+        results = [f.result(timeout=60) for f in futures]
+    assert sorted((r.requests, r.images) for r in batcher.stats()) == [(1, 1), (1, 1), (2, 3)]
+    for request, images in zip((a, b, c), results[:3], strict=True):
+        alone = sd1(
+            request.prompt,
+            image=request.image,
+            strength=request.strength,
+            seed=request.seeds,
+            num_images_per_prompt=request.n,
+            output_type="np",
+            **common,
+        )
+        assert len(images) == request.n and images.settings["strength"] == request.strength
+        np.testing.assert_allclose(np.stack(images), alone.images, rtol=0, atol=BOUND)
+    assert results[0][0].shape == (32, 32, 3)
+
+
+def test_img2img_requests_the_model_refuses_fail_at_submit(sd1):
+    no_encoder = Pipeline.from_pretrained(default_model())
+    image = picture(32, 32, 0)
+    with Batcher(no_encoder) as batcher, pytest.raises(ValueError, match="vae_encoder"):
+        batcher.submit(GenerationRequest("a", seed=1, image=image))
+    with Batcher(sd1) as batcher:
+        with pytest.raises(ValueError, match="num_inference_steps × strength must be at least 1"):
+            batcher.submit(
+                GenerationRequest("a", seed=1, image=image, strength=0.2, num_inference_steps=2)
+            )
+        with pytest.raises(ValueError, match="image height must be at least 16"):
+            batcher.submit(GenerationRequest("a", seed=1, image=picture(8, 32, 0)))
+        assert batcher.queued() == 0 and batcher.stats() == []
+
+
+def test_img2img_call_has_an_image_per_image_and_the_strength():
+    stub = StubPipeline(open_gate=False)
+    batcher = Batcher(stub, max_batch=8, max_wait_ms=0, batch_sizes=(4,))
+    hold_worker(stub, batcher)
+    one, two = picture(16, 16, 1), picture(16, 16, 2)
+    a = batcher.submit(GenerationRequest("a", seed=1, n=2, image=one, strength=0.6))
+    b = batcher.submit(GenerationRequest("b", seed=5, image=two, strength=0.6))
+    plain = batcher.submit(GenerationRequest("plain", seed=7))
+    stub.gate.set()
+    assert a.result(timeout=5) == ["a#1", "a#2"] and b.result(timeout=5) == ["b#5"]
+    assert plain.result(timeout=5) == ["plain#7"]
+    assert batcher.close(timeout=5)
+    call = stub.calls[1]
+    assert [id(image) for image in call["image"]] == [id(one), id(one), id(two), id(two)]
+    assert call["strength"] == 0.6 and call["seed"] == [1, 2, 5, 5]  # padded to 4
+    assert "image" not in stub.calls[2] and "strength" not in stub.calls[2]
+
+
+def test_img2img_batch_keys_separate_what_cannot_share_a_call():
+    image = picture(40, 36, 0)
+    base = GenerationRequest("a", seed=1, image=image, strength=0.5)
+    assert GenerationRequest("b", seed=9, image=picture(40, 36, 1), strength=0.5).batch_key == (
+        base.batch_key
+    )
+    for other in (
+        GenerationRequest("a", seed=1),  # txt2img
+        GenerationRequest("a", seed=1, image=image, strength=0.6),
+        GenerationRequest("a", seed=1, image=image),  # the default strength, 0.8
+        GenerationRequest("a", seed=1, image=picture(48, 36, 0), strength=0.5),
+        GenerationRequest("a", seed=1, image=image, strength=0.5, height=64, width=64),
+    ):
+        assert other.key_for(16) != base.key_for(16)
+    # the size after the model's rounding decides: 40×36 and 32×32 both become 32×32 at 16
+    small = GenerationRequest("a", seed=1, image=picture(32, 32, 0), strength=0.5)
+    assert small.key_for(16) == base.key_for(16) and small.key_for(8) != base.key_for(8)
+    # given height and width decide alone; the image's own size then does not matter
+    sized = dict(strength=0.5, height=64, width=64)
+    assert GenerationRequest("a", seed=1, image=image, **sized).key_for(16) == GenerationRequest(
+        "a", seed=1, image=picture(16, 16, 0), **sized
+    ).key_for(16)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(strength=0.5), "strength is for img2img"),
+        (dict(image=picture(8, 8, 0), strength=0), r"strength must be a number in \(0, 1\]"),
+        (dict(image=np.zeros((8, 8))), "image must be a PIL image or a numpy array"),
+        (dict(image=b"png bytes"), "image must be a PIL image or a numpy array"),
+    ],
+)
+def test_img2img_request_fields_are_checked(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        GenerationRequest("a", seed=1, **kwargs)

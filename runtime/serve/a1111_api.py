@@ -1,5 +1,5 @@
-"""A1111's web UI API: `POST /sdapi/v1/txt2img`, `GET /sdapi/v1/samplers`,
-`GET /sdapi/v1/sd-models`, so that A1111 clients can use the service.
+"""A1111's web UI API: `POST /sdapi/v1/txt2img`, `POST /sdapi/v1/img2img`,
+`GET /sdapi/v1/samplers`, `GET /sdapi/v1/sd-models`, so that A1111 clients can use the service.
 
 txt2img fields used: `prompt`, `negative_prompt`, `steps`, `cfg_scale`, `width`, `height`
 (absent or null: the model's defaults, not A1111's 512×512 at 20 steps), `seed` (-1, absent
@@ -25,6 +25,17 @@ accepted only at values that do nothing (`enable_hr` false, `subseed_strength` 0
 empty, ...; see UNSUPPORTED) and refused otherwise, naming the field, as are unknown fields
 and `override_settings` keys other than `sd_model_checkpoint`. Errors come in the service's
 error shape (errors.py): A1111 clients read the status and the message.
+
+img2img takes txt2img's fields but the hires fix's, plus `init_images` (base64 PNG, JPEG or
+WebP files, a `data:image/...;base64,` prefix allowed; as A1111, the first one is used for
+every image), `denoising_strength` (A1111's default 0.75) and `resize_mode` (0, "just
+resize", only). `width`/`height` absent or null: the image's size rounded down to the model's
+size multiple (A1111: 512×512); given: the image is resized to them (Lanczos). Inpainting is
+refused (`mask`, `latent_mask`), as is `initial_noise_multiplier` other than 1 and
+`include_init_images`; inpainting's settings that act only with a mask (`mask_blur`,
+`inpainting_fill`, ...) and instruct-pix2pix's `image_cfg_scale` are ignored. Bodies of up to
+`MAX_IMAGE_BODY_BYTES` are read. The answer is txt2img's with `init_images` and `mask` null in
+`parameters` (as A1111 answers) and the infotexts ending in "Denoising strength".
 """
 
 from __future__ import annotations
@@ -49,7 +60,13 @@ from fewstep.samplers import sampler_name_for
 from fewstep.samplers.a1111 import A1111_SAMPLERS, scheduler_for_a1111
 from fewstep.serve.errors import APIError
 from fewstep.serve.pngs import encode_pngs, infotexts
-from fewstep.serve.service import Service, read_json_body
+from fewstep.serve.service import (
+    MAX_IMAGE_BODY_BYTES,
+    Service,
+    base64_image_bytes,
+    decode_image,
+    read_json_body,
+)
 
 A1111_RANDOM_SEEDS = 2**32 - 1  # A1111 draws a random seed below this
 ETA_ONE_SAMPLERS = ("euler_ancestral", "dpmpp_2m_sde")  # eta 1, as A1111's default for them
@@ -175,6 +192,41 @@ UNSUPPORTED = {
     "refiner_checkpoint": ("refiners", '"None"'),
 }
 KNOWN_FIELDS = frozenset(USED_FIELDS + IGNORED_FIELDS + tuple(UNSUPPORTED))
+
+# img2img: txt2img's fields but the hires fix's (A1111's img2img has none), and its own
+TXT2IMG_ONLY = ("enable_hr", "denoising_strength", "init_images") + tuple(
+    name for name in IGNORED_FIELDS if name.startswith(("hr_", "firstphase_"))
+)
+IMG2IMG_USED_FIELDS = (
+    *USED_FIELDS,
+    "init_images",
+    "denoising_strength",
+    "resize_mode",
+)
+IMG2IMG_IGNORED_FIELDS = (
+    *(name for name in IGNORED_FIELDS if name not in TXT2IMG_ONLY),
+    "mask_blur",  # these act only with a mask
+    "mask_blur_x",
+    "mask_blur_y",
+    "mask_round",
+    "inpainting_fill",
+    "inpaint_full_res",
+    "inpaint_full_res_padding",
+    "inpainting_mask_invert",
+    "image_cfg_scale",  # only with an instruct-pix2pix model
+)
+IMG2IMG_UNSUPPORTED = {
+    **{name: what for name, what in UNSUPPORTED.items() if name not in TXT2IMG_ONLY},
+    "mask": ("inpainting", "empty"),
+    "latent_mask": ("inpainting", "empty"),
+    "initial_noise_multiplier": ("noise multipliers", "1"),
+    "include_init_images": ("returning the input images", "false"),
+}
+IMG2IMG_KNOWN_FIELDS = frozenset(
+    IMG2IMG_USED_FIELDS + IMG2IMG_IGNORED_FIELDS + tuple(IMG2IMG_UNSUPPORTED)
+)
+A1111_DENOISING_STRENGTH = 0.75  # img2img's default in A1111
+RESIZE_MODES = {0: "just resize"}  # the ones done here, of A1111's 0..3
 OVERRIDE_SETTINGS = ("sd_model_checkpoint",)
 
 # fewstep's argument names (as its checks' messages start) → A1111's field names
@@ -190,6 +242,8 @@ A1111_FIELD_OF = {
     "seed": "seed",
     "eta": "eta",
     "scheduler": "sampler_name",
+    "image": "init_images",  # img2img
+    "strength": "denoising_strength",
 }
 
 
@@ -204,19 +258,21 @@ def param_of(message: str) -> str | None:
 # -- the request -----------------------------------------------------------------------------
 
 
-def check_fields(body: dict[str, Any]) -> None:
+def check_fields(
+    body: dict[str, Any],
+    known: frozenset[str] = KNOWN_FIELDS,
+    unsupported: dict[str, tuple[str, str]] = UNSUPPORTED,
+) -> None:
     """400 naming an unknown field, or one of what fewstep does not do set to act."""
-    unknown = sorted(set(body) - KNOWN_FIELDS)
+    unknown = sorted(set(body) - known)
     if unknown:
-        raise APIError(
-            400, f"unknown fields {unknown}; accepted: {sorted(KNOWN_FIELDS)}", unknown[0]
-        )
+        raise APIError(400, f"unknown fields {unknown}; accepted: {sorted(known)}", unknown[0])
     send_images = body.get("send_images")
     if send_images is not None and not isinstance(send_images, bool):
         raise APIError(
             400, f"send_images must be true or false, got {send_images!r:.80}", "send_images"
         )
-    for field, (feature, neutral) in UNSUPPORTED.items():
+    for field, (feature, neutral) in unsupported.items():
         does_nothing = NEUTRAL[neutral][0]
         if field in body and not does_nothing(body[field]):
             raise APIError(
@@ -328,11 +384,15 @@ class Txt2Img:
     sampler: str
 
 
-def generation_request(body: dict[str, Any], service: Service) -> tuple[str, Txt2Img]:
+def generation_request(
+    body: dict[str, Any], service: Service, model: str | None = None, **img2img: Any
+) -> tuple[str, Txt2Img]:
     """The model and the checked request of a txt2img body (400 naming the first bad
-    field, 404 for a model not served)."""
-    check_fields(body)
-    model = chosen_model(service, body.get("override_settings"))
+    field, 404 for a model not served). img2img: its `model` (`img2img_model`) and the
+    request's `image` and `strength`."""
+    if model is None:
+        check_fields(body)
+        model = chosen_model(service, body.get("override_settings"))
     pipe = service.models[model]
     batch_size, n_iter = image_count(body, pipe.limits.max_images)
     scheduler = chosen_scheduler(body)
@@ -354,6 +414,7 @@ def generation_request(body: dict[str, Any], service: Service) -> tuple[str, Txt
             scheduler=scheduler,
             eta=eta,
             **given,
+            **img2img,
         )
     except (ValueError, TypeError) as e:
         raise APIError(400, str(e), param_of(str(e))) from e
@@ -380,6 +441,7 @@ def resolved_fields(request: Txt2Img, images: RequestImages, model: str) -> dict
         "sampler_name": SAMPLER_LABELS.get(settings["sampler"], settings["sampler"]),
         "override_settings": {"sd_model_checkpoint": model},
         **({"eta": gen.eta} if request.sampler == "ddim" else {}),  # else as given
+        **({"denoising_strength": settings["strength"]} if "strength" in settings else {}),
     }
 
 
@@ -412,7 +474,7 @@ def info_json(
         "sd_vae_hash": None,
         "seed_resize_from_w": -1,
         "seed_resize_from_h": -1,
-        "denoising_strength": None,
+        "denoising_strength": resolved.get("denoising_strength"),
         "extra_generation_params": {},
         "index_of_first_image": 0,
         "infotexts": texts,
@@ -428,9 +490,63 @@ def info_json(
 # -- the endpoints ---------------------------------------------------------------------------
 
 
+def img2img_model(body: dict[str, Any], service: Service) -> str:
+    """The model of an img2img body, its fields checked (not yet the image)."""
+    check_fields(body, IMG2IMG_KNOWN_FIELDS, IMG2IMG_UNSUPPORTED)
+    resize_mode = body.get("resize_mode")
+    if resize_mode is not None and (
+        not isinstance(resize_mode, int) or isinstance(resize_mode, bool) or resize_mode != 0
+    ):
+        raise APIError(
+            400,
+            f"resize_mode must be 0 (just resize) or null here; fewstep does not crop or "
+            f"fill (A1111's 1..3), got {resize_mode!r:.80}",
+            "resize_mode",
+        )
+    strength = body.get("denoising_strength")
+    if strength is not None and not _number(strength):
+        raise APIError(
+            400,
+            f"denoising_strength must be a number in (0, 1], got {strength!r:.80}",
+            "denoising_strength",
+        )
+    return chosen_model(service, body.get("override_settings"))
+
+
+def first_init_image(body: dict[str, Any]) -> bytes:
+    """The file bytes of `init_images[0]` (A1111 uses the first image only)."""
+    images = body.get("init_images")
+    if not isinstance(images, list) or not images:
+        raise APIError(
+            400,
+            f"init_images must be a list of base64 images (the first is used), got {images!r:.80}",
+            "init_images",
+        )
+    return base64_image_bytes(images[0], "init_images")
+
+
 async def txt2img(request: Request, service: Service) -> Response:
     body = await read_json_body(request)
     model, checked = generation_request(body, service)
+    return await answer(request, service, body, model, checked)
+
+
+async def img2img(request: Request, service: Service) -> Response:
+    body = await read_json_body(request, MAX_IMAGE_BODY_BYTES)
+    model = img2img_model(body, service)
+    data = first_init_image(body)
+    image = await decode_image(data, "init_images", service.models[model])
+    strength = _or_default(body.get("denoising_strength"), A1111_DENOISING_STRENGTH)
+    model, checked = generation_request(body, service, model, image=image, strength=strength)
+    # as A1111 answers: the images given are not sent back
+    body = {**body, "init_images": None, "mask": None}
+    return await answer(request, service, body, model, checked)
+
+
+async def answer(
+    request: Request, service: Service, body: dict[str, Any], model: str, checked: Txt2Img
+) -> Response:
+    """A1111's answer to a checked request: its images, parameters and info."""
     gen = checked.gen
     images = await service.generate(model, gen, request, param_of)
     model_hash = service.model_hashes[model]

@@ -6,10 +6,14 @@ Endpoints (errors in OpenAI's shape, see errors.py):
   warm-up runs after the server starts listening), and while draining.
 - `GET /metrics`: Prometheus text (metrics.py).
 - `GET /`: the web page (no key needed); `GET /page/settings`: what it offers (page.py).
-- `GET /v1/models`, `POST /v1/images/generations`: OpenAI's Images API (openai_api.py).
+- `GET /v1/models`, `POST /v1/images/generations`, `POST /v1/images/edits`: OpenAI's Images
+  API (openai_api.py).
+- `POST /sdapi/v1/txt2img`, `POST /sdapi/v1/img2img`, `GET /sdapi/v1/samplers`,
+  `GET /sdapi/v1/sd-models`: A1111's API (a1111_api.py).
 
 With an API key, every endpoint but /health needs `Authorization: Bearer <key>`. A request
-body is read at most `MAX_BODY_BYTES` far (413 beyond). No CORS headers are sent unless
+body is read at most `MAX_BODY_BYTES` far, or `MAX_IMAGE_BODY_BYTES` where it carries an
+input image (413 beyond). No CORS headers are sent unless
 `cors_origins` names the origins whose pages may call the service.
 
 Shutdown (`run`): the first SIGTERM or SIGINT starts a drain: /ready and new generations
@@ -165,7 +169,9 @@ def create_app(
         Route("/metrics", keyed(metrics), methods=["GET"]),
         Route("/v1/models", keyed(openai_api.list_models), methods=["GET"]),
         Route("/v1/images/generations", keyed(openai_api.generate_images), methods=["POST"]),
+        Route("/v1/images/edits", keyed(openai_api.edit_images), methods=["POST"]),
         Route("/sdapi/v1/txt2img", keyed(a1111_api.txt2img), methods=["POST"]),
+        Route("/sdapi/v1/img2img", keyed(a1111_api.img2img), methods=["POST"]),
         Route("/sdapi/v1/samplers", keyed(a1111_api.samplers), methods=["GET"]),
         Route("/sdapi/v1/sd-models", keyed(a1111_api.sd_models), methods=["GET"]),
         Route("/openapi.json", keyed(openapi.openapi_json), methods=["GET"]),

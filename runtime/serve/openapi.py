@@ -27,15 +27,17 @@ from fewstep.inputs import MAX_GUIDANCE_SCALE, MAX_SEED
 from fewstep.samplers import SAMPLERS
 from fewstep.samplers.a1111 import A1111_SAMPLERS
 from fewstep.serve import a1111_api, openai_api
-from fewstep.serve.service import MAX_BODY_BYTES, Service
+from fewstep.serve.service import MAX_BODY_BYTES, MAX_IMAGE_BODY_BYTES, Service
 
 JSON = "application/json"
+FORM = "multipart/form-data"
 ERROR_REF = {"$ref": "#/components/schemas/Error"}
 ERROR_TEXT = {
     400: "a field is refused; `param` names it",
     401: "missing or wrong API key",
     404: "the model is not served",
-    413: f"the request body is over {MAX_BODY_BYTES} bytes",
+    413: f"the request body is over {MAX_BODY_BYTES} bytes ({MAX_IMAGE_BODY_BYTES} bytes "
+    "where it carries an input image)",
     429: "the model's queue is full; try again after Retry-After seconds",
     500: "an internal error; its id is logged",
     503: "not ready, or shutting down",
@@ -146,7 +148,54 @@ def openai_request(bounds: Bounds) -> dict[str, Any]:
     }
 
 
+def openai_edit_request(bounds: Bounds) -> dict[str, Any]:
+    """The edits form: the generations fields, an image file and a strength."""
+    generation = openai_request(bounds)
+    properties = {
+        **{name: schema for name, schema in generation["properties"].items() if name != "stream"},
+        "image": {"type": "string", "format": "binary", "description": "a PNG, JPEG or WebP"},
+        "strength": {"type": "number", "exclusiveMinimum": 0, "maximum": 1},
+        "input_fidelity": ANY,
+    }
+    return {**generation, "required": ["image", "prompt"], "properties": properties}
+
+
+def a1111_img2img_request(bounds: Bounds) -> dict[str, Any]:
+    properties = {
+        **a1111_properties(
+            bounds,
+            a1111_api.IMG2IMG_IGNORED_FIELDS,
+            a1111_api.IMG2IMG_UNSUPPORTED,
+            a1111_api.TXT2IMG_ONLY,
+        ),
+        "init_images": {
+            "type": "array",
+            "minItems": 1,
+            "items": {"type": "string", "contentEncoding": "base64"},
+            "description": "base64 image files (a data URL prefix allowed); the first is used",
+        },
+        "denoising_strength": nullable({"type": "number", "exclusiveMinimum": 0, "maximum": 1}),
+        "resize_mode": {"enum": [0, None], "description": "0: just resize"},
+    }
+    return {
+        "type": "object",
+        "required": ["init_images"],
+        "additionalProperties": False,
+        "properties": properties,
+    }
+
+
 def a1111_request(bounds: Bounds) -> dict[str, Any]:
+    properties = a1111_properties(bounds, a1111_api.IGNORED_FIELDS, a1111_api.UNSUPPORTED)
+    return {"type": "object", "additionalProperties": False, "properties": properties}
+
+
+def a1111_properties(
+    bounds: Bounds,
+    ignored: tuple[str, ...],
+    unsupported: dict[str, tuple[str, str]],
+    left_out: tuple[str, ...] = (),
+) -> dict[str, Any]:
     samplers = {"enum": [*A1111_SAMPLERS, None]}
     properties = {
         "prompt": nullable(text(bounds)),
@@ -171,13 +220,10 @@ def a1111_request(bounds: Bounds) -> dict[str, Any]:
                 },
             }
         ),
-        **{name: ANY for name in a1111_api.IGNORED_FIELDS},
-        **{
-            name: a1111_api.NEUTRAL[neutral][1]
-            for name, (_, neutral) in a1111_api.UNSUPPORTED.items()
-        },
+        **{name: ANY for name in ignored},
+        **{name: a1111_api.NEUTRAL[neutral][1] for name, (_, neutral) in unsupported.items()},
     }
-    return {"type": "object", "additionalProperties": False, "properties": properties}
+    return {name: schema for name, schema in properties.items() if name not in left_out}
 
 
 def a1111_answer() -> dict[str, Any]:
@@ -293,6 +339,7 @@ def operation(
     keyed: bool = True,
     key_set: bool = False,
     body: dict[str, Any] | None = None,
+    body_type: str = JSON,
 ) -> dict[str, Any]:
     """One operation: 200 with `answer` (a response object), `errors` in the error shape,
     and 401 when it is keyed and the service has a key."""
@@ -301,7 +348,7 @@ def operation(
     responses.update({str(status): error_response(status) for status in statuses})
     op: dict[str, Any] = {"summary": summary, "responses": responses}
     if body is not None:
-        op["requestBody"] = {"required": True, "content": content(body)}
+        op["requestBody"] = {"required": True, "content": content(body, body_type)}
     if not keyed:
         op["security"] = []
     return op
@@ -357,6 +404,23 @@ def document(service: Service) -> dict[str, Any]:
                 ok("the images", openai_answer()),
                 GENERATION_ERRORS,
                 body=openai_request(bounds),
+            )
+        },
+        "/v1/images/edits": {
+            "post": op(
+                "Edit an image: img2img (OpenAI's Images API; multipart/form-data)",
+                ok("the images", openai_answer()),
+                GENERATION_ERRORS,
+                body=openai_edit_request(bounds),
+                body_type=FORM,
+            )
+        },
+        "/sdapi/v1/img2img": {
+            "post": op(
+                "Generate images from an image (A1111's img2img)",
+                ok("the images, the parameters used and A1111's info", a1111_answer()),
+                GENERATION_ERRORS,
+                body=a1111_img2img_request(bounds),
             )
         },
         "/sdapi/v1/txt2img": {

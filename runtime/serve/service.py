@@ -7,13 +7,22 @@ without blocking the event loop, turning the batcher's outcomes into HTTP answer
 ready or draining, 504 past the request timeout, and a dropped request when the client
 disconnects. Work not yet started is dropped in the last two cases; a batch that has started
 runs to its end (its other requests still want their images).
+
+Request bodies are read streaming and bounded: `MAX_BODY_BYTES` (64 KiB) for JSON without
+images, `MAX_IMAGE_BODY_BYTES` (16 MiB) for the endpoints that take an input image (A1111's
+img2img, OpenAI's image edits); 413 beyond. Input images are decoded by fewstep.image_inputs'
+loader (PNG, JPEG or WebP; the pixel limit checked from the header before any pixel is
+decoded) on a worker thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import base64
+import binascii
 import hmac
 import json
+import re
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -29,11 +38,15 @@ from fewstep.batching import (
     QueueFull,
     RequestImages,
 )
+from fewstep.image_inputs import decoded_image
 from fewstep.package import read_manifest
 from fewstep.pipeline import Pipeline
 from fewstep.serve.errors import APIError, ClientGone
 
-MAX_BODY_BYTES = 64 * 1024
+MAX_BODY_BYTES = 64 * 1024  # JSON bodies without images
+MAX_IMAGE_BODY_BYTES = 16 * 1024 * 1024  # bodies that carry an input image (img2img, edits)
+# A1111 takes base64 images with or without a data URL's prefix
+DATA_URL_PREFIX = re.compile(r"data:image/[A-Za-z0-9.+-]+;base64,")
 T = TypeVar("T")
 WARM_UP_PROMPT = "warm-up"
 
@@ -167,7 +180,10 @@ class Service:
         if not self.ready or batcher is None:
             raise APIError(503, "the service is not ready", code="not_ready")
         try:
-            future = batcher.submit(gen)
+            if gen.image is None:
+                future = batcher.submit(gen)
+            else:  # its check decodes and resizes the image: off the event loop
+                future = await asyncio.to_thread(batcher.submit, gen)
         except QueueFull as e:
             raise APIError(429, str(e), code="queue_full", headers={"Retry-After": "1"}) from e
         except Closed as e:
@@ -227,22 +243,59 @@ def _unet_hash(pipe: Pipeline) -> str | None:
     return (manifest or {}).get("files", {}).get("unet/model.onnx")
 
 
-async def read_json_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
-    """The body as a JSON object, read at most `limit` bytes far (413 beyond)."""
-    too_big = APIError(413, f"the request body must be at most {limit} bytes")
+def body_too_big(limit: int) -> APIError:
+    return APIError(413, f"the request body must be at most {limit} bytes")
+
+
+def check_declared_length(request: Request, limit: int) -> None:
+    """413 at once when the Content-Length header says more than `limit` bytes."""
     declared = request.headers.get("content-length", "")
     if declared.isdigit() and int(declared) > limit:
-        raise too_big
+        raise body_too_big(limit)
+
+
+async def read_body(request: Request, limit: int = MAX_BODY_BYTES) -> bytes:
+    """The body, read at most `limit` bytes far (413 beyond)."""
+    check_declared_length(request, limit)
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > limit:
-            raise too_big
+            raise body_too_big(limit)
         chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_body(request: Request, limit: int = MAX_BODY_BYTES) -> dict[str, Any]:
+    """The body as a JSON object, read at most `limit` bytes far (413 beyond)."""
+    data = await read_body(request, limit)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(data)
     except (ValueError, RecursionError) as e:  # RecursionError: nesting too deep to parse
         raise APIError(400, f"the request body is not valid JSON: {e}") from e
     if not isinstance(body, dict):
         raise APIError(400, f"the request body must be a JSON object, got {type(body).__name__}")
     return body
+
+
+def base64_image_bytes(value: Any, param: str) -> bytes:
+    """The file bytes of a base64 image (a data URL's prefix allowed, as A1111 takes it);
+    400 naming `param` for anything else."""
+    if not isinstance(value, str):
+        raise APIError(400, f"{param} must be a base64 image, got {type(value).__name__}", param)
+    prefix = DATA_URL_PREFIX.match(value)
+    text = value[prefix.end() :] if prefix else value
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError) as e:
+        raise APIError(400, f"{param} is not valid base64: {e}", param) from e
+
+
+async def decode_image(data: bytes, param: str, pipe: Pipeline) -> Any:
+    """An uploaded image file as an RGB PIL image, within `pipe`'s pixel limit: decoded by
+    fewstep.image_inputs' loader (the loader `Pipeline(image=<file bytes>)` uses, so the
+    image is the one a direct call decodes), on a worker thread; 400 naming `param`."""
+    try:
+        return await asyncio.to_thread(decoded_image, data, param, pipe.limits.max_pixels)
+    except ValueError as e:
+        raise APIError(400, str(e), param) from e
