@@ -1,5 +1,9 @@
 """The bundled default model: installed, within its size budget, lean, and it draws what the
-prompt says, as read back by the scenes analyzer."""
+prompt says, as read back by the scenes analyzer.
+
+img2img: the shipped folder holds no VAE encoder graph (with its own weights it would take the
+folder past the budget); `training.ship.add_vae_encoder` adds it, and the tests below run
+img2img on a copy of the folder with it added."""
 
 from __future__ import annotations
 
@@ -12,13 +16,20 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fewstep.package import default_model, verify_diffusers_folder, verify_package, weight_bytes
+from fewstep.package import (
+    default_model,
+    hash_package_files,
+    verify_diffusers_folder,
+    verify_package,
+    weight_bytes,
+)
 from fewstep.pipeline import Pipeline
 
 # training/ (the dataset and its analyzer) is a folder of scripts at the repository root, not
 # part of the installed package; plain `pytest` does not put the root on sys.path.
 sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
 from training import scenes  # noqa: E402
+from training.ship import add_vae_encoder  # noqa: E402
 
 MAX_WEIGHT_BYTES = 12 * 1000 * 1000
 # The first prompts of the report's prompt set, with the report's seeds (prompt i, seed i).
@@ -133,3 +144,123 @@ def test_diffusers_loads_the_shipped_folder_and_agrees(pipe):
             err, err_torch = np.abs(ours - exact), np.abs(half - exact)
             assert err.max() <= 2 * err_torch.max(), (prompt, seed, err.max(), err_torch.max())
             assert err.mean() <= 2 * err_torch.mean(), (prompt, seed, err.mean(), err_torch.mean())
+
+
+# --- img2img: the folder with the VAE encoder graph added -----------------------------------
+
+# the VAE encoder's parameters (0.32 M) in fp16: what its graph stores besides its structure
+ENCODER_WEIGHT_BYTES = 2 * 323_760
+
+
+def _copy_of_the_model(tmp_path_factory) -> pathlib.Path:
+    import shutil
+
+    folder = tmp_path_factory.mktemp("shipped") / "scenes"
+    shutil.copytree(default_model(), folder)
+    return folder
+
+
+@pytest.fixture(scope="module")
+def with_encoder(tmp_path_factory):
+    """(folder, bytes added): a copy of the shipped folder with the VAE encoder graph added."""
+    pytest.importorskip("diffusers")
+    folder = _copy_of_the_model(tmp_path_factory)
+    return folder, add_vae_encoder(folder, max_weight_bytes=None)
+
+
+@pytest.fixture(scope="module")
+def img2img_pipe(with_encoder):
+    return Pipeline.from_pretrained(with_encoder[0])
+
+
+def test_adding_the_vae_encoder_keeps_every_other_file(with_encoder):
+    folder, added = with_encoder
+    before = hash_package_files(default_model())
+    after = hash_package_files(folder)
+    assert set(after) - set(before) == {"vae_encoder/config.json", "vae_encoder/model.onnx"}
+    changed = {rel for rel in before if after[rel] != before[rel]}
+    assert changed == set()  # the manifest itself is not in the list: it gains the graph
+    manifest = verify_package(folder)
+    assert manifest is not None and manifest["graphs"]["vae_encoder"]["precision"] == "fp16"
+    assert manifest["graphs"]["vae_encoder"]["max_rel_error"] < 1e-3
+    assert added == (folder / "vae_encoder" / "model.onnx").stat().st_size
+    # its own copy of the encoder weights: the budget has no room for it
+    assert ENCODER_WEIGHT_BYTES < added < 1.15 * ENCODER_WEIGHT_BYTES
+    assert weight_bytes(default_model()) + added > MAX_WEIGHT_BYTES
+
+
+def test_adding_the_vae_encoder_over_the_budget_is_refused(tmp_path_factory):
+    pytest.importorskip("diffusers")
+    folder = _copy_of_the_model(tmp_path_factory)
+    before = hash_package_files(folder)
+    with pytest.raises(SystemExit, match=r"over 12.0 MB; .* unchanged"):
+        add_vae_encoder(folder, max_weight_bytes=MAX_WEIGHT_BYTES)
+    assert hash_package_files(folder) == before and not (folder / "vae_encoder").exists()
+    assert [p.name for p in folder.parent.iterdir()] == ["scenes"]  # no work folder left
+
+
+def test_img2img_agrees_with_diffusers(with_encoder, img2img_pipe):
+    """The fp16 graphs against diffusers' LCM img2img pipeline on the same folder in fp32,
+    the same noise on both sides (tests/test_img2img.py explains TorchNoise), within twice
+    the error diffusers itself makes in fp16 (max and mean)."""
+    torch = pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from conftest import TorchNoise
+
+    def load(dtype):
+        reference = diffusers.LatentConsistencyModelImg2ImgPipeline.from_pretrained(
+            with_encoder[0], torch_dtype=dtype, local_files_only=True
+        )
+        reference.set_progress_bar_config(disable=True)
+        return reference
+
+    fp32, fp16 = load(torch.float32), load(torch.float16)
+    image = Image.fromarray(scenes.render_scene(scenes.scene_at(3, seed=5)))
+    for prompt, steps, strength in ((PARITY_PROMPTS[0], 4, 0.6), (PARITY_PROMPTS[2], 2, 0.5)):
+        call = dict(image=image, strength=strength, num_inference_steps=steps, output_type="np")
+        ours = img2img_pipe(prompt, generator=TorchNoise(11), **call).images[0]
+        exact = fp32(prompt, generator=torch.Generator().manual_seed(11), **call).images[0]
+        half = fp16(prompt, generator=torch.Generator().manual_seed(11), **call).images[0]
+        err, err_torch = np.abs(ours - exact), np.abs(half - exact)
+        print(f"{prompt!r}: max {err.max():.2e} (diffusers fp16 {err_torch.max():.2e}), "
+              f"mean {err.mean():.2e} ({err_torch.mean():.2e})")  # fmt: skip
+        assert exact.std() > 0.05  # a picture, not a flat image
+        assert err.max() <= 2 * err_torch.max(), (prompt, err.max(), err_torch.max())
+        assert err.mean() <= 2 * err_torch.mean(), (prompt, err.mean(), err_torch.mean())
+
+
+def test_cli_img2img_end_to_end(with_encoder, img2img_pipe, tmp_path):
+    from fewstep.cli import main
+
+    source = tmp_path / "in.png"
+    Image.fromarray(scenes.render_scene(scenes.scene_at(4, seed=5))).save(source)
+    out = tmp_path / "out.png"
+    prompt = "a red circle on a blue background"
+    argv = ["generate", prompt, "--model", str(with_encoder[0]), "--image", str(source)]
+    assert main([*argv, "--strength", "0.6", "--seed", "3", "-o", str(out)]) == 0
+    expected = img2img_pipe(prompt, image=source, strength=0.6, seed=3).images[0]
+    with Image.open(out) as written:
+        assert written.text["parameters"].endswith(", Denoising strength: 0.6")
+        np.testing.assert_array_equal(np.asarray(written), np.asarray(expected))
+
+
+def test_img2img_at_half_strength_keeps_the_scenes_background(img2img_pipe):
+    """Rendered scenes (not blue or red), redrawn at strength 0.5: the analyzer reads the
+    scene's background back for the scene's own caption every time, and for a prompt that
+    names a blue one mostly (16 of 20 measured; 4 flipped to a neighbouring colour), while at
+    strength 1 that prompt's background wins every time."""
+    picked = [scenes.scene_at(i, seed=7) for i in range(60)]
+    picked = [s for s in picked if s.background not in ("blue", "red")][:20]
+    other = "a red circle on a blue background"
+    kept_own = kept_other = took_prompt = 0
+    for seed, scene in enumerate(picked):
+        call = dict(image=scenes.render_scene(scene), seed=seed, output_type="np")
+
+        def background(prompt, strength, call=call):
+            image = img2img_pipe(prompt, strength=strength, **call).images[0]
+            return scenes.analyze(image)["background"]
+
+        kept_own += background(scenes.caption(scene), 0.5) == scene.background
+        kept_other += background(other, 0.5) == scene.background
+        took_prompt += background(other, 1.0) == "blue"
+    assert (kept_own, took_prompt) == (20, 20) and kept_other >= 14, (kept_own, kept_other)

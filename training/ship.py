@@ -11,6 +11,16 @@ the VAE decoder's graph keeps its own. The weight files must stay within the shi
 package leaves out the VAE encoder graph, which text-to-image does not use; `fewstep export`
 of the shipped folder writes a package with it. The folder is built next to its destination
 and renamed into place, so a failure leaves the previous model untouched.
+
+    python -m training.ship --add-vae-encoder [--out runtime/models/scenes]
+
+adds that graph (img2img) to an already shipped folder without the training runs: it is
+exported from the folder's own `vae/` weights exactly as `fewstep export` exports it (fp16
+weights cast from fp16 are the student's fp16 weights, and the export is deterministic: a
+full export of the shipped folder gives its VAE decoder graph bit for bit), every other file
+stays byte-identical, and the manifest gains the graph and its hash. The graph keeps its own
+weights, as the decoder's does (its folder is not `vae/`), so it adds ~0.71 MB: more than the
+budget leaves, which the step refuses unless `--max-weight-mb` raises it.
 """
 
 from __future__ import annotations
@@ -19,11 +29,14 @@ import argparse
 import shutil
 import tempfile
 from pathlib import Path
+from typing import Any
 
 from fewstep.package import (
     DEFAULT_MODEL_DIR,
+    PackageError,
     read_manifest,
     verify_diffusers_folder,
+    verify_package,
     weight_bytes,
     write_manifest,
 )
@@ -55,19 +68,88 @@ def ship(student: Path, out: Path = DEFAULT_MODEL_DIR, dtype: str = "fp16") -> d
             raise SystemExit(
                 f"weights take {sizes['model'] / 1e6:.2f} MB, over {MAX_WEIGHT_BYTES / 1e6} MB"
             )
-        (work / "model").chmod(0o755)
-        previous = work / "previous"
-        if out.exists():
-            out.rename(previous)
-        try:
-            (work / "model").rename(out)
-        except BaseException:
-            if previous.exists():
-                previous.rename(out)
-            raise
+        move_into_place(work / "model", out, work)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return sizes
+
+
+def move_into_place(built: Path, out: Path, work: Path) -> None:
+    """Rename `built` to `out`; the folder `out` held moves into `work` (removed with it),
+    and comes back if the rename fails."""
+    built.chmod(0o755)
+    previous = work / "previous"
+    if out.exists():
+        out.rename(previous)
+    try:
+        built.rename(out)
+    except BaseException:
+        if previous.exists():
+            previous.rename(out)
+        raise
+
+
+def add_vae_encoder(
+    folder: Path = DEFAULT_MODEL_DIR, max_weight_bytes: int | None = MAX_WEIGHT_BYTES
+) -> int:
+    """Add `vae_encoder/` to a shipped folder (module docstring); returns the weight bytes it
+    adds. Refuses (SystemExit) when the folder's weights would exceed `max_weight_bytes`
+    (None: no limit), leaving the folder untouched."""
+    folder = Path(folder)
+    manifest = verify_package(folder)
+    if manifest is None:
+        raise PackageError(f"folder must be a shipped model with a manifest: {folder} has none")
+    if (folder / "vae_encoder").exists():
+        raise PackageError(f"folder {folder} already has a vae_encoder/")
+    work = Path(tempfile.mkdtemp(prefix=f".{folder.name}.tmp-", dir=folder.parent))
+    try:
+        built = work / "model"
+        shutil.copytree(folder, built)
+        entry = export_vae_encoder(built, manifest)
+        info = {k: v for k, v in manifest.items() if k not in ("files", "manifest_version")}
+        info["graphs"] = {**manifest["graphs"], "vae_encoder": entry}
+        write_manifest(built, info)
+        verify_package(built)
+        total, added = weight_bytes(built), weight_bytes(built) - weight_bytes(folder)
+        if max_weight_bytes is not None and total > max_weight_bytes:
+            raise SystemExit(
+                f"weights would take {total / 1e6:.2f} MB with the VAE encoder graph "
+                f"(+{added / 1e6:.2f} MB), over {max_weight_bytes / 1e6} MB; {folder} unchanged"
+            )
+        move_into_place(built, folder, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    return added
+
+
+def export_vae_encoder(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]:
+    """Write `folder/vae_encoder/` as export_package writes it (same trace size, precision
+    and verification) from the folder's own weights; returns its manifest entry."""
+    from fewstep.export.graphs import vae_encoder_spec
+    from fewstep.export.onnx_io import MODEL_NAME, graph_io
+    from fewstep.export.package_writer import _export_one
+    from fewstep.export.source import check_source, load_source
+    from fewstep.export.verify import verification_latent_size, verify_graph
+
+    model = load_source(check_source(folder, None))
+    spec = vae_encoder_spec(model.vae)
+    precision = manifest["graphs"]["vae_decoder"]["precision"]  # the VAE's graphs share it
+    unet_multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)
+    sequence = int(model.text_encoder.config.max_position_embeddings)
+    _export_one(folder, spec, precision, int(manifest["opset"]), unet_multiple, sequence)
+    # the config export_package copies: the source's vae/config.json, as vae_decoder/ has it
+    shutil.copyfile(folder / "vae_decoder" / "config.json", folder / spec.name / "config.json")
+    path = folder / spec.name / MODEL_NAME
+    error = verify_graph(
+        spec, spec.make_module(), path, precision, verification_latent_size(unet_multiple)
+    )
+    return {
+        **graph_io(path),
+        "precision": precision,
+        "max_abs_error": error.max_abs_error,
+        "max_rel_error": error.max_rel_error,
+        "verified_input_shapes": {k: list(v) for k, v in error.input_shapes.items()},
+    }
 
 
 def drop_graph(package: Path, graph: str) -> None:
@@ -82,10 +164,24 @@ def drop_graph(package: Path, graph: str) -> None:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--student", required=True, help="the student's diffusers folder")
+    parser.add_argument("--student", help="the student's diffusers folder")
     parser.add_argument("--out", default=str(DEFAULT_MODEL_DIR))
     parser.add_argument("--dtype", default="fp16", choices=("fp16", "fp32"))
+    parser.add_argument(
+        "--add-vae-encoder",
+        action="store_true",
+        help="add the VAE encoder graph to the shipped folder --out (no --student)",
+    )
+    parser.add_argument(
+        "--max-weight-mb", type=float, default=MAX_WEIGHT_BYTES / 1e6, help="the budget"
+    )
     args = parser.parse_args(argv)
+    if args.add_vae_encoder == (args.student is not None):
+        parser.error("give either --student or --add-vae-encoder")
+    if args.add_vae_encoder:
+        added = add_vae_encoder(Path(args.out), round(args.max_weight_mb * 1e6))
+        print(f"added {args.out}/vae_encoder: {added / 1e6:.2f} MB of weights")
+        return
     sizes = ship(Path(args.student), Path(args.out), args.dtype)
     print(
         f"wrote {args.out}: {sizes['model'] / 1e6:.2f} MB of weights (a diffusers folder "
