@@ -23,6 +23,11 @@ which stays float32 (diffusers computes the sinusoidal embedding in float32 and 
 fractional timesteps lose digits in fp16), and the VAE decoder when `keeps_fp32_vae_decoder`
 says the VAE overflows in fp16.
 
+A tiny autoencoder (diffusers' AutoencoderTiny, TAESD) fills the VAE graphs under the same
+names; its `vae_encoder` outputs `latents` [batch, C, height, width] (the latents themselves,
+no distribution) instead of `latent_parameters`, so a runtime that reads the wrong one fails
+by name rather than splitting latents into a mean and a variance.
+
 Limits: the U-Net's latent height and width must be multiples of `2 ** (len(blocks) - 1)`
 (8 for SD); diffusers' odd-size path (`forward_upsample_size`) is not in the traced graph.
 """
@@ -37,7 +42,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from fewstep.package import SDXL_TIME_IDS
+from fewstep.package import SDXL_TIME_IDS, TINY_VAE_CLASS
 
 FLOAT = "float"  # the graph's float precision: float32 in fp32 packages, float16 in fp16 ones
 NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "int64": np.int64}
@@ -227,7 +232,8 @@ class VaeEncoderGraph(torch.nn.Module):
         self.vae = vae
 
     def forward(self, sample: torch.Tensor) -> torch.Tensor:
-        # [B, 3, H, W] in [-1, 1] -> [B, 2C, H/f, W/f]: mean and log-variance, unclamped
+        # [B, 3, H, W] in [-1, 1] -> [B, 2C, H/f, W/f]: mean and log-variance, unclamped;
+        # AutoencoderTiny (no quant_conv): its latents [B, C, H/f, W/f] (diffusers' encode)
         moments = self.vae.encoder(sample)
         if getattr(self.vae, "quant_conv", None) is not None:
             moments = self.vae.quant_conv(moments)
@@ -314,8 +320,19 @@ def vae_decoder_spec(vae: Any) -> GraphSpec:
     )
 
 
+def is_tiny_vae(vae: Any) -> bool:
+    """Whether `vae` is diffusers' AutoencoderTiny (TAESD), whose encoder returns latents."""
+    return type(vae).__name__ == TINY_VAE_CLASS
+
+
 def vae_encoder_spec(vae: Any) -> GraphSpec:
     cfg = vae.config
+    if is_tiny_vae(vae):
+        output = TensorSpec("latents", ("batch", cfg.latent_channels, "height", "width"))
+    else:
+        output = TensorSpec(
+            "latent_parameters", ("batch", 2 * cfg.latent_channels, "height", "width")
+        )
     return GraphSpec(
         name="vae_encoder",
         inputs=(
@@ -323,9 +340,7 @@ def vae_encoder_spec(vae: Any) -> GraphSpec:
                 "sample", ("batch", cfg.in_channels, "image_height", "image_width"), fill="uniform"
             ),
         ),
-        outputs=(
-            TensorSpec("latent_parameters", ("batch", 2 * cfg.latent_channels, "height", "width")),
-        ),
+        outputs=(output,),
         make_module=lambda: VaeEncoderGraph(vae),
         latent_multiple=1,
         image_scale=_vae_scale(cfg),

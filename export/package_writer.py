@@ -17,6 +17,11 @@ shipped: tokenizer.json (the lean runtime, fast tokenizers) and vocab.json + mer
 (optimum, slow tokenizers), each derived from the other when the source lacks it (SD 1.x
 repositories have no tokenizer.json; transformers 5 saves only tokenizer.json).
 
+With `vae=` (a diffusers AutoencoderTiny folder: TAESD, TAESDXL) the vae_decoder/ and
+vae_encoder/ graphs and configs are the tiny autoencoder's, and model_index.json names it
+(fewstep.package reads the class from vae_decoder/config.json; graphs.py has the encoder's
+`latents` output).
+
 SDXL packages add text_encoder_2/ and tokenizer_2/ (optimum's SDXL layout, graphs.py has the
 I/O). LoRAs are not folded into SDXL exports yet (NotImplementedError before anything loads).
 """
@@ -45,6 +50,7 @@ from fewstep.export.source import (
     load_source,
     read_bpe_model,
     refuse_pickle,
+    with_tiny_vae,
 )
 from fewstep.export.verify import GraphError, verification_latent_size, verify_graph
 from fewstep.lora import LORA_GRAPHS, LoraArg, LoraFile, describe_loras, fold_lora_torch, load_loras
@@ -66,7 +72,12 @@ _UNEXPORTED_COMPONENTS = ("safety_checker", "feature_extractor", "image_encoder"
 
 
 def _check_arguments(
-    src: str | os.PathLike, out: str | os.PathLike, dtype: str, opset: int, config: Any
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    dtype: str,
+    opset: int,
+    config: Any,
+    vae: str | os.PathLike | None = None,
 ) -> tuple[SourceSpec, Path]:
     refuse_pickle(src)  # first: nothing may happen to a pickle
     if dtype not in DTYPES:
@@ -78,7 +89,7 @@ def _check_arguments(
         raise ValueError(
             f"out must be a new or empty folder, got {str(out)!r} (exists and is not empty)"
         )
-    return check_source(src, config), out_path
+    return with_tiny_vae(check_source(src, config), vae), out_path
 
 
 def _graph_names(spec: SourceSpec) -> list[str]:
@@ -96,6 +107,7 @@ def export_package(
     progress: bool = True,
     verify: bool = True,
     loras: Sequence[LoraArg] | None = None,
+    vae: str | os.PathLike | None = None,
 ) -> Path:
     """Export `src` to a model package at `out`; returns `out` as a Path.
 
@@ -114,8 +126,11 @@ def export_package(
     loras: [(path, scale), …] LoRA safetensors folded into the U-Net and text encoder before
         export (fewstep.lora); the manifest's `loras` records each file's name, sha256 and
         scale. Files, scales and keys are checked before anything is written.
+    vae: a diffusers AutoencoderTiny folder (TAESD for SD 1.x/2.x, TAESDXL for SDXL) whose
+        decoder and encoder become the package's VAE graphs; checked (config keys against
+        the source, safetensors weights) before anything loads.
     """
-    spec, out_path = _check_arguments(src, out, dtype, opset, config)
+    spec, out_path = _check_arguments(src, out, dtype, opset, config, vae)
     if spec.sdxl and loras:
         raise NotImplementedError(
             "loras: folding LoRAs into an SDXL export is not supported yet (its kohya names "
@@ -161,10 +176,7 @@ def _build_package(
     for graph in specs:
         with log.stage(f"export {graph.name}"):
             _export_one(tmp, graph, precisions[graph.name], opset, unet_multiple, sequence)
-            shutil.copyfile(
-                spec.config_dir / GRAPH_CONFIGS[graph.name] / "config.json",
-                tmp / graph.name / "config.json",
-            )
+            shutil.copyfile(_graph_config(spec, graph.name), tmp / graph.name / "config.json")
 
     errors: dict[str, GraphError] = {}
     if verify:
@@ -186,6 +198,14 @@ def _build_package(
         write_manifest(tmp, manifest)
 
 
+def _graph_config(spec: SourceSpec, graph: str) -> Path:
+    """The config.json a graph's folder gets: its source component's (the tiny VAE's)."""
+    component = GRAPH_CONFIGS[graph]
+    if component == "vae" and spec.vae is not None:
+        return spec.vae / "config.json"
+    return spec.config_dir / component / "config.json"
+
+
 def _export_one(
     tmp: Path, graph: GraphSpec, precision: str, opset: int, latent_multiple: int, sequence: int
 ) -> None:
@@ -202,8 +222,11 @@ def _export_one(
 def _write_metadata(tmp: Path, model: SourceModel) -> None:
     """model_index.json, scheduler/scheduler_config.json, tokenizer/ (+ tokenizer.json) and
     SDXL's tokenizer_2/."""
-    if model.spec.kind == "diffusers":
+    if model.spec.kind == "diffusers" and model.spec.vae is None:
         shutil.copyfile(model.spec.path / "model_index.json", tmp / "model_index.json")
+    elif model.spec.kind == "diffusers":  # the source's, naming the VAE the package holds
+        index = dict(model.model_index, vae=["diffusers", type(model.vae).__name__])
+        (tmp / "model_index.json").write_text(json.dumps(index, indent=2) + "\n")
     else:
         (tmp / "model_index.json").write_text(
             json.dumps(_single_file_model_index(model), indent=2) + "\n"
@@ -300,6 +323,7 @@ def _manifest(
         "latent_channels": info.latent_channels,
         "vae_scaling_factor": info.vae_scaling_factor,
         "vae_scale_factor": info.vae_scale_factor,
+        "vae_class": info.vae_class,
         "default_height": info.default_height,
         "default_width": info.default_width,
         "guidance_embedding_dim": info.guidance_embedding_dim,

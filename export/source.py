@@ -25,6 +25,10 @@ four for SDXL).
   accepted for the components fewstep reads, and classes are looked up on the `diffusers` and
   `transformers` modules only. Other entries (safety_checker, feature_extractor, …) are
   neither read nor imported.
+- A tiny autoencoder (`vae=`: a diffusers AutoencoderTiny folder, TAESD / TAESDXL) replaces
+  the source's VAE: `with_tiny_vae` checks it (`fewstep.package.check_tiny_vae_folder`: the
+  config's keys against the source's latent channels and VAE scale, safetensors weights,
+  paths inside the folder) before anything loads, and the source's VAE is then never loaded.
 - The tokenizer may be vocab.json + merges.txt (SD 1.x repositories), tokenizer.json (what
   transformers 5 saves) or both; `read_bpe_model` reads the BPE model out of tokenizer.json.
 """
@@ -38,7 +42,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from fewstep.package import SDXL_TIME_IDS
+from fewstep.package import SDXL_TIME_IDS, TINY_VAE_CLASS, read_model_info
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
@@ -80,6 +84,7 @@ class SourceSpec:
     kind: str  # one of SOURCE_KINDS
     config_dir: Path  # the diffusers folder with model_index.json, tokenizer/, scheduler/
     sdxl: bool = False  # text_encoder_2/ and tokenizer_2/ too
+    vae: Path | None = None  # a tiny autoencoder folder (AutoencoderTiny) replacing the VAE
 
     @property
     def components(self) -> dict[str, tuple[str, str]]:
@@ -90,6 +95,8 @@ class SourceSpec:
         out = {"path": str(self.path.resolve()), "kind": self.kind}
         if self.kind == "single_file":
             out["config"] = str(self.config_dir.resolve())
+        if self.vae is not None:
+            out["vae"] = str(self.vae.resolve())
         return out
 
 
@@ -99,7 +106,7 @@ class SourceModel:
 
     spec: SourceSpec
     unet: Any  # diffusers UNet2DConditionModel
-    vae: Any  # diffusers AutoencoderKL
+    vae: Any  # diffusers AutoencoderKL, or AutoencoderTiny (`SourceSpec.vae`)
     text_encoder: Any  # transformers CLIPTextModel
     model_index: dict[str, Any]
     scheduler_config_path: Path
@@ -341,6 +348,24 @@ def check_source(src: str | os.PathLike, config: str | os.PathLike | None) -> So
     return SourceSpec(path=path, kind="single_file", config_dir=config_dir)
 
 
+def with_tiny_vae(spec: SourceSpec, vae: str | os.PathLike | None) -> SourceSpec:
+    """`spec` with the tiny autoencoder folder `vae` in place of its VAE, checked against the
+    source's configs before anything loads (PackageError, a ValueError, naming the culprit)."""
+    if vae is None:
+        return spec
+    read_model_info(spec.config_dir, vae=Path(vae))
+    return dataclasses.replace(spec, vae=Path(vae))
+
+
+def _load_tiny_vae(folder: Path) -> Any:
+    import diffusers
+    import torch
+
+    return getattr(diffusers, TINY_VAE_CLASS).from_pretrained(
+        folder, torch_dtype=torch.float32, use_safetensors=True
+    )
+
+
 def _component_class(model_index: dict[str, Any], name: str) -> Any:
     import diffusers
     import transformers
@@ -383,9 +408,12 @@ def load_source(spec: SourceSpec) -> SourceModel:
                 spec.path / name, torch_dtype=torch.float32, use_safetensors=True
             )
             for name in spec.components
+            if not (name == "vae" and spec.vae is not None)  # not loaded: it is replaced
         }
     else:
         modules = dict(zip(COMPONENTS, _load_single_file(spec, model_index), strict=True))
+    if spec.vae is not None:
+        modules["vae"] = _load_tiny_vae(spec.vae)
     for module in modules.values():
         if any(p.dtype != torch.float32 for p in module.parameters()):
             module.float()

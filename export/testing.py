@@ -26,6 +26,10 @@ Its files come in one of `TOKENIZER_LAYOUTS`: "vocab" (vocab.json + merges.txt, 
 repositories ship), "vocab+json" (those and tokenizer.json, as SD 2.x repositories ship) or
 "json" (tokenizer.json + tokenizer_config.json only: what transformers 5 saves).
 
+`make_tiny_autoencoder(path, family)` writes a tiny random-weight diffusers `AutoencoderTiny`
+folder (the TAESD / TAESDXL architecture: config.json + diffusion_pytorch_model.safetensors)
+with the family's latent channels (4) and VAE scale (8), to stand in for a TAESD download.
+
 Limits: torch, diffusers and transformers are imported inside the functions, so importing
 this module stays cheap. SDXL models have no single-file layout here (conftest's
 `save_single_file` writes SD 1.x/2.x only) and no refiner variant (text_encoder_2 alone,
@@ -213,6 +217,26 @@ _TEXT_ENCODER_BASE = {
 }
 # OpenAI CLIP (SD1) uses quick_gelu, OpenCLIP ViT-H (SD2) exact gelu.
 _TEXT_ENCODER_ACT = {"clip": "quick_gelu", "openclip": "gelu"}
+
+# TAESD's layout (madebyollin/taesd: four stages, 1/3/3/3 encoder and 3/3/3/1 decoder blocks
+# of 64 channels) at 8 channels and one block a stage; latents and scale as the families'.
+_TINY_AUTOENCODER = {
+    "in_channels": 3,
+    "out_channels": 3,
+    "encoder_block_out_channels": (8, 8, 8, 8),
+    "decoder_block_out_channels": (8, 8, 8, 8),
+    "num_encoder_blocks": (1, 1, 1, 1),
+    "num_decoder_blocks": (1, 1, 1, 1),
+    "act_fn": "relu",
+    "upsample_fn": "nearest",
+    "upsampling_scaling_factor": 2,
+    "latent_channels": 4,
+    "latent_magnitude": 3,
+    "latent_shift": 0.5,
+    "scaling_factor": 1.0,
+}
+# Its seed stream, past every seed's component streams (as text_encoder_2's).
+_TINY_AUTOENCODER_STREAM = 1 << 41
 
 # One seed stream per component, so that changing one never shifts another.
 _COMPONENT_STREAMS = {"unet": 0, "vae": 1, "text_encoder": 2}
@@ -626,6 +650,27 @@ def _make_tiny_sdxl(root: pathlib.Path, family: str, seed: int, layout: str) -> 
         tokenizer_2=["transformers", "CLIPTokenizer"],
     )
     (root / "model_index.json").write_text(json.dumps(model_index, indent=2, sort_keys=True) + "\n")
+    return root
+
+
+def make_tiny_autoencoder(
+    path: str | os.PathLike, family: str = "sd1", seed: int = 0
+) -> pathlib.Path:
+    """Write a tiny random-weight AutoencoderTiny folder for `family` (module docstring)."""
+    import diffusers
+    import torch
+
+    if family not in ALL_FAMILIES:
+        raise ValueError(f"family must be one of {ALL_FAMILIES}, got {family!r}")
+    if not isinstance(seed, int) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    with torch.random.fork_rng(devices=[]):
+        vae = diffusers.AutoencoderTiny(**_TINY_AUTOENCODER)
+    _redraw_parameters(vae, torch.Generator().manual_seed(seed + _TINY_AUTOENCODER_STREAM))
+    with torch.no_grad():  # centre the images (else most pixels clip to black, hiding errors)
+        vae.decoder.layers[-1].bias.add_(0.5)
+    root = pathlib.Path(path)
+    vae.save_pretrained(root, safe_serialization=True)
     return root
 
 

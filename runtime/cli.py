@@ -170,6 +170,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         opset=args.opset,
         config=args.config,
         loras=_loras(args),
+        vae=args.vae,
     )
     print(f"wrote model package {args.out}")
     return 0
@@ -354,6 +355,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=18)
     p.add_argument("--config", default=None, help="diffusers folder with configs (single files)")
     _add_lora_arg(p, "folded into the U-Net and text encoder before export")
+    p.add_argument(
+        "--vae",
+        default=None,
+        help="tiny autoencoder folder (diffusers AutoencoderTiny: TAESD, TAESDXL) to export as "
+        "the VAE decoder and encoder instead of the model's own",
+    )
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("info", help="check a model package and print what it holds")

@@ -31,6 +31,8 @@ Latents: the VAE encoder returns the mean and log-variance of a diagonal Gaussia
 the image's latents are one sample of it, mean + exp(½·clip(logvar, −30, 20))·z (diffusers'
 `DiagonalGaussianDistribution.sample`), times the VAE's scaling factor, with z drawn from the
 call's noise source where diffusers draws it from its generator (`sample_image_latents`).
+A tiny autoencoder (diffusers' AutoencoderTiny) returns the latents themselves: they are
+only scaled, and no noise is drawn (`scaled_image_latents`).
 """
 
 from __future__ import annotations
@@ -146,6 +148,18 @@ def sample_image_latents(
         sample = mean + std * draw(tuple(mean.shape))
     else:
         sample = (mean + std * draw(tuple(mean.shape)))[index]
+    return (np.float32(scaling_factor) * sample).astype(np.float32, copy=False)
+
+
+def scaled_image_latents(
+    latents: np.ndarray, rows: Sequence[int], scaling_factor: float
+) -> np.ndarray:
+    """The clean latents of each generated image, float32 [B, C, h, w], from a tiny
+    autoencoder's latents of the input images ([N, C, h, w]): its input image's (`rows`),
+    times `scaling_factor` (diffusers' `retrieve_latents` returns an AutoencoderTiny's
+    `latents` as they are)."""
+    index = np.asarray(rows, dtype=np.int64)
+    sample = np.asarray(latents, dtype=np.float32)[index]
     return (np.float32(scaling_factor) * sample).astype(np.float32, copy=False)
 
 

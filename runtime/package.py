@@ -15,6 +15,12 @@ Layout (docs/architecture.md#the-model-package):
 A package can also be its diffusers folder (fewstep.export.shared_weights): the graphs sit in
 the component folders and read their weights from the safetensors files there.
 
+The VAE graphs are an AutoencoderKL's or, exported with a tiny autoencoder (diffusers'
+`AutoencoderTiny`: TAESD, TAESDXL), that one's; `vae_decoder/config.json`'s `_class_name`
+says which (`ModelInfo.vae_class`), and a tiny VAE's encoder outputs its latents (`latents`)
+rather than a distribution. A tiny VAE's folder comes from strangers like every input:
+`check_tiny_vae_folder` checks its config and weights before anything loads it.
+
 Everything the runtime needs is derived from the component configs, so packages
 written by optimum load too; the manifest adds file hashes, export errors and
 versions, and is checked when present.
@@ -47,6 +53,14 @@ MAX_BLOCKS = 8
 MAX_CHANNELS = 65_536
 MAX_LATENT_SIZE = 4096
 MAX_JSON_BYTES = 64 << 20  # CLIP's tokenizer.json is 2 MB; configs are a few kB
+# The VAE classes a package's vae_decoder/config.json may name (absent: AutoencoderKL).
+VAE_CLASSES = ("AutoencoderKL", "AutoencoderTiny")
+TINY_VAE_CLASS = "AutoencoderTiny"
+TINY_VAE_WEIGHTS = "diffusion_pytorch_model.safetensors"
+# diffusers' get_activation names, and nn.Upsample modes that export to ONNX as diffusers runs them
+TINY_VAE_ACTIVATIONS = ("relu", "silu", "swish", "gelu", "mish")
+TINY_VAE_UPSAMPLE = ("nearest", "bilinear")
+MAX_TINY_VAE_LAYERS = 64  # blocks per stage (TAESD: 3)
 
 
 class PackageError(ValueError):
@@ -121,6 +135,7 @@ class ModelInfo:
     default_guidance_scale: float
     tokenizer_max_length: int = 77
     size_multiple: int = 8  # height and width must be multiples: VAE × U-Net downsampling
+    vae_class: str = "AutoencoderKL"  # one of VAE_CLASSES: how to read the VAE encoder
 
 
 def default_generation_settings(
@@ -177,10 +192,12 @@ def _scheduler_check(sched_cfg: dict[str, Any], path: Path) -> str:
     return cls
 
 
-def read_model_info(root: str | Path) -> ModelInfo:
+def read_model_info(root: str | Path, vae: str | Path | None = None) -> ModelInfo:
     """Derive ModelInfo from a package's (or a diffusers folder's) component configs.
 
-    Every value used is checked: a PackageError names the file and the key.
+    vae: a tiny autoencoder folder (diffusers' AutoencoderTiny) that replaces the folder's own
+    VAE, checked by `check_tiny_vae_folder` against the U-Net's latent channels and the own
+    VAE's scale. Every value used is checked: a PackageError names the file and the key.
     """
     root = Path(root)
     unet_path = root / "unet" / "config.json"
@@ -191,9 +208,17 @@ def read_model_info(root: str | Path) -> ModelInfo:
     sched_path = root / "scheduler" / "scheduler_config.json"
     sched_cfg = read_json(sched_path)
     scheduler_class = _scheduler_check(sched_cfg, sched_path)
-    vae_blocks = _config_list(vae_cfg, "block_out_channels", [0, 0, 0, 0], vae_path)
+    latent_channels = _config_int(unet_cfg, "in_channels", 4, unet_path, MAX_CHANNELS)
+    vae_class = _vae_class(vae_cfg, vae_path)
+    vae_scale = 2 ** (len(_vae_blocks(vae_cfg, vae_class, vae_path)) - 1)
+    if vae is not None:
+        vae_path = Path(vae) / "config.json"
+        vae_cfg = check_tiny_vae_folder(vae, latent_channels, vae_scale)
+        vae_class = TINY_VAE_CLASS
+    elif vae_class == TINY_VAE_CLASS:
+        check_tiny_vae_config(vae_cfg, vae_path, latent_channels, None)
+    vae_scale = 2 ** (len(_vae_blocks(vae_cfg, vae_class, vae_path)) - 1)
     unet_blocks = _config_list(unet_cfg, "block_out_channels", [0, 0, 0, 0], unet_path)
-    vae_scale = 2 ** (len(vae_blocks) - 1)
     sample_size = unet_cfg.get("sample_size", 64)
     sizes = sample_size if isinstance(sample_size, list) else [sample_size] * 2
     if len(sizes) != 2 or not all(
@@ -207,18 +232,15 @@ def read_model_info(root: str | Path) -> ModelInfo:
     guidance_dim = unet_cfg.get("time_cond_proj_dim")
     if guidance_dim is not None:
         guidance_dim = _config_int(unet_cfg, "time_cond_proj_dim", 0, unet_path, MAX_CHANNELS)
-    scaling = vae_cfg.get("scaling_factor", 0.18215)
-    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not scaling > 0:
-        raise PackageError(f"{vae_path}: scaling_factor must be a number > 0, got {scaling!r}")
     prediction = sched_cfg.get("prediction_type", "epsilon")
     family = family_from_configs(unet_cfg)
     steps, guidance = default_generation_settings(sched_cfg, guidance_dim, family)
     return ModelInfo(
         family=family,
         prediction_type=prediction,
-        latent_channels=_config_int(unet_cfg, "in_channels", 4, unet_path, MAX_CHANNELS),
+        latent_channels=latent_channels,
         vae_scale_factor=vae_scale,
-        vae_scaling_factor=float(scaling),
+        vae_scaling_factor=_vae_scaling_factor(vae_cfg, vae_class, vae_path),
         default_height=height,
         default_width=width,
         guidance_embedding_dim=guidance_dim,
@@ -228,7 +250,109 @@ def read_model_info(root: str | Path) -> ModelInfo:
         default_guidance_scale=guidance,
         # each U-Net block but the last halves the latent's size
         size_multiple=vae_scale * 2 ** (len(unet_blocks) - 1),
+        vae_class=vae_class,
     )
+
+
+def _vae_class(cfg: dict[str, Any], path: Path) -> str:
+    value = cfg.get("_class_name", VAE_CLASSES[0])
+    if value not in VAE_CLASSES:
+        raise PackageError(f"{path}: _class_name must be one of {VAE_CLASSES}, got {value!r:.80}")
+    return str(value)
+
+
+def _vae_blocks(cfg: dict[str, Any], vae_class: str, path: Path) -> list[Any]:
+    """The VAE's blocks: each but the last halves (encoder) or doubles (decoder) the size.
+    AutoencoderTiny's `block_out_channels` is its decoder's, as diffusers registers it."""
+    key = "decoder_block_out_channels" if vae_class == TINY_VAE_CLASS else "block_out_channels"
+    return _config_list(cfg, key, [0, 0, 0, 0], path)
+
+
+def _vae_scaling_factor(cfg: dict[str, Any], vae_class: str, path: Path) -> float:
+    # diffusers' defaults: AutoencoderKL 0.18215; AutoencoderTiny 1.0 (TAESD's latents are
+    # the U-Net's latents, unscaled)
+    scaling = cfg.get("scaling_factor", 1.0 if vae_class == TINY_VAE_CLASS else 0.18215)
+    if not isinstance(scaling, (int, float)) or isinstance(scaling, bool) or not scaling > 0:
+        raise PackageError(f"{path}: scaling_factor must be a number > 0, got {scaling!r}")
+    return float(scaling)
+
+
+def _config_choice(
+    cfg: dict[str, Any], key: str, allowed: tuple[Any, ...], path: Path, default: Any = None
+) -> None:
+    """`key` must be one of `allowed`; absent, it is `default` (None: the first allowed)."""
+    value = cfg.get(key, allowed[0] if default is None else default)
+    if isinstance(value, bool) or value not in allowed:
+        raise PackageError(f"{path}: {key} must be one of {allowed}, got {value!r:.80}")
+
+
+def _config_ints(cfg: dict[str, Any], key: str, path: Path, low: int, high: int) -> list[int]:
+    values = _config_list(cfg, key, [], path)
+    if not all(isinstance(v, int) and not isinstance(v, bool) and low <= v <= high for v in values):
+        raise PackageError(
+            f"{path}: {key} must hold integers between {low} and {high}, got {values!r:.80}"
+        )
+    return values
+
+
+def check_tiny_vae_config(
+    cfg: dict[str, Any], path: Path, latent_channels: int, scale: int | None
+) -> None:
+    """An AutoencoderTiny config.json, checked: every key that shapes the module or the
+    pipeline's reading of it, the latent channels against the U-Net's (`latent_channels`) and,
+    when given, its down/upsampling against the model's own VAE's `scale`."""
+    # required: the package's vae_decoder/config.json is how the runtime knows the class
+    _config_choice(cfg, "_class_name", (TINY_VAE_CLASS,), path, default="(absent)")
+    _config_choice(cfg, "in_channels", (3,), path)
+    _config_choice(cfg, "out_channels", (3,), path)
+    _config_choice(cfg, "latent_channels", (latent_channels,), path, default=4)
+    _config_choice(cfg, "act_fn", TINY_VAE_ACTIVATIONS, path)
+    _config_choice(cfg, "upsample_fn", TINY_VAE_UPSAMPLE, path)
+    # diffusers' pipelines take the scale as 2 ** (blocks - 1), so each step must double
+    _config_choice(cfg, "upsampling_scaling_factor", (2,), path)
+    stages = {}
+    for side in ("encoder", "decoder"):
+        channels = _config_ints(cfg, f"{side}_block_out_channels", path, 1, MAX_CHANNELS)
+        blocks = _config_ints(cfg, f"num_{side}_blocks", path, 0, MAX_TINY_VAE_LAYERS)
+        if len(channels) != len(blocks):
+            raise PackageError(
+                f"{path}: num_{side}_blocks ({blocks!r}) must have one entry per "
+                f"{side}_block_out_channels entry ({channels!r})"
+            )
+        stages[side] = len(channels)
+    expected = stages["decoder"] if scale is None else scale.bit_length()
+    for side, count in stages.items():
+        if count != expected:
+            raise PackageError(
+                f"{path}: {side}_block_out_channels has {count} entries, a scale of "
+                f"{2 ** (count - 1)}; the model's VAE scales by {2 ** (expected - 1)}, so it "
+                f"must have {expected}"
+            )
+    _vae_scaling_factor(cfg, TINY_VAE_CLASS, path)
+
+
+def check_tiny_vae_folder(folder: str | Path, latent_channels: int, scale: int) -> dict[str, Any]:
+    """A tiny autoencoder folder (diffusers' AutoencoderTiny: config.json +
+    diffusion_pytorch_model.safetensors), checked before anything loads it; its config.
+
+    Both files must be regular files inside the folder (links followed); pickle weights are
+    refused. PackageError naming `vae`, the file and the key.
+    """
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise PackageError(
+            f"vae must be a diffusers AutoencoderTiny folder (config.json + {TINY_VAE_WEIGHTS}), "
+            f"got {str(folder)!r}: not a folder"
+        )
+    config_path = package_path(folder, "config.json", "vae: the config")
+    weights = package_path(folder, TINY_VAE_WEIGHTS, "vae: the weights")
+    if not weights.is_file():
+        pickles = sorted(p.name for p in folder.glob("*.bin"))
+        refused = f" ({pickles[0]} is a pickle, which runs code when loaded)" if pickles else ""
+        raise PackageError(f"vae: missing {weights}{refused}; fewstep loads safetensors only")
+    cfg = read_json(config_path)
+    check_tiny_vae_config(cfg, config_path, latent_channels, scale)
+    return cfg
 
 
 def package_path(folder: str | Path, entry: Any, where: str) -> Path:

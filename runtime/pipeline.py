@@ -31,9 +31,9 @@ import numpy as np
 
 from fewstep.arrays import NUMPY_OPS, ArrayOps
 from fewstep.backends.base import Backend, backend_class, check_options
-from fewstep.image_inputs import ImageInput, sample_image_latents
+from fewstep.image_inputs import ImageInput, sample_image_latents, scaled_image_latents
 from fewstep.inputs import Limits, NoiseSource, check_inputs
-from fewstep.package import ModelInfo, read_model_info
+from fewstep.package import TINY_VAE_CLASS, ModelInfo, read_model_info
 from fewstep.prompt_sdxl import SDXLTextEncoders, refuse_sdxl_arguments
 from fewstep.samplers import SAMPLERS, create_sampler, sampler_name_for
 from fewstep.samplers.lcm import guidance_scale_embedding
@@ -132,7 +132,8 @@ class Pipeline:
         if limits is not None and not isinstance(limits, Limits):
             raise ValueError(f"limits must be a fewstep.Limits, got {limits!r}")
         backend_cls.verify_model(root, check_hashes=check_hashes)
-        info = read_model_info(root)
+        # torch's `vae=`: a tiny autoencoder folder in place of the folder's own VAE
+        info = read_model_info(root, vae=backend_options.get("vae"))
         tokenizer = CLIPTokenizer.from_folder(root / "tokenizer")
         sdxl = SDXLTextEncoders.from_folder(root) if info.family == "sdxl" else None
         return cls(info, tokenizer, backend_cls(root, **backend_options), root, limits, sdxl)
@@ -164,10 +165,12 @@ class Pipeline:
         return ops.to_images(decoded, as_uint8)
 
     def encode_image(self, pixels: np.ndarray) -> np.ndarray:
-        """Images [N, 3, H, W] in -1..1 → the VAE encoder's latent distribution, on the host:
-        float32 [N, 2C, H/f, W/f], mean then log-variance."""
+        """Images [N, 3, H, W] in -1..1 → the VAE encoder's output, on the host: float32
+        [N, 2C, H/f, W/f], the latent distribution's mean then log-variance (AutoencoderKL),
+        or the latents [N, C, H/f, W/f] themselves (AutoencoderTiny)."""
         ops = self.backend.array_ops
-        out = self.backend.run("vae_encoder", sample=ops.asarray(pixels))["latent_parameters"]
+        name = "latents" if self.info.vae_class == TINY_VAE_CLASS else "latent_parameters"
+        out = self.backend.run("vae_encoder", sample=ops.asarray(pixels))[name]
         if not ops.all_finite(out):
             raise FloatingPointError(
                 "vae_encoder produced non-finite values (an fp16 VAE overflows on some models; "
@@ -190,11 +193,14 @@ class Pipeline:
         """img2img's initial latents on the host, float32 [B, C, h, w]: the images' latents
         (a sample of the encoder's distribution) noised to the sampler's first timestep, as
         diffusers' img2img `prepare_latents` (the sample's noise first, then the added
-        noise, from the same source)."""
-        moments = self.encode_image(image.pixels)
-        clean = sample_image_latents(
-            moments, image.rows, draw, per_image, self.info.vae_scaling_factor
-        )
+        noise, from the same source). A tiny autoencoder's latents are not sampled: no noise
+        is drawn for them, as diffusers' `retrieve_latents` draws none."""
+        encoded = self.encode_image(image.pixels)
+        scaling = self.info.vae_scaling_factor
+        if self.info.vae_class == TINY_VAE_CLASS:
+            clean = scaled_image_latents(encoded, image.rows, scaling)
+        else:
+            clean = sample_image_latents(encoded, image.rows, draw, per_image, scaling)
         noisy = sampler.add_noise(clean, draw(clean.shape), sampler.begin_index)
         return np.asarray(noisy, dtype=np.float32)
 

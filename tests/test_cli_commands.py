@@ -60,11 +60,12 @@ def cases(table):
 
 # -- export ----------------------------------------------------------------------------------------
 
-EXPORT_DEFAULTS = {"dtype": "fp32", "opset": 18, "config": None, "loras": []}
+EXPORT_DEFAULTS = {"dtype": "fp32", "opset": 18, "config": None, "loras": [], "vae": None}
 EXPORT_FLAGS = [
     (["--dtype", "fp16"], {"dtype": "fp16"}),
     (["--opset", "17"], {"opset": 17}),
     (["--config", "configs/sd15"], {"config": "configs/sd15"}),
+    (["--vae", "taesd"], {"vae": "taesd"}),
     (["--lora", "a.safetensors:0.5"], {"loras": [("a.safetensors", 0.5)]}),
     (
         ["--lora", "a.safetensors", "--lora", "b.safetensors:-0.25"],

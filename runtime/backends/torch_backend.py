@@ -33,6 +33,10 @@ CUDA graphs: the fastest U-Net step measured, ahead of torch.compile's own reduc
 mode (docs/reference.md#torch-backend-on-the-h200), at the cost of a compile per shape on
 first use (tens of seconds for an SD U-Net).
 
+`vae=`: a tiny autoencoder folder (diffusers' AutoencoderTiny: TAESD) loaded in place of the
+folder's own VAE, checked first (fewstep.package.check_tiny_vae_folder); its `vae_encoder`
+returns `latents` (the exported graph's name), not a distribution.
+
 Limits: SDXL (a second text encoder, `text_embeds`/`time_ids`) is not wired yet:
 NotImplementedError. Weights load from safetensors only (pickle runs code; see
 fewstep.export.source). Inference only.
@@ -51,7 +55,12 @@ from typing import Any
 import numpy as np
 
 from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
-from fewstep.package import GRAPH_NAMES, read_json, verify_diffusers_folder
+from fewstep.package import (
+    GRAPH_NAMES,
+    read_json,
+    read_model_info,
+    verify_diffusers_folder,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -284,6 +293,7 @@ class TorchBackend:
         cuda_graphs: bool = True,
         channels_last: bool = True,
         compile: bool = False,
+        vae: str | Path | None = None,
     ):
         """package_dir: a diffusers folder (model_index.json, unet/, vae/, text_encoder/).
 
@@ -297,11 +307,18 @@ class TorchBackend:
         channels_last: U-Net and VAE in channels_last. compile: torch.compile the U-Net and
         the VAE decoder (Inductor fuses the elementwise work around convs and matmuls; the
         kernels are custom ops it keeps; the first call of each shape compiles, before any
-        CUDA graph capture).
+        CUDA graph capture). vae: a diffusers AutoencoderTiny folder (TAESD) to run as the
+        VAE decoder and encoder instead of the folder's own VAE.
         """
         # Arguments first: a bad value is an error before anything loads.
         self._set_options(device, dtype, kernels, cuda_graphs, channels_last, compile)
         self.root = Path(package_dir)
+        self.tiny_vae = None if vae is None else Path(vae)
+        if self.tiny_vae is not None:
+            read_model_info(self.root, vae=self.tiny_vae)  # checks the folder against the model
+        self._outputs = dict(OUTPUT_NAMES)
+        if self.tiny_vae is not None:
+            self._outputs["vae_encoder"] = "latents"
         self.array_ops = TorchArrayOps(self.device)
         unet_config = read_json(self.root / "unet" / "config.json")
         t0 = time.perf_counter()
@@ -357,7 +374,8 @@ class TorchBackend:
         except ImportError as e:
             raise missing_extra_error(e.name or "diffusers", "torch") from e
         self.vae_dtype = self.dtype
-        vae_config = read_json(self.root / "vae" / "config.json")
+        vae_folder = self.root / "vae" if self.tiny_vae is None else self.tiny_vae
+        vae_config = read_json(vae_folder / "config.json")
         if self.dtype == torch.float16 and self._vae_overflows_in_fp16(unet_config, vae_config):
             self.vae_dtype = torch.float32
             logger.info("VAE kept in fp32: force_upcast is set and it overflows in fp16")
@@ -376,9 +394,10 @@ class TorchBackend:
             self.dtype,
             memory_format,
         )
+        vae_class = diffusers.AutoencoderKL if self.tiny_vae is None else diffusers.AutoencoderTiny
         self.vae = self._prepare(
-            diffusers.AutoencoderKL.from_pretrained(
-                self.root / "vae", use_safetensors=True, **diffusers_dtype_kwargs(self.vae_dtype)
+            vae_class.from_pretrained(
+                vae_folder, use_safetensors=True, **diffusers_dtype_kwargs(self.vae_dtype)
             ),
             self.vae_dtype,
             memory_format,
@@ -506,7 +525,7 @@ class TorchBackend:
     def _vae_encoder(self, sample: Any) -> Any:
         torch = _torch()
         x = sample.to(self.vae_dtype)
-        moments = self.vae.encoder(x)
+        moments = self.vae.encoder(x)  # AutoencoderTiny: the latents [B, C, h, w]
         if getattr(self.vae, "quant_conv", None) is not None:
             moments = self.vae.quant_conv(moments)
         return moments.to(torch.float32, memory_format=torch.contiguous_format)  # [B, 2C, h, w]
@@ -563,7 +582,7 @@ class TorchBackend:
             raise
         except Exception as e:
             raise BackendError(f"{graph} failed on inputs {describe_inputs(inputs)}: {e}") from e
-        return out if isinstance(out, dict) else {OUTPUT_NAMES[graph]: out}
+        return out if isinstance(out, dict) else {self._outputs[graph]: out}
 
     def _replay(self, graph: str, tensors: dict[str, Any]) -> Any:
         key = (graph,) + tuple(
