@@ -264,7 +264,11 @@ def _served_models(specs: list[str]) -> dict[str, Path]:
 
 
 def _serve_on_ray(
-    args: argparse.Namespace, models: dict[str, Path], limits: Limits, options: dict[str, Any]
+    args: argparse.Namespace,
+    models: dict[str, Path],
+    limits: Limits,
+    options: dict[str, Any],
+    app_options: dict[str, Any],
 ) -> int:
     """`fewstep serve --ray`: the same app on `--replicas` Ray Serve replicas (ray_app.py)."""
     try:
@@ -281,12 +285,7 @@ def _serve_on_ray(
         backend=args.backend,
         backend_options=options,
         limits=limits,
-        api_key=args.api_key or os.environ.get("FEWSTEP_API_KEY") or None,
-        max_batch=args.max_batch,
-        max_wait_ms=args.max_wait_ms,
-        max_queue=args.max_queue,
-        request_timeout=args.request_timeout,
-        cors_origins=args.cors_origin,
+        **app_options,
     )
     ray_app.serve_on_ray(
         settings, replicas, host=args.host, port=args.port, drain_timeout=args.drain_timeout
@@ -314,14 +313,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     models = _served_models(args.model)  # every flag checked before any model loads
     if args.replicas is not None and not args.ray:
         raise ValueError(f"--replicas needs --ray, got --replicas {args.replicas} alone")
-    if args.ray:
-        return _serve_on_ray(args, models, limits, options)
-    pipelines = {
-        name: Pipeline.from_pretrained(path, backend=args.backend, limits=limits, **options)
-        for name, path in models.items()
-    }
-    app = serve.create_app(
-        pipelines,
+    # create_app's keywords, which Ray's replicas take too
+    app_options: dict[str, Any] = dict(
         api_key=args.api_key or os.environ.get("FEWSTEP_API_KEY") or None,
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
@@ -329,6 +322,13 @@ def cmd_serve(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         cors_origins=args.cors_origin,
     )
+    if args.ray:
+        return _serve_on_ray(args, models, limits, options, app_options)
+    pipelines = {
+        name: Pipeline.from_pretrained(path, backend=args.backend, limits=limits, **options)
+        for name, path in models.items()
+    }
+    app = serve.create_app(pipelines, **app_options)
     serve.run(app, host=args.host, port=args.port, drain_timeout=args.drain_timeout)
     return 0
 

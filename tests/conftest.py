@@ -717,3 +717,12 @@ def tiny_modules(tiny_model):
     pytest.importorskip("torch")
     pytest.importorskip("diffusers")
     return TinyModules(tiny_model)
+
+
+@pytest.fixture(scope="session")
+def pipe():
+    """The bundled default model's pipeline (onnxruntime), shared by every module using it."""
+    from fewstep.package import default_model
+    from fewstep.pipeline import Pipeline
+
+    return Pipeline.from_pretrained(default_model())

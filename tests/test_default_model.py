@@ -55,11 +55,6 @@ FLOORS = {
 }
 
 
-@pytest.fixture(scope="module")
-def pipe():
-    return Pipeline.from_pretrained(default_model())
-
-
 def _generate(pipe, cases):
     images = []
     for index, prompt in cases:

@@ -27,17 +27,11 @@ from starlette.middleware.cors import CORSMiddleware  # noqa: E402
 from fewstep.image_files import a1111_parameters  # noqa: E402
 from fewstep.inputs import Limits  # noqa: E402
 from fewstep.package import default_model, read_manifest  # noqa: E402
-from fewstep.pipeline import Pipeline  # noqa: E402
 from fewstep.serve import MAX_BODY_BYTES, create_app  # noqa: E402
 from training import scenes  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
 KEY = "sk-test-key"
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.from_pretrained(default_model())
 
 
 @pytest.fixture(scope="module")

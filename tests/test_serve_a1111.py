@@ -21,18 +21,12 @@ httpx = pytest.importorskip("httpx")
 from serving import decode_png, error_of, live_server  # noqa: E402
 
 from fewstep.image_files import a1111_parameters  # noqa: E402
-from fewstep.package import default_model, read_manifest  # noqa: E402
-from fewstep.pipeline import Pipeline  # noqa: E402
+from fewstep.package import read_manifest  # noqa: E402
 from fewstep.samplers import SAMPLERS  # noqa: E402
 from fewstep.samplers.a1111 import A1111_SAMPLERS, scheduler_for_a1111  # noqa: E402
 from fewstep.serve import create_app  # noqa: E402
 
 PROMPT = "a red circle on a blue background"
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.from_pretrained(default_model())
 
 
 @pytest.fixture(scope="module")

@@ -28,16 +28,10 @@ from serving import (  # noqa: E402
 
 from fewstep.benchmarks.http_load import post_each_at_once  # noqa: E402
 from fewstep.benchmarks.served import served_process, status_of  # noqa: E402
-from fewstep.package import default_model  # noqa: E402
 from fewstep.pipeline import Pipeline  # noqa: E402
 from fewstep.serve import create_app  # noqa: E402
 
 GENERATIONS = "/v1/images/generations"
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.from_pretrained(default_model())
 
 
 def metric_samples(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:

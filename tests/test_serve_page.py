@@ -30,8 +30,6 @@ from PIL import Image  # noqa: E402
 from serving import live_server  # noqa: E402
 
 from fewstep.inputs import Limits  # noqa: E402
-from fewstep.package import default_model  # noqa: E402
-from fewstep.pipeline import Pipeline  # noqa: E402
 from fewstep.serve import create_app  # noqa: E402
 from fewstep.serve.page import offered_sizes  # noqa: E402
 
@@ -48,11 +46,6 @@ EXPECTED_CSP = [
     "connect-src 'self'",
     "frame-ancestors 'none'",
 ]
-
-
-@pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.from_pretrained(default_model())
 
 
 @pytest.fixture(scope="module")

@@ -70,11 +70,6 @@ class RayService:
 
 
 @pytest.fixture(scope="module")
-def pipe() -> Pipeline:
-    return Pipeline.from_pretrained(default_model())
-
-
-@pytest.fixture(scope="module")
 def ray_service() -> Iterator[RayService]:
     metrics_port, http_port = free_port(), free_port()
     ray.init(
