@@ -3,7 +3,9 @@
 Follows diffusers' `StableDiffusionPipeline.__call__` and
 `LatentConsistencyModelPipeline.__call__` (src/diffusers/pipelines/…) step for
 step, so that the same weights, initial latents and noise give the same images; for SDXL,
-`StableDiffusionXLPipeline.__call__`, whose text conditioning is fewstep.prompt_sdxl's.
+`StableDiffusionXLPipeline.__call__`, whose text conditioning is fewstep.prompt_sdxl's; with an
+input image, their img2img pipelines (`StableDiffusionImg2ImgPipeline`,
+`StableDiffusionXLImg2ImgPipeline`, …).
 Deviations: the safety checker is not part of the package; a non-finite image is an error,
 never an output.
 
@@ -248,7 +250,8 @@ class Pipeline:
         arrays, image files) is encoded by the VAE encoder and noised to the first timestep
         that `strength` (default 0.8) keeps; int(steps × strength) steps then run (LCM: all
         steps, over the lower part of its schedule). The size is the image's, rounded down
-        to the model's size multiple, unless height and width are given.
+        to the model's size multiple, unless height and width are given. SDXL follows
+        `StableDiffusionXLImg2ImgPipeline`: the size conditioning defaults to that size.
 
         SDXL (fewstep.prompt_sdxl, diffusers' StableDiffusionXLPipeline): `prompt_2` and
         `negative_prompt_2` go to the second text encoder (default: `prompt`,

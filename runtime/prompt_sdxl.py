@@ -17,12 +17,19 @@ of `__call__`), on the graphs of optimum's SDXL layout (docs/reference.md#onnx-l
   pairs (the crop's (top, left)), by default (height, width), (0, 0), (height, width). The
   unconditional half gets `negative_original_size` + `negative_crops_coords_top_left` +
   `negative_target_size` when the first and last are given, else the same ids.
+- img2img (diffusers' `StableDiffusionXLImg2ImgPipeline` without aesthetic scores, as the base
+  model and SDXL-Turbo ship): the same, with (height, width) the size the input image is
+  encoded at.
 
-Deviation: diffusers stacks the time ids as [negative, positive] repeated per image, which
-pairs rows with the wrong half once negative sizes differ from the positive ones and a call
-makes more than one image; here each half gets its own rows (the same thing for one image).
+Deviation: diffusers' text-to-image pipeline stacks the time ids as [negative, positive]
+repeated per image, which pairs rows with the wrong half once negative sizes differ from the
+positive ones and a call makes more than one image; here each half gets its own rows (the same
+thing for one image).
 Giving only one of `negative_original_size` and `negative_target_size`, or the negative crop
-without both, is a ValueError rather than silently ignored.
+without both, is a ValueError rather than silently ignored. img2img follows the same rules,
+where diffusers' SDXL img2img pipeline gives the unconditional half the positive crop (its
+`negative_crops_coords_top_left` is ignored) and fills a missing negative size with the
+positive one; calls without negative sizes, or with both and no crop on either half, agree.
 
 Limits: no `clip_skip`, no precomputed embeddings, no refiner (aesthetic-score time ids). The
 conditioning is assembled on the host with numpy and moved to the backend once per call.
@@ -142,7 +149,8 @@ def check_size_conditioning(
     if len(present) == 1:
         missing = next(n for n in negatives if n not in present)
         raise ValueError(
-            f"{present[0]} needs {missing} too (diffusers ignores one without the other), "
+            f"{present[0]} needs {missing} too (diffusers' text-to-image pipeline ignores one "
+            "without the other), "
             f"got {present[0]}={given[present[0]]!r:.80} and {missing}=None"
         )
     if not present:

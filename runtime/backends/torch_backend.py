@@ -7,6 +7,13 @@ CLIPTextModel), U-Net and VAE (diffusers) and runs them as the graphs `text_enco
 samplers drive it like any backend. Arrays are torch tensors on the model's device: float32
 in and out (as onnxruntime's fp16 packages), the modules' own precision inside.
 
+SDXL (a U-Net with `addition_embed_type="text_time"`), as its ONNX export: the second text
+encoder (transformers CLIPTextModelWithProjection) is the graph `text_encoder_2`, outputs
+`text_embeds`, `last_hidden_state`; both encoders add `hidden_states.0` … `hidden_states.L`
+(the embeddings, then each of their L layers, before the final layer norm); the U-Net takes
+`text_embeds` and `time_ids` after `encoder_hidden_states` (`timestep_cond` after those when
+it has one), in the U-Net's precision as diffusers' SDXL pipelines pass them.
+
 On a CUDA device, by default:
 - fp16 (`dtype`), except the VAE when fp16 overflows in it: the rule of the exporter's
   `keeps_fp32_vae_decoder` and of diffusers' SDXL pipelines (`force_upcast`, SDXL family),
@@ -17,7 +24,7 @@ On a CUDA device, by default:
 - fewstep.kernels swapped in (`fewstep.kernels.patch`, which also drops passes that change
   no value), each op keeping per shape the faster of its kernel and torch's own, timed on
   the device at its first call (`kernels="auto"`, see DEFAULT_CUDA_KERNELS);
-- the text encoder, the U-Net step and the VAE decoder captured as CUDA graphs, one per
+- the text encoders, the U-Net step and the VAE decoder captured as CUDA graphs, one per
   static input signature (shapes and dtypes), on first use: two warm-up runs on a side
   stream, then the capture, checked once against the eager warm-up; later calls copy into
   the static inputs, replay and copy the output out. All graphs share one memory pool and a
@@ -37,9 +44,9 @@ first use (tens of seconds for an SD U-Net).
 folder's own VAE, checked first (fewstep.package.check_tiny_vae_folder); its `vae_encoder`
 returns `latents` (the exported graph's name), not a distribution.
 
-Limits: SDXL (a second text encoder, `text_embeds`/`time_ids`) is not wired yet:
-NotImplementedError. Weights load from safetensors only (pickle runs code; see
-fewstep.export.source). Inference only.
+Limits: no SDXL refiner (no first text encoder; aesthetic-score time ids): `verify_model`
+refuses its folder for lacking `text_encoder/`. Weights load from safetensors only (pickle
+runs code; see fewstep.export.source). Inference only.
 """
 
 from __future__ import annotations
@@ -56,7 +63,6 @@ import numpy as np
 
 from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
 from fewstep.package import (
-    GRAPH_NAMES,
     read_json,
     read_model_info,
     verify_diffusers_folder,
@@ -72,13 +78,16 @@ DTYPE_NAMES = {
     "bf16": ("bf16", "bfloat16"),
     "fp64": ("fp64", "float64", "double"),  # a reference precision, for tests
 }
-# Inputs of each graph, in the ONNX order (optimum's names; fewstep/export/graphs.py).
+# Inputs of each graph, in the ONNX order (optimum's names; fewstep/export/graphs.py). The
+# U-Net takes the ones its config calls for (`unet_inputs`).
 GRAPH_INPUTS = {
     "text_encoder": ("input_ids",),
+    "text_encoder_2": ("input_ids",),  # SDXL only
     "unet": ("sample", "timestep", "encoder_hidden_states", "timestep_cond"),
     "vae_decoder": ("latent_sample",),
     "vae_encoder": ("sample",),
 }
+SDXL_UNET_CONDITIONING = ("text_embeds", "time_ids")  # after encoder_hidden_states
 OPTIONAL_INPUTS = ("timestep_cond",)
 # The one output of each single-output graph (the text encoder returns two).
 OUTPUT_NAMES = {"unet": "out_sample", "vae_decoder": "sample", "vae_encoder": "latent_parameters"}
@@ -86,6 +95,22 @@ CUDA_GRAPH_WARMUP_RUNS = 2
 # A replay of the warm-up inputs against the eager warm-up: the same kernels on the same data,
 # so only a capture that went wrong differs by more than fp16 rounding.
 CUDA_GRAPH_CHECK_TOLERANCE = 1e-2
+
+
+def is_sdxl(unet_config: dict[str, Any]) -> bool:
+    """Whether the U-Net takes SDXL's added conditioning (text_embeds, time_ids)."""
+    return unet_config.get("addition_embed_type") == "text_time"
+
+
+def unet_inputs(unet_config: dict[str, Any]) -> tuple[str, ...]:
+    """The U-Net graph's inputs in the ONNX order (fewstep.export.graphs.unet_spec):
+    sample, timestep, encoder_hidden_states, [text_embeds, time_ids], [timestep_cond]."""
+    names = GRAPH_INPUTS["unet"][:3]
+    if is_sdxl(unet_config):
+        names += SDXL_UNET_CONDITIONING
+    if unet_config.get("time_cond_proj_dim"):
+        names += ("timestep_cond",)
+    return names
 
 
 def _torch() -> Any:
@@ -295,7 +320,8 @@ class TorchBackend:
         compile: bool = False,
         vae: str | Path | None = None,
     ):
-        """package_dir: a diffusers folder (model_index.json, unet/, vae/, text_encoder/).
+        """package_dir: a diffusers folder (model_index.json, unet/, vae/, text_encoder/;
+        SDXL: text_encoder_2/ too).
 
         device: "cpu", "cuda" or "cuda:N"; None: CUDA when torch sees a GPU, else the CPU.
         dtype: "fp32" | "fp16" | "bf16" | "fp64" (or the torch dtype; fp64 is a reference
@@ -303,7 +329,7 @@ class TorchBackend:
         kernels: swap in fewstep.kernels (True: all; or some of KERNEL_NAMES); "auto": all,
         each op keeping per shape the faster of its kernel and torch's own, timed at its
         first call; None: DEFAULT_CUDA_KERNELS ("auto") on CUDA, none on the CPU.
-        cuda_graphs: capture the text encoder, U-Net step and VAE decoder (CUDA only).
+        cuda_graphs: capture the text encoders, U-Net step and VAE decoder (CUDA only).
         channels_last: U-Net and VAE in channels_last. compile: torch.compile the U-Net and
         the VAE decoder (Inductor fuses the elementwise work around convs and matmuls; the
         kernels are custom ops it keeps; the first call of each shape compiles, before any
@@ -321,6 +347,7 @@ class TorchBackend:
             self._outputs["vae_encoder"] = "latents"
         self.array_ops = TorchArrayOps(self.device)
         unet_config = read_json(self.root / "unet" / "config.json")
+        self.sdxl = is_sdxl(unet_config)
         t0 = time.perf_counter()
         self._load_modules(unet_config)
         self.load_ms = (time.perf_counter() - t0) * 1e3
@@ -361,13 +388,10 @@ class TorchBackend:
         self.channels_last = bool(channels_last)
 
     def _load_modules(self, unet_config: dict[str, Any]) -> None:
-        """The text encoder, U-Net and VAE, in their precision, layout and device."""
+        """The text encoder(s), U-Net and VAE, in their precision, layout and device."""
         torch = _torch()
-        if unet_config.get("addition_embed_type") == "text_time":
-            raise NotImplementedError(
-                "addition_embed_type='text_time' (SDXL: second text encoder, text_embeds, "
-                "time_ids) is not supported by the torch backend yet"
-            )
+        if self.sdxl:
+            read_json(self.root / "text_encoder_2" / "config.json")  # PackageError naming it
         try:
             import diffusers
             import transformers
@@ -386,6 +410,14 @@ class TorchBackend:
             ),
             self.dtype,
         )
+        self.text_encoder_2 = None
+        if self.sdxl:
+            self.text_encoder_2 = self._prepare(
+                transformers.CLIPTextModelWithProjection.from_pretrained(
+                    self.root / "text_encoder_2", use_safetensors=True
+                ),
+                self.dtype,
+            )
         # diffusers casts at load so that modules it keeps in fp32 stay so.
         self.unet = self._prepare(
             diffusers.UNet2DConditionModel.from_pretrained(
@@ -440,15 +472,14 @@ class TorchBackend:
             "vae_decoder": self._vae_decoder,
             "vae_encoder": self._vae_encoder,
         }
-        # Each captured per input signature; the text encoder too: eagerly, its hundreds of
-        # small launches make it host-bound, as slow at batch 1 as at batch 8
+        if self.sdxl:
+            self._forward["text_encoder_2"] = self._text_encoder_2
+        # Each captured per input signature; the text encoders too: eagerly, their hundreds
+        # of small launches make them host-bound, as slow at batch 1 as at batch 8
         # (docs/reference.md#torch-backend-on-the-h200).
-        self._captured = {"text_encoder", "unet", "vae_decoder"} if self.cuda_graphs else set()
-        self._unet_inputs = (
-            GRAPH_INPUTS["unet"]
-            if unet_config.get("time_cond_proj_dim")
-            else (GRAPH_INPUTS["unet"][:3])
-        )
+        captured = {"text_encoder", "text_encoder_2", "unet", "vae_decoder"}
+        self._captured = captured & set(self._forward) if self.cuda_graphs else set()
+        self._unet_inputs = unet_inputs(unet_config)
 
     def _resolve_kernels(self, kernels: tuple[str, ...], cuda: bool) -> tuple[str, ...]:
         """The kernels to patch in: on the CPU, none unless Triton's interpreter runs."""
@@ -474,8 +505,7 @@ class TorchBackend:
         # fewstep.export.graphs.keeps_fp32_vae_decoder: SDXL VAEs with force_upcast (the
         # AutoencoderKL default) overflow in fp16; SD 1.x/2.x VAEs carry the flag too (by
         # default) and run in fp16 in diffusers' SD pipelines.
-        sdxl = unet_config.get("addition_embed_type") == "text_time"
-        return sdxl and bool(vae_config.get("force_upcast", True))
+        return is_sdxl(unet_config) and bool(vae_config.get("force_upcast", True))
 
     def _prepare(self, module: Any, dtype: Any, memory_format: Any = None) -> Any:
         if getattr(module, "dtype", None) != dtype:
@@ -488,17 +518,39 @@ class TorchBackend:
     # -- the graphs ----------------------------------------------------------------------
 
     def _text_encoder(self, input_ids: Any) -> dict[str, Any]:
-        out = self.text_encoder(input_ids=input_ids, return_dict=True)
+        out = self.text_encoder(
+            input_ids=input_ids, output_hidden_states=self.sdxl, return_dict=True
+        )
         return {
             "last_hidden_state": out.last_hidden_state.float(),  # [B, S, H]
             "pooler_output": out.pooler_output.float(),  # [B, H]
+            **self._hidden_states(out),
         }
+
+    def _text_encoder_2(self, input_ids: Any) -> dict[str, Any]:
+        """SDXL's CLIPTextModelWithProjection, in the export's output order."""
+        assert self.text_encoder_2 is not None  # the graph exists for SDXL only
+        out = self.text_encoder_2(input_ids=input_ids, output_hidden_states=True, return_dict=True)
+        return {
+            "text_embeds": out.text_embeds.float(),  # [B, P]: pooled, projected
+            "last_hidden_state": out.last_hidden_state.float(),  # [B, S, H]
+            **self._hidden_states(out),
+        }
+
+    def _hidden_states(self, out: Any) -> dict[str, Any]:
+        """SDXL: `hidden_states.0` … `.L` [B, S, H], the embeddings then each layer's output
+        (the last one before the final layer norm), as optimum's SDXL export names them."""
+        if not self.sdxl:
+            return {}
+        return {f"hidden_states.{i}": h.float() for i, h in enumerate(out.hidden_states)}
 
     def _unet(
         self,
         sample: Any,
         timestep: Any,
         encoder_hidden_states: Any,
+        text_embeds: Any = None,
+        time_ids: Any = None,
         timestep_cond: Any = None,
     ) -> Any:
         torch = _torch()
@@ -506,11 +558,15 @@ class TorchBackend:
         sample = sample.to(self.dtype).contiguous(memory_format=memory_format)  # [B, C, h, w]
         if timestep_cond is not None:
             timestep_cond = timestep_cond.to(self.dtype)
+        added = None
+        if self.sdxl:  # run() has checked that both are given
+            added = {"text_embeds": text_embeds.to(self.dtype), "time_ids": time_ids.to(self.dtype)}
         out = self._unet_call(
             sample,
             timestep,  # [] float32: the sinusoidal embedding is computed in float32
             encoder_hidden_states.to(self.dtype),
             timestep_cond=timestep_cond,
+            added_cond_kwargs=added,
             return_dict=False,
         )[0]
         return out.to(torch.float32, memory_format=torch.contiguous_format)
@@ -541,12 +597,22 @@ class TorchBackend:
         )
 
     def has_graph(self, graph: str) -> bool:
-        return graph in GRAPH_NAMES
+        return graph in self._forward
 
     def input_names(self, graph: str) -> list[str]:
+        self._check_graph(graph)
         if graph == "unet":
             return list(self._unet_inputs)
         return list(GRAPH_INPUTS[graph])
+
+    def _check_graph(self, graph: str) -> None:
+        """ValueError naming `graph` when it is none of this model's graphs."""
+        if graph not in self._forward:
+            sdxl_only = " (text_encoder_2 is SDXL's)" if graph == "text_encoder_2" else ""
+            raise ValueError(
+                f"graph must be one of this model's graphs {tuple(self._forward)}, got "
+                f"{graph!r}{sdxl_only}"
+            )
 
     def _to_tensor(self, graph: str, name: str, value: Any) -> Any:
         torch = _torch()
@@ -561,8 +627,6 @@ class TorchBackend:
 
     def run(self, graph: str, **inputs: Any) -> dict[str, Any]:
         torch = _torch()
-        if graph not in GRAPH_NAMES:
-            raise ValueError(f"graph must be one of {GRAPH_NAMES}, got {graph!r}")
         accepted = self.input_names(graph)
         unknown = [name for name in inputs if name not in accepted]
         missing = [n for n in accepted if n not in inputs and n not in OPTIONAL_INPUTS]
