@@ -13,8 +13,9 @@ fold time.
 Equal parameters share one initializer (torch.onnx deduplicates by value); both names then map
 to it, and `fewstep.lora` refuses to fold into a shared one.
 
-The runtime reads the map in `fewstep.lora.onnx_package` (which also derives one from the graph
-for packages that have none).
+Written for the graphs LoRAs fold into (`fewstep.lora.LORA_GRAPHS`: unet, text_encoder and
+SDXL's text_encoder_2). The runtime reads the map in `fewstep.lora.onnx_package` (which also
+derives one from the graph for packages that have none).
 """
 
 from __future__ import annotations
@@ -47,7 +48,8 @@ def match_initializers(graph: str, module: Any, onnx_path: Path) -> tuple[dict, 
     """({weight name: MappedWeight}, unmapped weight names) for `module` exported to onnx_path.
 
     `module` is the exported wrapper (fewstep.export.graphs): its parameter names start with
-    the graph's component (`unet.…`, `text_encoder.…`).
+    the attribute holding the graph's component (`unet.…`, `text_encoder.…`, and
+    `text_encoder.…` for text_encoder_2 as well), which `module_weight_name` drops.
     """
     index = read_onnx_index(onnx_path)
     by_value: dict[tuple, list[str]] = {}  # digest -> initializer names

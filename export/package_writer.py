@@ -23,7 +23,8 @@ vae_encoder/ graphs and configs are the tiny autoencoder's, and model_index.json
 `latents` output).
 
 SDXL packages add text_encoder_2/ and tokenizer_2/ (optimum's SDXL layout, graphs.py has the
-I/O). LoRAs are not folded into SDXL exports yet (NotImplementedError before anything loads).
+I/O); LoRAs fold into its second text encoder too, and kohya's sgm U-Net names are read
+(fewstep.lora.sgm_names).
 """
 
 from __future__ import annotations
@@ -123,19 +124,15 @@ def export_package(
     verify: run every graph with onnxruntime against its torch module and store the errors;
         raises VerificationError (leaving no package) when an fp32 graph's relative error
         exceeds 1e-4 or any graph's output is not finite.
-    loras: [(path, scale), …] LoRA safetensors folded into the U-Net and text encoder before
-        export (fewstep.lora); the manifest's `loras` records each file's name, sha256 and
-        scale. Files, scales and keys are checked before anything is written.
+    loras: [(path, scale), …] LoRA safetensors folded into the U-Net and text encoder(s)
+        before export (fewstep.lora); the manifest's `loras` records each file's name, sha256
+        and scale. Files and scales are checked before anything loads, keys before anything is
+        written.
     vae: a diffusers AutoencoderTiny folder (TAESD for SD 1.x/2.x, TAESDXL for SDXL) whose
         decoder and encoder become the package's VAE graphs; checked (config keys against
         the source, safetensors weights) before anything loads.
     """
     spec, out_path = _check_arguments(src, out, dtype, opset, config, vae)
-    if spec.sdxl and loras:
-        raise NotImplementedError(
-            "loras: folding LoRAs into an SDXL export is not supported yet (its kohya names "
-            "follow Stability's U-Net layout and a second text encoder); export without loras"
-        )
     checked = load_loras(loras)
     stage_names = ["load", *(f"export {name}" for name in _graph_names(spec)), "verify", "write"]
     if checked:
@@ -162,7 +159,7 @@ def _build_package(
         model = load_source(spec)
     if loras:
         with log.stage("fold loras"):
-            folds = fold_lora_torch({"unet": model.unet, "text_encoder": model.text_encoder}, loras)
+            folds = fold_lora_torch(_lora_targets(model), loras)
             log.note(f"folded {len(loras)} LoRA file(s) into {len(folds)} weights")
     family = family_from_configs(dict(model.unet.config))
     specs = graph_specs(model.unet, model.vae, model.text_encoder, model.text_encoder_2)
@@ -196,6 +193,14 @@ def _build_package(
         _write_metadata(tmp, model)
         manifest = _manifest(tmp, model, specs, precisions, errors, dtype, opset, loras, log)
         write_manifest(tmp, manifest)
+
+
+def _lora_targets(model: SourceModel) -> dict[str, Any]:
+    """The torch components LoRAs fold into, by diffusers' names."""
+    targets = {"unet": model.unet, "text_encoder": model.text_encoder}
+    if model.text_encoder_2 is not None:  # SDXL
+        targets["text_encoder_2"] = model.text_encoder_2
+    return targets
 
 
 def _graph_config(spec: SourceSpec, graph: str) -> Path:

@@ -478,14 +478,16 @@ def test_sdxl_sources_it_cannot_run_are_named(
     assert not (tmp_path / "pkg").exists()
 
 
-def test_sdxl_single_files_and_loras_are_refused_before_loading(tiny_model, tmp_path, no_loading):
+def test_sdxl_single_files_and_bad_loras_are_refused_before_loading(
+    tiny_model, tmp_path, no_loading
+):
     ckpt = tmp_path / "sdxl.safetensors"
     ckpt.write_bytes(b"unused: the config is checked first")
     with pytest.raises(NotImplementedError, match="single-file SDXL checkpoints"):
         export_package(ckpt, tmp_path / "pkg", config=tiny_model("sdxl"), progress=False)
     lora = tmp_path / "lora.safetensors"
-    lora.write_bytes(b"unused: refused before it is read")
-    with pytest.raises(NotImplementedError, match="loras: folding LoRAs into an SDXL export"):
+    lora.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="lora.safetensors' is not a readable safetensors file"):
         export_package(tiny_model("sdxl"), tmp_path / "pkg", loras=[(lora, 1.0)], progress=False)
     assert not (tmp_path / "pkg").exists()
 

@@ -4,7 +4,9 @@
 
 Reading (`files.py`): kohya/A1111 and diffusers/PEFT safetensors → checked `LoraFile`s.
 Resolving and folding (`fold.py`): keys → base weight names of the diffusers modules, shape
-checks, the fold in float32. Targets:
+checks, the fold in float32; kohya's SDXL U-Net names (Stability's sgm layout,
+`input_blocks_4_1_…`) are translated with the U-Net's config (`sgm_names.py`). Components:
+`unet`, `text_encoder` and, for SDXL, `text_encoder_2`. Targets:
 
 - ONNX packages, without re-export (`onnx_package.py`, with `fewstep.onnx_proto`): new initializer
   values for onnxruntime sessions (`Pipeline.from_pretrained(package, loras=…)`), or a new

@@ -16,17 +16,21 @@ prefix (transformers 5 dropped it from CLIPTextModel; kohya and older diffusers 
 see `canonical_weight_name`. kohya files turn dots into underscores (`lora_unet_down_blocks_0_
 …_attn1_to_q`); which underscores were dots is decided by matching against the real list of
 base weight names, never by rules about which words contain underscores, and a name that two
-base weights would both produce is an error, not a guess.
+base weights would both produce is an error, not a guess. kohya's SDXL files name U-Net
+modules the sgm way (`lora_unet_input_blocks_4_1_…`): with the U-Net's config those names are
+first translated to diffusers' (`fewstep.lora.sgm_names`), then resolved the same way.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from fewstep.lora.files import LoraFile, LoraLayer
+from fewstep.lora.sgm_names import SgmNames, looks_sgm
 
 COMPONENTS = ("unet", "text_encoder", "text_encoder_2")
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2")
@@ -117,8 +121,15 @@ def _delta_shape(layer: LoraLayer, base_shape: tuple[int, ...]) -> tuple[int, ..
 class _ComponentIndex:
     """A component's adaptable weights (2-D linear, 4-D conv), by module path."""
 
-    def __init__(self, component: str, shapes: Mapping[str, tuple[int, ...]]):
+    def __init__(
+        self,
+        component: str,
+        shapes: Mapping[str, tuple[int, ...]],
+        config: Mapping[str, Any] | None = None,
+    ):
         self.component = component
+        self._config = config if component == "unet" else None
+        self._sgm: SgmNames | None = None
         self.shapes = {canonical_weight_name(component, n): tuple(s) for n, s in shapes.items()}
         self.dotted: dict[str, str] = {}
         self.underscored: dict[str, list[str]] = {}
@@ -129,12 +140,23 @@ class _ComponentIndex:
             self.dotted[module] = name
             self.underscored.setdefault(module.replace(".", "_"), []).append(name)
 
+    def sgm(self) -> SgmNames | None:
+        """kohya's sgm U-Net names, from the U-Net's config (None: not the U-Net, or no
+        config given); built on first use, so only files that use them read the config."""
+        if self._sgm is None and self._config is not None:
+            self._sgm = SgmNames(self._config)
+        return self._sgm
+
     def find(self, layer: LoraLayer) -> str | None:
         if layer.underscored:
             module = layer.module
             if self.component in TEXT_ENCODERS:
                 module = module.removeprefix("text_model_")
             names = self.underscored.get(module, [])
+            sgm = self.sgm() if not names and looks_sgm(module) else None
+            if sgm is not None:
+                translated = sgm.translate(module)
+                names = self.underscored.get(translated, []) if translated else []
             if len(names) > 1:
                 raise ValueError(
                     f"LoRA key {layer.key!r} is ambiguous in {self.component}: it names "
@@ -153,17 +175,33 @@ def _listing(items: Sequence[str]) -> str:
     return f"\n  {shown}{more}"
 
 
+def _sgm_hint(unmatched: Sequence[str], indexes: Mapping[str, _ComponentIndex]) -> str:
+    """A note on kohya's sgm U-Net names, when unmatched keys use them."""
+    if not any(looks_sgm(k.rpartition("lora_unet_")[2]) for k in unmatched if "lora_unet_" in k):
+        return ""
+    unet = indexes.get("unet")
+    if unet is None:
+        return ""
+    sgm = unet.sgm()
+    if sgm is None:
+        return "\n(kohya sgm U-Net names such as input_blocks_… need the U-Net's config.json)"
+    return f"\n({sgm.describe()})"
+
+
 def plan_fold(
     loras: Sequence[tuple[LoraFile, float]],
     weights: Mapping[str, Mapping[str, tuple[int, ...]]],
+    configs: Mapping[str, Mapping[str, Any] | None] | None = None,
 ) -> list[WeightFold]:
-    """Resolve every layer of every LoRA against `weights` ({component: {name: shape}}).
+    """Resolve every layer of every LoRA against `weights` ({component: {name: shape}});
+    `configs` ({component: its config.json}) gives the U-Net's, for kohya's sgm names.
 
     Raises ValueError before anything is changed: keys that match no weight (all listed),
     shape mismatches (key and both shapes), a name two base weights share, or two layers of
     one file on the same weight. Returns one WeightFold per weight touched.
     """
-    indexes = {c: _ComponentIndex(c, shapes) for c, shapes in weights.items()}
+    configs = configs or {}
+    indexes = {c: _ComponentIndex(c, shapes, configs.get(c)) for c, shapes in weights.items()}
     terms: dict[tuple[str, str], list[LoraTerm]] = {}
     unmatched: list[str] = []
     mismatched: list[str] = []
@@ -212,17 +250,9 @@ def plan_fold(
                 )
             )
     if unmatched:
-        hint = ""
-        if any(
-            s in k for k in unmatched for s in ("input_blocks", "output_blocks", "middle_block")
-        ):
-            hint = (
-                "\n(kohya SDXL files name U-Net blocks the original sgm way, input_blocks_…; "
-                "SDXL is not supported yet)"
-            )
         raise ValueError(
             f"{len(unmatched)} LoRA keys match no weight of this model "
-            f"({', '.join(indexes)}):{_listing(unmatched)}{hint}"
+            f"({', '.join(indexes)}):{_listing(unmatched)}{_sgm_hint(unmatched, indexes)}"
         )
     if mismatched:
         raise ValueError(

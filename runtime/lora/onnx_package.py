@@ -1,5 +1,8 @@
 """LoRAs on a model package's ONNX graphs, without re-export: new initializer values.
 
+Graphs: unet/, text_encoder/ and SDXL's text_encoder_2/ (`LORA_GRAPHS`); the U-Net's
+config.json numbers kohya's sgm block names (fewstep.lora.sgm_names).
+
 Which initializer holds which weight. The TorchScript exporter keeps a parameter's name when
 it stores it unchanged (conv weights, Gemm weights: `unet.conv_in.weight`), but stores a
 Linear that became a MatMul as its transpose under a generated name (`onnx::MatMul_1627`
@@ -12,7 +15,8 @@ holds `to_q.weight.T`). Two sources for the map, weight name → (initializer, t
 2. Packages without one (optimum's, or any other exporter's): derived from the
    graph itself. Named initializers name their parameter; a MatMul/Gemm whose weight input is
    an initializer carries its module's scope in the node name (`/unet/down_blocks.0/…/attn1/
-   to_q/MatMul` → `down_blocks.0.….attn1.to_q.weight`), and the operator says the layout
+   to_q/MatMul` → `down_blocks.0.….attn1.to_q.weight`; fewstep's own text_encoder_2 graph
+   scopes it under `/text_encoder/`), and the operator says the layout
    (MatMul: [in, out], the transpose; Gemm: transB). Shapes are checked against every LoRA
    either way; tests check that 2. gives the same map as 1. on exported packages.
 
@@ -57,8 +61,17 @@ from fewstep.lora.fold import (
 from fewstep.onnx_proto import OnnxIndex, read_onnx_index
 from fewstep.package import PackageError, verify_package, write_manifest
 
-LORA_GRAPHS = ("unet", "text_encoder")  # graph folder = the diffusers component it holds
+# graph folder = the diffusers component it holds (text_encoder_2: SDXL's OpenCLIP-bigG)
+LORA_GRAPHS = ("unet", "text_encoder", "text_encoder_2")
+# The attribute that holds each graph's component in fewstep's export wrappers
+# (fewstep.export.graphs): both text encoders sit under `text_encoder`.
+_WRAPPER_ATTRIBUTES = {
+    "unet": "unet",
+    "text_encoder": "text_encoder",
+    "text_encoder_2": "text_encoder",
+}
 LORA_MAP_NAME = "lora_map.json"
+CONFIG_NAME = "config.json"
 LORA_MAP_FORMAT = "fewstep-lora-map"
 LORA_MAP_VERSION = 1
 MODEL_NAME = "model.onnx"
@@ -70,9 +83,19 @@ class MappedWeight:
     transposed: bool  # the initializer holds W.T (a Linear exported as MatMul)
 
 
+def _scope_roots(graph: str) -> tuple[str, ...]:
+    """What an exported name of `graph` may start with: the graph's name or the wrapper's
+    attribute (`text_encoder.` in text_encoder_2/)."""
+    return (graph, _WRAPPER_ATTRIBUTES.get(graph, graph))
+
+
 def module_weight_name(graph: str, name: str) -> str:
     """An exported name (`unet.conv_in.weight`, `text_model.…` or bare) → fewstep's name."""
-    return canonical_weight_name(graph, name.removeprefix(f"{graph}."))
+    for root in _scope_roots(graph):
+        if name.startswith(f"{root}."):
+            name = name[len(root) + 1 :]
+            break
+    return canonical_weight_name(graph, name)
 
 
 def derive_lora_map(graph: str, index: OnnxIndex) -> dict[str, MappedWeight]:
@@ -89,7 +112,7 @@ def derive_lora_map(graph: str, index: OnnxIndex) -> dict[str, MappedWeight]:
         if weight not in inits or len(inits[weight].shape) != 2 or weight.endswith(".weight"):
             continue
         scope = [s for s in node.name.split("/") if s][:-1]  # drop the op's own name
-        if scope and scope[0] == graph:
+        if scope and scope[0] in _scope_roots(graph):
             scope = scope[1:]
         if not scope:
             continue
@@ -143,12 +166,27 @@ def lora_map_json(graph: str, weights: dict[str, MappedWeight], **extra: Any) ->
     return json.dumps(data, indent=1) + "\n"
 
 
+def read_graph_config(path: Path) -> dict[str, Any] | None:
+    """A graph folder's config.json (the U-Net's numbers kohya's sgm names); None if absent."""
+    if not path.is_file():
+        return None
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
+        raise PackageError(f"corrupt package file {path}: {e}") from e
+    if not isinstance(config, dict):
+        raise PackageError(f"corrupt package file {path}: expected a JSON object")
+    return config
+
+
 class GraphWeights:
-    """One graph of a package: its initializers' locations and its weight map."""
+    """One graph of a package: its initializers' locations, its weight map and, for the
+    U-Net, its config."""
 
     def __init__(self, graph_dir: Path, graph: str):
         self.graph = graph
         self.index = read_onnx_index(graph_dir / MODEL_NAME)
+        self.config = read_graph_config(graph_dir / CONFIG_NAME) if graph == "unet" else None
         map_path = graph_dir / LORA_MAP_NAME
         if map_path.is_file():
             self.map, self.map_source = read_lora_map(map_path), LORA_MAP_NAME
@@ -213,7 +251,11 @@ def lora_initializers(
     """
     checked = load_loras(loras)
     graphs = package_graph_weights(package)
-    folds = plan_fold(checked, {g: gw.shapes() for g, gw in graphs.items()})
+    folds = plan_fold(
+        checked,
+        {g: gw.shapes() for g, gw in graphs.items()},
+        {g: gw.config for g, gw in graphs.items()},
+    )
     out: dict[str, dict[str, np.ndarray]] = {g: {} for g in graphs}
     for fold in folds:
         name, value = graphs[fold.component].folded(fold)

@@ -3,6 +3,8 @@
     fold_lora_torch({"unet": unet, "text_encoder": text_encoder}, [(path, scale), …])
     unfold_lora_torch({"unet": unet, "text_encoder": text_encoder})
 
+(SDXL adds "text_encoder_2".)
+
 Each fold *sets* the LoRAs: a weight becomes pristine + Σ deltas of exactly the LoRAs given,
 computed from the kept pristine copy (never by subtracting an earlier delta), so A → B → A
 leaves exactly the weights of A, and weights a previous fold touched but this one does not
@@ -31,6 +33,12 @@ _PRISTINE = "_fewstep_lora_pristine"
 
 def _named_weights(component: str, module: Any) -> dict[str, Any]:
     return {canonical_weight_name(component, n): p for n, p in module.named_parameters()}
+
+
+def _config(module: Any) -> Mapping[str, Any] | None:
+    """A diffusers model's config (a dict; the U-Net's numbers kohya's sgm names)."""
+    config = getattr(module, "config", None)
+    return config if isinstance(config, Mapping) else None
 
 
 def _delta(fold: WeightFold, device: Any) -> Any:
@@ -62,7 +70,8 @@ def _check_finite(fold: WeightFold, base: Any, folded: Any) -> None:
 def fold_lora_torch(modules: Mapping[str, Any], loras: Sequence[LoraArg]) -> list[WeightFold]:
     """Set the weights of `modules` ({component: module}) to pristine + Σ LoRA deltas.
 
-    Components are diffusers' names: `unet`, `text_encoder` (`text_encoder_2`). Every file is
+    Components are diffusers' names: `unet`, `text_encoder`, `text_encoder_2` (SDXL; the U-Net's
+    config numbers kohya's sgm block names, fewstep.lora.sgm_names). Every file is
     read, every key resolved against the modules and every new weight computed and checked to
     be finite in the weight's dtype before any weight changes (so each is computed twice: the
     new weights are not all held at once); errors are ValueErrors naming the file and key. An
@@ -73,7 +82,9 @@ def fold_lora_torch(modules: Mapping[str, Any], loras: Sequence[LoraArg]) -> lis
     checked = load_loras(loras)
     weights = {c: _named_weights(c, m) for c, m in modules.items()}
     folds = plan_fold(
-        checked, {c: {n: tuple(p.shape) for n, p in w.items()} for c, w in weights.items()}
+        checked,
+        {c: {n: tuple(p.shape) for n, p in w.items()} for c, w in weights.items()},
+        {c: _config(m) for c, m in modules.items()},
     )
     with torch.no_grad():
         for fold in folds:
