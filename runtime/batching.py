@@ -46,7 +46,6 @@ from typing import Any
 import numpy as np
 
 from fewstep.inputs import (
-    DEFAULT_STRENGTH,
     MAX_SEED,
     check_inputs,
     check_integer,
@@ -94,7 +93,7 @@ class GenerationRequest:
     `seed` is required (a server draws one when the client gives none) so that the images
     are reproducible; image i uses seed + i. `image` (img2img): the input image, a PIL
     image or an [H, W, 3] array as `Pipeline.__call__(image=...)` takes it, used for all n
-    images; `strength` goes with it (None: the pipeline's default, DEFAULT_STRENGTH).
+    images; `strength` goes with it (None: the model's default, fewstep.inputs.default_strength).
     """
 
     prompt: str
@@ -133,10 +132,11 @@ class GenerationRequest:
 
     @property
     def img2img_strength(self) -> float | None:
-        """The strength the call runs at; None without an image (not img2img)."""
-        if self.image is None:
+        """The strength the request asks for; None without an image (not img2img) or for the
+        model's default (fewstep.inputs.default_strength, its own batch group)."""
+        if self.image is None or self.strength is None:
             return None
-        return DEFAULT_STRENGTH if self.strength is None else float(self.strength)
+        return float(self.strength)
 
     @property
     def seeds(self) -> list[int]:

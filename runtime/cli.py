@@ -56,7 +56,8 @@ def _add_generation_args(p: argparse.ArgumentParser) -> None:
         "--strength",
         type=float,
         default=None,
-        help="img2img: how much of the schedule runs, in (0, 1] (default 0.8); "
+        help="img2img: how much of the schedule runs, in (0, 1] (default 0.8, SDXL 0.3: "
+        "diffusers' defaults); "
         "int(steps x strength) steps run",
     )
     p.add_argument(

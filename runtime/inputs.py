@@ -30,7 +30,14 @@ from fewstep.package import ModelInfo
 OUTPUT_TYPES = ("pil", "np")
 MAX_SEED = 2**64 - 1
 MAX_GUIDANCE_SCALE = 100.0
-DEFAULT_STRENGTH = 0.8  # img2img, as diffusers' img2img pipelines default it
+# img2img's default strength per family, as diffusers' img2img pipelines default it
+# (StableDiffusionXLImg2ImgPipeline: 0.3; the SD, LCM and SD-Turbo ones: 0.8).
+DEFAULT_STRENGTH = 0.8
+SDXL_DEFAULT_STRENGTH = 0.3
+
+
+def default_strength(info: ModelInfo) -> float:
+    return SDXL_DEFAULT_STRENGTH if info.family == "sdxl" else DEFAULT_STRENGTH
 
 
 class NoiseSource(Protocol):
@@ -225,7 +232,7 @@ def check_inputs(
 ) -> CheckedInputs:
     """Check one call's arguments; None for steps, guidance, height or width takes the
     model's default. With `image` (img2img, fewstep.image_inputs) the size is the image's
-    unless height and width say otherwise, and `strength` defaults to DEFAULT_STRENGTH."""
+    unless height and width say otherwise, and `strength` defaults to `default_strength`."""
     if num_inference_steps is None:
         num_inference_steps = info.default_num_inference_steps
     if guidance_scale is None:
@@ -262,7 +269,7 @@ def check_inputs(
     if image is None and strength is not None:
         raise ValueError(f"strength is for img2img: pass it with an image, got {strength!r} alone")
     if image is not None:
-        strength = check_strength(DEFAULT_STRENGTH if strength is None else strength)
+        strength = check_strength(default_strength(info) if strength is None else strength)
         if latents is not None:
             raise ValueError("pass either image (img2img) or latents, not both")
     eta = check_number("eta", eta, 0.0, 1.0)

@@ -248,9 +248,10 @@ class Pipeline:
 
         img2img (diffusers' img2img pipelines): `image` (fewstep.image_inputs: PIL images,
         arrays, image files) is encoded by the VAE encoder and noised to the first timestep
-        that `strength` (default 0.8) keeps; int(steps × strength) steps then run (LCM: all
-        steps, over the lower part of its schedule). The size is the image's, rounded down
-        to the model's size multiple, unless height and width are given. SDXL follows
+        that `strength` (default: diffusers', 0.8; SDXL 0.3) keeps; int(steps × strength) steps
+        then run (LCM: all steps, over the lower part of its schedule). The size is the
+        image's, rounded down to the model's size multiple, unless height and width are
+        given. SDXL follows
         `StableDiffusionXLImg2ImgPipeline`: the size conditioning defaults to that size.
 
         SDXL (fewstep.prompt_sdxl, diffusers' StableDiffusionXLPipeline): `prompt_2` and

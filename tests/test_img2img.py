@@ -23,6 +23,7 @@ is diffusers' own PNDM doing exactly that (`PNDMFromKept`).
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import io
 
 import numpy as np
@@ -433,6 +434,20 @@ def test_size_comes_from_the_image_or_from_height_and_width(ort_pipes):
         48,
     )
     assert pipe("a cat", image=image, height=32, width=64, **call).images[0].size == (64, 32)
+
+
+@pytest.mark.parametrize(
+    ("family", "reference"),
+    [
+        ("sd1", "StableDiffusionImg2ImgPipeline"),
+        ("lcm", "LatentConsistencyModelImg2ImgPipeline"),
+    ],
+)
+def test_default_strength_is_diffusers(ort_pipes, family, reference):
+    """Without `strength`, the default of diffusers' img2img pipeline for the family."""
+    expected = inspect.signature(getattr(diffusers, reference).__call__).parameters["strength"]
+    call = dict(image=picture(64, 64, seed=3), num_inference_steps=4, seed=1, output_type="np")
+    assert ort_pipes(family)("a cat", **call).settings["strength"] == expected.default
 
 
 def test_strength_one_keeps_every_step_and_strength_sets_the_calls(ort_pipes):

@@ -15,6 +15,7 @@ lone negative size), the cases stay on what both do alike.
 from __future__ import annotations
 
 import functools
+import inspect
 
 import numpy as np
 import pytest
@@ -163,3 +164,14 @@ def test_a_lone_negative_size_is_refused_in_img2img_too(sdxl_pipes, guarded):
         pipe("a cat", negative_original_size=(64, 64), **call)
     with pytest.raises(guarded.GraphRan):
         pipe("a cat", **call)
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sdxl_turbo"])
+def test_default_strength_is_diffusers(sdxl_pipes, family):
+    """Without `strength`, the default of diffusers' img2img pipeline for the family (SDXL's
+    is 0.3, where the SD ones default to 0.8)."""
+    reference = diffusers.StableDiffusionXLImg2ImgPipeline.__call__
+    expected = inspect.signature(reference).parameters["strength"]
+    pipe = sdxl_pipes(family, "onnxruntime")
+    call = dict(image=picture(64, 64, seed=3), num_inference_steps=4, seed=1, output_type="np")
+    assert pipe("a cat", **call).settings["strength"] == expected.default

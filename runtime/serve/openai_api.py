@@ -13,7 +13,7 @@ Edits (img2img) come as OpenAI sends them, multipart/form-data: an `image` file 
 WebP; one image, used for all n images; `image[]` as the client names a list, of one),
 `prompt`, `model`, `n`, `size` (absent: the image's size rounded down to the model's size
 multiple; given: the image is resized to it), `response_format`; fewstep's fields as above
-plus `strength` (default 0.8, as diffusers'), as form fields (the client's `extra_body`).
+plus `strength` (default 0.8, SDXL 0.3, as diffusers'), as form fields (the client's `extra_body`).
 `mask` is refused: fewstep does no inpainting. The body is bounded by `MAX_IMAGE_BODY_BYTES`
 (413 beyond), its parts by `MAX_FORM_FILES` and `MAX_FORM_FIELDS`.
 """
