@@ -34,7 +34,6 @@ Limits: the U-Net's latent height and width must be multiples of `2 ** (len(bloc
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 from collections.abc import Callable
 from typing import Any
@@ -358,21 +357,29 @@ def graph_specs(
     return [*encoders, unet_spec(unet, vae), vae_decoder_spec(vae), vae_encoder_spec(vae)]
 
 
-def fp16_copy(module: torch.nn.Module) -> torch.nn.Module:
-    """An fp16 copy of a wrapper module, for export (the fp32 original stays the reference).
+def to_fp16(module: torch.nn.Module) -> torch.nn.Module:
+    """Convert a wrapper module to fp16 in place, for export; returns it.
 
+    In place, not a copy: an SDXL U-Net is 10 GB in fp32, and the export takes the fp32
+    reference outputs it verifies against before converting (package_writer).
     Text encoders switch to transformers' eager attention: the TorchScript exporter's
     `scaled_dot_product_attention` symbolic builds the `is_causal` mask in float32 and promotes
     fp16 attention to float32 with it, which leaves LayerNormalization with mixed float/float16
     inputs that onnxruntime rejects. Eager attention (softmax in float32, cast back, as
     transformers writes it) exports cleanly.
     """
-    module = copy.deepcopy(module).half()
+    module.half()
     for sub in module.modules():
         if hasattr(sub, "set_attn_implementation"):  # a transformers PreTrainedModel
             sub.set_attn_implementation("eager")
             break
     return module
+
+
+def release(module: torch.nn.Module) -> None:
+    """Free a module's weights once its graphs are written: its parameters and buffers move
+    to the meta device, whoever else holds the module (its configs stay readable)."""
+    module.to("meta")
 
 
 def keeps_fp32_vae_decoder(family: str, vae_config: Any) -> bool:

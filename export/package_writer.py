@@ -39,7 +39,13 @@ from typing import Any
 
 import fewstep
 from fewstep.atomic_folder import atomic_folder
-from fewstep.export.graphs import GraphSpec, fp16_copy, graph_specs, keeps_fp32_vae_decoder
+from fewstep.export.graphs import (
+    GraphSpec,
+    graph_specs,
+    keeps_fp32_vae_decoder,
+    release,
+    to_fp16,
+)
 from fewstep.export.lora_map import write_lora_map
 from fewstep.export.onnx_io import MAX_OPSET, MIN_OPSET, MODEL_NAME, export_graph, graph_io
 from fewstep.export.progress import StageLog
@@ -53,7 +59,13 @@ from fewstep.export.source import (
     refuse_pickle,
     with_tiny_vae,
 )
-from fewstep.export.verify import GraphError, verification_latent_size, verify_graph
+from fewstep.export.verify import (
+    GraphError,
+    Reference,
+    check_graph,
+    reference_outputs,
+    verification_latent_size,
+)
 from fewstep.lora import LORA_GRAPHS, LoraArg, LoraFile, describe_loras, fold_lora_torch, load_loras
 from fewstep.package import family_from_configs, read_model_info, write_manifest
 
@@ -113,7 +125,8 @@ def export_package(
     """Export `src` to a model package at `out`; returns `out` as a Path.
 
     src: a diffusers folder (with model_index.json) or a `.safetensors` single-file checkpoint
-        in the original SD key layout. Pickle checkpoints (.ckpt .pt .pth .bin) are refused.
+        in the original (Stability) key layout, SDXL included. Pickle checkpoints (.ckpt .pt
+        .pth .bin) are refused.
     out: a folder that does not exist yet (or is empty); written atomically.
     dtype: one of DTYPES. fp16 graphs take and return fp16 (timestep stays float32, input_ids
         int64); the manifest records each graph's precision and I/O dtypes.
@@ -170,22 +183,31 @@ def _build_package(
     unet_multiple = next(s.latent_multiple for s in specs if s.name == "unet")
     sequence = int(model.text_encoder.config.max_position_embeddings)
 
+    # One component at a time: its references while it is fp32, its graphs, then its weights
+    # freed: an SDXL export never holds its U-Net twice (docs/architecture.md#export-memory).
+    latent_size = verification_latent_size(unet_multiple)
+    references: dict[str, Reference] = {}
     for graph in specs:
+        component = GRAPH_CONFIGS[graph.name]
+        same_component = [s for s in specs if GRAPH_CONFIGS[s.name] == component]
         with log.stage(f"export {graph.name}"):
+            if verify and graph.name not in references:
+                for other in same_component:
+                    references[other.name] = reference_outputs(
+                        other, other.make_module(), precisions[other.name], latent_size
+                    )
             _export_one(tmp, graph, precisions[graph.name], opset, unet_multiple, sequence)
             shutil.copyfile(_graph_config(spec, graph.name), tmp / graph.name / "config.json")
+            if graph is same_component[-1]:
+                release(getattr(model, component))
 
     errors: dict[str, GraphError] = {}
     if verify:
         with log.stage("verify"):
-            latent_size = verification_latent_size(unet_multiple)
             for graph in specs:
-                errors[graph.name] = verify_graph(
-                    graph,
-                    graph.make_module(),
-                    tmp / graph.name / MODEL_NAME,
-                    precisions[graph.name],
-                    latent_size,
+                path = tmp / graph.name / MODEL_NAME
+                errors[graph.name] = check_graph(
+                    graph, path, precisions[graph.name], references.pop(graph.name)
                 )
                 log.note(errors[graph.name].summary())
 
@@ -216,7 +238,7 @@ def _export_one(
 ) -> None:
     module = graph.make_module()
     if precision == "fp16":
-        module = fp16_copy(module)  # the fp32 module stays: verification's reference
+        module = to_fp16(module)
     side = 2 * latent_multiple  # square: the verification's non-square size differs from it
     inputs = graph.sample_inputs(TRACE_BATCH, side, side, sequence=sequence, seed=0)
     export_graph(graph, module, graph.torch_args(inputs, precision), tmp / graph.name, opset)
@@ -258,6 +280,13 @@ def _single_file_model_index(model: SourceModel) -> dict[str, Any]:
         "vae": ["diffusers", type(model.vae).__name__],
         "requires_safety_checker": False,
     }
+    if model.text_encoder_2 is not None:  # SDXL: no safety checker, one setting the runtime reads
+        del index["requires_safety_checker"]
+        index["text_encoder_2"] = ["transformers", type(model.text_encoder_2).__name__]
+        index["tokenizer_2"] = model.model_index.get("tokenizer_2", index["tokenizer"])
+        zeros = model.model_index.get("force_zeros_for_empty_prompt")
+        if zeros is not None:
+            index["force_zeros_for_empty_prompt"] = zeros
     for name in _UNEXPORTED_COMPONENTS:
         if name in model.model_index:
             index[name] = [None, None]

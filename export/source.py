@@ -1,8 +1,8 @@
 """The export's input: a diffusers folder or a single-file `.safetensors` checkpoint.
 
-`check_source` validates what the user named (cheaply, from file names and JSON configs,
-before any weights are read); `load_source` then loads the torch components in fp32 (three;
-four for SDXL).
+`check_source` validates what the user named (cheaply, from file names, JSON configs and a
+single file's safetensors header, before any weights are read); `load_source` then loads the
+torch components in fp32 (three; four for SDXL).
 
 - Pickle checkpoints (`.ckpt`, `.pt`, `.pth`, `.bin`) are refused: unpickling runs code the
   file chose, and `torch.load(weights_only=True)` has had bypasses
@@ -10,13 +10,23 @@ four for SDXL).
   `use_safetensors=True` for the same reason.
 - Single files are converted by diffusers' own single-file loader
   (`diffusers/loaders/single_file_utils.py`), offline: `config=` must be a local diffusers
-  folder that provides the component configs, the tokenizer and the scheduler.
+  folder that provides the component configs, the tokenizer(s) and the scheduler (weights
+  there are not read). The file's key names must be the config's family: SD 1.x/2.x hold
+  the text encoder under `cond_stage_model.`; SDXL (Stability's layout, as
+  `sd_xl_base_1.0.safetensors` and sdxl-turbo ship it) holds CLIP-L under
+  `conditioner.embedders.0.transformer.` and OpenCLIP-bigG under
+  `conditioner.embedders.1.model.`, whose widths and the U-Net's `label_emb` input width
+  must be the config's (`SDXL_SINGLE_FILE_WIDTHS`). A mismatch is a ValueError naming the
+  key; an SDXL refiner file (OpenCLIP alone, under `conditioner.embedders.0.model.`) is a
+  NotImplementedError. A file lacking tensors the config's model has fails while loading,
+  as a ValueError naming the file (diffusers does not say which).
 - Families: SD 1.x, SD 2.x and their few-step descendants (LCM, SD-Turbo), and SDXL (base
   and Turbo: a U-Net with `addition_embed_type="text_time"` and a second text encoder,
-  `text_encoder_2/` + `tokenizer_2/`), from diffusers folders. NotImplementedError for what
-  is not: SDXL single files, the SDXL refiner (no first text encoder, aesthetic score in
-  `time_ids`), other added conditionings. An SDXL folder whose widths disagree (the U-Net's
-  `cross_attention_dim` against the two encoders' widths, its
+  `text_encoder_2/` + `tokenizer_2/`), from diffusers folders and single files.
+  NotImplementedError for what is not: the SDXL refiner (no first text encoder, aesthetic
+  score in `time_ids`), other added conditionings, single files of LCM U-Nets (diffusers'
+  loader has no key for the guidance embedding). An SDXL folder whose widths disagree (the
+  U-Net's `cross_attention_dim` against the two encoders' widths, its
   `projection_class_embeddings_input_dim` against 6 time ids and encoder 2's projection) is
   a ValueError naming the keys, since no pipeline could run it.
 - model_index.json names a [library, class] per component, and diffusers imports the library
@@ -46,6 +56,23 @@ from fewstep.package import SDXL_TIME_IDS, TINY_VAE_CLASS, read_model_info
 
 PICKLE_SUFFIXES = (".ckpt", ".pt", ".pth", ".bin")
 SINGLE_FILE_SUFFIXES = (".safetensors",)
+# Key prefixes of the original single-file layouts (LDM for SD 1.x/2.x, Stability's sgm for
+# SDXL), as diffusers' single_file_utils reads them.
+SINGLE_FILE_UNET = "model.diffusion_model."
+SINGLE_FILE_SD_TEXT = "cond_stage_model."
+SINGLE_FILE_SDXL_TEXT = "conditioner.embedders."
+SINGLE_FILE_SDXL_CLIP = "conditioner.embedders.0.transformer.text_model."
+SINGLE_FILE_SDXL_OPENCLIP = "conditioner.embedders.1.model."
+SINGLE_FILE_REFINER_OPENCLIP = "conditioner.embedders.0.model."
+_SAFETENSORS_MAX_HEADER = 100 << 20  # the safetensors format's own limit
+# SDXL single-file tensors [_, width] whose width must be the config's: (key, component,
+# config field). diffusers tells the two encoders apart by their widths; the refiner's
+# label_emb is narrower (an aesthetic score in place of two of the six sizes).
+SDXL_SINGLE_FILE_WIDTHS = (
+    (SINGLE_FILE_SDXL_CLIP + "embeddings.position_embedding.weight", "text_encoder", "hidden_size"),
+    (SINGLE_FILE_SDXL_OPENCLIP + "positional_embedding", "text_encoder_2", "hidden_size"),
+    (SINGLE_FILE_UNET + "label_emb.0.0.weight", "unet", "projection_class_embeddings_input_dim"),
+)
 SOURCE_KINDS = ("diffusers", "single_file")
 # The components we export, and the default classes when model_index.json doesn't say.
 COMPONENTS = {
@@ -331,11 +358,7 @@ def check_source(src: str | os.PathLike, config: str | os.PathLike | None) -> So
     config_dir = Path(config)
     if not config_dir.is_dir():
         raise ValueError(f"config must be a local diffusers folder, got {str(config)!r}")
-    if _check_diffusers_folder(config_dir, f"config {str(config)!r}", need_weights=False):
-        raise NotImplementedError(
-            f"single-file SDXL checkpoints are not supported (config {str(config)!r} is an SDXL "
-            "folder); export the diffusers folder instead"
-        )
+    sdxl = _check_diffusers_folder(config_dir, f"config {str(config)!r}", need_weights=False)
     unet_config = _read_json(config_dir / "unet" / "config.json", "config")
     if unet_config.get("time_cond_proj_dim"):
         # diffusers 0.42's single_file_utils has no rule for time_embedding.cond_proj: the
@@ -345,7 +368,69 @@ def check_source(src: str | os.PathLike, config: str | os.PathLike | None) -> So
             f"{unet_config['time_cond_proj_dim']} (LCM) are not supported: diffusers' single-file "
             "loader does not convert the guidance embedding; export the diffusers folder instead"
         )
-    return SourceSpec(path=path, kind="single_file", config_dir=config_dir)
+    _check_single_file_keys(path, config_dir, sdxl)
+    return SourceSpec(path=path, kind="single_file", config_dir=config_dir, sdxl=sdxl)
+
+
+def read_safetensors_shapes(path: Path, what: str) -> dict[str, list[int]]:
+    """key -> shape from a safetensors file's JSON header, without reading any tensor."""
+    try:
+        with open(path, "rb") as f:
+            size = int.from_bytes(f.read(8), "little")
+            if not 2 <= size <= _SAFETENSORS_MAX_HEADER:
+                raise ValueError(f"header length {size}")
+            header = json.loads(f.read(size))
+        if not isinstance(header, dict):
+            raise ValueError("header is not a JSON object")
+        return {key: list(entry["shape"]) for key, entry in header.items() if key != "__metadata__"}
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{what} is not a readable safetensors file: {e}") from e
+
+
+def _single_file_is_sdxl(shapes: dict[str, list[int]], what: str) -> bool:
+    """Which layout the file's text encoders have: SDXL's (True) or SD 1.x/2.x's (False)."""
+
+    def has(prefix: str) -> bool:
+        return any(key.startswith(prefix) for key in shapes)
+
+    if not has(SINGLE_FILE_UNET):
+        raise ValueError(f"{what} has no U-Net: no key starts with {SINGLE_FILE_UNET!r}")
+    if has(SINGLE_FILE_REFINER_OPENCLIP) and not has(SINGLE_FILE_SDXL_CLIP):
+        raise NotImplementedError(
+            f"{what} is an SDXL refiner checkpoint (OpenCLIP alone, under "
+            f"{SINGLE_FILE_REFINER_OPENCLIP!r}; no CLIP-L under {SINGLE_FILE_SDXL_CLIP!r}): the "
+            "refiner is conditioned on an aesthetic score and has no first text encoder, which "
+            "fewstep does not support; it exports SDXL base and Turbo files"
+        )
+    if has(SINGLE_FILE_SDXL_TEXT) != has(SINGLE_FILE_SD_TEXT):
+        return has(SINGLE_FILE_SDXL_TEXT)
+    raise ValueError(
+        f"{what} must hold its text encoder(s) under {SINGLE_FILE_SD_TEXT!r} (SD 1.x/2.x) or "
+        f"{SINGLE_FILE_SDXL_TEXT!r} (SDXL), not both or neither"
+    )
+
+
+def _check_single_file_keys(path: Path, config_dir: Path, sdxl: bool) -> None:
+    """The file's layout must be the config folder's family, its SDXL widths the config's."""
+    what = f"src {str(path)!r}"
+    shapes = read_safetensors_shapes(path, what)
+    family = {True: "SDXL", False: "SD 1.x/2.x"}
+    file_sdxl = _single_file_is_sdxl(shapes, what)
+    if file_sdxl != sdxl:
+        raise ValueError(
+            f"{what} is an {family[file_sdxl]} checkpoint but config {str(config_dir)!r} is an "
+            f"{family[sdxl]} folder; give the diffusers folder of the file's own architecture"
+        )
+    if not sdxl:
+        return
+    for key, component, field in SDXL_SINGLE_FILE_WIDTHS:
+        width = _read_json(config_dir / component / "config.json", "config").get(field)
+        shape = shapes.get(key)
+        if shape is None or len(shape) != 2 or shape[1] != width:
+            raise ValueError(
+                f"{what} key {key!r} has shape {shape}; config {str(config_dir)!r} expects "
+                f"[_, {component} {field}] = [_, {width!r}]"
+            )
 
 
 def with_tiny_vae(spec: SourceSpec, vae: str | os.PathLike | None) -> SourceSpec:
@@ -374,27 +459,45 @@ def _component_class(model_index: dict[str, Any], name: str) -> Any:
     return getattr({"diffusers": diffusers, "transformers": transformers}[library], cls_name)
 
 
-def _load_single_file(spec: SourceSpec, model_index: dict[str, Any]) -> tuple[Any, Any, Any]:
+def _load_single_file(spec: SourceSpec, model_index: dict[str, Any]) -> dict[str, Any]:
+    """The torch components (`spec.components`) of a single file, by diffusers' loader."""
     import diffusers
     import torch
 
     pipeline_cls = getattr(diffusers, model_index.get("_class_name", ""), None)
     if pipeline_cls is None or not hasattr(pipeline_cls, "from_single_file"):
-        pipeline_cls = diffusers.StableDiffusionPipeline
+        default = "StableDiffusionXLPipeline" if spec.sdxl else "StableDiffusionPipeline"
+        pipeline_cls = getattr(diffusers, default)
     kwargs: dict[str, Any] = {}
     # Skip components we don't export (and that would need the Hub to build).
     params = inspect.signature(pipeline_cls.__init__).parameters
     for optional in ("safety_checker", "feature_extractor", "image_encoder"):
         if optional in params:
             kwargs[optional] = None
-    pipe = pipeline_cls.from_single_file(
-        str(spec.path),
-        config=str(spec.config_dir),
-        local_files_only=True,
-        torch_dtype=torch.float32,
-        **kwargs,
-    )
-    return pipe.unet, pipe.vae, pipe.text_encoder
+    if "add_watermarker" in params:  # SDXL: a post-processing step fewstep does not run
+        kwargs["add_watermarker"] = False
+    try:
+        pipe = pipeline_cls.from_single_file(
+            str(spec.path),
+            config=str(spec.config_dir),
+            local_files_only=True,
+            torch_dtype=torch.float32,
+            **kwargs,
+        )
+    except KeyError as e:  # diffusers' converters index the keys they need
+        raise ValueError(
+            f"src {str(spec.path)!r} lacks a key diffusers' single-file loader needs for "
+            f"config {str(spec.config_dir)!r}: {e}"
+        ) from e
+    except NotImplementedError as e:
+        if "meta tensor" not in str(e):
+            raise
+        # A weight the config's model has and the file lacks stays on the meta device.
+        raise ValueError(
+            f"src {str(spec.path)!r} lacks weights that the model of config "
+            f"{str(spec.config_dir)!r} has (diffusers' single-file loader left them unloaded)"
+        ) from e
+    return {name: getattr(pipe, name) for name in spec.components}
 
 
 def load_source(spec: SourceSpec) -> SourceModel:
@@ -411,7 +514,7 @@ def load_source(spec: SourceSpec) -> SourceModel:
             if not (name == "vae" and spec.vae is not None)  # not loaded: it is replaced
         }
     else:
-        modules = dict(zip(COMPONENTS, _load_single_file(spec, model_index), strict=True))
+        modules = _load_single_file(spec, model_index)
     if spec.vae is not None:
         modules["vae"] = _load_tiny_vae(spec.vae)
     for module in modules.values():

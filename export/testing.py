@@ -31,9 +31,8 @@ folder (the TAESD / TAESDXL architecture: config.json + diffusion_pytorch_model.
 with the family's latent channels (4) and VAE scale (8), to stand in for a TAESD download.
 
 Limits: torch, diffusers and transformers are imported inside the functions, so importing
-this module stays cheap. SDXL models have no single-file layout here (conftest's
-`save_single_file` writes SD 1.x/2.x only) and no refiner variant (text_encoder_2 alone,
-aesthetic score).
+this module stays cheap. The single-file layouts (SDXL's included) are written by conftest's
+`save_single_file`, not here. No SDXL refiner variant (text_encoder_2 alone, aesthetic score).
 """
 
 from __future__ import annotations

@@ -56,7 +56,12 @@ def verification_latent_size(latent_multiple: int) -> tuple[int, int]:
 def run_onnx(path: Path, feed: dict[str, np.ndarray], output_names: list[str]) -> list[np.ndarray]:
     import onnxruntime as ort
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # The graph as written, unoptimized: onnxruntime's constant folding would turn an fp16
+    # graph's weights into fp32 copies for its CPU kernels (a 5 GB SDXL U-Net would take 15 GB);
+    # unfolded, each Cast runs per call instead.
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     return session.run(output_names, feed)
 
 
@@ -88,6 +93,48 @@ def compare_outputs(
     return max_abs, max_rel, finite
 
 
+@dataclasses.dataclass(frozen=True)
+class Reference:
+    """What a graph must reproduce: its inputs as the graph takes them, and the fp32 torch
+    module's outputs on exactly those values."""
+
+    feed: dict[str, np.ndarray]
+    outputs: list[np.ndarray]
+
+
+def reference_outputs(
+    spec: GraphSpec,
+    module: Any,
+    precision: str,
+    latent_size: tuple[int, int],
+    batch: int = VERIFY_BATCH,
+    seed: int = VERIFY_SEED,
+) -> Reference:
+    """The fp32 module's outputs on seeded inputs in the graph's precision: taken before the
+    export converts or frees the module, compared with the graph after (`check_graph`)."""
+    inputs = spec.sample_inputs(batch, *latent_size, seed=seed)
+    feed = spec.cast_inputs(inputs, precision)
+    return Reference(feed, run_torch(spec, module, feed))
+
+
+def check_graph(
+    spec: GraphSpec, onnx_path: Path, precision: str, reference: Reference
+) -> GraphError:
+    """Measure one graph's error against its reference; raise when it is unusable."""
+    got = run_onnx(onnx_path, reference.feed, spec.output_names)
+    max_abs, max_rel, finite = compare_outputs(spec.name, got, reference.outputs)
+    error = GraphError(
+        graph=spec.name,
+        precision=precision,
+        max_abs_error=max_abs,
+        max_rel_error=max_rel,
+        finite=finite,
+        input_shapes={k: tuple(v.shape) for k, v in reference.feed.items()},
+    )
+    check_graph_error(error)
+    return error
+
+
 def verify_graph(
     spec: GraphSpec,
     module: Any,
@@ -98,21 +145,8 @@ def verify_graph(
     seed: int = VERIFY_SEED,
 ) -> GraphError:
     """Measure one graph's error against its fp32 torch module; raise when it is unusable."""
-    inputs = spec.sample_inputs(batch, *latent_size, seed=seed)
-    feed = spec.cast_inputs(inputs, precision)
-    got = run_onnx(onnx_path, feed, spec.output_names)
-    ref = run_torch(spec, module, feed)
-    max_abs, max_rel, finite = compare_outputs(spec.name, got, ref)
-    error = GraphError(
-        graph=spec.name,
-        precision=precision,
-        max_abs_error=max_abs,
-        max_rel_error=max_rel,
-        finite=finite,
-        input_shapes={k: tuple(v.shape) for k, v in feed.items()},
-    )
-    check_graph_error(error)
-    return error
+    reference = reference_outputs(spec, module, precision, latent_size, batch, seed)
+    return check_graph(spec, onnx_path, precision, reference)
 
 
 def check_graph_error(error: GraphError) -> None:

@@ -90,13 +90,21 @@ def guarded():
 # ---------------------------------------------------------------------------------------------
 # Single-file checkpoints: diffusers keys -> original Stable Diffusion (LDM) keys
 #
-# `save_single_file(folder, out)` writes a diffusers SD folder (a tiny model) as one
-# `.safetensors` checkpoint in the original Stable Diffusion (LDM/CompVis) key layout: the
-# inverse of what diffusers' `src/diffusers/loaders/single_file_utils.py` converts
-# (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`, `convert_ldm_clip_checkpoint`,
-# `convert_open_clip_checkpoint`), written from the key tables below, so
-# `StableDiffusionPipeline.from_single_file(out, config=folder, local_files_only=True)`
-# rebuilds the folder's weights bit for bit.
+# `save_single_file(folder, out)` writes a diffusers SD or SDXL folder (a tiny model) as one
+# `.safetensors` checkpoint in the original key layout (LDM/CompVis for SD 1.x/2.x, Stability's
+# sgm for SDXL): the inverse of what diffusers' `src/diffusers/loaders/single_file_utils.py`
+# converts (`convert_ldm_unet_checkpoint`, `convert_ldm_vae_checkpoint`,
+# `convert_ldm_clip_checkpoint`, `convert_open_clip_checkpoint`), written from the key tables
+# below, so `StableDiffusionPipeline.from_single_file(out, config=folder, local_files_only=True)`
+# (`StableDiffusionXLPipeline` for SDXL) rebuilds the folder's weights bit for bit.
+#
+# SDXL (`sd_xl_base_1.0.safetensors`' layout): the U-Net under `model.diffusion_model.` with
+# sgm's numbering (the same `input_blocks.N.M` arithmetic; blocks without attention simply
+# have no `.1` entry; each transformer layer is `transformer_blocks.K` in both layouts) and
+# the added conditioning's MLP as `label_emb.0.{0,2}`; CLIP-L under
+# `conditioner.embedders.0.transformer.text_model.` (transformers names); OpenCLIP-bigG under
+# `conditioner.embedders.1.model.` with its `text_projection` a [hidden, projection] matrix
+# (OpenCLIP computes `pooled @ text_projection`, the transpose of the Linear weight).
 #
 # Limits and deviations:
 # - The LDM layout has no key for LCM's guidance embedding (`time_embedding.cond_proj`); it is
@@ -108,8 +116,9 @@ def guarded():
 #   here the file holds exactly the folder's layers. `text_projection` is written as the
 #   identity [hidden, hidden]: diffusers reads its first dimension as the q/k/v split size and
 #   drops it.
-# - Only what these families use: no SDXL (`conditioner.embedders`), no class/addition
-#   embeddings, no EMA weights.
+# - Only what these families use: no class embeddings, no added conditioning but SDXL's
+#   `text_time`, no refiner layout (`conditioner.embedders.0.model.`), no EMA weights, none of
+#   the extra tensors real files carry and the loaders ignore (noise-schedule buffers and such).
 # ---------------------------------------------------------------------------------------------
 
 
@@ -117,6 +126,8 @@ UNET_PREFIX = "model.diffusion_model."
 VAE_PREFIX = "first_stage_model."
 CLIP_PREFIX = "cond_stage_model.transformer.text_model."
 OPENCLIP_PREFIX = "cond_stage_model.model."
+SDXL_CLIP_PREFIX = "conditioner.embedders.0.transformer.text_model."
+SDXL_OPENCLIP_PREFIX = "conditioner.embedders.1.model."
 
 # Inside a U-Net ResBlock (ldm `ResBlock`: in_layers = [norm, SiLU, conv], emb_layers =
 # [SiLU, linear], out_layers = [norm, SiLU, dropout, conv]).
@@ -158,9 +169,13 @@ def _unet_prefix_table(config: dict) -> _PrefixTable:
     """ldm `UNetModel` numbering: input_blocks[0] is conv_in; each down block has one
     [ResBlock, SpatialTransformer?] entry per layer plus a Downsample entry (not after the
     last); output_blocks have layers+1 entries per up block, the Upsample inside the last."""
-    for name in ("class_embed_type", "addition_embed_type", "encoder_hid_dim_type"):
+    for name in ("class_embed_type", "encoder_hid_dim_type"):
         if config.get(name) is not None:
             raise NotImplementedError(f"save_single_file: U-Net config {name}={config[name]!r}")
+    if config.get("addition_embed_type") not in (None, "text_time"):
+        raise NotImplementedError(
+            f"save_single_file: U-Net config addition_embed_type={config['addition_embed_type']!r}"
+        )
     if config.get("mid_block_type", "UNetMidBlock2DCrossAttn") != "UNetMidBlock2DCrossAttn":
         raise NotImplementedError(f"save_single_file: mid_block_type={config['mid_block_type']!r}")
     layers = config["layers_per_block"]
@@ -179,6 +194,11 @@ def _unet_prefix_table(config: dict) -> _PrefixTable:
         "mid_block.attentions.0.": ("middle_block.1.", {}),
         "mid_block.resnets.1.": ("middle_block.2.", _UNET_RESNET),
     }
+    if config.get("addition_embed_type") == "text_time":
+        # SDXL: sgm's label_emb is Sequential(Sequential(linear, SiLU, linear)); add_time_proj
+        # (sinusoidal, no weights) has no key in either layout.
+        table["add_embedding.linear_1."] = ("label_emb.0.0.", {})
+        table["add_embedding.linear_2."] = ("label_emb.0.2.", {})
     for b in range(n_blocks):
         for i in range(layers):
             entry = 1 + b * (layers + 1) + i
@@ -257,22 +277,27 @@ def _vae_to_ldm(state_dict, config: dict) -> dict:
     return out
 
 
-def _clip_to_ldm(state_dict) -> dict:
+def _clip_to_ldm(state_dict, prefix: str = CLIP_PREFIX) -> dict:
     from fewstep.export.testing import text_encoder_state
 
-    return {CLIP_PREFIX + k: v for k, v in text_encoder_state(state_dict).items()}
+    return {prefix + k: v for k, v in text_encoder_state(state_dict).items()}
 
 
-def _openclip_to_ldm(state_dict, config: dict) -> dict:
-    """OpenCLIP `TextTransformer`: resblocks with a fused in_proj (q; k; v rows), c_fc/c_proj."""
+def _openclip_to_ldm(state_dict, config: dict, prefix: str = OPENCLIP_PREFIX) -> dict:
+    """OpenCLIP `TextTransformer`: resblocks with a fused in_proj (q; k; v rows), c_fc/c_proj.
+
+    A CLIPTextModelWithProjection's `text_projection.weight` [projection, hidden] becomes
+    OpenCLIP's `text_projection` [hidden, projection]; without one (SD2) it is the identity.
+    """
     import torch
 
     from fewstep.export.testing import text_encoder_state
 
     state = text_encoder_state(state_dict)
+    projection = state.pop("text_projection.weight", None)
     out = {}
     for i in range(config["num_hidden_layers"]):
-        src, dst = f"encoder.layers.{i}.", f"{OPENCLIP_PREFIX}transformer.resblocks.{i}."
+        src, dst = f"encoder.layers.{i}.", f"{prefix}transformer.resblocks.{i}."
         for kind in ("weight", "bias"):
             qkv = [state.pop(f"{src}self_attn.{p}_proj.{kind}") for p in ("q", "k", "v")]
             out[f"{dst}attn.in_proj_{kind}"] = torch.cat(qkv, dim=0)  # [3 * hidden, ...]
@@ -289,9 +314,10 @@ def _openclip_to_ldm(state_dict, config: dict) -> dict:
             raise NotImplementedError(
                 f"save_single_file: no OpenCLIP name for text_encoder key {key!r}"
             )
-        out[OPENCLIP_PREFIX + _OPENCLIP_TOP[key]] = state.pop(key)
-    hidden = config["hidden_size"]
-    out[OPENCLIP_PREFIX + "text_projection"] = torch.eye(hidden, dtype=torch.float32)
+        out[prefix + _OPENCLIP_TOP[key]] = state.pop(key)
+    if projection is None:
+        projection = torch.eye(config["hidden_size"], dtype=torch.float32)
+    out[prefix + "text_projection"] = projection.T.contiguous()
     return out
 
 
@@ -308,13 +334,16 @@ def _load_component(folder: pathlib.Path, name: str, weights: str) -> tuple[dict
 def _save_single_file(
     diffusers_folder: str | os.PathLike, out_path: str | os.PathLike
 ) -> pathlib.Path:
-    """Write a diffusers SD folder as one `.safetensors` checkpoint in the original SD layout.
+    """Write a diffusers SD or SDXL folder as one `.safetensors` checkpoint in the original
+    layout.
 
     U-Net under `model.diffusion_model.`, VAE under `first_stage_model.`, the text encoder under
     `cond_stage_model.transformer.text_model.` (OpenAI CLIP, SD1) or `cond_stage_model.model.`
-    (OpenCLIP, SD2: chosen when the text encoder's hidden_act is "gelu", as in SD 2.x).
+    (OpenCLIP, SD2: chosen when the text encoder's hidden_act is "gelu", as in SD 2.x). SDXL
+    (a U-Net with addition_embed_type "text_time"): the two encoders under
+    `conditioner.embedders.0.transformer.text_model.` and `conditioner.embedders.1.model.`.
     Load it back with `StableDiffusionPipeline.from_single_file(out_path,
-    config=diffusers_folder, local_files_only=True)`.
+    config=diffusers_folder, local_files_only=True)` (`StableDiffusionXLPipeline` for SDXL).
     """
     from fewstep.export.testing import save_safetensors
 
@@ -329,7 +358,11 @@ def _save_single_file(
     state = {}
     state.update(_unet_to_ldm(unet, unet_config))
     state.update(_vae_to_ldm(vae, vae_config))
-    if te_config.get("hidden_act") == "gelu":
+    if unet_config.get("addition_embed_type") == "text_time":
+        te2_config, text_encoder_2 = _load_component(folder, "text_encoder_2", "model.safetensors")
+        state.update(_clip_to_ldm(text_encoder, SDXL_CLIP_PREFIX))
+        state.update(_openclip_to_ldm(text_encoder_2, te2_config, SDXL_OPENCLIP_PREFIX))
+    elif te_config.get("hidden_act") == "gelu":
         state.update(_openclip_to_ldm(text_encoder, te_config))
     else:
         state.update(_clip_to_ldm(text_encoder))

@@ -482,8 +482,8 @@ def test_sdxl_single_files_and_bad_loras_are_refused_before_loading(
     tiny_model, tmp_path, no_loading
 ):
     ckpt = tmp_path / "sdxl.safetensors"
-    ckpt.write_bytes(b"unused: the config is checked first")
-    with pytest.raises(NotImplementedError, match="single-file SDXL checkpoints"):
+    ckpt.write_bytes(b"not a safetensors file")
+    with pytest.raises(ValueError, match="sdxl.safetensors' is not a readable safetensors file"):
         export_package(ckpt, tmp_path / "pkg", config=tiny_model("sdxl"), progress=False)
     lora = tmp_path / "lora.safetensors"
     lora.write_bytes(b"not a safetensors file")

@@ -129,20 +129,21 @@ def export_vae_encoder(folder: Path, manifest: dict[str, Any]) -> dict[str, Any]
     from fewstep.export.onnx_io import MODEL_NAME, graph_io
     from fewstep.export.package_writer import _export_one
     from fewstep.export.source import check_source, load_source
-    from fewstep.export.verify import verification_latent_size, verify_graph
+    from fewstep.export.verify import check_graph, reference_outputs, verification_latent_size
 
     model = load_source(check_source(folder, None))
     spec = vae_encoder_spec(model.vae)
     precision = manifest["graphs"]["vae_decoder"]["precision"]  # the VAE's graphs share it
     unet_multiple = 2 ** (len(model.unet.config.block_out_channels) - 1)
     sequence = int(model.text_encoder.config.max_position_embeddings)
+    latent_size = verification_latent_size(unet_multiple)
+    # the reference first: the export converts the module to the graph's precision in place
+    reference = reference_outputs(spec, spec.make_module(), precision, latent_size)
     _export_one(folder, spec, precision, int(manifest["opset"]), unet_multiple, sequence)
     # the config export_package copies: the source's vae/config.json, as vae_decoder/ has it
     shutil.copyfile(folder / "vae_decoder" / "config.json", folder / spec.name / "config.json")
     path = folder / spec.name / MODEL_NAME
-    error = verify_graph(
-        spec, spec.make_module(), path, precision, verification_latent_size(unet_multiple)
-    )
+    error = check_graph(spec, path, precision, reference)
     return {
         **graph_io(path),
         "precision": precision,
