@@ -1,36 +1,49 @@
 """`fewstep bench`: fewstep's backends against diffusers (torch eager) on the same weights.
 
-Sides: `diffusers` and one per fewstep backend spec (`BENCH_BACKENDS`: onnxruntime,
+Sides: `diffusers` (StableDiffusionPipeline or StableDiffusionXLPipeline, as the folder's
+model_index.json names it) and one per fewstep backend spec (`BENCH_BACKENDS`: onnxruntime,
 onnxruntime-unfused, openvino-fp32, openvino-bf16). Each side runs in its own fresh process,
 so cold start (import + load to first image) and peak memory (max RSS) belong to that side
 alone. All sides use the same model folder, prompt, DDIM sampler, guidance 7.5 (U-Net batch
-2) and initial latents. Reported per model: per-stage latency (text encoding per image, i.e.
-every text encoder call of one generation summed: diffusers encodes the prompt and the
-negative prompt in two calls of batch 1, fewstep in one of batch 2; one U-Net step; VAE
-decode; p50 and p90), end-to-end latency for each step count, cold start, peak memory, the
-share of each fewstep step spent outside the U-Net call, and each backend's speedup over
-diffusers. Backends that compile per shape (OpenVINO) compile in the untimed warm-up call,
-which has the shapes of every timed call; their compile seconds are reported apart
-(`compile_s`), and `compiles_timed` (compiles inside the timed region) must be 0. A backend
-this machine cannot run (bf16 on a CPU without it, a missing library) is recorded as
-skipped, with the reason.
+2) and initial latents; SDXL's size conditioning is given explicitly and alike on both sides
+(original and target size the image's, crop (0, 0): both pipelines' defaults). Reported per
+model: per-stage latency (text encoding per image, i.e. every text encoder call of one
+generation summed: for SD 1.5 diffusers encodes the prompt and the negative prompt in two
+calls of batch 1, fewstep in one of batch 2; SDXL's empty negative is zeros on both sides, so
+both encode the prompt once with each of its two encoders; one U-Net step; VAE decode; p50
+and p90), end-to-end latency for each step count, cold start, peak memory, the share of each
+fewstep step spent outside the U-Net call, each side's VAE class, and each backend's speedup
+over diffusers, and the largest difference of its last image from diffusers' on a 0..1
+scale (`image_max_abs_diff`: near 0 in fp32, it shows the sides computed the same thing).
+Backends that compile per shape (OpenVINO) compile in the untimed warm-up call, which has the
+shapes of every timed call; their compile seconds are reported apart (`compile_s`), and
+`compiles_timed` (compiles inside the timed region) must be 0. A backend this machine cannot
+run (bf16 on a CPU without it, a missing library) is recorded as skipped, with the reason.
 
-Models: `tiny` (fewstep.export.testing's sd1) and `mid`, an SD1.5-layout U-Net with
-block_out_channels (64, 128, 256, 256) and cross_attention_dim 768, a CLIP-L-sized
-text encoder, and a VAE reduced to (64, 128, 256, 256) so a 512² decode stays in
-seconds on a CPU; random weights.
+Models (`BENCH_MODELS`; random weights):
+- `tiny`: fewstep.export.testing's sd1, at 64².
+- `mid`: an SD1.5-layout U-Net with block_out_channels (64, 128, 256, 256) and
+  cross_attention_dim 768, a CLIP-L-sized text encoder, and a VAE reduced to
+  (64, 128, 256, 256) so a 512² decode stays in seconds on a CPU; at 512².
+- `sdxl-mid`: fewstep.benchmarks.sdxl_models' `mid` SDXL layout (two text encoders, added
+  size and pooled-text conditioning), at 512².
+- `sdxl-mid-taesdxl`: the same folder with a TAESDXL-sized tiny autoencoder
+  (sdxl_models.make_taesdxl) as its VAE: the package is exported with `vae=`, and diffusers
+  loads the pipeline with `vae=AutoencoderTiny.from_pretrained(...)`.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import json
 import os
 import resource
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +62,6 @@ from fewstep.benchmarks.harness import (
 from fewstep.export import export_package
 from fewstep.export.testing import make_tiny_model
 
-MODELS = ("tiny", "mid")
 SIDES = ("fewstep", "diffusers")
 # Backend spec -> (backend name, options). The default `--backends` is all of them.
 BENCH_BACKENDS: dict[str, tuple[str, dict[str, Any]]] = {
@@ -115,6 +127,53 @@ def make_mid_model(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def _make_tiny(path: Path) -> Path:
+    return make_tiny_model(path, "sd1")
+
+
+def _make_sdxl_mid(path: Path) -> Path:
+    from fewstep.benchmarks.sdxl_models import make_sdxl_model
+
+    return make_sdxl_model(path, "mid")
+
+
+def _make_taesdxl(path: Path) -> Path:
+    from fewstep.benchmarks.sdxl_models import make_taesdxl
+
+    return make_taesdxl(path)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchModel:
+    """How one model of `fewstep bench` is built, in the workdir, and at which image size."""
+
+    folder: str  # the diffusers folder's name: variants of one model share it
+    build: Callable[[Path], Path]
+    image_size: int  # height = width, pixels
+    tiny_vae: str | None = None  # a TINY_VAES name: the AutoencoderTiny replacing the VAE
+
+
+# Tiny autoencoder name (also its folder's) -> its builder.
+TINY_VAES: dict[str, Callable[[Path], Path]] = {"taesdxl": _make_taesdxl}
+BENCH_MODELS: dict[str, BenchModel] = {
+    "tiny": BenchModel("tiny", _make_tiny, 64),
+    "mid": BenchModel("mid", make_mid_model, 512),
+    "sdxl-mid": BenchModel("sdxl-mid", _make_sdxl_mid, 512),
+    "sdxl-mid-taesdxl": BenchModel("sdxl-mid", _make_sdxl_mid, 512, tiny_vae="taesdxl"),
+}
+MODELS = tuple(BENCH_MODELS)
+DIFFUSERS_PIPELINES = ("StableDiffusionPipeline", "StableDiffusionXLPipeline")
+
+
+def size_conditioning(size: int) -> dict[str, tuple[int, int]]:
+    """SDXL's size conditioning for a size² image, as both sides are given it."""
+    return {
+        "original_size": (size, size),
+        "crops_coords_top_left": (0, 0),
+        "target_size": (size, size),
+    }
+
+
 def _rss_mb() -> float:
     """Peak resident memory of this process, MB.
 
@@ -138,6 +197,7 @@ def run_fewstep(
     repeats: int,
     latents: np.ndarray,
     backend: str = "onnxruntime",
+    image_out: Path | None = None,
 ) -> dict:
     t0 = time.perf_counter()
     from fewstep.pipeline import Pipeline
@@ -148,7 +208,9 @@ def run_fewstep(
     except (ImportError, ValueError) as e:  # missing library; precision the CPU lacks
         raise BackendUnavailable(str(e)) from e
     size = latents.shape[-1] * pipe.info.vae_scale_factor
-    args = dict(guidance_scale=GUIDANCE, height=size, width=size, scheduler="ddim")
+    args: dict[str, Any] = dict(guidance_scale=GUIDANCE, height=size, width=size, scheduler="ddim")
+    if pipe.info.family == "sdxl":
+        args.update(size_conditioning(size))
     pipe(PROMPT, num_inference_steps=1, latents=latents, output_type="np", **args)
     cold = time.perf_counter() - t0
     warmup_compiles = pipe.backend.report().compiles
@@ -174,9 +236,12 @@ def run_fewstep(
             steps_ms = zip(tm["sampler_step"], tm["unet_call"], strict=True)
             outside += [(s - c) / s for s, c in steps_ms]
         e2e[str(steps)] = percentiles(totals)
+    if image_out is not None:
+        np.save(image_out, t.images)
     result: dict[str, Any] = {
         "backend": name,
         "backend_options": options,
+        "vae_class": pipe.info.vae_class,
         "cold_start_s": cold,
         "stages_ms": {k: percentiles(v) for k, v in stages.items()},
         "end_to_end_ms": e2e,
@@ -195,13 +260,41 @@ def run_fewstep(
     return result
 
 
-def run_diffusers(folder: Path, steps_list: list[int], repeats: int, latents: np.ndarray) -> dict:
+def _diffusers_pipeline(folder: Path, tiny_vae: Path | None) -> Any:
+    """The folder's diffusers pipeline (its model_index.json's class), with `tiny_vae` (an
+    AutoencoderTiny folder) as its VAE when given, DDIM as its scheduler."""
+    import diffusers
+
+    index = json.loads((folder / "model_index.json").read_text())
+    cls = index.get("_class_name")
+    if cls not in DIFFUSERS_PIPELINES:
+        raise ValueError(
+            f"{folder / 'model_index.json'}: _class_name must be one of {DIFFUSERS_PIPELINES}, "
+            f"got {cls!r}"
+        )
+    # SD: no safety checker; SDXL: no watermark (fewstep applies neither)
+    options: dict[str, Any] = (
+        {"safety_checker": None} if cls == "StableDiffusionPipeline" else {"add_watermarker": False}
+    )
+    if tiny_vae is not None:  # loaded in place of the folder's VAE, not after it
+        options["vae"] = diffusers.AutoencoderTiny.from_pretrained(tiny_vae)
+    pipe = getattr(diffusers, cls).from_pretrained(folder, **options)
+    pipe.scheduler = diffusers.DDIMScheduler.from_config(pipe.scheduler.config)
+    return pipe
+
+
+def run_diffusers(
+    folder: Path,
+    steps_list: list[int],
+    repeats: int,
+    latents: np.ndarray,
+    tiny_vae: Path | None = None,
+    image_out: Path | None = None,
+) -> dict:
     t0 = time.perf_counter()
     import torch
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(folder, safety_checker=None)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe = _diffusers_pipeline(folder, tiny_vae)
     pipe.set_progress_bar_config(disable=True)
     stages: dict[str, list[float]] = {"text_encoder": [], "unet_step": [], "vae_decoder": []}
     starts: dict[str, float] = {}
@@ -217,11 +310,16 @@ def run_diffusers(folder: Path, steps_list: list[int], repeats: int, latents: np
         module.register_forward_hook(post)
 
     size = latents.shape[-1] * pipe.vae_scale_factor
-    args = dict(guidance_scale=GUIDANCE, height=size, width=size, output_type="np")
+    args: dict[str, Any] = dict(guidance_scale=GUIDANCE, height=size, width=size, output_type="np")
+    sdxl = type(pipe).__name__ == "StableDiffusionXLPipeline"
+    if sdxl:
+        args.update(size_conditioning(size))
     with torch.inference_mode():
         pipe(PROMPT, num_inference_steps=1, latents=torch.from_numpy(latents), **args)
         cold = time.perf_counter() - t0
         timed(pipe.text_encoder, "text_encoder")
+        if sdxl:  # both encoders' calls are this image's text encoding
+            timed(pipe.text_encoder_2, "text_encoder")
         timed(pipe.unet, "unet_step")
         timed(pipe.vae.decoder, "vae_decoder")
         e2e: dict[str, Any] = {}
@@ -230,12 +328,18 @@ def run_diffusers(folder: Path, steps_list: list[int], repeats: int, latents: np
             for _ in range(repeats):
                 calls = len(stages["text_encoder"])
                 t1 = time.perf_counter()
-                pipe(PROMPT, num_inference_steps=steps, latents=torch.from_numpy(latents), **args)
+                out = pipe(
+                    PROMPT, num_inference_steps=steps, latents=torch.from_numpy(latents), **args
+                )
                 totals.append((time.perf_counter() - t1) * 1e3)
                 # one entry per image, as fewstep reports it: sum this generation's calls
                 stages["text_encoder"][calls:] = [sum(stages["text_encoder"][calls:])]
             e2e[str(steps)] = percentiles(totals)
+    if image_out is not None:
+        np.save(image_out, out.images)
     return {
+        "pipeline": type(pipe).__name__,
+        "vae_class": type(pipe.vae).__name__,
         "cold_start_s": cold,
         "stages_ms": {k: percentiles(v) for k, v in stages.items()},
         "end_to_end_ms": e2e,
@@ -251,17 +355,21 @@ def _worker(argv: list[str]) -> None:
     p.add_argument("--repeats", type=int, required=True)
     p.add_argument("--latents", required=True)
     p.add_argument("--backend", choices=tuple(BENCH_BACKENDS), default="onnxruntime")
+    p.add_argument("--tiny-vae", default=None, help="diffusers: an AutoencoderTiny folder")
+    p.add_argument("--image", default=None, help="where the last image is saved (.npy)")
     a = p.parse_args(argv)
+    image = Path(a.image) if a.image else None
     latents = np.load(a.latents)
     steps = [int(s) for s in a.steps.split(",")]
     # The machine's 1-minute load average before and after: on a shared box, a side that ran
     # beside other work (load above the core count) is visible in the result.
     load_start = os.getloadavg()[0]
     if a.side == "diffusers":
-        result = run_diffusers(Path(a.path), steps, a.repeats, latents)
+        tiny_vae = Path(a.tiny_vae) if a.tiny_vae else None
+        result = run_diffusers(Path(a.path), steps, a.repeats, latents, tiny_vae, image)
     else:
         try:
-            result = run_fewstep(Path(a.path), steps, a.repeats, latents, a.backend)
+            result = run_fewstep(Path(a.path), steps, a.repeats, latents, a.backend, image)
         except BackendUnavailable as e:
             result = {"skipped": str(e)}
     result["load_avg_1m"] = [load_start, os.getloadavg()[0]]
@@ -314,6 +422,23 @@ def speedups(ref: dict[str, Any], few: dict[str, Any], steps: list[int]) -> dict
     }
 
 
+def _build(model: BenchModel, name: str, workdir: Path) -> tuple[Path, Path, Path | None]:
+    """(diffusers folder, fewstep package, tiny VAE folder or None) of `model`, built in
+    `workdir` unless there already."""
+    folder = workdir / model.folder
+    if not folder.exists():
+        model.build(folder)
+    tiny_vae = None
+    if model.tiny_vae is not None:
+        tiny_vae = workdir / model.tiny_vae
+        if not tiny_vae.exists():
+            TINY_VAES[model.tiny_vae](tiny_vae)
+    package = workdir / f"{name}-onnx"
+    if not package.exists():
+        export_package(folder, package, vae=tiny_vae)
+    return folder, package, tiny_vae
+
+
 def run_bench(
     models: list[str],
     steps: list[int],
@@ -328,8 +453,8 @@ def run_bench(
     `note` is appended to the result's `what` (e.g. what else was running).
     """
     for name in models:
-        if name not in MODELS:
-            raise ValueError(f"models must be among {MODELS}, got {name!r}")
+        if name not in BENCH_MODELS:
+            raise ValueError(f"models must be among {tuple(BENCH_MODELS)}, got {name!r}")
     if not steps or min(steps) < 1:
         raise ValueError(f"steps must be integers >= 1, got {steps}")
     if repeats < 1:
@@ -352,21 +477,25 @@ def run_bench(
         "models": {},
     }
     for name in models:
-        folder, package = workdir / name, workdir / f"{name}-onnx"
-        if not folder.exists():
-            (make_tiny_model(folder, "sd1") if name == "tiny" else make_mid_model(folder))
-        if not package.exists():
-            export_package(folder, package)
-        latent = 8 if name == "tiny" else 64
+        folder, package, tiny_vae = _build(BENCH_MODELS[name], name, workdir)
+        latent = BENCH_MODELS[name].image_size // 8  # every model's VAE scales by 8
         latents = np.random.default_rng(0).standard_normal((1, 4, latent, latent), np.float32)
         latents_path = workdir / f"{name}-latents.npy"
         np.save(latents_path, latents)
-        entry: dict[str, Any] = {"image_size": latent * 8, "results": {}, "speedup": {}}
+        entry: dict[str, Any] = {
+            "image_size": latent * 8,
+            "results": {},
+            "speedup": {},
+            "image_max_abs_diff": {},
+        }
         # Side label -> worker arguments; results keep this order (diffusers first).
-        sides = {"diffusers": ["diffusers", str(folder)]} | {
+        vae_args = ["--tiny-vae", str(tiny_vae)] if tiny_vae is not None else []
+        sides = {"diffusers": ["diffusers", str(folder), *vae_args]} | {
             spec: ["fewstep", str(package), "--backend", spec] for spec in backends
         }
+        images = {side: workdir / f"{name}-{side}-image.npy" for side in sides}
         for side, worker_args in sides.items():
+            images[side].unlink(missing_ok=True)  # a skipped side leaves none
             print(f"[bench] {name}: {side} …", flush=True)
             proc = subprocess.run(
                 [
@@ -381,6 +510,8 @@ def run_bench(
                     str(repeats),
                     "--latents",
                     str(latents_path),
+                    "--image",
+                    str(images[side]),
                 ],
                 capture_output=True,
                 text=True,
@@ -393,6 +524,8 @@ def run_bench(
         for spec in backends:
             if "skipped" not in entry["results"][spec]:
                 entry["speedup"][spec] = speedups(ref, entry["results"][spec], steps)
+                diff = np.abs(np.load(images[spec]) - np.load(images["diffusers"]))
+                entry["image_max_abs_diff"][spec] = float(diff.max())
         results["models"][name] = entry
     print(format_table(results))
     if out is not None:

@@ -376,7 +376,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_demo)
 
     p = sub.add_parser("bench", help="fewstep vs diffusers on this machine, side by side")
-    p.add_argument("--models", default="tiny,mid", help="comma-separated: tiny, mid")
+    p.add_argument(
+        "--models",
+        default="tiny,mid",
+        help="comma-separated: tiny, mid, sdxl-mid, sdxl-mid-taesdxl",
+    )
     p.add_argument("--steps", default="1,4,25", help="comma-separated step counts")
     p.add_argument("--repeats", type=int, default=3, help="end-to-end runs per step count")
     p.add_argument("--workdir", default="fewstep-bench", help="where models are built")

@@ -1,6 +1,9 @@
 """`fewstep bench` runs end to end on the tiny model (its workers are real subprocesses), and
-its stage timings mean the same thing on both sides."""
+its stage timings mean the same thing on both sides; its SDXL models, with and without the
+tiny autoencoder, run the same way with the small SDXL layout standing in for the mid one."""
 
+import dataclasses
+import inspect
 import json
 import subprocess
 import sys
@@ -10,7 +13,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("diffusers")
 
-from fewstep.benchmarks.pipeline_bench import run_bench  # noqa: E402
+from fewstep.benchmarks import pipeline_bench  # noqa: E402
+from fewstep.benchmarks.pipeline_bench import format_table, run_bench  # noqa: E402
+from fewstep.benchmarks.sdxl_models import TAESDXL, make_sdxl_model  # noqa: E402
+
+# fewstep fp32 against diffusers fp32: the parity tests' tolerance on a 0..1 image
+IMAGE_TOLERANCE = 1e-3
 
 
 def test_tiny_bench_writes_comparable_results(tmp_path):
@@ -33,6 +41,66 @@ def test_tiny_bench_writes_comparable_results(tmp_path):
     assert set(entry["speedup"]["onnxruntime"]) == {"unet_step", "end_to_end_1", "end_to_end_2"}
     with pytest.raises(ValueError, match="backends"):
         run_bench(["tiny"], [1], 1, tmp_path / "work", None, backends=["tensorrt"])
+
+
+def test_sdxl_bench_with_and_without_the_tiny_autoencoder(monkeypatch, tmp_path):
+    """Both SDXL models, at the small size and 64²: diffusers runs StableDiffusionXLPipeline,
+    both sides load the tiny autoencoder where asked (the package's VAE graphs, diffusers'
+    `vae`), and both make the same image (text encoders, size conditioning and VAE alike)."""
+    for name in ("sdxl-mid", "sdxl-mid-taesdxl"):
+        small = dataclasses.replace(
+            pipeline_bench.BENCH_MODELS[name],
+            build=lambda path: make_sdxl_model(path, "small"),
+            image_size=64,
+        )
+        monkeypatch.setitem(pipeline_bench.BENCH_MODELS, name, small)
+    work = tmp_path / "work"
+    models = ["sdxl-mid", "sdxl-mid-taesdxl"]
+    results = run_bench(models, [1, 2], 1, work, tmp_path / "b.json", backends=["onnxruntime"])
+    assert list(results["models"]) == models
+    for name, vae_class in zip(models, ("AutoencoderKL", "AutoencoderTiny"), strict=True):
+        entry = results["models"][name]
+        assert entry["image_size"] == 64
+        diffusers_side, fewstep_side = entry["results"].values()
+        assert diffusers_side["pipeline"] == "StableDiffusionXLPipeline"
+        assert diffusers_side["vae_class"] == fewstep_side["vae_class"] == vae_class
+        assert set(entry["speedup"]["onnxruntime"]) == {"unet_step", "end_to_end_1", "end_to_end_2"}
+        assert 0 <= entry["image_max_abs_diff"]["onnxruntime"] < IMAGE_TOLERANCE
+        for side in (diffusers_side, fewstep_side):
+            stages = side["stages_ms"]
+            # one text-encoding entry per image (both encoders' calls summed), one U-Net per step
+            assert stages["text_encoder"]["n"] == stages["vae_decoder"]["n"] == 2
+            assert stages["unet_step"]["n"] == 1 + 2
+    vae_config = json.loads(
+        (work / "sdxl-mid-taesdxl-onnx" / "vae_decoder" / "config.json").read_text()
+    )
+    assert vae_config["_class_name"] == "AutoencoderTiny"
+    plain_vae = json.loads((work / "sdxl-mid-onnx" / "vae_decoder" / "config.json").read_text())
+    assert plain_vae["_class_name"] == "AutoencoderKL"
+    # both variants share one diffusers folder; the tiny autoencoder has TAESDXL's layout
+    assert sorted(p.name for p in work.iterdir() if p.is_dir()) == [
+        "sdxl-mid",
+        "sdxl-mid-onnx",
+        "sdxl-mid-taesdxl-onnx",
+        "taesdxl",
+    ]
+    for key, value in TAESDXL.items():
+        assert vae_config[key] == (list(value) if isinstance(value, tuple) else value), key
+    rows = format_table(results).splitlines()
+    for name in models:  # a row per side, the backend's with its speedups
+        assert sum(row.startswith(f"| {name} | diffusers |") for row in rows) == 1
+        (row,) = [row for row in rows if row.startswith(f"| {name} | onnxruntime |")]
+        assert row.count("×)") == 3
+
+
+def test_taesdxl_layout_is_taesds():
+    """diffusers' AutoencoderTiny defaults are TAESD's layout (taesdxl's shipped config)."""
+    from diffusers import AutoencoderTiny
+
+    defaults = {
+        k: p.default for k, p in inspect.signature(AutoencoderTiny.__init__).parameters.items()
+    }
+    assert {k: defaults[k] for k in TAESDXL} == TAESDXL
 
 
 def test_bench_without_the_export_extra_names_it(tmp_path):
