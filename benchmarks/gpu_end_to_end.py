@@ -1,18 +1,24 @@
-"""The GPU suite's end to end run: SD-Turbo, prompt to image, diffusers against fewstep.
+"""The GPU suite's end to end runs: a turbo model, prompt to image, diffusers against fewstep.
 
-SD-Turbo architecture (SD 2.1 U-Net and OpenCLIP-H text encoder configs, benchmarks/
-gpu_models.py, random weights), 1 step, 512², prompt → image as a float32 array, at batch 1
-and 8: diffusers' StableDiffusionPipeline eager vs fewstep's pipeline on the torch backend,
-fast (its defaults) and eager (no kernels, no CUDA graphs); per-stage times from the
-pipeline's own timings (`timings=True`: each stage waits for the device); the largest
-image difference to diffusers' from the same latents; a profile of the VAE decoder at batch
-8 by kernel. On the CPU (`small`): the tiny turbo model at 64², fp32, fewstep's defaults only.
+Two models (`EndToEnd`), random weights (benchmarks/gpu_models.py), 1 step, 512², no
+guidance, prompt → image as a float32 array, at batch 1 and 8: SD-Turbo (SD 2.1 U-Net and
+OpenCLIP-H text encoder configs; diffusers' StableDiffusionPipeline), the suite's `turbo`
+section, and SDXL-Turbo (SDXL base's architecture, Euler-ancestral with trailing spacing as
+stabilityai/sdxl-turbo ships; diffusers' StableDiffusionXLPipeline, its VAE upcast to fp32 as
+diffusers and fewstep both run it), its `sdxl_turbo` section. Each: the diffusers pipeline
+eager vs fewstep's pipeline on the torch backend, fast (its defaults) and eager (no kernels,
+no CUDA graphs); per-stage times from the pipeline's own timings (`timings=True`: each stage
+waits for the device); the largest image difference to diffusers' from the same latents (one
+step to the last sigma, 0: an ancestral step adds no noise); a profile of the VAE decoder at
+batch 8 by kernel. On the CPU (`small`): the family's tiny model at 64², fp32, fewstep's
+defaults only.
 
-`bench_turbo(folder, device, dtype, small, warmup, repeats)` is the suite's `turbo` section.
+`bench_turbo(folder, device, dtype, small, warmup, repeats, model)` is both sections.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from pathlib import Path
 from typing import Any
@@ -23,7 +29,33 @@ import torch
 from fewstep.benchmarks.harness import profile_by_kernel, time_ms_and_memory
 
 
-def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
+@dataclasses.dataclass(frozen=True)
+class EndToEnd:
+    """A model the suite runs end to end: what it is called (on the GPU and in `small` mode)
+    and the diffusers pipeline that runs it, with that pipeline's loading options."""
+
+    label: str
+    small_label: str
+    reference: str  # a diffusers pipeline class
+    reference_options: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+SD_TURBO = EndToEnd(
+    "SD-Turbo",
+    "tiny turbo",
+    "StableDiffusionPipeline",
+    {"safety_checker": None, "requires_safety_checker": False},
+)
+# No invisible watermark (diffusers adds one where its package is installed): the images are
+# compared as the model makes them.
+SDXL_TURBO = EndToEnd(
+    "SDXL-Turbo", "tiny sdxl_turbo", "StableDiffusionXLPipeline", {"add_watermarker": False}
+)
+
+
+def bench_turbo(
+    folder: Path, device, dtype, small, warmup, repeats, model: EndToEnd = SD_TURBO
+) -> dict:
     import diffusers
 
     from fewstep.backends.torch_backend import TorchBackend, diffusers_dtype_kwargs
@@ -31,16 +63,19 @@ def bench_turbo(folder: Path, device, dtype, small, warmup, repeats) -> dict:
 
     side = 64 if small else 512
     result: dict[str, Any] = {
-        "what": f"{'tiny turbo' if small else 'SD-Turbo architecture'}, 1 step, {side}², "
-        "end to end (prompt → float32 image), random weights",
+        "what": f"{model.small_label if small else model.label + ' architecture'}, 1 step, "
+        f"{side}², end to end (prompt → float32 image), random weights",
+        "model": model.label,
         "dtype": str(dtype).removeprefix("torch."),
         "batches": {},
     }
-    reference = diffusers.StableDiffusionPipeline.from_pretrained(
-        folder, safety_checker=None, requires_safety_checker=False, **diffusers_dtype_kwargs(dtype)
-    ).to(device)
+    reference = (
+        getattr(diffusers, model.reference)
+        .from_pretrained(folder, **model.reference_options, **diffusers_dtype_kwargs(dtype))
+        .to(device)
+    )
     reference.set_progress_bar_config(disable=True)
-    # Interpreted kernels are a correctness tool (section unet checks them), not timed here.
+    # Interpreted kernels are a correctness tool (the U-Net sections check them), not timed here.
     ours = {
         "fewstep": Pipeline.from_pretrained(folder, backend="torch", device=device, dtype=dtype)
     }

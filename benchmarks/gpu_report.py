@@ -1,15 +1,19 @@
 """The GPU suite's report: the log's table, the performance targets, and the verdict.
 
 `format_table(results)`: the results JSON as the text table the log ends with (checks, kernels,
-U-Net step, end to end, quality, tuned ops' choices, errors, the `targets` summary and the
-`all checks ok` line). `target_summary(results)`: each of `TARGETS` against a GPU run's
-measurements (device time in CUDA graphs); nothing for a CPU run. `all_checks_ok(results)`:
-every check passed and no section failed (the suite's exit status).
+U-Net steps, end to end runs, quality, tuned ops' choices, errors, the `targets` summary and
+the `all checks ok` line). `target_summary(results)`: each of `TARGETS` against a GPU run's
+measurements (device time in CUDA graphs), and the SDXL U-Net step beside them, reported
+with no target (none is set for it); nothing for a CPU run. `all_checks_ok(results)`: every
+check passed (both U-Net steps' included) and no section failed (the suite's exit status).
 """
 
 from __future__ import annotations
 
 from typing import Any
+
+UNET_SECTIONS = {"unet": "U-Net ", "sdxl_unet": "SDXL U-Net "}  # section: its title
+E2E_SECTIONS = ("turbo", "sdxl_turbo")
 
 
 def format_table(results: dict[str, Any]) -> str:
@@ -18,18 +22,22 @@ def format_table(results: dict[str, Any]) -> str:
     lines += _checks_lines(results.get("checks"))
     lines += _kernels_lines(results.get("kernels"))
     lines += _unet_lines(results.get("unet"))
-    turbo = results.get("turbo")
-    lines += _turbo_lines(turbo)
+    lines += _turbo_lines(results.get("turbo"))
+    lines += _unet_lines(results.get("sdxl_unet"), "SDXL ")
+    lines += _turbo_lines(results.get("sdxl_turbo"))
     lines += _quality_lines(results.get("quality"))
-    vae_prof = (turbo or {}).get("vae_decoder_profile", {})
-    if "top" in vae_prof:
-        lines.append(
-            f"  VAE decoder, batch 8, {vae_prof['variant']}: {vae_prof['ms_per_call']:.1f} ms "
-            f"{vae_prof['time']} time; largest:"
-        )
-        lines += _profile_rows(vae_prof)
-    for name, error in results.get("unet", {}).get("variant_errors", {}).items():
-        lines.append(f"ERROR in U-Net variant {name}: {error.strip().splitlines()[-1]}")
+    for section in E2E_SECTIONS:
+        vae_prof = (results.get(section) or {}).get("vae_decoder_profile", {})
+        if "top" in vae_prof:
+            model = results[section].get("model", "SD-Turbo")
+            lines.append(
+                f"  {model} VAE decoder, batch 8, {vae_prof['variant']}: "
+                f"{vae_prof['ms_per_call']:.1f} ms {vae_prof['time']} time; largest:"
+            )
+            lines += _profile_rows(vae_prof)
+    for section, title in UNET_SECTIONS.items():
+        for name, error in (results.get(section) or {}).get("variant_errors", {}).items():
+            lines.append(f"ERROR in {title}variant {name}: {error.strip().splitlines()[-1]}")
     lines += _choices_lines(results.get("kernel_choices"))
     for section, error in results.get("errors", {}).items():
         lines.append(f"ERROR in section {section}: {error.strip().splitlines()[-1]}")
@@ -144,15 +152,18 @@ def _attention_lines(r: dict[str, Any]) -> list[str]:
     return lines
 
 
-def _unet_lines(unet: dict[str, Any] | None) -> list[str]:
+def _unet_lines(unet: dict[str, Any] | None, model: str = "") -> list[str]:
     if not unet:
         return []
-    lines = [f"U-Net step {unet['latent']} {unet['dtype']}, p50 / p90 ms:"]
+    lines = [f"{model}U-Net step {unet['latent']} {unet['dtype']}, p50 / p90 ms:"]
     for name, r in unet["variants"].items():
-        extra = f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
+        extra = f"  {r['tflop_per_s']:4.0f} TFLOP/s" if "tflop_per_s" in r else ""
+        extra += f"  compile {r['compile_s']:.0f} s" if "compile_s" in r else ""
         lines.append(
             f"  {name:<26} {r['p50']:8.2f} / {r['p90']:8.2f}  x{r['speedup_vs_eager']:.2f}{extra}"
         )
+    if unet.get("left_out"):
+        lines.append(f"  left out (--sdxl-compile runs them): {', '.join(unet['left_out'])}")
     prof = unet.get("profile", {})
     if "top" in prof:
         lines.append(
@@ -169,7 +180,7 @@ def _unet_lines(unet: dict[str, Any] | None) -> list[str]:
 def _turbo_lines(turbo: dict[str, Any] | None) -> list[str]:
     if not turbo:
         return []
-    lines = ["SD-Turbo end to end, p50 ms (img/s):"]
+    lines = [f"{turbo.get('model', 'SD-Turbo')} end to end, p50 ms (img/s):"]
     for batch, rows in turbo["batches"].items():
         for name, r in rows.items():
             if name.startswith("max_abs"):
@@ -223,12 +234,23 @@ def _targets_lines(goals: dict[str, Any]) -> list[str]:
             )
     if "unet_ms" in goals:
         g = goals["unet_ms"]
-        default = f"{g['default']:.2f}" if g["default"] is not None else "-"
         lines.append(
-            f"  U-Net step <= {g['target']} ms: default {default}, best "
-            f"{g['best']['p50']:.2f} ({g['best']['variant']}): {'met' if g['met'] else 'not met'}"
+            f"  U-Net step <= {g['target']} ms: {_default_and_best(g)}: "
+            f"{'met' if g['met'] else 'not met'}"
+        )
+    if "sdxl_unet_ms" in goals:
+        g = goals["sdxl_unet_ms"]
+        eager = f"{g['diffusers_eager']:.2f}" if g["diffusers_eager"] is not None else "-"
+        lines.append(
+            f"  SDXL U-Net step (no target): {_default_and_best(g)}; diffusers eager {eager}"
         )
     return lines
+
+
+def _default_and_best(goal: dict[str, Any]) -> str:
+    default = f"{goal['default']:.2f}" if goal["default"] is not None else "-"
+    best = goal["best"]
+    return f"default {default}, best {best['p50']:.2f} ({best['variant']})"
 
 
 # fewstep's performance targets on an H100, fp16: GroupNorm+SiLU at >= 75% of a copy of the same
@@ -265,18 +287,27 @@ def target_summary(results: dict[str, Any]) -> dict[str, Any]:
             **against(attn, TARGETS["attention_vs_sdpa_best"]),
             "max": max(attn),
         }
-    variants = (results.get("unet") or {}).get("variants", {})
-    ours = {name: row["p50"] for name, row in variants.items() if name.startswith("fewstep")}
-    if ours:
-        best = min(ours, key=ours.__getitem__)
-        out["unet_ms"] = {
-            "target": TARGETS["unet_ms"],
-            "default": ours.get("fewstep"),
-            "best": {"variant": best, "p50": ours[best]},
-            "met": ours[best] <= TARGETS["unet_ms"],
-        }
+    unet = _fewstep_step_ms(results.get("unet"))
+    if unet:
+        met = unet["best"]["p50"] <= TARGETS["unet_ms"]
+        out["unet_ms"] = {"target": TARGETS["unet_ms"], **unet, "met": met}
+    sdxl = _fewstep_step_ms(results.get("sdxl_unet"))
+    if sdxl:  # no target is set for SDXL: reported beside the targets, against diffusers
+        eager = results["sdxl_unet"]["variants"].get("diffusers_eager", {}).get("p50")
+        out["sdxl_unet_ms"] = {**sdxl, "diffusers_eager": eager}
     out["sections_s"] = {"target": TARGETS["suite_s"], "sum": sum(results["section_s"].values())}
     return out
+
+
+def _fewstep_step_ms(unet: dict[str, Any] | None) -> dict[str, Any] | None:
+    """A U-Net step's fewstep variants: the default's p50 and the best one's; None without
+    any."""
+    variants = (unet or {}).get("variants", {})
+    ours = {name: row["p50"] for name, row in variants.items() if name.startswith("fewstep")}
+    if not ours:
+        return None
+    best = min(ours, key=ours.__getitem__)
+    return {"default": ours.get("fewstep"), "best": {"variant": best, "p50": ours[best]}}
 
 
 def all_checks_ok(results: dict[str, Any]) -> bool:
@@ -284,6 +315,7 @@ def all_checks_ok(results: dict[str, Any]) -> bool:
     oks = [not results.get("errors")]
     oks += [c["ok"] for c in results.get("checks", {}).get("kernels", [])]
     oks += [results.get("checks", {}).get("grid_sync_in_cuda_graph", {}).get("ok", True)]
-    oks += [c["ok"] for c in results.get("unet", {}).get("checks", {}).values()]
-    oks += [not results.get("unet", {}).get("variant_errors")]
+    for section in UNET_SECTIONS:
+        oks += [c["ok"] for c in results.get(section, {}).get("checks", {}).values()]
+        oks += [not results.get(section, {}).get("variant_errors")]
     return all(oks)

@@ -9,7 +9,7 @@
 # editable and without dependencies. Both steps are skipped when the imports already work.
 # The JSON and the log go to $OUT (else benchmarks/results/); FEWSTEP_COMMIT names the commit
 # sent (a copy's .git may be older than its tree). Arguments go to gpu_suite.py (--small: CPU, tiny
-# models; --sections unet,turbo; --compile-mode none; ...).
+# models; --sections unet,turbo; --compile-mode none; --sdxl-compile; ...).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 py="${PYTHON:-python3}"
