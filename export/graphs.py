@@ -34,7 +34,10 @@ Limits: the U-Net's latent height and width must be multiples of `2 ** (len(bloc
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import dataclasses
+import gc
 from collections.abc import Callable
 from typing import Any
 
@@ -378,8 +381,12 @@ def to_fp16(module: torch.nn.Module) -> torch.nn.Module:
 
 def release(module: torch.nn.Module) -> None:
     """Free a module's weights once its graphs are written: its parameters and buffers move
-    to the meta device, whoever else holds the module (its configs stay readable)."""
+    to the meta device, whoever else holds the module (its configs stay readable), and the
+    C heap hands what the export freed back to the system (glibc keeps it otherwise)."""
     module.to("meta")
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):  # not glibc: nothing to trim
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
 
 
 def keeps_fp32_vae_decoder(family: str, vae_config: Any) -> bool:
