@@ -9,9 +9,9 @@ model has small limits so that the images it makes stay tiny and larger asks are
 
 Not checked: that every body valid under the schema is accepted (a schema cannot say
 height × width ≤ the pixel limit, nor that "WxH" sizes are multiples of the model's). The
-image endpoints (A1111's img2img, OpenAI's edits) never answer 200 here: the served model has
-no VAE encoder and a generated image is no image file; each answer must still be documented
-and no 5xx; fewer of them are sent (IMAGE_EXAMPLES) to keep the run short.
+image endpoints (A1111's img2img, OpenAI's edits) never answer 200 here: a generated image is
+no image file; each answer must still be documented and no 5xx; fewer of them are sent
+(IMAGE_EXAMPLES) to keep the run short.
 """
 
 from __future__ import annotations
