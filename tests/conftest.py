@@ -523,6 +523,13 @@ class TorchNoise:
         return torch.randn(size, generator=self.generator, dtype=torch.float32).numpy()
 
 
+def max_error(got: np.ndarray, expected: np.ndarray) -> float:
+    """max |got − expected|, once the shapes agree and the reference is not flat."""
+    assert got.shape == expected.shape, (got.shape, expected.shape)
+    assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
+    return float(np.abs(got - expected).max())
+
+
 class DiffusersParity:
     """What the parity tests share: the tolerance, diffusers' reference pipelines, the noise a
     torch.Generator draws, and one `ParityCase` run through a fewstep pipeline and diffusers."""
@@ -546,12 +553,7 @@ class DiffusersParity:
         pipe.set_progress_bar_config(disable=True)
         return pipe
 
-    @staticmethod
-    def max_error(got: np.ndarray, expected: np.ndarray) -> float:
-        """max |got − expected|, once the shapes agree and the reference is not flat."""
-        assert got.shape == expected.shape, (got.shape, expected.shape)
-        assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
-        return float(np.abs(got - expected).max())
+    max_error = staticmethod(max_error)
 
     def run_case(self, ours, case: ParityCase) -> tuple[np.ndarray, np.ndarray]:
         """(fewstep's images, diffusers' images) of `case` on its family's tiny model, from the
@@ -607,6 +609,87 @@ def parity_case(request) -> ParityCase:
     """Each `ParityCase`; a test narrows them with
     `@pytest.mark.parametrize("parity_case", [ids], indirect=True)`."""
     return PARITY_CASES[request.param]
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: the tiny SDXL package, its SDXL-Turbo twin, their pipelines and diffusers' references
+#
+# Built once per session and shared by the SDXL test modules (test_sdxl, test_sdxl_torch,
+# test_img2img_sdxl, test_optimum_sdxl). Tests only read them: one that changes a package
+# works on a copy, and one that patches a pipeline does it through monkeypatch, which undoes it.
+# The parity cases and their runner: sdxl_parity.py.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def sdxl_package(tiny_package):
+    """The tiny SDXL model's fp32 package."""
+    return tiny_package("sdxl")
+
+
+@pytest.fixture(scope="session")
+def turbo_package(tiny_model, sdxl_package, tmp_path_factory):
+    """The SDXL package with SDXL-Turbo's scheduler config and a manifest rewritten for it
+    (the tiny SDXL and SDXL-Turbo models share their weights: checked here)."""
+    import shutil
+
+    from fewstep.package import read_manifest, read_model_info, write_manifest
+
+    sdxl, turbo = tiny_model("sdxl"), tiny_model("sdxl_turbo")
+    for weights in sorted(sdxl.rglob("*.safetensors")):
+        other = turbo / weights.relative_to(sdxl)
+        assert weights.read_bytes() == other.read_bytes(), f"{other} differs from the sdxl model"
+    out = tmp_path_factory.mktemp("sdxl-turbo-pkg") / "package"
+    shutil.copytree(sdxl_package, out)
+    config = turbo / "scheduler" / "scheduler_config.json"
+    shutil.copyfile(config, out / "scheduler" / "scheduler_config.json")
+    manifest = read_manifest(out)
+    info = read_model_info(out)
+    manifest.update(
+        default_num_inference_steps=info.default_num_inference_steps,
+        default_guidance_scale=info.default_guidance_scale,
+    )
+    write_manifest(out, {k: v for k, v in manifest.items() if k not in ("files",)})
+    return out
+
+
+@pytest.fixture(scope="session")
+def package_pipelines():
+    """(package path, backend="onnxruntime") -> its Pipeline, built once per session."""
+    from fewstep.pipeline import Pipeline
+
+    cache: dict[tuple[pathlib.Path, str], Pipeline] = {}
+
+    def get(package: pathlib.Path, backend: str = "onnxruntime") -> Pipeline:
+        if (package, backend) not in cache:
+            cache[package, backend] = Pipeline.from_pretrained(package, backend=backend)
+        return cache[package, backend]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def sdxl_references(tiny_model):
+    """(family, sampler or None for the folder's own) -> diffusers' StableDiffusionXLPipeline
+    of the tiny folder with that scheduler (skips without torch or diffusers)."""
+    pytest.importorskip("torch")
+    diffusers = pytest.importorskip("diffusers")
+    from sdxl_parity import SCHEDULERS
+
+    cache: dict[tuple[str, str | None], object] = {}
+
+    def get(family: str, sampler: str | None):
+        if (family, sampler) not in cache:
+            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
+                tiny_model(family), add_watermarker=False
+            )
+            if sampler is not None:
+                pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
+            pipe.set_progress_bar_config(disable=True)
+            cache[family, sampler] = pipe
+        return cache[family, sampler]
+
+    return get
 
 
 # ---------------------------------------------------------------------------------------------

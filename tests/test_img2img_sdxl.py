@@ -4,9 +4,10 @@ Reference: diffusers' StableDiffusionXLImg2ImgPipeline built from the tiny SDXL 
 SDXL: `requires_aesthetics_score` off, so the time ids are original size + crop + target
 size, by default the input image's size), and the pipeline AutoPipelineForImage2Image makes
 of the SDXL-Turbo folder (the same class; Euler-ancestral, trailing), in torch fp32. fewstep
-runs the exported package on onnxruntime and OpenVINO (test_sdxl.py's package fixtures) and
-the folder itself on the torch backend. Images within conftest's image tolerance, from the
-same noise (test_img2img.py's runner and cases: conftest's TorchNoise behind both).
+runs the exported package on onnxruntime and OpenVINO (conftest's `sdxl_package` and
+`turbo_package`) and the folder itself on the torch backend. Images within conftest's image
+tolerance, from the same noise (img2img_parity.py's runner and cases: conftest's TorchNoise
+behind both).
 
 Where fewstep and diffusers' SDXL img2img part (fewstep.prompt_sdxl: the negative crop, a
 lone negative size), the cases stay on what both do alike.
@@ -23,11 +24,9 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import IMAGE_TOLERANCE  # noqa: E402
-from test_img2img import Case, Img2ImgParity, max_error, picture  # noqa: E402
-from test_sdxl import NEGATIVE_SIZES, SIZES  # noqa: E402
-from test_sdxl import sdxl_package as sdxl_package  # noqa: E402  (fixtures)
-from test_sdxl import turbo_package as turbo_package  # noqa: E402
+from conftest import IMAGE_TOLERANCE, max_error  # noqa: E402
+from img2img_parity import Case, Img2ImgParity, picture  # noqa: E402
+from sdxl_parity import NEGATIVE_SIZES, SIZES  # noqa: E402
 
 from fewstep.pipeline import Pipeline  # noqa: E402
 
@@ -49,7 +48,7 @@ def sdxl_img2img_reference(folder, family: str):
 
 
 class SDXLImg2ImgParity(Img2ImgParity):
-    """test_img2img's runner on diffusers' SDXL img2img pipelines; `run`'s keywords (SDXL's
+    """img2img_parity's runner on diffusers' SDXL img2img pipelines; `run`'s keywords (SDXL's
     size conditioning, guidance_rescale …) go to both sides."""
 
     def __init__(self, tiny_model):

@@ -6,11 +6,12 @@
    diffusers' and fewstep's.
 
 References: diffusers' StableDiffusionXLPipeline in torch fp32 on the tiny folder, through
-test_sdxl.py's cases and runner (the same latents and noise on every side), within conftest's
-image tolerance. optimum-onnx 0.1.0 requires transformers<4.58, so optimum runs in a
-subprocess from an overlay of older packages (tests/optimum_side.py has the pins and the
-command that builds it; .ci/run builds it at `.optimum-overlay`, FEWSTEP_OPTIMUM_OVERLAY
-points elsewhere). Without a working overlay these tests are skipped, saying why.
+sdxl_parity.py's cases and runner (the same latents and noise on every side: optimum's side
+gets the runner's own `call_of`), within conftest's image tolerance. optimum-onnx 0.1.0
+requires transformers<4.58, so optimum runs in a subprocess from an overlay of older packages
+(tests/optimum_side.py has the pins and the command that builds it; .ci/run builds it at
+`.optimum-overlay`, FEWSTEP_OPTIMUM_OVERLAY points elsewhere). Without a working overlay
+these tests are skipped, saying why.
 
 What optimum writes differs from fewstep's package only where the runtime does not look:
 dynamic axis names (`batch_size`, `sequence_length`, … against `batch`, `sequence`, …, and
@@ -37,10 +38,7 @@ diffusers = pytest.importorskip("diffusers")
 
 import optimum_side  # noqa: E402
 from conftest import IMAGE_TOLERANCE  # noqa: E402
-from test_sdxl import CASES, SCHEDULERS, SDXLCase, _run_case  # noqa: E402
-from test_sdxl import pipelines as pipelines  # noqa: E402  (fixtures)
-from test_sdxl import references as references  # noqa: E402
-from test_sdxl import sdxl_package as sdxl_package  # noqa: E402
+from sdxl_parity import CASES_BY_ID, NOISE_SEED, SCHEDULERS, call_of, run_case  # noqa: E402
 
 OVERLAY_ENV = "FEWSTEP_OPTIMUM_OVERLAY"
 OVERLAY = Path(
@@ -54,8 +52,6 @@ CASE_IDS = (
     "euler-default-cfg-sizes-rescale",
     "euler-cfg-n2-prompt2-list",
 )
-CASES_BY_ID = {case.id: case for case in CASES}
-NOISE_SEED = 11  # the generator seed test_sdxl's runner gives both sides
 
 
 def _skip_reason(problem: str, remedy: str = "build it with") -> str:
@@ -131,24 +127,6 @@ def optimum_images(sdxl_package, tmp_path_factory):
     return {case_id: np.load(work / "images" / f"{case_id}.npy") for case_id in CASE_IDS}
 
 
-def call_of(case: SDXLCase) -> tuple[np.ndarray, dict]:
-    """The latents and keyword arguments test_sdxl's `_run_case` gives both pipelines (its
-    images are compared with these, so a drift between the two fails rather than passes)."""
-    batch = len(case.prompts) * case.per_prompt
-    shape = (batch, 4, case.height // 8, case.width // 8)
-    latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
-    kwargs = dict(
-        num_inference_steps=case.steps,
-        guidance_scale=case.guidance_scale,
-        height=case.height,
-        width=case.width,
-        num_images_per_prompt=case.per_prompt,
-        output_type="np",
-        **dict(case.extra),
-    )
-    return latents, kwargs
-
-
 def graph_io(package: Path, graph: str) -> tuple[list, list]:
     """(inputs, outputs) of a graph as (name, element type, rank), in the graph's order."""
     model = onnx.load(str(package / graph / "model.onnx"), load_external_data=False)
@@ -189,10 +167,12 @@ def test_optimums_export_has_fewsteps_graph_io_and_folders(optimum_package, sdxl
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_fewstep_runs_optimums_export_like_diffusers(
-    case_id, optimum_package, pipelines, references
+    case_id, optimum_package, package_pipelines, sdxl_references
 ):
     case = CASES_BY_ID[case_id]
-    got, expected = _run_case(case, pipelines(optimum_package), references("sdxl", case.sampler))
+    got, expected = run_case(
+        case, package_pipelines(optimum_package), sdxl_references("sdxl", case.sampler)
+    )
     err = float(np.abs(got - expected).max())
     print(f"{case_id}: fewstep on optimum's export vs diffusers max abs error {err:.2e}")
     assert err <= IMAGE_TOLERANCE
@@ -205,10 +185,12 @@ def test_fewstep_runs_optimums_export_like_diffusers(
 
 @pytest.mark.parametrize("case_id", CASE_IDS)
 def test_optimum_runs_fewsteps_package_like_diffusers_and_fewstep(
-    case_id, sdxl_package, optimum_images, pipelines, references
+    case_id, sdxl_package, optimum_images, package_pipelines, sdxl_references
 ):
     case = CASES_BY_ID[case_id]
-    ours, expected = _run_case(case, pipelines(sdxl_package), references("sdxl", case.sampler))
+    ours, expected = run_case(
+        case, package_pipelines(sdxl_package), sdxl_references("sdxl", case.sampler)
+    )
     theirs = optimum_images[case_id]
     assert theirs.shape == expected.shape
     to_diffusers = float(np.abs(theirs - expected).max())

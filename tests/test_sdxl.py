@@ -4,16 +4,16 @@ names, the pipeline against diffusers' StableDiffusionXLPipeline, the input chec
 Reference: diffusers' StableDiffusionXLPipeline in torch fp32 (DDIM, Euler, Euler-ancestral)
 on `make_tiny_model(…, "sdxl")`; fewstep runs its exported package on onnxruntime (and one
 case on OpenVINO), from the same latents and the same noise (conftest's `TorchNoise`),
-within conftest's image tolerance. The SDXL-Turbo package is the SDXL one with SDXL-Turbo's
-scheduler config (the tiny models share their weights; the fixture checks it), so the
-session exports one SDXL package. I/O names are optimum's (`optimum/exporters/onnx/
-model_configs.py`: CLIPTextOnnxConfig, CLIPTextWithProjectionOnnxConfig, UNetOnnxConfig,
-with `output_hidden_states` on both encoders as its SDXL export sets it).
+within conftest's image tolerance (the cases and their runner: sdxl_parity.py). The
+SDXL-Turbo package is the SDXL one with SDXL-Turbo's scheduler config (the tiny models share
+their weights; conftest's `turbo_package` checks it), so the session exports one SDXL
+package. I/O names are optimum's (`optimum/exporters/onnx/model_configs.py`:
+CLIPTextOnnxConfig, CLIPTextWithProjectionOnnxConfig, UNetOnnxConfig, with
+`output_hidden_states` on both encoders as its SDXL export sets it).
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -28,80 +28,17 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import IMAGE_TOLERANCE, TorchNoise  # noqa: E402
+from sdxl_parity import CASES, NEGATIVE_SIZES, SIZES, SDXLCase, run_case  # noqa: E402
 
 from fewstep.package import (  # noqa: E402
     PackageError,
     read_manifest,
     read_model_info,
     verify_package,
-    write_manifest,
 )
 from fewstep.pipeline import Pipeline  # noqa: E402
 
 TEXT_LAYERS = 3  # both tiny encoders (export/testing.py)
-SCHEDULERS = {
-    "ddim": diffusers.DDIMScheduler,
-    "euler": diffusers.EulerDiscreteScheduler,
-    "euler_ancestral": diffusers.EulerAncestralDiscreteScheduler,
-}
-
-
-@pytest.fixture(scope="module")
-def sdxl_package(tiny_package):
-    return tiny_package("sdxl")
-
-
-@pytest.fixture(scope="module")
-def turbo_package(tiny_model, sdxl_package, tmp_path_factory):
-    """The SDXL package with SDXL-Turbo's scheduler config and a manifest rewritten for it."""
-    sdxl, turbo = tiny_model("sdxl"), tiny_model("sdxl_turbo")
-    for weights in sorted(sdxl.rglob("*.safetensors")):
-        other = turbo / weights.relative_to(sdxl)
-        assert weights.read_bytes() == other.read_bytes(), f"{other} differs from the sdxl model"
-    out = tmp_path_factory.mktemp("sdxl-turbo-pkg") / "package"
-    shutil.copytree(sdxl_package, out)
-    config = turbo / "scheduler" / "scheduler_config.json"
-    shutil.copyfile(config, out / "scheduler" / "scheduler_config.json")
-    manifest = read_manifest(out)
-    info = read_model_info(out)
-    manifest.update(
-        default_num_inference_steps=info.default_num_inference_steps,
-        default_guidance_scale=info.default_guidance_scale,
-    )
-    write_manifest(out, {k: v for k, v in manifest.items() if k not in ("files",)})
-    return out
-
-
-@pytest.fixture(scope="module")
-def pipelines():
-    """package path, backend -> Pipeline, shared by the tests of this module."""
-    cache: dict[tuple[Path, str], Pipeline] = {}
-
-    def get(package: Path, backend: str = "onnxruntime") -> Pipeline:
-        if (package, backend) not in cache:
-            cache[package, backend] = Pipeline.from_pretrained(package, backend=backend)
-        return cache[package, backend]
-
-    return get
-
-
-@pytest.fixture(scope="module")
-def references(tiny_model):
-    """(family, sampler or None for the folder's own) -> diffusers' SDXL pipeline."""
-    cache: dict[tuple[str, str | None], Any] = {}
-
-    def get(family: str, sampler: str | None) -> Any:
-        if (family, sampler) not in cache:
-            pipe = diffusers.StableDiffusionXLPipeline.from_pretrained(
-                tiny_model(family), add_watermarker=False
-            )
-            if sampler is not None:
-                pipe.scheduler = SCHEDULERS[sampler].from_config(pipe.scheduler.config)
-            pipe.set_progress_bar_config(disable=True)
-            cache[family, sampler] = pipe
-        return cache[family, sampler]
-
-    return get
 
 
 # ---------------------------------------------------------------------------------------------
@@ -281,120 +218,33 @@ def test_graph_matches_torch_at_another_batch_and_size(graph, tiny_model, sdxl_p
 # ---------------------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SDXLCase:
-    id: str
-    sampler: str | None  # None: the package's own scheduler (Euler, leading)
-    guidance_scale: float
-    prompts: tuple[str, ...] = ("a red cat",)
-    per_prompt: int = 1
-    height: int = 64
-    width: int = 64
-    steps: int = 3
-    extra: tuple[tuple[str, Any], ...] = ()  # further keyword arguments, to both pipelines
-    family: str = "sdxl"
-
-
-SIZES = (
-    ("original_size", (128, 96)),
-    ("crops_coords_top_left", (8, 16)),
-    ("target_size", (64, 96)),
-)
-NEGATIVE_SIZES = (
-    ("negative_original_size", (32, 48)),
-    ("negative_crops_coords_top_left", (4, 0)),
-    ("negative_target_size", (64, 32)),
-)
-CASES = [
-    SDXLCase("ddim-cfg-zero-negatives", "ddim", 5.0),
-    SDXLCase(
-        "ddim-cfg-prompt2-negatives-wide",
-        "ddim",
-        6.0,
-        width=96,
-        extra=(
-            ("prompt_2", "a blue dog"),
-            ("negative_prompt", "ugly"),
-            ("negative_prompt_2", "blurry"),
-        ),
-    ),
-    SDXLCase("ddim-nocfg-b2-tall", "ddim", 1.0, ("a cat", "a dog"), height=96),
-    SDXLCase(
-        "euler-default-cfg-sizes-rescale",
-        None,
-        5.0,
-        width=96,
-        extra=(*SIZES, *NEGATIVE_SIZES, ("negative_prompt", "bad"), ("guidance_rescale", 0.7)),
-    ),
-    SDXLCase(
-        "euler-cfg-n2-prompt2-list",
-        "euler",
-        7.0,
-        ("a cat", "a dog"),
-        per_prompt=2,
-        extra=(("prompt_2", ["a red circle", "a green square"]), ("negative_prompt", "")),
-    ),
-    SDXLCase("euler-nocfg-sizes", "euler", 0.0, extra=SIZES),
-    SDXLCase("eulera-cfg-noise", "euler_ancestral", 5.0, height=96, steps=4),
-    SDXLCase("turbo-eulera-1step", None, 0.0, steps=1, family="sdxl_turbo"),
-    SDXLCase("turbo-eulera-4steps-b2", None, 0.0, ("a cat", "a dog"), steps=4, family="sdxl_turbo"),
-]
-
-
-def _run_case(case: SDXLCase, ours: Pipeline, reference: Any) -> tuple[np.ndarray, np.ndarray]:
-    batch = len(case.prompts) * case.per_prompt
-    shape = (batch, 4, case.height // 8, case.width // 8)
-    latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
-    common = dict(
-        num_inference_steps=case.steps,
-        guidance_scale=case.guidance_scale,
-        height=case.height,
-        width=case.width,
-        num_images_per_prompt=case.per_prompt,
-        output_type="np",
-        **dict(case.extra),
-    )
-    expected = reference(
-        list(case.prompts),
-        latents=torch.from_numpy(latents.copy()),
-        generator=torch.Generator().manual_seed(11),
-        **common,
-    ).images
-    got = ours(
-        list(case.prompts),
-        latents=latents,
-        generator=TorchNoise(11),
-        scheduler=case.sampler,
-        **common,
-    ).images
-    assert got.shape == expected.shape == (batch, case.height, case.width, 3)
-    assert float(expected.std()) > 1e-3, "reference image is flat: the test would prove nothing"
-    return got, expected
-
-
 @pytest.fixture
 def case_packages(sdxl_package, turbo_package):
     return {"sdxl": sdxl_package, "sdxl_turbo": turbo_package}
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.id)
-def test_pipeline_matches_diffusers(case, case_packages, pipelines, references):
-    got, expected = _run_case(
-        case, pipelines(case_packages[case.family]), references(case.family, case.sampler)
+def test_pipeline_matches_diffusers(case, case_packages, package_pipelines, sdxl_references):
+    got, expected = run_case(
+        case,
+        package_pipelines(case_packages[case.family]),
+        sdxl_references(case.family, case.sampler),
     )
     err = float(np.abs(got - expected).max())
     print(f"{case.id}: onnxruntime vs diffusers max abs error {err:.2e}")
     assert err <= IMAGE_TOLERANCE
 
 
-def test_openvino_matches_diffusers(sdxl_package, pipelines, references):
+def test_openvino_matches_diffusers(sdxl_package, package_pipelines, sdxl_references):
     pytest.importorskip("openvino")
     case = CASES[1]  # guided, prompt_2 and both negatives, non-square
-    got, expected = _run_case(case, pipelines(sdxl_package, "openvino"), references("sdxl", "ddim"))
+    got, expected = run_case(
+        case, package_pipelines(sdxl_package, "openvino"), sdxl_references("sdxl", "ddim")
+    )
     assert float(np.abs(got - expected).max()) <= IMAGE_TOLERANCE
 
 
-def test_package_in_optimums_file_layout_matches_diffusers(sdxl_package, tmp_path, references):
+def test_package_in_optimums_file_layout_matches_diffusers(sdxl_package, tmp_path, sdxl_references):
     """What optimum ships for SDXL: no fewstep.json or lora maps, and tokenizers as
     vocab.json + merges.txt only."""
     package = tmp_path / "package"
@@ -405,12 +255,14 @@ def test_package_in_optimums_file_layout_matches_diffusers(sdxl_package, tmp_pat
     )
     assert not (package / "tokenizer_2" / "tokenizer.json").exists()
     case = CASES[1]  # guided, prompt_2 and both negatives, non-square
-    got, expected = _run_case(case, Pipeline.from_pretrained(package), references("sdxl", "ddim"))
+    got, expected = run_case(
+        case, Pipeline.from_pretrained(package), sdxl_references("sdxl", "ddim")
+    )
     assert float(np.abs(got - expected).max()) <= IMAGE_TOLERANCE
 
 
 def test_force_zeros_for_empty_prompt_false(
-    sdxl_package, tmp_path, tiny_model, pipelines, references
+    sdxl_package, tmp_path, tiny_model, package_pipelines, sdxl_references
 ):
     """model_index.json's flag off: a guided call without negative_prompt encodes "" instead of
     zeros, as diffusers' pipeline registered with the same flag does."""
@@ -429,17 +281,17 @@ def test_force_zeros_for_empty_prompt_false(
     reference.set_progress_bar_config(disable=True)
     assert reference.config.force_zeros_for_empty_prompt is False
     case = SDXLCase("ddim-cfg-empty-negative", "ddim", 5.0)
-    got, expected = _run_case(case, ours, reference)
+    got, expected = run_case(case, ours, reference)
     assert float(np.abs(got - expected).max()) <= IMAGE_TOLERANCE
     # …and it is not the zeros' image.
-    zeros, _ = _run_case(case, pipelines(sdxl_package), references("sdxl", "ddim"))
+    zeros, _ = run_case(case, package_pipelines(sdxl_package), sdxl_references("sdxl", "ddim"))
     assert float(np.abs(zeros - got).max()) > 10 * IMAGE_TOLERANCE
 
 
-def test_negative_sizes_condition_each_image_of_a_batch(sdxl_package, pipelines):
+def test_negative_sizes_condition_each_image_of_a_batch(sdxl_package, package_pipelines):
     """Each image of a batch gets the image it gets alone (diffusers' own stacking pairs the
     negative and positive time ids with the wrong rows here; see fewstep.prompt_sdxl)."""
-    ours = pipelines(sdxl_package)
+    ours = package_pipelines(sdxl_package)
     common = dict(
         num_inference_steps=2,
         guidance_scale=5.0,
@@ -459,16 +311,16 @@ def test_negative_sizes_condition_each_image_of_a_batch(sdxl_package, pipelines)
     assert float(np.abs(plain - both).max()) > 10 * IMAGE_TOLERANCE
 
 
-def test_turbo_defaults_come_from_the_package(turbo_package, pipelines, references):
+def test_turbo_defaults_come_from_the_package(turbo_package, package_pipelines, sdxl_references):
     """SDXL-Turbo's Euler-ancestral trailing schedule → 1 step, no guidance, no arguments."""
     info = read_model_info(turbo_package)
     assert (info.default_num_inference_steps, info.default_guidance_scale) == (1, 0.0)
-    ours = pipelines(turbo_package)
+    ours = package_pipelines(turbo_package)
     latents = np.random.default_rng(9).standard_normal((1, 4, 8, 8), dtype=np.float32)
     got = ours("a red cat", latents=latents, generator=TorchNoise(4), output_type="np")
     assert got.settings["sampler"] == "euler_ancestral" and got.settings["unet_calls"] == 1
     assert (got.settings["num_inference_steps"], got.settings["guidance_scale"]) == (1, 0.0)
-    expected = references("sdxl_turbo", None)(
+    expected = sdxl_references("sdxl_turbo", None)(
         "a red cat",
         num_inference_steps=1,
         guidance_scale=0.0,
@@ -479,15 +331,15 @@ def test_turbo_defaults_come_from_the_package(turbo_package, pipelines, referenc
     assert float(np.abs(got.images - expected).max()) <= IMAGE_TOLERANCE
 
 
-def test_onnxruntime_runs_the_sdxl_unet_with_fused_attention(sdxl_package, pipelines):
+def test_onnxruntime_runs_the_sdxl_unet_with_fused_attention(sdxl_package, package_pipelines):
     """So the parity cases above cover the fused path: 11 transformer layers (down 1 + 2,
     middle 2, up 2 x 2 + 2 x 1), each with self- and cross-attention, and the VAE decoder's."""
-    fused = pipelines(sdxl_package).backend.report().fused_attention
+    fused = package_pipelines(sdxl_package).backend.report().fused_attention
     assert fused == {"unet": 22, "vae_decoder": 1}
 
 
-def test_settings_record_the_resolved_sdxl_arguments(sdxl_package, pipelines):
-    out = pipelines(sdxl_package)(
+def test_settings_record_the_resolved_sdxl_arguments(sdxl_package, package_pipelines):
+    out = package_pipelines(sdxl_package)(
         "a cat",
         num_inference_steps=1,
         height=64,
@@ -529,9 +381,9 @@ def test_settings_record_the_resolved_sdxl_arguments(sdxl_package, pipelines):
     ],
 )
 def test_bad_sdxl_input_is_refused_before_any_graph_runs(
-    kwargs, match, sdxl_package, pipelines, guarded
+    kwargs, match, sdxl_package, package_pipelines, guarded
 ):
-    pipe = guarded(pipelines(sdxl_package))
+    pipe = guarded(package_pipelines(sdxl_package))
     with pytest.raises(ValueError, match=match):
         pipe("a cat", num_inference_steps=1, **kwargs)
     with pytest.raises(guarded.GraphRan):  # the same call without the bad argument passes
@@ -557,11 +409,11 @@ def test_sdxl_arguments_are_refused_for_other_families(name, value, tiny_package
         pipe("a cat", num_inference_steps=1, **{name: value})
 
 
-def test_tokenizer_2_matches_transformers(tiny_model, sdxl_package, pipelines):
+def test_tokenizer_2_matches_transformers(tiny_model, sdxl_package, package_pipelines):
     """tokenizer_2 pads with "!" (OpenCLIP), tokenizer with <|endoftext|>, as transformers'."""
     from transformers import CLIPTokenizer
 
-    ours = pipelines(sdxl_package)
+    ours = package_pipelines(sdxl_package)
     prompts = ["a photo of an astronaut riding a horse on mars", "", "a cat! " * 40]
     for name, tokenizer in (("tokenizer", ours.tokenizer), ("tokenizer_2", ours.sdxl.tokenizer_2)):
         reference = CLIPTokenizer.from_pretrained(tiny_model("sdxl") / name)
@@ -594,10 +446,10 @@ def test_inconsistent_projection_dim_is_refused_at_load(sdxl_package, tmp_path):
         Pipeline.from_pretrained(package, check_hashes=False)
 
 
-def test_text_encoder_without_hidden_states_is_named(sdxl_package, pipelines, monkeypatch):
+def test_text_encoder_without_hidden_states_is_named(sdxl_package, package_pipelines, monkeypatch):
     """A package whose encoder lacks the per-layer outputs (an SD-style export) fails by name
     rather than conditioning on the wrong layer."""
-    ours = pipelines(sdxl_package)
+    ours = package_pipelines(sdxl_package)
     real_run = ours.backend.run
 
     def run(graph, **inputs):
@@ -616,7 +468,7 @@ def test_text_encoder_without_hidden_states_is_named(sdxl_package, pipelines, mo
 # ---------------------------------------------------------------------------------------------
 
 
-def test_fp16_package_keeps_the_vae_in_fp32(tiny_model, tmp_path, sdxl_package, pipelines):
+def test_fp16_package_keeps_the_vae_in_fp32(tiny_model, tmp_path, sdxl_package, package_pipelines):
     from fewstep.export import export_package
 
     package = export_package(tiny_model("sdxl"), tmp_path / "fp16", dtype="fp16", progress=False)
@@ -634,7 +486,7 @@ def test_fp16_package_keeps_the_vae_in_fp32(tiny_model, tmp_path, sdxl_package, 
     assert {t["dtype"] for t in graphs["vae_decoder"]["inputs"]} == {"float32"}
     kwargs = dict(num_inference_steps=2, guidance_scale=5.0, seed=2, output_type="np")
     fp16 = Pipeline.from_pretrained(package)("a red cat", **kwargs).images
-    fp32 = pipelines(sdxl_package)("a red cat", **kwargs).images
+    fp32 = package_pipelines(sdxl_package)("a red cat", **kwargs).images
     assert np.isfinite(fp16).all()
     # fp16 text encoders and U-Net, fp32 VAE: near the fp32 package's image (measured:
     # max 2e-3, mean 3e-4)

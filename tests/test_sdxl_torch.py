@@ -2,7 +2,7 @@
 
 References: the onnxruntime backend on the package exported from the same tiny SDXL folder
 (graph by graph: input order, output names and order, values) and diffusers'
-StableDiffusionXLPipeline in torch fp32 (test_sdxl.py's cases and runner: the same latents
+StableDiffusionXLPipeline in torch fp32 (sdxl_parity.py's cases and runner: the same latents
 and noise on both sides), within conftest's image tolerance; with fewstep.kernels swapped in
 (Triton's interpreter, conftest) too. fp16 runs on the CPU as well, which is enough to check
 which modules it keeps in fp32; CUDA graphs need a GPU (the `gpu` test at the end).
@@ -20,8 +20,7 @@ torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
 from conftest import IMAGE_TOLERANCE  # noqa: E402
-from test_sdxl import CASES, _run_case  # noqa: E402
-from test_sdxl import references as references  # noqa: E402  (a fixture)
+from sdxl_parity import CASES_BY_ID, run_case  # noqa: E402
 
 from fewstep.backends.base import BackendError  # noqa: E402
 from fewstep.backends.torch_backend import TorchBackend  # noqa: E402
@@ -30,7 +29,6 @@ from fewstep.pipeline import Pipeline  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
-CASES_BY_ID = {case.id: case for case in CASES}
 GRAPHS = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 
 
@@ -90,10 +88,10 @@ def test_graphs_match_the_onnx_package_names_order_and_values(torch_pipelines, t
         "turbo-eulera-1step",  # SDXL-Turbo: Euler-ancestral, trailing, no guidance
     ],
 )
-def test_matches_diffusers(torch_pipelines, references, case_id):
+def test_matches_diffusers(torch_pipelines, sdxl_references, case_id):
     case = CASES_BY_ID[case_id]
-    got, expected = _run_case(
-        case, torch_pipelines(case.family), references(case.family, case.sampler)
+    got, expected = run_case(
+        case, torch_pipelines(case.family), sdxl_references(case.family, case.sampler)
     )
     err = float(np.abs(got - expected).max())
     print(f"{case.id}: torch backend vs diffusers max abs error {err:.2e}")
@@ -101,14 +99,14 @@ def test_matches_diffusers(torch_pipelines, references, case_id):
 
 
 @pytest.mark.parametrize("case_id", ["turbo-eulera-1step", "ddim-cfg-prompt2-negatives-wide"])
-def test_kernels_in_interpreter_match_diffusers(tiny_model, references, kernel_calls, case_id):
+def test_kernels_in_interpreter_match_diffusers(tiny_model, sdxl_references, kernel_calls, case_id):
     """fewstep.kernels in the SDXL U-Net (deeper transformer blocks, the added embedding)
     and VAE: every kernel runs, none falls back, and the image stays diffusers'."""
     case = dataclasses.replace(CASES_BY_ID[case_id], steps=1)  # the interpreter is slow
     patched = Pipeline.from_pretrained(tiny_model(case.family), backend="torch", kernels=True)
     assert patched.backend.patch_report["unet"].total > 0
     assert patched.backend.patch_report["vae"].total > 0
-    got, expected = _run_case(case, patched, references(case.family, case.sampler))
+    got, expected = run_case(case, patched, sdxl_references(case.family, case.sampler))
     assert all(calls > 0 for calls in kernel_calls.values()), kernel_calls
     err = float(np.abs(got - expected).max())
     print(f"{case.id}, kernels: torch backend vs diffusers max abs error {err:.2e}")
