@@ -59,7 +59,7 @@ from fewstep.lora.fold import (
     plan_fold,
 )
 from fewstep.onnx_proto import OnnxIndex, read_onnx_index
-from fewstep.package import PackageError, verify_package, write_manifest
+from fewstep.package import PackageError, read_json, verify_package, write_manifest
 
 # graph folder = the diffusers component it holds (text_encoder_2: SDXL's OpenCLIP-bigG)
 LORA_GRAPHS = ("unet", "text_encoder", "text_encoder_2")
@@ -123,12 +123,7 @@ def derive_lora_map(graph: str, index: OnnxIndex) -> dict[str, MappedWeight]:
 
 
 def read_lora_map(path: Path) -> dict[str, MappedWeight]:
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise PackageError(f"corrupt package file {path}: {e}") from e
-    if not isinstance(data, dict):
-        raise PackageError(f"corrupt package file {path}: expected a JSON object")
+    data = read_json(path)
     if data.get("format") != LORA_MAP_FORMAT or data.get("version") != LORA_MAP_VERSION:
         raise PackageError(
             f"{path}: expected format {LORA_MAP_FORMAT!r} version {LORA_MAP_VERSION}, got "
@@ -168,15 +163,7 @@ def lora_map_json(graph: str, weights: dict[str, MappedWeight], **extra: Any) ->
 
 def read_graph_config(path: Path) -> dict[str, Any] | None:
     """A graph folder's config.json (the U-Net's numbers kohya's sgm names); None if absent."""
-    if not path.is_file():
-        return None
-    try:
-        config = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
-        raise PackageError(f"corrupt package file {path}: {e}") from e
-    if not isinstance(config, dict):
-        raise PackageError(f"corrupt package file {path}: expected a JSON object")
-    return config
+    return read_json(path) if path.is_file() else None
 
 
 class GraphWeights:
