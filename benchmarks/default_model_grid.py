@@ -11,7 +11,6 @@ mark for whether the analyzer read the prompt back from it.
 from __future__ import annotations
 
 import argparse
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -19,11 +18,12 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw
 
+from fewstep.benchmarks.harness import import_training
 from fewstep.package import default_model
 from fewstep.pipeline import Pipeline
 
 # training/ (the dataset and its analyzer) is a folder of the checkout, not installed.
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import_training(Path(__file__).resolve().parents[1])
 from training import scenes  # noqa: E402
 
 SCALE = 3  # 64 px -> 192 px, nearest neighbour: the pixels are the model's

@@ -11,14 +11,13 @@ each kind, fp32 only (the code path, not a measurement).
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from fewstep.benchmarks.harness import free_memory
+from fewstep.benchmarks.harness import free_memory, import_training
 
 
 def bench_quality(device: torch.device, small: bool, repo: Path) -> dict[str, Any]:
@@ -31,7 +30,7 @@ def bench_quality(device: torch.device, small: bool, repo: Path) -> dict[str, An
     from fewstep.pipeline import Pipeline
 
     # training/ (the dataset and its analyzer) is a folder of the checkout, not installed.
-    sys.path.insert(0, str(repo))
+    import_training(repo)
     from training import scenes
 
     prompts = list(scenes.evaluation_prompts())

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import gc
+import importlib.util
 import json
 import os
 import platform
@@ -28,9 +29,31 @@ import time
 from collections.abc import Callable, Iterable
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import numpy as np
+
+# -- the checkout's training/ ----------------------------------------------------------------
+
+
+def import_training(repo: Path) -> ModuleType:
+    """The checkout's `training` package (the scenes dataset and analyzer; not installed),
+    imported by its path. Putting the checkout's root on sys.path instead would also make its
+    kernels/, export/ and benchmarks/ folders importable as top-level packages, shadowing
+    names other libraries probe for (transformers looks for a `kernels` package)."""
+    if "training" in sys.modules:
+        return sys.modules["training"]
+    folder = Path(repo) / "training"
+    spec = importlib.util.spec_from_file_location(
+        "training", folder / "__init__.py", submodule_search_locations=[str(folder)]
+    )
+    assert spec is not None and spec.loader is not None, folder
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["training"] = module
+    spec.loader.exec_module(module)
+    return module
+
 
 # -- where it ran ----------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 from hypothesis import HealthCheck, settings  # noqa: E402
 
+from fewstep.benchmarks.harness import import_training  # noqa: E402
+
 # Fuzz tests draw the same cases on every run (a CI failure reproduces), keep no example
 # database in the tree, and time whole pipeline calls, so no per-example deadline.
 settings.register_profile(
@@ -21,6 +23,11 @@ settings.register_profile(
     suppress_health_check=list(HealthCheck),
 )
 settings.load_profile("fewstep")
+
+# training/ (the scenes dataset and analyzer, the ship step) is a folder of the checkout, not
+# installed: imported by its path, never by putting the root on sys.path
+# (fewstep.benchmarks.harness.import_training says why).
+import_training(pathlib.Path(__file__).resolve().parents[1])
 
 
 @pytest.fixture(scope="session")

@@ -27,9 +27,7 @@ from fewstep.package import (
 )
 from fewstep.pipeline import Pipeline
 
-# training/ (the dataset and its analyzer) is a folder of scripts at the repository root, not
-# part of the installed package; plain `pytest` does not put the root on sys.path.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# training/ is a folder of the checkout, not installed: conftest imports it by path.
 from training import scenes  # noqa: E402
 from training.ship import add_vae_encoder, drop_graph  # noqa: E402
 

@@ -11,10 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image, ImageFilter
 
-# training/ is a folder of scripts at the repository root, not part of the installed package;
-# plain `pytest` does not put the root on sys.path.
 REPO = pathlib.Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+# training/ is a folder of the checkout, not installed: conftest imports it by path.
 from training import scenes  # noqa: E402
 from training.scenes import (  # noqa: E402
     COLORS,

@@ -4,9 +4,7 @@ the outputs are diffusers folders that diffusers, fewstep's exporter and the run
 
 import json
 import math
-import pathlib
 import shutil
-import sys
 
 import numpy as np
 import pytest
@@ -17,9 +15,7 @@ transformers = pytest.importorskip("transformers")
 
 from safetensors.torch import load_file  # noqa: E402
 
-# training/ is a folder of scripts at the repository root, not part of the installed package;
-# plain `pytest` does not put the root on sys.path.
-sys.path.insert(0, str(pathlib.Path(__file__).resolve().parents[1]))
+# training/ is a folder of the checkout, not installed: conftest imports it by path.
 from training import common, distill_lcm, scenes, ship, train_unet, train_vae  # noqa: E402
 from training import config as configs  # noqa: E402
 
