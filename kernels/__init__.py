@@ -19,14 +19,31 @@ TRITON_INTERPRET=1 is set before this package is imported.
 """
 
 import importlib as _importlib
+import importlib.machinery as _machinery
+import importlib.util as _util
+import os as _os
 import sys as _sys
 
+
+def _step_aside() -> None:
+    """This folder imported as a top-level `kernels`: the repository root is on sys.path
+    (`python -m …` run from it), where the name belongs to the unrelated Hugging Face `kernels`
+    package, which transformers probes for and imports from. Hand over that package when it
+    is installed, else fewstep.kernels itself (a second copy of this one would register the
+    torch custom ops again and replace fewstep's)."""
+    root = _os.path.dirname(_os.path.dirname(_os.path.abspath(__file__)))
+    elsewhere = [p for p in _sys.path if _os.path.abspath(p or _os.curdir) != root]
+    spec = _machinery.PathFinder.find_spec(__name__, elsewhere)
+    if spec is None or spec.loader is None:
+        _sys.modules[__name__] = _importlib.import_module("fewstep.kernels")
+        return
+    module = _util.module_from_spec(spec)
+    _sys.modules[__name__] = module
+    spec.loader.exec_module(module)
+
+
 if __name__ == "kernels":
-    # This folder is `fewstep.kernels`. With the repository root on sys.path (`python -m
-    # pytest` from the root), transformers' probe for the unrelated Hugging Face `kernels`
-    # package imports it as a top-level `kernels`; a second copy would register the torch
-    # custom ops again and replace fewstep's. Hand back the real package instead.
-    _sys.modules[__name__] = _importlib.import_module("fewstep.kernels")
+    _step_aside()
 else:
     from .attention import attention, attention_ref
     from .geglu import geglu, geglu_ref
