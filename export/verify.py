@@ -134,20 +134,6 @@ def check_graph(
     return error
 
 
-def verify_graph(
-    spec: GraphSpec,
-    module: Any,
-    onnx_path: Path,
-    precision: str,
-    latent_size: tuple[int, int],
-    batch: int = VERIFY_BATCH,
-    seed: int = VERIFY_SEED,
-) -> GraphError:
-    """Measure one graph's error against its fp32 torch module; raise when it is unusable."""
-    reference = reference_outputs(spec, module, precision, latent_size, batch, seed)
-    return check_graph(spec, onnx_path, precision, reference)
-
-
 def check_graph_error(error: GraphError) -> None:
     if not error.finite:
         raise VerificationError(f"{error.summary()}: onnxruntime output has NaN or inf")
