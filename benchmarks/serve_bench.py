@@ -96,7 +96,9 @@ def replicas_histogram(base: str, replicas: int, tries: int = 200) -> dict[int, 
 @contextlib.contextmanager
 def served_on_ray(args: list[str], log: Path) -> Iterator[tuple[str, Any]]:
     """`fewstep serve --ray <args>`, stopped with SIGTERM at the end, so that it stops the
-    Ray cluster it started (a killed one would leave Ray's processes behind)."""
+    Ray cluster it started (a killed one would leave Ray's processes behind). Its proxy's port
+    is one the OS found free, held until the proxy binds it (ray_app.proxy_port), and read
+    from the server's log (served.py): Ray's own processes bind ports as the cluster starts."""
     with served_process(["--ray", *args], log, ready_timeout_s=300) as (base, server):
         try:
             yield base, server

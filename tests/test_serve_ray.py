@@ -15,10 +15,14 @@ import dataclasses
 import os
 import signal
 import socket
+import subprocess
 import threading
 import time
+import types
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
 
 import numpy as np
 import pytest
@@ -46,6 +50,8 @@ from fewstep.serve.ray_app import (  # noqa: E402
     StartedWhenReady,
     application,
     build_app,
+    proxy_port,
+    serve_on_ray,
     settings_from_args,
 )
 from fewstep.serve.service import WARM_UP_PROMPT  # noqa: E402
@@ -57,12 +63,6 @@ GENERATIONS = "/v1/images/generations"
 REPLICA_TITLE = f"ray::ServeReplica:{APP_NAME}:{DEPLOYMENT_NAME}".encode()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @dataclasses.dataclass(frozen=True)
 class RayService:
     base: str  # Ray's HTTP proxy
@@ -71,22 +71,19 @@ class RayService:
 
 @pytest.fixture(scope="module")
 def ray_service() -> Iterator[RayService]:
-    metrics_port, http_port = free_port(), free_port()
-    ray.init(
-        num_cpus=2,
-        include_dashboard=False,
-        logging_level="WARNING",
-        _metrics_export_port=metrics_port,
-    )
+    # Ports from the OS, none picked in advance: Ray's own processes bind ports as they start.
+    ray.init(num_cpus=2, include_dashboard=False, logging_level="WARNING")
     try:
-        serve.start(http_options={"host": "127.0.0.1", "port": http_port})
-        settings = ServeSettings(api_key=KEY, max_batch=8, max_wait_ms=50)
-        # Ray sends each replica at most a batch at once: 16 requests at once use both.
-        app = application(
-            settings, num_replicas=2, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8
-        )
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        yield RayService(f"http://127.0.0.1:{http_port}", metrics_port)
+        with proxy_port("127.0.0.1", 0) as http_port:
+            serve.start(http_options={"host": "127.0.0.1", "port": http_port})
+            settings = ServeSettings(api_key=KEY, max_batch=8, max_wait_ms=50)
+            # Ray sends each replica at most a batch at once: 16 requests at once use both.
+            app = application(
+                settings, num_replicas=2, ray_actor_options={"num_cpus": 1}, max_ongoing_requests=8
+            )
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        [node] = ray.nodes()
+        yield RayService(f"http://127.0.0.1:{http_port}", int(node["MetricsExportPort"]))
     finally:
         serve.shutdown()
         ray.shutdown()
@@ -101,9 +98,110 @@ def replica_states() -> dict[str, int]:
     return dict(status.replica_states)
 
 
+# -- the proxy's port --------------------------------------------------------------------------
+
+
+def bindable(port: int) -> bool:
+    """Whether a server other than Ray's proxy could bind `port` (as uvicorn does)."""
+    with socket.socket() as other:
+        other.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            other.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
+
+
+def proxy_states(states: list[str], ports: list[int], seen: list) -> Any:
+    """A serve.status() whose proxy is in `states` in turn (then stays in the last); each call
+    appends (the state, whether the last of `ports` was bindable) to `seen`."""
+    answers = iter(states)
+
+    def status() -> Any:
+        state = next(answers, states[-1])
+        seen.append((state, bindable(ports[-1])))
+        return types.SimpleNamespace(proxies={"node": state})
+
+    return status
+
+
+def test_a_held_proxy_port_is_for_rays_proxy_only_until_it_serves(monkeypatch):
+    import fewstep.serve.ray_app as ray_app
+
+    ports: list[int] = []
+    seen: list = []
+    states = ["STARTING", "STARTING", "HEALTHY"]
+    monkeypatch.setattr(ray_app.serve, "status", proxy_states(states, ports, seen))
+    with proxy_port("127.0.0.1", 0) as port:
+        ports.append(port)
+        assert port > 0 and not bindable(port)
+        asked = [socket.socket() for _ in range(200)]  # what the OS gives other processes
+        try:
+            for sock in asked:
+                sock.bind(("127.0.0.1", 0))
+            assert port not in {sock.getsockname()[1] for sock in asked}
+        finally:
+            for sock in asked:
+                sock.close()
+        with socket.socket() as proxy:  # as Ray's proxy binds (SO_REUSEPORT)
+            proxy.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            proxy.bind(("127.0.0.1", port))
+            proxy.listen()
+            with socket.create_connection(("127.0.0.1", port), timeout=5) as client:
+                proxy.settimeout(5)
+                answering, _ = proxy.accept()
+                client.close()
+                answering.close()
+        assert seen == []  # asked only once the block (which starts Serve) ends
+    assert seen == [("STARTING", False), ("STARTING", False), ("HEALTHY", False)]
+    assert bindable(port)  # let go once the proxy serves
+
+
+def test_a_proxy_that_never_serves_fails_the_start_naming_its_state(monkeypatch):
+    import fewstep.serve.ray_app as ray_app
+
+    ports: list[int] = []
+    monkeypatch.setattr(ray_app.serve, "status", proxy_states(["UNHEALTHY"], ports, []))
+    with (
+        pytest.raises(RuntimeError, match=r"not serving within 0.3 s: \{'UNHEALTHY'\}"),
+        proxy_port("127.0.0.1", 0, timeout_s=0.3) as port,
+    ):
+        ports.append(port)
+    assert bindable(port)
+
+
+def test_an_explicit_proxy_port_is_used_as_given():
+    with proxy_port("127.0.0.1", 8123) as port:
+        assert port == 8123
+
+
+def test_port_0_on_a_running_cluster_is_refused_naming_it(monkeypatch):
+    monkeypatch.setenv("RAY_ADDRESS", "ray://head:10001")
+    with pytest.raises(ValueError, match="port 0 .* needs the local Ray cluster.*head:10001"):
+        serve_on_ray(ServeSettings(), port=0)
+
+
 # -- `fewstep serve --ray` in a process of its own ---------------------------------------------
 # These start Ray clusters of their own, so they come before the tests that use `ray_service`
 # (whose cluster lives until the module ends): one cluster at a time on a small machine.
+
+
+def assert_the_only_server_on_its_port(base: str, server: subprocess.Popen, log: Path) -> None:
+    """Started with --port 0 (no port picked in advance), the server names the port the OS gave
+    it in its log, where the launcher read it; only the proxy of the server's own Ray cluster
+    listens on it (no process of Ray's shares it through SO_REUSEPORT)."""
+    import psutil  # a dependency of ray's
+
+    assert server.args[server.args.index("--port") + 1] == "0"
+    port = urlsplit(base).port
+    assert f"serving 2 replica(s) on http://127.0.0.1:{port}/" in log.read_text()
+    listening = [
+        c
+        for c in psutil.net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+    ]
+    assert len(listening) == 1, listening
+    assert listening[0].pid is not None and descends_from(listening[0].pid, server.pid)
 
 
 def test_fewstep_serve_ray_answers_and_drains_on_sigterm(tmp_path):
@@ -113,6 +211,7 @@ def test_fewstep_serve_ray_answers_and_drains_on_sigterm(tmp_path):
     ]
     in_flight: list = []
     with served_on_ray(["--replicas", "2", "--max-batch", "4"], log) as (base, server):
+        assert_the_only_server_on_its_port(base, server, log)
         load = threading.Thread(
             target=lambda: in_flight.extend(
                 asyncio.run(post_each_at_once(base, GENERATIONS, bodies))

@@ -11,7 +11,8 @@ over the requests that replica got.
   (`import_path: fewstep.serve.ray_app:build_app`, `args:` as in docs/serve-ray.yaml);
 - `application(settings, ...)`: the bound application, with replicas or autoscaling;
 - `serve_on_ray(...)`: `fewstep serve --ray`: the application on this machine's Ray
-  (a local cluster started for it, or the one `RAY_ADDRESS` names) until a signal;
+  (a local cluster started for it, or the one `RAY_ADDRESS` names) until a signal; port 0:
+  a free port of the OS's choosing (`proxy_port`), named in the log once served;
 - LoRAs (with `lora_dir`): a request asking for LoRAs (`<lora:NAME:SCALE>` in its prompt,
   or OpenAI's `loras` field; ray_loras.py) is served by a *variant*, its model with those
   LoRAs folded in, loaded through Ray's `serve.multiplexed` (at most `max_variants` per
@@ -31,13 +32,15 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import dataclasses
 import logging
 import os
 import signal
+import socket
 import threading
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +60,7 @@ APP_NAME = "fewstep"
 DEPLOYMENT_NAME = "fewstep"
 REPLICA_HEADER = b"x-fewstep-replica"
 READY_TIMEOUT_S = 600.0  # a replica whose service is not ready by then fails its start-up
+PROXY_TIMEOUT_S = 120.0  # how long a held port waits for Ray's HTTP proxy to serve on it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -328,28 +332,36 @@ def serve_on_ray(
     """`fewstep serve --ray`: `replicas` replicas served at http://host:port/ until SIGTERM or
     SIGINT, on a Ray cluster started for them on this machine (stopped at the end), or on the
     running one `RAY_ADDRESS` names (only this application is removed at the end). The first
-    signal drains the replicas (up to `drain_timeout` seconds each); a second stops at once."""
+    signal drains the replicas (up to `drain_timeout` seconds each); a second stops at once.
+    `port` 0 (the local cluster only): a free port of the OS's choosing (`proxy_port`); the
+    log line "serving N replica(s) on http://host:port/" names the port served."""
     import ray
 
     from fewstep.package import read_model_info
 
     check_integer("replicas", replicas, 1)
+    address = os.environ.get("RAY_ADDRESS") or "local"
+    if port == 0 and address != "local":
+        raise ValueError(
+            f"port 0 (a free port chosen at start) needs the local Ray cluster, but "
+            f"RAY_ADDRESS={address!r} names a running one: give a port"
+        )
     for path in settings.model_paths().values():
         read_model_info(path)  # a bad package fails here, not in every replica's retries
-    address = os.environ.get("RAY_ADDRESS") or "local"
     ray.init(address=address, logging_level=logging.WARNING)
     stopping = _stop_on_signals()  # after ray.init, which sets handlers of its own
     try:
-        serve.start(http_options={"host": host, "port": port})
-        cpus = float(ray.cluster_resources().get("CPU", 1)) / replicas  # a fraction shares cores
-        app = application(
-            settings,
-            num_replicas=replicas,
-            ray_actor_options={"num_cpus": cpus},
-            graceful_shutdown_timeout_s=drain_timeout,
-        )
-        serve.run(app, name=APP_NAME, route_prefix="/")
-        logger.info("serving %d replica(s) on http://%s:%d/", replicas, host, port)
+        with proxy_port(host, port) as served_port:
+            serve.start(http_options={"host": host, "port": served_port})
+            cpus = float(ray.cluster_resources().get("CPU", 1)) / replicas  # shares cores
+            app = application(
+                settings,
+                num_replicas=replicas,
+                ray_actor_options={"num_cpus": cpus},
+                graceful_shutdown_timeout_s=drain_timeout,
+            )
+            serve.run(app, name=APP_NAME, route_prefix="/")
+        logger.info("serving %d replica(s) on http://%s:%d/", replicas, host, served_port)
         while not stopping.wait(0.5):
             pass
         logger.info("draining: finishing the requests in flight, then stopping")
@@ -360,6 +372,56 @@ def serve_on_ray(
         if address == "local":
             serve.shutdown()
         ray.shutdown()
+
+
+@contextlib.contextmanager
+def proxy_port(host: str, port: int, timeout_s: float = PROXY_TIMEOUT_S) -> Iterator[int]:
+    """`port` for Ray Serve's HTTP proxy on `host`; with 0, a port the OS finds free, held
+    until the block (which starts Serve) ends and the proxy serves on it.
+
+    Why held: the proxy takes a port number, and given 0 it binds a port it reports nowhere.
+    A free port let go before the proxy binds it can go meanwhile to one of Ray's processes
+    starting with the cluster; a gRPC server of Ray's then shares it with the proxy (both bind
+    with SO_REUSEPORT) and answers some of its connections. Bound here (not listening) with
+    SO_REUSEPORT, the port is given by the OS to no other socket and cannot be bound without
+    SO_REUSEPORT, while the proxy can still bind it. Where the proxy does not set SO_REUSEPORT
+    (no such option, or SERVE_SOCKET_REUSE_PORT_ENABLED=0) it could not bind a held port: the
+    port is let go before the block, as good as a port picked in advance."""
+    if port != 0:
+        yield port
+        return
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as held:
+        shared = _proxy_binds_with_reuseport()
+        if shared:
+            held.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        held.bind((host, 0))
+        port = int(held.getsockname()[1])
+        if not shared:
+            held.close()
+        yield port
+        if shared:
+            _wait_for_proxies(timeout_s)
+
+
+def _proxy_binds_with_reuseport() -> bool:
+    # The proxy's process inherits this environment when Ray is started from here.
+    enabled = os.environ.get("SERVE_SOCKET_REUSE_PORT_ENABLED", "1") == "1"
+    return enabled and hasattr(socket, "SO_REUSEPORT")
+
+
+def _wait_for_proxies(timeout_s: float) -> None:
+    """Until every Ray Serve HTTP proxy is HEALTHY (its port bound, its server running)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        states = {str(getattr(s, "value", s)) for s in serve.status().proxies.values()}
+        if states == {"HEALTHY"}:
+            return
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"Ray Serve's HTTP proxy was not serving within {timeout_s:g} s: {states or 'none'}"
+            )
+        time.sleep(0.1)
 
 
 def _stop_on_signals() -> threading.Event:
