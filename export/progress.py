@@ -1,4 +1,5 @@
-"""Stage display for the export: one line when a stage starts, one with its seconds when done.
+"""Stage display for the export and quantize commands: one line when a stage starts, one
+with its seconds when done.
 
 Plain lines on stderr rather than a tqdm bar: the stages are few and long (a real U-Net
 exports for minutes) and torch prints its own warnings in between, which would tear a bar.
@@ -18,14 +19,15 @@ logger = logging.getLogger("fewstep.export")
 
 
 class StageLog:
-    def __init__(self, stages: list[str], enabled: bool = True):
+    def __init__(self, stages: list[str], enabled: bool = True, tool: str = "export"):
         self.stages = list(stages)
+        self.tool = tool  # the command whose stages these are: `fewstep <tool>`
         self.enabled = enabled
         self.seconds: dict[str, float] = {}
 
     def note(self, line: str) -> None:
         if self.enabled:
-            print(f"fewstep export: {line}", file=sys.stderr, flush=True)
+            print(f"fewstep {self.tool}: {line}", file=sys.stderr, flush=True)
         else:
             logger.info(line)
 

@@ -21,7 +21,8 @@ The lock file sits beside `content/`, not in it, so the finished folder holds ex
 caller wrote (package manifests hash every file).
 
 `check_separate(out, source)` refuses an `out` that is `source`, lies inside it or contains it:
-a write there would change the folder it reads from.
+a write there would change the folder it reads from; `check_new_folder(out, source)` also
+refuses an `out` that already holds something.
 
 Limits: where `fcntl.flock` is missing (Windows) or refused (some network filesystems), writes
 stay atomic but no stale folder is removed, since no writer can be proven dead. A writer killed
@@ -115,6 +116,17 @@ def check_separate(
         )
     if _is_same_or_inside(source_path, out_path):
         raise ValueError(f"{out_arg} must not contain the {source_arg}: {got}")
+
+
+def check_new_folder(out: str | os.PathLike, source: str | os.PathLike) -> None:
+    """ValueError unless `out` is missing or empty, and apart from `source` (check_separate):
+    where a copy of `source` may be written."""
+    check_separate(out, source)
+    out = Path(out)
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+        raise ValueError(
+            f"out must be a new or empty folder, got {str(out)!r} (exists and is not empty)"
+        )
 
 
 def _is_same_or_inside(path: Path, folder: Path) -> bool:

@@ -22,6 +22,8 @@ from fewstep.inputs import Limits
 from fewstep.samplers import SAMPLERS
 from fewstep.samplers.a1111 import A1111_SAMPLERS
 
+MAX_PROMPTS_FILE_BYTES = 1 << 20  # a prompts file larger than this is not a list of prompts
+
 
 def _scheduler(name: str) -> str:
     """fewstep's sampler name, or the one A1111's name means."""
@@ -106,7 +108,7 @@ def _loras(args: argparse.Namespace) -> list[tuple[str, float]]:
 
 def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> list[Path]:
     from fewstep.image_files import a1111_parameters, output_path, save_images
-    from fewstep.package import read_manifest
+    from fewstep.package import read_manifest, unet_hash
     from fewstep.pipeline import Pipeline
 
     target = output_path(args.output)  # before anything runs: a bad path loses no work
@@ -134,9 +136,12 @@ def generate_to_files(model: Path, prompt: str, args: argparse.Namespace) -> lis
         strength=args.strength,
     )
     manifest = read_manifest(model) or {}
-    unet_hash = manifest.get("files", {}).get("unet/model.onnx")
     params = a1111_parameters(
-        prompt, args.negative_prompt or "", result.settings, Path(model).resolve().name, unet_hash
+        prompt,
+        args.negative_prompt or "",
+        result.settings,
+        Path(model).resolve().name,
+        unet_hash(manifest),
     )
     paths = save_images(result.images, target, params, overwrite=args.overwrite)
     total = result.timings_ms["total"]
@@ -187,6 +192,32 @@ def cmd_lora_apply(args: argparse.Namespace) -> int:
     apply_loras_to_package(args.package, loras, args.out)
     print(f"wrote model package {args.out} ({time.perf_counter() - t0:.1f} s)")
     return 0
+
+
+def cmd_quantize(args: argparse.Namespace) -> int:
+    quantize = _from_export_extra("quantize", "fewstep.export.quantize", "quantize_package")
+    options: dict[str, Any] = {}
+    if args.steps is not None:
+        options["num_inference_steps"] = args.steps
+    prompts = list(args.prompt or [])
+    if args.prompts_file is not None:
+        prompts += read_prompts_file(Path(args.prompts_file))
+    if prompts:
+        options["prompts"] = prompts
+    t0 = time.perf_counter()
+    quantize(args.package, args.out, **options)
+    print(f"wrote int8 model package {args.out} ({time.perf_counter() - t0:.1f} s)")
+    return 0
+
+
+def read_prompts_file(path: Path) -> list[str]:
+    """One prompt per non-empty line of a UTF-8 text file (at most MAX_PROMPTS_FILE_BYTES)."""
+    size = path.stat().st_size
+    if size > MAX_PROMPTS_FILE_BYTES:
+        raise ValueError(
+            f"--prompts-file {path} is {size} bytes; at most {MAX_PROMPTS_FILE_BYTES} are read"
+        )
+    return [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
 
 
 def cmd_info(args: argparse.Namespace) -> int:
@@ -451,6 +482,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--replicas", type=int, default=None, help="with --ray: replicas of the app (default 1)"
     )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "quantize", help="copy a package with its U-Net quantized to int8 (OpenVINO, NNCF)"
+    )
+    p.add_argument("package", help="model package folder (not changed)")
+    p.add_argument("--out", required=True, help="new package folder (must not exist)")
+    p.add_argument(
+        "--prompt",
+        action="append",
+        help="a calibration prompt (repeatable; default: a built-in set of varied prompts)",
+    )
+    p.add_argument("--prompts-file", help="calibration prompts, one per line")
+    p.add_argument("--steps", type=int, help="inference steps per calibration image (default 4)")
+    p.set_defaults(func=cmd_quantize)
 
     p = sub.add_parser("lora", help="LoRA files and model packages")
     lora_sub = p.add_subparsers(dest="lora_command", required=True)

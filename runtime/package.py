@@ -8,6 +8,8 @@ Layout (docs/architecture.md#the-model-package):
     text_encoder/model.onnx (+ config.json)
     tokenizer_2/, text_encoder_2/    SDXL only (+ model.onnx_data past 2 GiB)
     unet/model.onnx (+ model.onnx_data, config.json)
+                                     or, quantized to int8 by `fewstep quantize`,
+                                     unet/openvino_model.xml + .bin (OpenVINO only)
     vae_decoder/model.onnx (+ config.json)
     vae_encoder/model.onnx (+ config.json)
     fewstep.json                     the manifest (optional: optimum packages have none)
@@ -41,6 +43,10 @@ MANIFEST_NAME = "fewstep.json"
 MANIFEST_VERSION = 1
 FAMILIES = ("sd1", "sd2", "sdxl")
 PRECISIONS = ("fp32", "fp16")
+ONNX_GRAPH = "model.onnx"
+# An OpenVINO IR graph (+ openvino_model.bin): what `fewstep quantize` writes for an int8 U-Net,
+# a format only the openvino backend runs (docs/architecture.md#int8-packages).
+OPENVINO_GRAPH = "openvino_model.xml"
 GRAPH_NAMES = ("text_encoder", "text_encoder_2", "unet", "vae_decoder", "vae_encoder")
 REQUIRED_GRAPHS = ("text_encoder", "unet", "vae_decoder")  # and text_encoder_2 for SDXL
 SDXL_TIME_IDS = 6  # SDXL's size conditioning: original size, crop top-left, target size
@@ -463,6 +469,22 @@ def required_graphs(root: Path) -> tuple[str, ...]:
     return REQUIRED_GRAPHS
 
 
+def graph_file(root: str | Path, graph: str) -> Path | None:
+    """The file holding `graph` of the package at `root`: its model.onnx, else its
+    openvino_model.xml; None when it has neither."""
+    for name in (ONNX_GRAPH, OPENVINO_GRAPH):
+        path = Path(root) / graph / name
+        if path.is_file():
+            return path
+    return None
+
+
+def unet_hash(manifest: dict[str, Any] | None) -> str | None:
+    """The sha256 of the U-Net's graph file as the manifest lists it (None without one)."""
+    files = (manifest or {}).get("files", {})
+    return files.get(f"unet/{ONNX_GRAPH}") or files.get(f"unet/{OPENVINO_GRAPH}")
+
+
 def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any] | None:
     """Check that the graphs are there and, with a manifest, that every file is intact.
 
@@ -472,8 +494,8 @@ def verify_package(root: str | Path, check_hashes: bool = True) -> dict[str, Any
     if not root.is_dir():
         raise PackageError(f"model package not found: {root}")
     for name in required_graphs(root):
-        if not (root / name / "model.onnx").is_file():
-            raise PackageError(f"missing package file: {root / name / 'model.onnx'}")
+        if graph_file(root, name) is None:
+            raise PackageError(f"missing package file: {root / name / ONNX_GRAPH}")
     package_files(root)  # no link leads out of the package
     manifest = read_manifest(root)
     if manifest is None or not check_hashes:

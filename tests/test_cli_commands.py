@@ -1,5 +1,6 @@
-"""Every flag of `fewstep export`, `lora apply`, `bench`, `demo` and `info` reaches the function
-the command calls, with the value given (the `generate` flags: test_cli.py, end to end).
+"""Every flag of `fewstep export`, `lora apply`, `quantize`, `bench`, `demo` and `info` reaches
+the function the command calls, with the value given (the `generate` flags: test_cli.py, end
+to end).
 
 The called functions are replaced by recorders where the command looks them up (the commands
 import them at call time, so the recorder sits on the defining module), so nothing is exported,
@@ -112,6 +113,39 @@ def test_lora_apply_needs_a_lora_and_an_out(record, capsys):
         main(["lora", "apply", "pkg", "--lora", "a.safetensors"])
     assert exit_info.value.code == 2 and "--out" in capsys.readouterr().err
     assert apply.calls == []
+
+
+# -- quantize --------------------------------------------------------------------------------------
+
+QUANTIZE_FLAGS = [
+    (["--steps", "8"], {"num_inference_steps": 8}),
+    (["--prompt", "a cat"], {"prompts": ["a cat"]}),
+    (["--prompt", "a cat", "--prompt", "a dog"], {"prompts": ["a cat", "a dog"]}),
+    (["--prompts-file", "PROMPTS"], {"prompts": ["a lake", "a tree"]}),
+    (
+        ["--prompt", "a cat", "--prompts-file", "PROMPTS"],
+        {"prompts": ["a cat", "a lake", "a tree"]},
+    ),
+]
+
+
+@pytest.mark.parametrize("flags,given", cases([([], {}), *QUANTIZE_FLAGS]))
+def test_quantize_flags_reach_quantize_package(record, tmp_path, flags, given):
+    """Without flags the function's own defaults apply (the built-in prompts, 4 steps)."""
+    quantize = record("fewstep.export.quantize.quantize_package")
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("a lake\n\n  a tree  \n")
+    flags = [str(prompts_file) if f == "PROMPTS" else f for f in flags]
+    assert main(["quantize", "pkg", "--out", "pkg-int8", *flags]) == 0
+    assert quantize.only_call == (("pkg", "pkg-int8"), given)
+
+
+def test_quantize_refuses_a_prompts_file_too_big_to_be_prompts(record, capsys, tmp_path):
+    quantize = record("fewstep.export.quantize.quantize_package")
+    big = tmp_path / "big.txt"
+    big.write_bytes(b"a" * ((1 << 20) + 1))
+    assert main(["quantize", "pkg", "--out", "o", "--prompts-file", str(big)]) == 2
+    assert "--prompts-file" in capsys.readouterr().err and quantize.calls == []
 
 
 # -- bench -----------------------------------------------------------------------------------------

@@ -17,7 +17,13 @@ then the teacher at DDIM 25 + CFG and the student at 4 steps on the other backen
 dtypes: onnxruntime fp16 package, openvino (fp32, bf16), fewstep's torch backend (fp32 on the
 diffusers folder), and diffusers' own pipelines (the reference).
 
-`gates` records the issue's targets: teacher DDIM 50 + CFG >= 90% single-object and >= 60%
+`--int8` runs the student only, at 4 steps with its guidance, on OpenVINO: the fp32 package in
+fp32 and bf16, and the same package quantized to int8 (`fewstep.export.quantize`, calibrated on
+`INT8_CALIBRATION_SCENES` captions of the training distribution, none of them evaluation
+prompts) with the other layers in fp32 and in bf16; its gate: int8 within `GATE_INT8_POINTS`
+of the fp32 row on single- and two-object prompts.
+
+`gates` records the targets: teacher DDIM 50 + CFG >= 90% single-object and >= 60%
 two-object prompts fully correct; the student at 4 steps within 5 points of that teacher.
 
 Packages are exported (fewstep.export.export_package) into `--work` on first use and reused
@@ -49,6 +55,9 @@ LCM_GUIDANCE = 8.5
 TEACHER_STEPS = (50, 25, 8, 4)
 STUDENT_STEPS = (4, 2, 1)
 GATE_SINGLE, GATE_TWO, GATE_STUDENT_POINTS = 0.90, 0.60, 5.0
+GATE_INT8_POINTS = 2.0
+INT8_CALIBRATION_SCENES = 16  # captions of scene_at(i, seed=INT8_CALIBRATION_SEED)
+INT8_CALIBRATION_SEED = 7
 
 
 @dataclasses.dataclass(frozen=True)
@@ -85,6 +94,14 @@ def configurations(quick: bool) -> list[EvalConfig]:
     return primary + others
 
 
+def int8_configurations() -> list[EvalConfig]:
+    """The student on OpenVINO: fp32 package (fp32, bf16), then int8 (fp32 and bf16 around)."""
+    return [
+        EvalConfig("student", 4, LCM_GUIDANCE, backend="openvino", dtype=dtype)
+        for dtype in ("fp32", "bf16", "int8", "int8-bf16")
+    ]
+
+
 def initial_latents(seed: int, shape: tuple[int, ...]) -> np.ndarray:
     """What fewstep's pipeline draws for `seed` (numpy default_rng), for a batch of one."""
     return np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
@@ -112,6 +129,26 @@ class Runners:
             stamp.write_text(key)
         return out
 
+    def int8_package(self, model: str) -> pathlib.Path:
+        """The fp32 package of `model` with its U-Net quantized to int8, remade when that
+        package was."""
+        from fewstep.export.quantize import quantize_package
+
+        source = self.package(model, "fp32")
+        out = self.work / f"{model}-int8"
+        stamp = self.work / f"{model}-int8.source"
+        key = (self.work / f"{model}-fp32.source").read_text()
+        if not out.exists() or not stamp.exists() or stamp.read_text() != key:
+            shutil.rmtree(out, ignore_errors=True)
+            prompts = [
+                scenes.caption(scenes.scene_at(i, seed=INT8_CALIBRATION_SEED))
+                for i in range(INT8_CALIBRATION_SCENES)
+            ]
+            print(f"quantizing {model} to int8 in {out}", flush=True)
+            quantize_package(source, out, prompts, progress=False)
+            stamp.write_text(key)
+        return out
+
     def get(self, cfg: EvalConfig) -> Any:
         key = (cfg.model, cfg.runner, cfg.backend, cfg.dtype)
         if key in self._cache:
@@ -129,6 +166,11 @@ class Runners:
             if cfg.backend == "torch":
                 pipe = Pipeline.from_pretrained(
                     self.folders[cfg.model], backend="torch", dtype=cfg.dtype
+                )
+            elif cfg.backend == "openvino" and cfg.dtype.startswith("int8"):
+                precision = cfg.dtype.removeprefix("int8").removeprefix("-") or "fp32"
+                pipe = Pipeline.from_pretrained(
+                    self.int8_package(cfg.model), backend="openvino", precision=precision
                 )
             elif cfg.backend == "openvino":
                 pipe = Pipeline.from_pretrained(
@@ -220,9 +262,27 @@ def save_report_grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path) -> 
     grid.save(path)
 
 
+def int8_gates(by_name: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """Each int8 row's points below the fp32 row it was quantized from (OpenVINO, fp32
+    package), single- and two-object prompts."""
+    fp32, _bf16, int8, int8_bf16 = (by_name.get(c.name) for c in int8_configurations())
+    gates = {}
+    for label, row in (("int8", int8), ("int8_bf16", int8_bf16)):
+        if fp32 is None or row is None:
+            continue
+        for kind in ("single", "two"):
+            points = round(100 * (fp32[kind]["correct"] - row[kind]["correct"]), 6)
+            gates[f"student_lcm4_{label}_{kind}_points_below_fp32"] = {
+                "value": round(points, 2),
+                "max": GATE_INT8_POINTS,
+                "pass": points <= GATE_INT8_POINTS,
+            }
+    return gates
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--teacher", required=True, help="teacher diffusers folder")
+    parser.add_argument("--teacher", help="teacher diffusers folder (all but --int8)")
     parser.add_argument("--student", required=True, help="student (LCM) diffusers folder")
     parser.add_argument("--out", required=True, help="report JSON path")
     parser.add_argument("--grid", required=True, help="PNG grid path")
@@ -235,9 +295,14 @@ def main(argv: list[str] | None = None) -> None:
         help="only the first N single- and N two-object prompts (checks)",
     )
     parser.add_argument("--batch", type=int, default=20, help="prompts per pipeline call")
+    parser.add_argument("--int8", action="store_true", help="the student's int8 rows only")
     args = parser.parse_args(argv)
+    if args.teacher is None and not args.int8:
+        parser.error("--teacher is required (all but --int8)")
 
-    folders = {"teacher": pathlib.Path(args.teacher), "student": pathlib.Path(args.student)}
+    folders = {"student": pathlib.Path(args.student)}
+    if not args.int8:
+        folders["teacher"] = pathlib.Path(args.teacher)
     prompts = list(scenes.evaluation_prompts())
     per_kind = 10 if args.quick and args.prompts_per_kind is None else args.prompts_per_kind
     if per_kind is not None:
@@ -250,7 +315,7 @@ def main(argv: list[str] | None = None) -> None:
     shown += [i for i, p in enumerate(prompts) if p.kind == "two"][: GRID_COLUMNS[1]]
 
     rows, grid_rows = [], []
-    for cfg in configurations(args.quick):
+    for cfg in int8_configurations() if args.int8 else configurations(args.quick):
         try:
             pipe = runners.get(cfg)
         except (ImportError, NotImplementedError, ValueError) as e:
@@ -311,6 +376,7 @@ def main(argv: list[str] | None = None) -> None:
                 "max": GATE_STUDENT_POINTS,
                 "pass": points <= GATE_STUDENT_POINTS,
             }
+    gates.update(int8_gates(by_name))
     report = {
         "what": "fewstep default model: analyzer accuracy on training.scenes.evaluation_prompts()",
         "prompts": [

@@ -28,7 +28,14 @@ import numpy as np
 
 from fewstep.arrays import NUMPY_OPS
 from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
-from fewstep.package import GRAPH_NAMES, REQUIRED_GRAPHS, PackageError, verify_package
+from fewstep.package import (
+    GRAPH_NAMES,
+    ONNX_GRAPH,
+    REQUIRED_GRAPHS,
+    PackageError,
+    graph_file,
+    verify_package,
+)
 
 _ATTENTION_GRAPHS = ("unet", "vae_decoder", "vae_encoder")
 _ORT_TYPES = {
@@ -93,8 +100,15 @@ class OnnxRuntimeBackend:
         return options
 
     def _load(self, graph: str) -> Any:
-        path = self.root / graph / "model.onnx"
+        path = self.root / graph / ONNX_GRAPH
         if not path.is_file():
+            openvino_only = graph_file(self.root, graph)
+            if openvino_only is not None:
+                raise PackageError(
+                    f"{openvino_only}: this package's {graph} is an OpenVINO graph (an int8 "
+                    "package from `fewstep quantize`), which only the openvino backend runs; "
+                    "load it with backend='openvino'"
+                )
             raise PackageError(f"missing package file: {path}")
         model: str | bytes = str(path)
         options = self._options
@@ -145,7 +159,7 @@ class OnnxRuntimeBackend:
         )
 
     def has_graph(self, graph: str) -> bool:
-        return graph in self._sessions or (self.root / graph / "model.onnx").is_file()
+        return graph in self._sessions or (self.root / graph / ONNX_GRAPH).is_file()
 
     def input_names(self, graph: str) -> list[str]:
         self._session(graph)

@@ -58,8 +58,11 @@ from fewstep.arrays import NUMPY_OPS
 from fewstep.backends.base import BackendError, BackendReport, describe_inputs, missing_extra_error
 from fewstep.package import (
     GRAPH_NAMES,
+    ONNX_GRAPH,
+    OPENVINO_GRAPH,
     REQUIRED_GRAPHS,
     PackageError,
+    graph_file,
     read_manifest,
     sha256_file,
     verify_package,
@@ -181,9 +184,9 @@ class OpenVINOBackend:
     # -- package -----------------------------------------------------------------------------
 
     def _load(self, graph: str) -> Any:
-        path = self.root / graph / "model.onnx"
-        if not path.is_file():
-            raise PackageError(f"missing package file: {path}")
+        path = graph_file(self.root, graph)  # ONNX, or the IR of an int8 package's U-Net
+        if path is None:
+            raise PackageError(f"missing package file: {self.root / graph / ONNX_GRAPH}")
         try:
             model = self._core.read_model(str(path))
         except Exception as e:  # OpenVINO raises its own exception types
@@ -197,7 +200,7 @@ class OpenVINOBackend:
         return BackendReport(self.name, load_ms=self.load_ms, compiles=tuple(self.compile_log))
 
     def has_graph(self, graph: str) -> bool:
-        return graph in self._models or (self.root / graph / "model.onnx").is_file()
+        return graph in self._models or graph_file(self.root, graph) is not None
 
     def input_names(self, graph: str) -> list[str]:
         self._model(graph)
@@ -221,7 +224,7 @@ class OpenVINOBackend:
         listed = (self._manifest or {}).get("files", {})
         prefix = f"{graph}/"
         hashes = {rel: sha for rel, sha in listed.items() if rel.startswith(prefix)}
-        if f"{graph}/model.onnx" not in hashes:
+        if not any(f"{graph}/{name}" in hashes for name in (ONNX_GRAPH, OPENVINO_GRAPH)):
             folder = self.root / graph
             hashes = {
                 p.relative_to(self.root).as_posix(): sha256_file(p)

@@ -49,7 +49,7 @@ from typing import Any
 
 import numpy as np
 
-from fewstep.atomic_folder import atomic_folder, check_separate
+from fewstep.atomic_folder import atomic_folder, check_new_folder
 from fewstep.lora.files import LoraArg, describe_loras, load_loras
 from fewstep.lora.fold import (
     WeightFold,
@@ -59,7 +59,13 @@ from fewstep.lora.fold import (
     plan_fold,
 )
 from fewstep.onnx_proto import OnnxIndex, read_onnx_index
-from fewstep.package import PackageError, read_json, verify_package, write_manifest
+from fewstep.package import (
+    OPENVINO_GRAPH,
+    PackageError,
+    read_json,
+    verify_package,
+    write_manifest,
+)
 
 # graph folder = the diffusers component it holds (text_encoder_2: SDXL's OpenCLIP-bigG)
 LORA_GRAPHS = ("unet", "text_encoder", "text_encoder_2")
@@ -222,8 +228,21 @@ class GraphWeights:
         return m.initializer, value
 
 
+def refuse_quantized_unet(root: Path) -> None:
+    """PackageError when the package's U-Net is the int8 OpenVINO graph `fewstep quantize`
+    writes: LoRAs fold into ONNX weights."""
+    quantized = root / "unet" / OPENVINO_GRAPH
+    if quantized.is_file() and not (root / "unet" / MODEL_NAME).is_file():
+        raise PackageError(
+            f"{quantized}: this package's U-Net is quantized to int8 (OpenVINO), and LoRAs fold "
+            "into ONNX weights; fold them into the package it was quantized from "
+            "(`fewstep lora apply`), then quantize that"
+        )
+
+
 def package_graph_weights(package: str | os.PathLike) -> dict[str, GraphWeights]:
     root = Path(package)
+    refuse_quantized_unet(root)
     return {g: GraphWeights(root / g, g) for g in LORA_GRAPHS if (root / g / MODEL_NAME).is_file()}
 
 
@@ -275,16 +294,6 @@ def patched_model(
     return (bytes(buf) if buf is not None else None), external
 
 
-def _check_new_folder(out: Path, package: Path) -> None:
-    """`out` may be missing or empty, and apart from `package`: neither the package, nor inside
-    it (the copy would copy itself), nor around it."""
-    check_separate(out, package)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
-        raise ValueError(
-            f"out must be a new or empty folder, got {str(out)!r} (exists and is not empty)"
-        )
-
-
 def apply_loras_to_package(
     package: str | os.PathLike,
     loras: Sequence[LoraArg],
@@ -302,8 +311,9 @@ def apply_loras_to_package(
     root, out_path = Path(package), Path(out)
     if not loras:
         raise ValueError("loras must name at least one (path, scale), got none")
-    _check_new_folder(out_path, root)
+    check_new_folder(out_path, root)
     manifest = verify_package(root, check_hashes=check_hashes) or {}
+    refuse_quantized_unet(root)
     checked = load_loras(loras)
     new_values = lora_initializers(root, checked)  # every check happens here, before writing
 

@@ -39,7 +39,7 @@ from fewstep.batching import (
     RequestImages,
 )
 from fewstep.image_inputs import decoded_image
-from fewstep.package import read_manifest
+from fewstep.package import read_manifest, unet_hash
 from fewstep.pipeline import Pipeline
 from fewstep.serve.errors import APIError, ClientGone
 
@@ -240,7 +240,7 @@ def padded_batch_sizes(pipe: Pipeline) -> tuple[int, ...] | None:
 def _unet_hash(pipe: Pipeline) -> str | None:
     path = getattr(pipe, "path", None)
     manifest = read_manifest(path) if path is not None else None
-    return (manifest or {}).get("files", {}).get("unet/model.onnx")
+    return unet_hash(manifest)
 
 
 def body_too_big(limit: int) -> APIError:
