@@ -42,11 +42,11 @@ def _encoder(hidden: int, layers: int, heads: int) -> dict[str, int]:
     )
 
 
-_CLIP_L = _encoder(768, 12, 12)
+CLIP_L = _encoder(768, 12, 12)
 # (CLIP-L, OpenCLIP-bigG with projection)
 _TEXT_ENCODERS: dict[str, tuple[dict[str, int], dict[str, int]]] = {
-    "full": (_CLIP_L, _encoder(1280, 32, 20)),
-    "mid": (_CLIP_L, _encoder(1280, 8, 20)),
+    "full": (CLIP_L, _encoder(1280, 32, 20)),
+    "mid": (CLIP_L, _encoder(1280, 8, 20)),
     "small": (_encoder(64, 2, 4), _encoder(96, 2, 4)),
 }
 _UNETS: dict[str, dict[str, Any]] = {
@@ -110,11 +110,14 @@ def make_sdxl_model(path: str | Path, size: str = "mid", seed: int = 0) -> Path:
     root = make_tiny_model(path, "sdxl", seed=seed)
     generator = torch.Generator().manual_seed(seed)
     encoder_1, encoder_2 = _TEXT_ENCODERS[size]
-    _save(root / "text_encoder", _text_encoder(root, encoder_1, projection=False), generator)
-    _save(root / "text_encoder_2", _text_encoder(root, encoder_2, projection=True), generator)
+    save_redrawn(
+        root / "text_encoder", text_encoder_like(root, "text_encoder", encoder_1), generator
+    )
+    encoder = text_encoder_like(root, "text_encoder_2", encoder_2, projection=True)
+    save_redrawn(root / "text_encoder_2", encoder, generator)
     cross_attention = encoder_1["hidden_size"] + encoder_2["hidden_size"]
-    _save(root / "unet", _unet(size, cross_attention, encoder_2["hidden_size"]), generator)
-    _save(root / "vae", _vae(size), generator)
+    save_redrawn(root / "unet", _unet(size, cross_attention, encoder_2["hidden_size"]), generator)
+    save_redrawn(root / "vae", _vae(size), generator)
     return root
 
 
@@ -128,14 +131,17 @@ def make_taesdxl(path: str | Path, seed: int = 0) -> Path:
         vae = AutoencoderTiny(**TAESDXL)
     root = Path(path)
     root.mkdir(parents=True, exist_ok=True)
-    _save(root, vae, torch.Generator().manual_seed(seed))
+    save_redrawn(root, vae, torch.Generator().manual_seed(seed))
     return root
 
 
-def _text_encoder(root: Path, sizes: dict[str, int], projection: bool) -> Any:
+def text_encoder_like(
+    root: Path, folder: str, sizes: dict[str, int], projection: bool = False
+) -> Any:
+    """A CLIP text encoder of `sizes` with CLIP's vocabulary rows, taking its activation and
+    special tokens from the tiny model's `root/folder/config.json`."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    folder = "text_encoder_2" if projection else "text_encoder"
     tiny = json.loads((root / folder / "config.json").read_text())
     config = CLIPTextConfig(
         **sizes,
@@ -181,7 +187,7 @@ def _vae(size: str) -> Any:
     )
 
 
-def _save(folder: Path, module: Any, generator: Any) -> None:
+def save_redrawn(folder: Path, module: Any, generator: Any) -> None:
     """Redraw `module`'s matrices and kernels, save it over `folder` and free it."""
     import shutil
 
