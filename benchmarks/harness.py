@@ -192,18 +192,13 @@ def graphed_ms(fn: Callable[[], Any], device: Any, repeats: int, calls: int = 20
     only the device time is left, and this measures that."""
     import torch
 
-    fn()  # compiles, autotunes, picks algorithms: nothing of that may happen in a capture
-    side = torch.cuda.Stream(device)
-    side.wait_stream(torch.cuda.current_stream(device))
-    with torch.cuda.stream(side):
-        fn()
-    torch.cuda.current_stream(device).wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        for _ in range(calls):
-            fn()
-    t = time_ms(graph.replay, 3, repeats, device)
-    del graph
+    from fewstep.cuda_graphs import capture
+
+    with torch.cuda.device(device):
+        # two warm-ups: compiles, autotunes, picks algorithms; nothing of that in a capture
+        graph = capture(fn, calls=calls, warmup=2).graph
+        t = time_ms(graph.replay, 3, repeats, device)
+        del graph
     return t["p50"] / calls
 
 

@@ -96,32 +96,21 @@ def device_time_ms(fn: Callable[[], Any], device: torch.device) -> float:
     """Device time of one fn() in ms: CALLS calls in a CUDA graph, the fastest of ROUNDS
     replays. fn must be capturable (no host sync, no new allocation outside the caching
     allocator)."""
+    from fewstep.cuda_graphs import capture
+
     with torch.cuda.device(device):
-        caller = torch.cuda.current_stream()
-        stream = torch.cuda.Stream()
-        stream.wait_stream(caller)
-        with torch.cuda.stream(stream):
-            fn()  # compiles, autotunes, picks algorithms: never inside the capture
-            graph = torch.cuda.CUDAGraph()
-            # Not torch.cuda.graph(), which empties the caching allocator on entry: a warm-up
-            # times every op of a model. thread_local: other threads' work on this GPU is not
-            # an error during the capture.
-            graph.capture_begin(capture_error_mode="thread_local")
-            try:
-                for _ in range(CALLS):
-                    fn()
-            finally:
-                graph.capture_end()
-            times = []
-            for _ in range(ROUNDS):
-                start = torch.cuda.Event(enable_timing=True)
-                end = torch.cuda.Event(enable_timing=True)
-                start.record(stream)
-                graph.replay()
-                end.record(stream)
-                end.synchronize()
-                times.append(start.elapsed_time(end) / CALLS)
-        caller.wait_stream(stream)
+        # one warm-up: compiles, autotunes and picks algorithms, never inside the capture
+        graph = capture(fn, calls=CALLS, warmup=1).graph
+        stream = torch.cuda.current_stream()
+        times = []
+        for _ in range(ROUNDS):
+            start = torch.cuda.Event(enable_timing=True)
+            end = torch.cuda.Event(enable_timing=True)
+            start.record(stream)
+            graph.replay()
+            end.record(stream)
+            end.synchronize()
+            times.append(start.elapsed_time(end) / CALLS)
         del graph
     return min(times)
 

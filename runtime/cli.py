@@ -410,7 +410,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--models",
         default="tiny,mid",
-        help="comma-separated: tiny, mid, sdxl-mid, sdxl-mid-taesdxl",
+        help="comma-separated: tiny, mid, sd15 (SD 1.5's full size), sdxl-mid, sdxl-mid-taesdxl",
     )
     p.add_argument("--steps", default="1,4,25", help="comma-separated step counts")
     p.add_argument("--repeats", type=int, default=3, help="end-to-end runs per step count")
@@ -420,7 +420,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--backends",
         default="onnxruntime,openvino-fp32,openvino-bf16",
         help="comma-separated fewstep sides: onnxruntime, onnxruntime-unfused, openvino-fp32, "
-        "openvino-bf16",
+        "openvino-bf16, openvino-int8 (the package quantized by fewstep quantize)",
     )
     p.add_argument("--note", default=None, help="appended to the results' `what` field")
     p.set_defaults(func=cmd_bench)

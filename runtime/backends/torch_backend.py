@@ -256,51 +256,6 @@ def cudnn_benchmark(enabled: bool) -> Any:
         cudnn.benchmark = before
 
 
-def _map_tensors(fn: Callable[[Any], Any], out: Any) -> Any:
-    """fn over a graph's output: one tensor, or a dict of them (the text encoder's)."""
-    return {k: fn(v) for k, v in out.items()} if isinstance(out, dict) else fn(out)
-
-
-def _max_difference(a: Any, b: Any) -> float:
-    """max |a - b| over two outputs of the same graph, relative to max |b| (+ 1)."""
-    pairs = [(a[k], b[k]) for k in b] if isinstance(b, dict) else [(a, b)]
-    return max(float((x - y).abs().max()) / (1.0 + float(y.abs().max())) for x, y in pairs)
-
-
-class _CudaGraph:
-    """One captured CUDA graph of `fn(**inputs)` for one input signature.
-
-    The inputs are copied into static buffers, the graph replayed, and the static output
-    cloned out (the next replay overwrites it), under the backend's lock. A capture is
-    checked once: replayed on the warm-up inputs, it must give what the eager warm-up gave.
-    """
-
-    def __init__(self, fn: Callable[..., Any], inputs: dict[str, Any], pool: Any):
-        torch = _torch()
-        self.static_inputs = {name: t.clone() for name, t in inputs.items()}
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            # Warm-up: Triton compiles, cuDNN picks algorithms, the allocator fills up;
-            # none of that may happen during capture.
-            for _ in range(CUDA_GRAPH_WARMUP_RUNS):
-                expected = fn(**self.static_inputs)  # fresh tensors, outside the graph's pool
-        torch.cuda.current_stream().wait_stream(side)
-        self.graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(self.graph, pool=pool):
-            self.static_output = fn(**self.static_inputs)
-        self.graph.replay()
-        difference = _max_difference(self.static_output, expected)
-        if not difference <= CUDA_GRAPH_CHECK_TOLERANCE:
-            raise RuntimeError(f"the replay differs from eager by {difference:.3g} (relative)")
-
-    def __call__(self, inputs: dict[str, Any]) -> Any:
-        for name, t in inputs.items():
-            self.static_inputs[name].copy_(t)
-        self.graph.replay()
-        return _map_tensors(_torch().Tensor.clone, self.static_output)
-
-
 class TorchBackend:
     name = "torch"
 
@@ -462,7 +417,7 @@ class TorchBackend:
 
     def _set_up_graphs(self, unet_config: dict[str, Any]) -> None:
         """CUDA graph state: one graph per module and input signature, made on first use."""
-        self._graphs: dict[tuple, _CudaGraph] = {}
+        self._graphs: dict[tuple, Any] = {}  # (graph, signature) -> GraphedCall
         self.capture_ms: dict[str, float] = {}  # per captured signature, for reports
         self._graph_lock = threading.Lock()
         self._pool: Any = None  # one memory pool for all graphs, made at the first capture
@@ -649,9 +604,9 @@ class TorchBackend:
         return out if isinstance(out, dict) else {self._outputs[graph]: out}
 
     def _replay(self, graph: str, tensors: dict[str, Any]) -> Any:
-        key = (graph,) + tuple(
-            (n, tuple(t.shape), str(t.dtype)) for n, t in sorted(tensors.items())
-        )
+        from fewstep.cuda_graphs import GraphedCall, signature
+
+        key = (graph, signature(tensors))
         with self._graph_lock, _torch().cuda.device(self.device):
             runner = self._graphs.get(key)
             if runner is None:
@@ -659,7 +614,13 @@ class TorchBackend:
                 if self._pool is None:
                     self._pool = _torch().cuda.graph_pool_handle()
                 try:
-                    runner = _CudaGraph(self._forward[graph], tensors, self._pool)
+                    runner = GraphedCall(
+                        self._forward[graph],
+                        tensors,
+                        self._pool,
+                        warmup=CUDA_GRAPH_WARMUP_RUNS,
+                        tolerance=CUDA_GRAPH_CHECK_TOLERANCE,
+                    )
                 except Exception as e:  # e.g. a host sync inside the module: run it eagerly
                     logger.warning("%s runs without a CUDA graph: capture failed (%s)", graph, e)
                     self._captured.discard(graph)
