@@ -41,10 +41,9 @@ is slightly understated.
 
 Models (`BENCH_MODELS`; random weights):
 - `tiny`: fewstep.export.testing's sd1, at 64².
-- `mid`: an SD1.5-layout U-Net with block_out_channels (64, 128, 256, 256) and
-  cross_attention_dim 768, a CLIP-L-sized text encoder, and a VAE reduced to
-  (64, 128, 256, 256) so a 512² decode stays in seconds on a CPU; at 512².
-- `sd15`: SD 1.5's full layout (fewstep.benchmarks.sd15_model), at 512², with the bf16
+- `mid`: fewstep.benchmarks.sd15_model's `mid` size: SD 1.5's layout with U-Net and VAE
+  blocks (64, 128, 256, 256) and CLIP-L, so a 512² step and decode take seconds on a CPU.
+- `sd15`: SD 1.5's full layout (sd15_model's `full`), at 512², with the bf16
   diffusers side and a 4-step no-CFG run.
 - `sdxl-mid`: fewstep.benchmarks.sdxl_models' `mid` SDXL layout (two text encoders, added
   size and pooled-text conditioning), at 512².
@@ -125,56 +124,6 @@ ROOFLINE_COPY_BYTES = COPY_BYTES
 LIBRARIES = ("fewstep", "numpy", "onnxruntime", "openvino", "torch", "diffusers", "transformers")
 
 
-def make_mid_model(path: Path, seed: int = 0) -> Path:
-    """The tiny sd1 model with its U-Net, text encoder and VAE scaled up to mid size."""
-    import torch
-    from diffusers import AutoencoderKL, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    make_tiny_model(path, "sd1", seed=seed)
-    torch.manual_seed(seed)
-    vocab = json.loads((path / "tokenizer" / "vocab.json").read_text())
-    text_encoder = CLIPTextModel(
-        CLIPTextConfig(
-            vocab_size=len(vocab),
-            hidden_size=768,
-            intermediate_size=3072,
-            num_hidden_layers=12,
-            num_attention_heads=12,
-            max_position_embeddings=77,
-            bos_token_id=vocab["<|startoftext|>"],
-            eos_token_id=vocab["<|endoftext|>"],
-            pad_token_id=vocab["<|endoftext|>"],
-        )
-    )
-    unet = UNet2DConditionModel(
-        sample_size=64,
-        block_out_channels=(64, 128, 256, 256),
-        layers_per_block=2,
-        cross_attention_dim=768,
-        attention_head_dim=8,
-        down_block_types=("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",),
-        up_block_types=("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3,
-    )
-    vae = AutoencoderKL(
-        block_out_channels=(64, 128, 256, 256),
-        down_block_types=("DownEncoderBlock2D",) * 4,
-        up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=4,
-        layers_per_block=2,
-        sample_size=512,
-    )
-    for module in (text_encoder, unet, vae):
-        with torch.no_grad():
-            for p in module.parameters():
-                if p.dim() > 1:  # keep norms at identity, redraw zero-initialised outputs
-                    p.normal_(0.0, 1.0 / np.sqrt(p[0].numel()))
-    text_encoder.save_pretrained(path / "text_encoder")
-    unet.save_pretrained(path / "unet")
-    vae.save_pretrained(path / "vae")
-    return path
-
-
 def _make_tiny(path: Path) -> Path:
     return make_tiny_model(path, "sd1")
 
@@ -182,7 +131,13 @@ def _make_tiny(path: Path) -> Path:
 def _make_sd15(path: Path) -> Path:
     from fewstep.benchmarks.sd15_model import make_sd15_model
 
-    return make_sd15_model(path)
+    return make_sd15_model(path, "full")
+
+
+def _make_mid(path: Path) -> Path:
+    from fewstep.benchmarks.sd15_model import make_sd15_model
+
+    return make_sd15_model(path, "mid")
 
 
 def _make_sdxl_mid(path: Path) -> Path:
@@ -214,7 +169,7 @@ class BenchModel:
 TINY_VAES: dict[str, Callable[[Path], Path]] = {"taesdxl": _make_taesdxl}
 BENCH_MODELS: dict[str, BenchModel] = {
     "tiny": BenchModel("tiny", _make_tiny, 64),
-    "mid": BenchModel("mid", make_mid_model, 512),
+    "mid": BenchModel("mid", _make_mid, 512),
     "sd15": BenchModel(
         "sd15", _make_sd15, 512, baselines=("diffusers", "diffusers-bf16"), nocfg_steps=(4,)
     ),

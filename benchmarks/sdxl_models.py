@@ -174,16 +174,22 @@ def _unet(size: str, cross_attention: int, pooled: int) -> Any:
 
 
 def _vae(size: str) -> Any:
+    return autoencoder_kl(_VAES[size], scaling_factor=0.13025, force_upcast=True)
+
+
+def autoencoder_kl(sizes: dict[str, Any], scaling_factor: float, force_upcast: bool) -> Any:
+    """diffusers' AutoencoderKL of the SD layout (four stages, two layers each, 4 latent
+    channels) at `sizes` (block_out_channels, sample_size, ...)."""
     from diffusers import AutoencoderKL
 
     return AutoencoderKL(
-        **_VAES[size],
+        **sizes,
         down_block_types=("DownEncoderBlock2D",) * 4,
         up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=4,
         layers_per_block=2,
-        scaling_factor=0.13025,
-        force_upcast=True,
+        scaling_factor=scaling_factor,
+        force_upcast=force_upcast,
     )
 
 

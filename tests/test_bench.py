@@ -288,13 +288,21 @@ def test_every_side_has_a_number_format():
 
 
 def test_sd15_is_benched_with_both_baselines_and_no_cfg(monkeypatch, tmp_path):
-    """sd15 builds SD 1.5's layout at 512², with the bf16 baseline and the 4-step no-CFG run."""
+    """sd15 builds SD 1.5's full layout at 512², with the bf16 baseline and the 4-step no-CFG
+    run; mid builds the same layout at its reduced size."""
     from fewstep.benchmarks import sd15_model
 
     built = []
-    monkeypatch.setattr(sd15_model, "make_sd15_model", lambda path: built.append(path) or path)
+
+    def build(path, size):
+        built.append((path, size))
+        return path
+
+    monkeypatch.setattr(sd15_model, "make_sd15_model", build)
     sd15 = pipeline_bench.BENCH_MODELS["sd15"]
-    assert sd15.build(tmp_path / "sd15") == tmp_path / "sd15" and built == [tmp_path / "sd15"]
+    assert sd15.build(tmp_path / "sd15") == tmp_path / "sd15"
+    assert pipeline_bench.BENCH_MODELS["mid"].build(tmp_path / "mid") == tmp_path / "mid"
+    assert built == [(tmp_path / "sd15", "full"), (tmp_path / "mid", "mid")]
     assert sd15.image_size == 512 and sd15.baselines == ("diffusers", "diffusers-bf16")
     assert sd15.nocfg_steps == (4,)
 

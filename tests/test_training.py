@@ -475,3 +475,28 @@ def test_quality_report_splits_shape_accuracy_by_the_shape_asked_for():
     summary = evaluate.summarize(results, [square, square, pair])
     assert summary["n"] == 3 and summary["shape"] == 0.5
     assert summary["shape_by_name"] == {"circle": 1.0, "square": 0.5, "triangle": 0.0}
+
+
+def test_int8_gates_count_points_below_the_fp32_row():
+    from training import evaluate
+
+    names = [c.name for c in evaluate.int8_configurations()]
+    assert names == [
+        "student-lcm4-g8.5-openvino-fp32",
+        "student-lcm4-g8.5-openvino-bf16",
+        "student-lcm4-g8.5-openvino-int8",
+        "student-lcm4-g8.5-openvino-int8-bf16",
+    ]
+
+    def row(single, two):
+        return {"single": {"correct": single}, "two": {"correct": two}}
+
+    # 1 prompt of 60 fewer (1.67 points) passes a 2-point gate; 2 of 40 (5 points) does not
+    by_name = {names[0]: row(0.9, 0.6), names[2]: row(0.9 - 1 / 60, 0.65)}
+    by_name[names[3]] = row(0.9, 0.55)
+    gates = evaluate.int8_gates(by_name)
+    assert gates["student_lcm4_int8_single_points_below_fp32"]["value"] == 1.67
+    assert gates["student_lcm4_int8_single_points_below_fp32"]["pass"]
+    assert gates["student_lcm4_int8_two_points_below_fp32"]["value"] == -5.0
+    assert not gates["student_lcm4_int8_bf16_two_points_below_fp32"]["pass"]
+    assert evaluate.int8_gates({names[2]: row(1, 1)}) == {}  # no fp32 row: no gate

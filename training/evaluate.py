@@ -268,15 +268,25 @@ def int8_gates(by_name: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     fp32, _bf16, int8, int8_bf16 = (by_name.get(c.name) for c in int8_configurations())
     gates = {}
     for label, row in (("int8", int8), ("int8_bf16", int8_bf16)):
-        if fp32 is None or row is None:
-            continue
-        for kind in ("single", "two"):
-            points = round(100 * (fp32[kind]["correct"] - row[kind]["correct"]), 6)
-            gates[f"student_lcm4_{label}_{kind}_points_below_fp32"] = {
-                "value": round(points, 2),
-                "max": GATE_INT8_POINTS,
-                "pass": points <= GATE_INT8_POINTS,
-            }
+        if fp32 is not None and row is not None:
+            gates |= points_below(fp32, row, f"student_lcm4_{label}", "fp32", GATE_INT8_POINTS)
+    return gates
+
+
+def points_below(
+    reference: dict[str, Any], row: dict[str, Any], name: str, below: str, limit: float
+) -> dict[str, dict[str, Any]]:
+    """Gates `<name>_<kind>_points_below_<below>`: how many points of prompts fully correct
+    `row` has fewer than `reference`, single- and two-object, at most `limit`."""
+    gates = {}
+    for kind in ("single", "two"):
+        # rounded: fractions of 60 or 40 prompts, so 2 prompts of 40 are 5 points, not 5.000…1
+        points = round(100 * (reference[kind]["correct"] - row[kind]["correct"]), 6)
+        gates[f"{name}_{kind}_points_below_{below}"] = {
+            "value": round(points, 2),
+            "max": limit,
+            "pass": points <= limit,
+        }
     return gates
 
 
@@ -368,14 +378,7 @@ def main(argv: list[str] | None = None) -> None:
             "pass": teacher["two"]["correct"] >= GATE_TWO,
         }
     if teacher is not None and student is not None:
-        for kind in ("single", "two"):
-            # rounded: fractions of 60 or 40 prompts, so 2 prompts of 40 are 5 points, not 5.000…1
-            points = round(100 * (teacher[kind]["correct"] - student[kind]["correct"]), 6)
-            gates[f"student_lcm4_{kind}_points_below_teacher"] = {
-                "value": round(points, 2),
-                "max": GATE_STUDENT_POINTS,
-                "pass": points <= GATE_STUDENT_POINTS,
-            }
+        gates |= points_below(teacher, student, "student_lcm4", "teacher", GATE_STUDENT_POINTS)
     gates.update(int8_gates(by_name))
     report = {
         "what": "fewstep default model: analyzer accuracy on training.scenes.evaluation_prompts()",
