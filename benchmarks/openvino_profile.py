@@ -31,7 +31,14 @@ import numpy as np
 
 from fewstep.benchmarks.harness import cpu_name, git_commit, library_versions, write_json
 
-MATRIX_TYPES = ("Convolution", "MatMul", "FullyConnected", "GroupConvolution", "Deconvolution")
+MATRIX_TYPES = (
+    "Convolution",
+    "MatMul",
+    "FullyConnected",
+    "FullyConnectedQuantizedLegacy",  # an int8 linear layer
+    "GroupConvolution",
+    "Deconvolution",
+)
 FUSED_TYPE = "Subgraph"
 HINTS = {"fp32": "f32", "bf16": "bf16"}
 
