@@ -238,6 +238,8 @@ def cmd_info(args: argparse.Namespace) -> int:
         "versions": manifest.get("versions", {}),
         "loras": manifest.get("loras", []),
     }
+    if "quantization" in manifest:  # an int8 U-Net (fewstep quantize): how it was made
+        summary["quantization"] = manifest["quantization"]
     print(json.dumps(summary, indent=2))
     return 0
 

@@ -149,3 +149,12 @@ def test_calibration_keeps_every_unet_call_of_every_prompt(tiny_package):
     assert first["sample"].shape[0] == 2  # the default guidance: CFG's two halves
     # prompt 1 starts from seed 1's latents, not prompt 0's
     assert not np.array_equal(samples[0]["sample"], samples[per_image]["sample"])
+
+
+def test_info_shows_the_int8_unet_and_its_calibration(int8_package, capsys):
+    from fewstep.cli import main
+
+    assert main(["info", str(int8_package)]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["graphs"]["unet"]["precision"] == "int8"
+    assert printed["quantization"]["calibration"]["prompts"] == PROMPTS
