@@ -158,3 +158,17 @@ def test_info_shows_the_int8_unet_and_its_calibration(int8_package, capsys):
     printed = json.loads(capsys.readouterr().out)
     assert printed["graphs"]["unet"]["precision"] == "int8"
     assert printed["quantization"]["calibration"]["prompts"] == PROMPTS
+
+
+def test_an_int8_weights_file_linked_out_of_the_package_is_refused(int8_package, tmp_path):
+    """The IR's weights are read from beside it: a link leading out of the package is refused
+    before OpenVINO reads anything (the package comes from strangers like every input)."""
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(int8_package, copy)
+    outside = tmp_path / "elsewhere.bin"
+    (copy / "unet" / "openvino_model.bin").rename(outside)
+    (copy / "unet" / "openvino_model.bin").symlink_to(outside)
+    with pytest.raises(PackageError, match=r"openvino_model\.bin.*outside"):
+        Pipeline.from_pretrained(copy, backend="openvino")
