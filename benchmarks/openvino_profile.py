@@ -2,7 +2,7 @@
 
     python -m fewstep.benchmarks.openvino_profile PACKAGE --graph unet --precision bf16 \\
         --shape sample=2,4,64,64 --shape timestep= --shape encoder_hidden_states=2,77,768 \\
-        --output benchmarks/results/cpu-sd15-profile.json
+        [--config SNIPPETS_MODE=DISABLE] --output benchmarks/results/cpu-sd15-profile.json
 
 The graph is compiled as the openvino backend compiles it (static shapes, the precision hint,
 latency mode) with OpenVINO's per-layer counters on (`PERF_COUNT`), run `repeats` times after a
@@ -44,9 +44,14 @@ HINTS = {"fp32": "f32", "bf16": "bf16"}
 
 
 def profile_graph(
-    path: Path, shapes: dict[str, tuple[int, ...]], precision: str, repeats: int = 3
+    path: Path,
+    shapes: dict[str, tuple[int, ...]],
+    precision: str,
+    repeats: int = 3,
+    config: dict[str, str] | None = None,
 ) -> dict[str, Any]:
-    """Per-layer-type milliseconds of one call of the graph at `path` (ONNX or OpenVINO IR)."""
+    """Per-layer-type milliseconds of one call of the graph at `path` (ONNX or OpenVINO IR);
+    `config`: further OpenVINO compile properties (e.g. SNIPPETS_MODE=DISABLE)."""
     import openvino as ov
 
     if precision not in HINTS:
@@ -56,12 +61,13 @@ def profile_graph(
     core = ov.Core()
     model = core.read_model(str(path))
     model.reshape({name: list(shape) for name, shape in shapes.items()})
-    config = {
+    properties = {
         "INFERENCE_PRECISION_HINT": HINTS[precision],
         "PERFORMANCE_HINT": "LATENCY",
         "PERF_COUNT": True,
+        **(config or {}),
     }
-    request = core.compile_model(model, "CPU", config).create_infer_request()
+    request = core.compile_model(model, "CPU", properties).create_infer_request()
     rng = np.random.default_rng(0)
     feed = {}
     for port in model.inputs:
@@ -84,6 +90,7 @@ def profile_graph(
     return {
         "graph": str(path),
         "precision": precision,
+        "compile_properties": {k: str(v) for k, v in properties.items()},
         "input_shapes": {k: list(v) for k, v in shapes.items()},
         "call_ms": total,
         "matrix_ms": matrix,
@@ -106,6 +113,14 @@ def parse_shape(text: str) -> tuple[str, tuple[int, ...]]:
         raise ValueError(f"--shape {text!r}: dimensions must be integers") from None
 
 
+def parse_property(text: str) -> tuple[str, str]:
+    """`KEY=VALUE` -> (KEY, VALUE): an OpenVINO compile property."""
+    key, sep, value = text.partition("=")
+    if not sep or not key or not value:
+        raise ValueError(f"--config must be KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     from fewstep.package import graph_file
 
@@ -115,18 +130,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--precision", choices=tuple(HINTS), default="bf16")
     p.add_argument("--shape", action="append", required=True, help="NAME=D1,D2,...")
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--config", action="append", default=[], help="KEY=VALUE compile property")
     p.add_argument("--output", default=None)
     a = p.parse_args(argv)
     path = graph_file(a.package, a.graph)
     if path is None:
         raise SystemExit(f"{a.package} has no graph {a.graph!r}")
     shapes = dict(parse_shape(s) for s in a.shape)
+    config = dict(parse_property(c) for c in a.config)
     result = {
         "what": "OpenVINO per-layer profile of one call",
         "device": cpu_name(),
         "versions": library_versions(("openvino",)),
         "commit": git_commit(),
-        **profile_graph(path, shapes, a.precision, a.repeats),
+        **profile_graph(path, shapes, a.precision, a.repeats, config),
     }
     shares = ("call_ms", "matrix_share", "fused_subgraph_share", "other_share")
     print(json.dumps({k: result[k] for k in shares}))

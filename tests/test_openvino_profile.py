@@ -4,7 +4,12 @@ import pytest
 
 pytest.importorskip("openvino")
 
-from fewstep.benchmarks.openvino_profile import MATRIX_TYPES, parse_shape, profile_graph  # noqa: E402
+from fewstep.benchmarks.openvino_profile import (  # noqa: E402
+    MATRIX_TYPES,
+    parse_property,
+    parse_shape,
+    profile_graph,
+)
 
 SHAPES = {"sample": (2, 4, 8, 8), "timestep": (), "encoder_hidden_states": (2, 77, 32)}
 
@@ -29,3 +34,13 @@ def test_shapes_parse_and_bad_ones_are_named():
     for bad in ("sample", "=2,4", "sample=2,x"):
         with pytest.raises(ValueError, match="shape"):
             parse_shape(bad)
+
+
+def test_compile_properties_reach_openvino_and_the_result(tiny_package):
+    path = tiny_package("sd1") / "unet" / "model.onnx"
+    result = profile_graph(path, SHAPES, "fp32", 1, {"SNIPPETS_MODE": "DISABLE"})
+    assert result["compile_properties"]["SNIPPETS_MODE"] == "DISABLE"
+    assert "Subgraph" not in result["by_type_ms"]  # OpenVINO fused nothing itself
+    assert parse_property("SNIPPETS_MODE=DISABLE") == ("SNIPPETS_MODE", "DISABLE")
+    with pytest.raises(ValueError, match="KEY=VALUE"):
+        parse_property("SNIPPETS_MODE")
