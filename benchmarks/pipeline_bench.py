@@ -648,9 +648,12 @@ def _int8_package(package: Path) -> Path:
     return int8
 
 
-def _build(model: BenchModel, name: str, workdir: Path) -> tuple[Path, Path, Path | None]:
-    """(diffusers folder, fewstep package, tiny VAE folder or None) of `model`, built in
-    `workdir` unless there already."""
+def _build(
+    model: BenchModel, name: str, workdir: Path, backends: list[str]
+) -> tuple[Path, dict[str, Path], Path | None]:
+    """(diffusers folder, the fewstep package of each backend spec, tiny VAE folder or None)
+    of `model`, built in `workdir` unless there already; the int8 package only when a spec
+    runs it."""
     folder = workdir / model.folder
     if not folder.exists():
         model.build(folder)
@@ -662,7 +665,11 @@ def _build(model: BenchModel, name: str, workdir: Path) -> tuple[Path, Path, Pat
     package = workdir / f"{name}-onnx"
     if not package.exists():
         export_package(folder, package, vae=tiny_vae)
-    return folder, package, tiny_vae
+    packages = dict.fromkeys(backends, package)
+    int8_specs = [spec for spec in backends if spec in INT8_BACKENDS]
+    if int8_specs:
+        packages |= dict.fromkeys(int8_specs, _int8_package(package))
+    return folder, packages, tiny_vae
 
 
 def _check_model(name: str) -> None:
@@ -682,7 +689,7 @@ def _check_model(name: str) -> None:
 
 
 def _sides(
-    model: BenchModel, folder: Path, package: Path, tiny_vae: Path | None, backends: list[str]
+    model: BenchModel, folder: Path, packages: dict[str, Path], tiny_vae: Path | None
 ) -> dict[str, list[str]]:
     """Side label -> worker arguments; results keep this order (baselines first, fp32 first)."""
     vae_args = ["--tiny-vae", str(tiny_vae)] if tiny_vae is not None else []
@@ -691,11 +698,9 @@ def _sides(
         side: ["diffusers", str(folder), *vae_args, "--dtype", BASELINES[side], *nocfg]
         for side in model.baselines
     }
-    packages = {
-        spec: _int8_package(package) if spec in INT8_BACKENDS else package for spec in backends
-    }
     return baselines | {
-        spec: ["fewstep", str(packages[spec]), "--backend", spec, *nocfg] for spec in backends
+        spec: ["fewstep", str(package), "--backend", spec, *nocfg]
+        for spec, package in packages.items()
     }
 
 
@@ -770,7 +775,7 @@ def run_bench(
     }
     for name in models:
         model = BENCH_MODELS[name]
-        folder, package, tiny_vae = _build(model, name, workdir)
+        folder, packages, tiny_vae = _build(model, name, workdir, backends)
         latent = model.image_size // 8  # every model's VAE scales by 8
         latents = np.random.default_rng(0).standard_normal((1, 4, latent, latent), np.float32)
         latents_path = workdir / f"{name}-latents.npy"
@@ -783,7 +788,7 @@ def run_bench(
             "image_psnr_db": {},
             "utilization": {},
         }
-        sides = _sides(model, folder, package, tiny_vae, backends)
+        sides = _sides(model, folder, packages, tiny_vae)
         images = {side: workdir / f"{name}-{side}-image.npy" for side in sides}
         for side, worker_args in sides.items():
             images[side].unlink(missing_ok=True)  # a skipped side leaves none

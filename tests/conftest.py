@@ -516,6 +516,23 @@ PARITY_CASES = {
 }  # fmt: skip
 
 
+def parity_call(case, scale: int, seed: int) -> tuple[np.ndarray, dict]:
+    """The starting latents (numpy, from `seed`) and the keyword arguments every pipeline of
+    a parity case gets: `case` has prompts, per_prompt, steps, guidance_scale, height, width;
+    `scale` is the VAE's downsampling."""
+    batch = len(case.prompts) * case.per_prompt
+    shape = (batch, 4, case.height // scale, case.width // scale)
+    latents = np.random.default_rng(seed).standard_normal(shape, dtype=np.float32)
+    return latents, dict(
+        num_inference_steps=case.steps,
+        guidance_scale=case.guidance_scale,
+        height=case.height,
+        width=case.width,
+        num_images_per_prompt=case.per_prompt,
+        output_type="np",
+    )
+
+
 class TorchNoise:
     """Draws from a torch.Generator, so fewstep and diffusers see the same noise."""
 
@@ -567,20 +584,9 @@ class DiffusersParity:
         same latents and the same noise; `ours` is a fewstep Pipeline of that model."""
         import torch
 
-        batch = len(case.prompts) * case.per_prompt
-        scale = ours.info.vae_scale_factor
-        shape = (batch, 4, case.height // scale, case.width // scale)
-        latents = np.random.default_rng(7).standard_normal(shape, dtype=np.float32)
+        latents, common = parity_call(case, ours.info.vae_scale_factor, seed=7)
         prompts = list(case.prompts)
         negative = None if case.family == "lcm" else ["ugly"] * len(prompts)
-        common = dict(
-            num_inference_steps=case.steps,
-            guidance_scale=case.guidance_scale,
-            height=case.height,
-            width=case.width,
-            num_images_per_prompt=case.per_prompt,
-            output_type="np",
-        )
         reference = dict(
             common,
             latents=torch.from_numpy(latents.copy()),
@@ -599,7 +605,7 @@ class DiffusersParity:
             scheduler=case.sampler,
             **common,
         )
-        assert got.images.shape == (batch, case.height, case.width, 3)
+        assert got.images.shape == (len(latents), case.height, case.width, 3)
         return got.images, expected.images
 
 

@@ -20,7 +20,7 @@ import pytest
 torch = pytest.importorskip("torch")
 diffusers = pytest.importorskip("diffusers")
 
-from conftest import TorchNoise  # noqa: E402
+from conftest import TorchNoise, parity_call  # noqa: E402
 
 from fewstep.pipeline import Pipeline  # noqa: E402
 
@@ -98,19 +98,8 @@ CASES_BY_ID = {case.id: case for case in CASES}
 def call_of(case: SDXLCase) -> tuple[np.ndarray, dict]:
     """The starting latents and the keyword arguments a case gives every pipeline (noise
     aside: each side draws it from a generator seeded with `NOISE_SEED`)."""
-    batch = len(case.prompts) * case.per_prompt
-    shape = (batch, 4, case.height // 8, case.width // 8)
-    latents = np.random.default_rng(LATENT_SEED).standard_normal(shape, dtype=np.float32)
-    kwargs = dict(
-        num_inference_steps=case.steps,
-        guidance_scale=case.guidance_scale,
-        height=case.height,
-        width=case.width,
-        num_images_per_prompt=case.per_prompt,
-        output_type="np",
-        **dict(case.extra),
-    )
-    return latents, kwargs
+    latents, kwargs = parity_call(case, 8, seed=LATENT_SEED)
+    return latents, {**kwargs, **dict(case.extra)}
 
 
 def run_case(case: SDXLCase, ours: Pipeline, reference: Any) -> tuple[np.ndarray, np.ndarray]:

@@ -265,7 +265,7 @@ def save_report_grid(rows: list[tuple[str, np.ndarray]], path: pathlib.Path) -> 
 def int8_gates(by_name: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
     """Each int8 row's points below the fp32 row it was quantized from (OpenVINO, fp32
     package), single- and two-object prompts."""
-    fp32, _bf16, int8, int8_bf16 = (by_name.get(c.name) for c in int8_configurations())
+    fp32, _, int8, int8_bf16 = (by_name.get(c.name) for c in int8_configurations())
     gates = {}
     for label, row in (("int8", int8), ("int8_bf16", int8_bf16)):
         if fp32 is not None and row is not None:
